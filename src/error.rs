@@ -1,0 +1,111 @@
+//! The one error type of the library.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong, with the file, tensor or rule it concerns.
+///
+/// Messages are lowercase, without a trailing period, and name the file first so the
+/// CLI can print them as one line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{}: not a checkpoint relayout can read: {detail}", path.display())]
+    UnknownFormat { path: PathBuf, detail: String },
+
+    #[error(
+        "{}: legacy torch.save format (written before PyTorch 1.6, not a zip archive) is not supported; re-save it with torch.save(torch.load(path), path) on PyTorch 1.6 or newer",
+        path.display()
+    )]
+    LegacyTorchFormat { path: PathBuf },
+
+    #[error("{}: header of {size} bytes exceeds the limit of {limit} bytes", path.display())]
+    HeaderTooLarge { path: PathBuf, size: u64, limit: u64 },
+
+    #[error("{}: file is truncated: {detail}", path.display())]
+    Truncated { path: PathBuf, detail: String },
+
+    #[error("{}: malformed safetensors header: {detail}", path.display())]
+    SafetensorsHeader { path: PathBuf, detail: String },
+
+    #[error("{}: tensor '{tensor}': {detail}", path.display())]
+    BadTensor {
+        path: PathBuf,
+        tensor: String,
+        detail: String,
+    },
+
+    #[error("{}: unsupported dtype '{dtype}'", path.display())]
+    UnsupportedDType { path: PathBuf, dtype: String },
+
+    #[error("{}: malformed zip archive: {detail}", path.display())]
+    Zip { path: PathBuf, detail: String },
+
+    #[error("{}: malformed pickle: {detail}", path.display())]
+    Pickle { path: PathBuf, detail: String },
+
+    #[error(
+        "{}: pickle refers to global '{module}.{name}', which is not on the allowlist (nothing was executed)",
+        path.display()
+    )]
+    ForbiddenGlobal {
+        path: PathBuf,
+        module: String,
+        name: String,
+    },
+
+    #[error("{}: no state dict found: {detail}", path.display())]
+    NoStateDict { path: PathBuf, detail: String },
+
+    #[error("{}: sharded checkpoint: {detail}", path.display())]
+    Shard { path: PathBuf, detail: String },
+
+    #[error("rules {origin}: {detail}")]
+    Rules { origin: String, detail: String },
+
+    #[error("unknown preset '{name}' (available: {available})")]
+    UnknownPreset { name: String, available: String },
+
+    #[error("tensors '{first}' and '{second}' both map to '{target}'")]
+    TargetCollision {
+        first: String,
+        second: String,
+        target: String,
+    },
+
+    #[error("{count} tensor(s) match no rule, first '{first}' (add a rule, or allow unmatched tensors to leave them out)")]
+    Unmatched { count: usize, first: String },
+
+    #[error("invalid layout op: {detail}")]
+    Layout { detail: String },
+
+    #[error("{}: output already exists (pass --force to overwrite)", path.display())]
+    OutputExists { path: PathBuf },
+
+    #[error("{}: output path is the input checkpoint", path.display())]
+    OutputIsInput { path: PathBuf },
+
+    #[error("device '{device}' is not available: {detail}")]
+    DeviceUnavailable { device: String, detail: String },
+
+    #[error("gpu: {detail}")]
+    Gpu { detail: String },
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

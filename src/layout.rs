@@ -1,0 +1,290 @@
+//! Layout ops and their index math.
+//!
+//! A [`LayoutOp`] says how one tensor is read (element size, shape, element strides and
+//! offset into its storage, as a `.pt` view describes it) and how its axes are permuted
+//! into a contiguous output. [`LayoutOp::simplify`] lowers it into the one form every
+//! backend runs, a [`Gather`]: output element `i` (row-major over `shape`) comes from
+//! source element `offset + Σ i_k · strides[k]`. Simplifying drops size-1 axes and merges
+//! axes that stay adjacent, so a contiguous tensor becomes a 1-D copy and a Linear
+//! transpose a 2-D one whatever its original rank.
+
+use crate::error::{Error, Result};
+
+/// Element sizes the backends move, in bytes.
+pub const ELEM_SIZES: [usize; 4] = [1, 2, 4, 8];
+
+/// Reading a strided source and permuting its axes into a contiguous output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayoutOp {
+    /// Bytes per element: 1, 2, 4 or 8.
+    pub elem_size: usize,
+    /// Logical shape of the source tensor.
+    pub shape: Vec<usize>,
+    /// Element stride of each source axis inside its storage.
+    pub strides: Vec<usize>,
+    /// Element offset of the first element inside its storage.
+    pub offset: usize,
+    /// Output axis `k` is source axis `perm[k]`.
+    pub perm: Vec<usize>,
+}
+
+impl LayoutOp {
+    /// Builds an op, checking that `perm` is a permutation of the source axes and that
+    /// every size fits in memory arithmetic.
+    pub fn new(
+        elem_size: usize,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        offset: usize,
+        perm: Vec<usize>,
+    ) -> Result<LayoutOp> {
+        if !ELEM_SIZES.contains(&elem_size) {
+            return Err(layout_err(format!("element size {elem_size} is not 1, 2, 4 or 8")));
+        }
+        if strides.len() != shape.len() {
+            return Err(layout_err(format!(
+                "{} strides for a rank {} shape",
+                strides.len(),
+                shape.len()
+            )));
+        }
+        check_perm(&perm, shape.len())?;
+        let op = LayoutOp {
+            elem_size,
+            shape,
+            strides,
+            offset,
+            perm,
+        };
+        // Both sizes must be representable before any backend multiplies them.
+        op.out_bytes()?;
+        op.src_extent()?;
+        Ok(op)
+    }
+
+    /// A contiguous (row-major) source permuted by `perm`.
+    pub fn contiguous(elem_size: usize, shape: Vec<usize>, perm: Vec<usize>) -> Result<LayoutOp> {
+        let strides = contiguous_strides(&shape);
+        LayoutOp::new(elem_size, shape, strides, 0, perm)
+    }
+
+    /// Shape of the output.
+    pub fn out_shape(&self) -> Vec<usize> {
+        self.perm.iter().map(|&p| self.shape[p]).collect()
+    }
+
+    /// Number of output bytes.
+    pub fn out_bytes(&self) -> Result<usize> {
+        checked_numel(&self.shape)
+            .and_then(|n| n.checked_mul(self.elem_size))
+            .ok_or_else(|| layout_err(format!("shape {:?} overflows", self.shape)))
+    }
+
+    /// Number of source elements the op reads up to (offset + last element + 1), 0 when
+    /// the tensor is empty.
+    pub fn src_extent(&self) -> Result<usize> {
+        src_extent(&self.shape, &self.strides, self.offset)
+    }
+
+    /// Lowers the op into the canonical [`Gather`] every backend runs.
+    pub fn simplify(&self) -> Gather {
+        let mut shape = Vec::with_capacity(self.perm.len());
+        let mut strides = Vec::with_capacity(self.perm.len());
+        for &p in &self.perm {
+            shape.push(self.shape[p]);
+            strides.push(self.strides[p]);
+        }
+        Gather::from_parts(self.elem_size, shape, strides, self.offset)
+    }
+}
+
+/// The canonical op: a row-major walk over `shape` whose element `i` reads source
+/// element `offset + Σ i_k · strides[k]`. After [`Gather::from_parts`] no axis has size 1,
+/// no two neighbouring axes can be merged, and an empty gather has shape `[0]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gather {
+    /// Bytes per element: 1, 2, 4 or 8.
+    pub elem_size: usize,
+    /// Output shape (row-major, contiguous).
+    pub shape: Vec<usize>,
+    /// Source element stride of each output axis.
+    pub strides: Vec<usize>,
+    /// Source element offset of output element 0.
+    pub offset: usize,
+}
+
+impl Gather {
+    /// Normalises a gather: drops size-1 axes and merges neighbours that stay adjacent.
+    pub fn from_parts(
+        elem_size: usize,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        offset: usize,
+    ) -> Gather {
+        if shape.contains(&0) {
+            return Gather {
+                elem_size,
+                shape: vec![0],
+                strides: vec![1],
+                offset: 0,
+            };
+        }
+        let mut out_shape: Vec<usize> = Vec::with_capacity(shape.len());
+        let mut out_strides: Vec<usize> = Vec::with_capacity(shape.len());
+        for (n, s) in shape.into_iter().zip(strides) {
+            if n == 1 {
+                continue;
+            }
+            match (out_shape.last_mut(), out_strides.last_mut()) {
+                // The previous axis steps exactly over this whole axis: one longer axis.
+                (Some(pn), Some(ps)) if n.checked_mul(s) == Some(*ps) => {
+                    *pn *= n;
+                    *ps = s;
+                }
+                _ => {
+                    out_shape.push(n);
+                    out_strides.push(s);
+                }
+            }
+        }
+        Gather {
+            elem_size,
+            shape: out_shape,
+            strides: out_strides,
+            offset,
+        }
+    }
+
+    /// Number of elements written.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True when nothing is written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes written.
+    pub fn out_bytes(&self) -> usize {
+        self.len() * self.elem_size
+    }
+
+    /// Source elements the gather reads up to (0 when empty).
+    pub fn src_extent(&self) -> usize {
+        // LayoutOp::new checked this arithmetic; sub-gathers only shrink it.
+        src_extent(&self.shape, &self.strides, self.offset).unwrap_or(usize::MAX)
+    }
+
+    /// True when the gather is one contiguous run of the source (a plain copy).
+    pub fn is_copy(&self) -> bool {
+        self.shape.len() <= 1 && self.strides.first().is_none_or(|&s| s == 1)
+    }
+
+    /// Splits the gather into pieces of at most `max_bytes` output bytes each (a piece is
+    /// never smaller than one element), in output order. Each item is the byte offset of
+    /// the piece inside the whole output and the piece itself.
+    pub fn split(&self, max_bytes: usize) -> Vec<(usize, Gather)> {
+        let total = self.out_bytes();
+        if total <= max_bytes || self.is_empty() {
+            return vec![(0, self.clone())];
+        }
+        let max_elems = (max_bytes / self.elem_size).max(1);
+        // Find the outermost axis k whose inner block (axes after k) fits; slice axis k
+        // into runs of `per` indices and walk every index of the axes before it.
+        let rank = self.shape.len();
+        let mut inner = 1usize;
+        let mut k = rank;
+        while k > 0 && inner * self.shape[k - 1] <= max_elems {
+            inner *= self.shape[k - 1];
+            k -= 1;
+        }
+        // Axis k-1 is the one to slice: `inner` elements per index fit, its whole does not.
+        let axis = k - 1;
+        let per = (max_elems / inner).max(1);
+        let outer: usize = self.shape[..axis].iter().product();
+        let mut pieces = Vec::new();
+        let mut dst = 0usize;
+        for o in 0..outer {
+            // Offset of this outer multi-index.
+            let mut rem = o;
+            let mut base = self.offset;
+            for a in (0..axis).rev() {
+                base += (rem % self.shape[a]) * self.strides[a];
+                rem /= self.shape[a];
+            }
+            let mut start = 0;
+            while start < self.shape[axis] {
+                let n = per.min(self.shape[axis] - start);
+                let mut shape = vec![n];
+                shape.extend_from_slice(&self.shape[axis + 1..]);
+                let mut strides = vec![self.strides[axis]];
+                strides.extend_from_slice(&self.strides[axis + 1..]);
+                let g = Gather::from_parts(
+                    self.elem_size,
+                    shape,
+                    strides,
+                    base + start * self.strides[axis],
+                );
+                let bytes = g.out_bytes();
+                pieces.push((dst, g));
+                dst += bytes;
+                start += n;
+            }
+        }
+        pieces
+    }
+}
+
+/// Row-major element strides of `shape`.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; shape.len()];
+    let mut acc = 1usize;
+    for (s, &n) in strides.iter_mut().zip(shape).rev() {
+        *s = acc;
+        acc = acc.saturating_mul(n);
+    }
+    strides
+}
+
+/// Product of `shape`, or `None` on overflow.
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n))
+}
+
+/// Elements of storage a strided tensor reaches: `offset + Σ (n_k - 1)·s_k + 1`, or 0
+/// for an empty tensor. Errors on overflow.
+pub fn src_extent(shape: &[usize], strides: &[usize], offset: usize) -> Result<usize> {
+    if shape.contains(&0) {
+        return Ok(0);
+    }
+    let overflow = || layout_err(format!("shape {shape:?} with strides {strides:?} overflows"));
+    let mut last = offset;
+    for (&n, &s) in shape.iter().zip(strides) {
+        let step = (n - 1).checked_mul(s).ok_or_else(overflow)?;
+        last = last.checked_add(step).ok_or_else(overflow)?;
+    }
+    last.checked_add(1).ok_or_else(overflow)
+}
+
+/// Checks that `perm` is a permutation of `0..rank`.
+pub fn check_perm(perm: &[usize], rank: usize) -> Result<()> {
+    let mut seen = vec![false; rank];
+    if perm.len() != rank {
+        return Err(layout_err(format!(
+            "permutation {perm:?} has {} axes, the tensor {rank}",
+            perm.len()
+        )));
+    }
+    for &p in perm {
+        match seen.get_mut(p) {
+            Some(s) if !*s => *s = true,
+            _ => return Err(layout_err(format!("{perm:?} is not a permutation of 0..{rank}"))),
+        }
+    }
+    Ok(())
+}
+
+fn layout_err(detail: String) -> Error {
+    Error::Layout { detail }
+}
