@@ -1,1 +1,557 @@
-//! (in progress)
+//! The GPU backend: WGSL compute shaders through wgpu.
+//!
+//! [`device`] gets a device; [`Gpu`] does the work on one. A gather is cut into pieces
+//! ([`chunk`]) whose source window and output each fit one storage binding; pieces
+//! stream through a ring of [`PIPELINE_DEPTH`] slots, each with its own upload, output
+//! and readback buffers, so the upload of one piece, the kernel of the next and the
+//! readback of the one before overlap. Mapped results are copied straight into the
+//! caller's output. Buffers live as long as the [`Gpu`] and only grow.
+
+mod chunk;
+mod device;
+mod kernel;
+pub mod source;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::backend::{check_buffers, Backend};
+use crate::error::{Error, Result};
+use crate::layout::Gather;
+
+pub use device::{list_adapters, AdapterReport, GpuOptions, ADAPTER_ENV};
+#[doc(hidden)]
+pub use kernel::KernelKind;
+
+/// Pieces in flight: one uploading, one computing/reading back.
+const PIPELINE_DEPTH: usize = 2;
+/// Default piece size: large enough that per-submit costs vanish, small enough that a
+/// tensor of a few hundred MiB still streams through several overlapping pieces.
+const CHUNK_TARGET: usize = 32 << 20;
+/// Cap on any piece so every element and word index fits the shaders' u32.
+const CHUNK_CAP: u64 = 1 << 30;
+
+/// A GPU device ready to run gathers.
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    kernels: kernel::Kernels,
+    name: String,
+    /// Largest output or window of one piece, in bytes.
+    chunk: usize,
+    max_groups: u32,
+    /// Validation or out-of-memory errors raised outside an error scope, and device loss.
+    faults: Arc<Mutex<Vec<String>>>,
+    slots: Mutex<Vec<Slot>>,
+}
+
+/// One stage of the pipeline: its buffers and, while in flight, the piece it carries.
+struct Slot {
+    params: wgpu::Buffer,
+    input: wgpu::Buffer,
+    output: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    bind_group: wgpu::BindGroup,
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    piece: chunk::Piece,
+    /// Bytes mapped for readback (output rounded up to words).
+    mapped: u64,
+    submission: wgpu::SubmissionIndex,
+    mapped_ok: Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>,
+}
+
+fn gpu_err(detail: impl Into<String>) -> Error {
+    Error::Gpu {
+        detail: detail.into(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves no half-written GPU state that matters: the
+    // next gather re-checks every slot.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Gpu {
+    /// Opens the adapter `opts` asks for. Errors with [`Error::DeviceUnavailable`] when
+    /// there is none.
+    pub fn new(opts: &GpuOptions) -> Result<Gpu> {
+        let (device, queue) = device::open(opts)?;
+        Gpu::with_device(device, queue, opts)
+    }
+
+    /// Runs on a device the caller opened (tests, embedders). Only `max_chunk_bytes` of
+    /// `opts` is used.
+    pub fn with_device(device: wgpu::Device, queue: wgpu::Queue, opts: &GpuOptions) -> Result<Gpu> {
+        let faults = Arc::new(Mutex::new(Vec::new()));
+        {
+            let f = faults.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                lock(&f).push(e.to_string());
+            }));
+            let f = faults.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                lock(&f).push(format!("device lost ({reason:?}): {msg}"));
+            });
+        }
+        let limits = device.limits();
+        let binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size)
+            .min(CHUNK_CAP);
+        // Keep every buffer a whole number of words.
+        let binding = usize::try_from(binding & !255).unwrap_or(usize::MAX);
+        let want = opts.max_chunk_bytes.unwrap_or(CHUNK_TARGET);
+        let chunk = want.max(chunk::MIN_CHUNK).min(binding);
+        let info = device.adapter_info();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let kernels = kernel::Kernels::new(&device);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(gpu_err(format!("building the shaders failed: {e}")));
+        }
+        let mut gpu = Gpu {
+            name: format!("gpu ({}, {:?})", info.name, info.backend),
+            chunk,
+            max_groups: limits.max_compute_workgroups_per_dimension,
+            faults,
+            slots: Mutex::new(Vec::new()),
+            kernels,
+            device,
+            queue,
+        };
+        let slots = (0..PIPELINE_DEPTH).map(|_| gpu.slot(256, 256)).collect();
+        gpu.slots = Mutex::new(slots);
+        Ok(gpu)
+    }
+
+    /// The largest output or source window one piece may have, in bytes.
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk
+    }
+
+    fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    fn slot(&self, in_size: u64, out_size: u64) -> Slot {
+        use wgpu::BufferUsages as U;
+        let params = self.buffer(
+            "params",
+            (kernel::PARAMS_WORDS * 4) as u64,
+            U::UNIFORM | U::COPY_DST,
+        );
+        let input = self.buffer("input", in_size, U::STORAGE | U::COPY_DST | U::COPY_SRC);
+        let output_buf = self.buffer("output", out_size, U::STORAGE | U::COPY_SRC);
+        let readback = self.buffer("readback", in_size.max(out_size), U::MAP_READ | U::COPY_DST);
+        let bind_group = self.bind_group(&params, &input, &output_buf);
+        Slot {
+            params,
+            input,
+            output: output_buf,
+            readback,
+            bind_group,
+            pending: None,
+        }
+    }
+
+    fn bind_group(
+        &self,
+        params: &wgpu::Buffer,
+        input: &wgpu::Buffer,
+        output: &wgpu::Buffer,
+    ) -> wgpu::BindGroup {
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("relayout"),
+            layout: &self.kernels.layout,
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: params.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: input.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: output.as_entire_binding(),
+                },
+            ],
+        })
+    }
+
+    /// Grows a slot's buffers to hold `input` and `output` bytes; sizes round up to a
+    /// power of two (capped at the chunk size) so a sequence of tensors settles quickly.
+    fn ensure(&self, slot: &mut Slot, input: u64, output: u64) {
+        let grow = |have: u64, need: u64| -> Option<u64> {
+            if have >= need {
+                return None;
+            }
+            let cap = (self.chunk as u64).next_multiple_of(4).max(need);
+            Some(need.next_power_of_two().min(cap))
+        };
+        let new_in = grow(slot.input.size(), input);
+        let new_out = grow(slot.output.size(), output);
+        if new_in.is_none() && new_out.is_none() {
+            return;
+        }
+        use wgpu::BufferUsages as U;
+        if let Some(n) = new_in {
+            slot.input = self.buffer("input", n, U::STORAGE | U::COPY_DST | U::COPY_SRC);
+        }
+        if let Some(n) = new_out {
+            slot.output = self.buffer("output", n, U::STORAGE | U::COPY_SRC);
+        }
+        let rb = slot.input.size().max(slot.output.size());
+        if slot.readback.size() < rb {
+            slot.readback = self.buffer("readback", rb, U::MAP_READ | U::COPY_DST);
+        }
+        slot.bind_group = self.bind_group(&slot.params, &slot.input, &slot.output);
+    }
+
+    fn check_faults(&self) -> Result<()> {
+        let faults = lock(&self.faults);
+        match faults.first() {
+            Some(f) => Err(gpu_err(f.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `g` piece by piece with `kernel` choosing each piece's shader; `None` moves
+    /// the source window straight to the readback (the transfer-only baseline, which
+    /// needs `g` to be a copy).
+    fn stream(
+        &self,
+        g: &Gather,
+        src: &[u8],
+        dst: &mut [u8],
+        kernel: Option<fn(&Gather) -> KernelKind>,
+    ) -> Result<()> {
+        self.check_faults()?;
+        let mut slots = lock(&self.slots);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let result = self.stream_pieces(&mut slots, g, src, dst, kernel);
+        // Whatever happened, leave no slot mapped or in flight for the next call.
+        let drained = self.drain(&mut slots, None, g);
+        let oom = pollster::block_on(oom.pop());
+        let validation = pollster::block_on(validation.pop());
+        if let Some(e) = oom.or(validation) {
+            return Err(gpu_err(e.to_string()));
+        }
+        result?;
+        drained?;
+        self.check_faults()
+    }
+
+    fn stream_pieces(
+        &self,
+        slots: &mut [Slot],
+        g: &Gather,
+        src: &[u8],
+        dst: &mut [u8],
+        kernel: Option<fn(&Gather) -> KernelKind>,
+    ) -> Result<()> {
+        let pieces = chunk::plan(g, self.chunk, self.chunk);
+        let depth = slots.len();
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let Some(slot) = slots.get_mut(i % depth) else {
+                return Err(gpu_err("no pipeline slot"));
+            };
+            self.finish(slot, Some(&mut *dst), g)?;
+            self.submit(slot, piece, src, kernel)?;
+        }
+        self.drain(slots, Some(dst), g)
+    }
+
+    /// Completes every in-flight piece, oldest first, copying results into `dst` when
+    /// given (on the error path they are dropped).
+    fn drain(&self, slots: &mut [Slot], mut dst: Option<&mut [u8]>, g: &Gather) -> Result<()> {
+        let mut order: Vec<usize> = (0..slots.len())
+            .filter(|&k| slots[k].pending.is_some())
+            .collect();
+        order.sort_by_key(|&k| slots[k].pending.as_ref().map(|p| p.piece.origin.clone()));
+        let mut first_err = Ok(());
+        for k in order {
+            if let Some(slot) = slots.get_mut(k) {
+                let r = self.finish(slot, dst.as_deref_mut(), g);
+                if first_err.is_ok() {
+                    first_err = r;
+                }
+            }
+        }
+        first_err
+    }
+
+    /// Uploads a piece's window and parameters, records the kernel and the copy into the
+    /// readback buffer, submits, and asks for the mapping.
+    fn submit(
+        &self,
+        slot: &mut Slot,
+        piece: chunk::Piece,
+        src: &[u8],
+        kernel: Option<fn(&Gather) -> KernelKind>,
+    ) -> Result<()> {
+        let g = &piece.gather;
+        let window_words = (piece.window_len as u64).next_multiple_of(4).max(4);
+        let out_words = (g.out_bytes() as u64).next_multiple_of(4).max(4);
+        self.ensure(slot, window_words, out_words);
+
+        let end = piece
+            .window_start
+            .checked_add(piece.window_len)
+            .ok_or_else(|| gpu_err("source window overflows"))?;
+        let window = src
+            .get(piece.window_start..end)
+            .ok_or_else(|| gpu_err("source window outside the source"))?;
+        let whole = window.len() & !3;
+        if whole > 0 {
+            self.queue.write_buffer(&slot.input, 0, &window[..whole]);
+        }
+        if whole < window.len() {
+            let mut tail = [0u8; 4];
+            tail[..window.len() - whole].copy_from_slice(&window[whole..]);
+            self.queue.write_buffer(&slot.input, whole as u64, &tail);
+        }
+
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("piece") });
+        let mapped = match kernel {
+            Some(choose) => {
+                let kind = choose(g);
+                let d = kernel::dispatch(g, kind)?;
+                self.queue
+                    .write_buffer(&slot.params, 0, bytemuck::cast_slice(&d.params));
+                let (x, y, z) = kernel::split_groups(d.groups, self.max_groups)?;
+                {
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("gather"),
+                        timestamp_writes: None,
+                    });
+                    pass.set_pipeline(self.kernels.pipeline(kind, g.elem_size));
+                    pass.set_bind_group(0, &slot.bind_group, &[]);
+                    pass.dispatch_workgroups(x, y, z);
+                }
+                encoder.copy_buffer_to_buffer(&slot.output, 0, &slot.readback, 0, out_words);
+                out_words
+            }
+            None => {
+                encoder.copy_buffer_to_buffer(&slot.input, 0, &slot.readback, 0, window_words);
+                window_words
+            }
+        };
+        let submission = self.queue.submit([encoder.finish()]);
+        let mapped_ok = Arc::new(Mutex::new(None));
+        let flag = mapped_ok.clone();
+        slot.readback
+            .slice(..mapped)
+            .map_async(wgpu::MapMode::Read, move |r| *lock(&flag) = Some(r));
+        slot.pending = Some(Pending {
+            piece,
+            mapped,
+            submission,
+            mapped_ok,
+        });
+        Ok(())
+    }
+
+    /// Waits for the slot's piece, copies it into `dst` (when given) and unmaps.
+    fn finish(&self, slot: &mut Slot, dst: Option<&mut [u8]>, g: &Gather) -> Result<()> {
+        let Some(p) = slot.pending.take() else {
+            return Ok(());
+        };
+        let polled = self.device.poll(wgpu::PollType::Wait {
+            submission_index: Some(p.submission),
+            timeout: None,
+        });
+        let state = lock(&p.mapped_ok).take();
+        let result = match (polled, &state) {
+            (Err(e), _) => Err(gpu_err(format!("waiting for the device: {e}"))),
+            (Ok(_), Some(Ok(()))) => match dst {
+                Some(dst) => self.scatter(&slot.readback, p.mapped, &p.piece, g, dst),
+                None => Ok(()),
+            },
+            (Ok(_), Some(Err(e))) => Err(gpu_err(format!("mapping the readback buffer: {e}"))),
+            (Ok(_), None) => Err(gpu_err("the readback buffer was never mapped")),
+        };
+        // Unmapping also cancels a map still pending; a failed map left nothing mapped.
+        if !matches!(state, Some(Err(_))) {
+            slot.readback.unmap();
+        }
+        result
+    }
+
+    fn scatter(
+        &self,
+        readback: &wgpu::Buffer,
+        mapped: u64,
+        piece: &chunk::Piece,
+        g: &Gather,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        let view = readback
+            .slice(..mapped)
+            .get_mapped_range()
+            .map_err(|e| gpu_err(format!("reading the readback buffer: {e}")))?;
+        for (d, s, n) in chunk::runs(g.elem_size, &g.shape, piece) {
+            let from = view
+                .get(s..s + n)
+                .ok_or_else(|| gpu_err("piece result shorter than planned"))?;
+            let to = dst
+                .get_mut(d..d + n)
+                .ok_or_else(|| gpu_err("piece lies outside the output"))?;
+            to.copy_from_slice(from);
+        }
+        Ok(())
+    }
+}
+
+/// A gather kept on the device for benchmarks: source and output stay resident, so
+/// [`Resident::run`] times the kernel alone (dispatch plus the wait for the device).
+#[doc(hidden)]
+pub struct Resident<'a> {
+    gpu: &'a Gpu,
+    output: wgpu::Buffer,
+    bind_group: wgpu::BindGroup,
+    pipeline: &'a wgpu::ComputePipeline,
+    groups: (u32, u32, u32),
+    out_bytes: u64,
+}
+
+impl Gpu {
+    /// The kernel [`Backend::gather`] runs for a piece like `g`.
+    #[doc(hidden)]
+    pub fn kernel_for(g: &Gather) -> KernelKind {
+        kernel::choose(g)
+    }
+
+    /// Uploads `src` once and prepares `kind` over `g`, which must fit one binding.
+    #[doc(hidden)]
+    pub fn resident(&self, g: &Gather, src: &[u8], kind: KernelKind) -> Result<Resident<'_>> {
+        use wgpu::BufferUsages as U;
+        let d = kernel::dispatch(g, kind)?;
+        let groups = kernel::split_groups(d.groups, self.max_groups)?;
+        let in_bytes = (src.len() as u64).next_multiple_of(4).max(4);
+        let out_bytes = (g.out_bytes() as u64).next_multiple_of(4).max(4);
+        if in_bytes.max(out_bytes) > self.chunk as u64 {
+            return Err(gpu_err(format!(
+                "resident gather of {} bytes exceeds the chunk size {}",
+                in_bytes.max(out_bytes),
+                self.chunk
+            )));
+        }
+        let input = self.buffer("resident input", in_bytes, U::STORAGE | U::COPY_DST);
+        let output = self.buffer("resident output", out_bytes, U::STORAGE | U::COPY_SRC);
+        let params = self.buffer("resident params", (kernel::PARAMS_WORDS * 4) as u64, U::UNIFORM | U::COPY_DST);
+        let mut padded = src.to_vec();
+        padded.resize(in_bytes as usize, 0);
+        self.queue.write_buffer(&input, 0, &padded);
+        self.queue.write_buffer(&params, 0, bytemuck::cast_slice(&d.params));
+        let bind_group = self.bind_group(&params, &input, &output);
+        Ok(Resident {
+            gpu: self,
+            output,
+            bind_group,
+            pipeline: self.kernels.pipeline(kind, g.elem_size),
+            groups,
+            out_bytes,
+        })
+    }
+
+    /// Upload and readback of `src` into `dst` through the same pieces and slots as a
+    /// gather, without a kernel: the transfer baseline of the round trip.
+    #[doc(hidden)]
+    pub fn transfer(&self, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(gpu_err("transfer needs equal lengths"));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        let g = Gather::from_parts(1, vec![src.len()], vec![1], 0);
+        self.stream(&g, src, dst, None)
+    }
+}
+
+impl Resident<'_> {
+    /// One dispatch, waited for.
+    pub fn run(&self) -> Result<()> {
+        let gpu = self.gpu;
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("resident") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("resident"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(self.pipeline);
+            pass.set_bind_group(0, &self.bind_group, &[]);
+            pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
+        }
+        let index = gpu.queue.submit([encoder.finish()]);
+        gpu.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| gpu_err(format!("waiting for the device: {e}")))?;
+        gpu.check_faults()
+    }
+
+    /// The output bytes (word-padded), for checking a benchmark computes the right thing.
+    pub fn read(&self) -> Result<Vec<u8>> {
+        let gpu = self.gpu;
+        let staging = gpu.buffer(
+            "resident readback",
+            self.out_bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read") });
+        encoder.copy_buffer_to_buffer(&self.output, 0, &staging, 0, self.out_bytes);
+        gpu.queue.submit([encoder.finish()]);
+        let done = Arc::new(Mutex::new(None));
+        let flag = done.clone();
+        staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| *lock(&flag) = Some(r));
+        gpu.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| gpu_err(format!("waiting for the device: {e}")))?;
+        match lock(&done).take() {
+            Some(Ok(())) => {}
+            _ => return Err(gpu_err("mapping the resident output failed")),
+        }
+        let out = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| gpu_err(format!("reading the resident output: {e}")))?
+            .to_vec();
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+impl Backend for Gpu {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        check_buffers(g, src, dst)?;
+        if g.is_empty() {
+            return Ok(());
+        }
+        self.stream(g, src, dst, Some(kernel::choose))
+    }
+}

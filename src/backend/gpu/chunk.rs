@@ -1,0 +1,272 @@
+//! Cutting a gather into pieces the device can hold: each piece is a box of the output
+//! index space whose compact output and whose source window both fit one binding. The
+//! device runs the piece as its own gather over the window; the host scatters the compact
+//! result into the box's place in the whole output. Pure index math, tested without a
+//! device.
+
+use crate::layout::{contiguous_strides, Gather};
+
+/// Highest rank the shaders take (shape and strides are two `vec4<u32>` each).
+pub const MAX_RANK: usize = 8;
+
+/// Bytes a window may grow by: its start is rounded down to a word so the shader can
+/// index words; its length is rounded up to a word for the upload.
+pub const WINDOW_SLACK: usize = 8;
+
+/// Smallest chunk the planner works with: one 8-byte element plus the window slack.
+pub const MIN_CHUNK: usize = 16;
+
+/// One box of the output, run on the device as `gather` over the source bytes
+/// `window_start .. window_start + window_len`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// The box as a gather whose offset is relative to the window start (in elements).
+    pub gather: Gather,
+    /// Byte offset of the window in the source; a multiple of 4.
+    pub window_start: usize,
+    /// Bytes of the source the piece reads from `window_start` (not rounded).
+    pub window_len: usize,
+    /// Box origin in the whole output's index space.
+    pub origin: Vec<usize>,
+    /// Box extent along every axis of the whole output.
+    pub sizes: Vec<usize>,
+}
+
+/// The pieces of `g` (in output order), none with more than `max_out` output bytes or a
+/// window of more than `max_window` bytes (slack included). `g` must not be empty.
+pub fn plan(g: &Gather, max_out: usize, max_window: usize) -> Vec<Piece> {
+    let (shape, strides) = rank_at_least_one(g);
+    let sizes = box_sizes(g.elem_size, &shape, &strides, max_out, max_window);
+    let rank = shape.len();
+    let counts: Vec<usize> = shape
+        .iter()
+        .zip(&sizes)
+        .map(|(&n, &m)| n.div_ceil(m))
+        .collect();
+    let total: usize = counts.iter().product();
+    let mut pieces = Vec::with_capacity(total);
+    let mut idx = vec![0usize; rank];
+    for _ in 0..total {
+        let origin: Vec<usize> = idx.iter().zip(&sizes).map(|(&b, &m)| b * m).collect();
+        let extent: Vec<usize> = origin
+            .iter()
+            .zip(&sizes)
+            .zip(&shape)
+            .map(|((&a, &m), &n)| m.min(n - a))
+            .collect();
+        let first = g.offset
+            + origin
+                .iter()
+                .zip(&strides)
+                .map(|(&a, &s)| a * s)
+                .sum::<usize>();
+        let last = first
+            + extent
+                .iter()
+                .zip(&strides)
+                .map(|(&n, &s)| (n - 1) * s)
+                .sum::<usize>();
+        let start_byte = first * g.elem_size;
+        // Elements of 1, 2 and 4 bytes start at a multiple of their size, so the
+        // remainder below a word is whole elements; 8-byte ones are already word-aligned.
+        let window_start = start_byte & !3;
+        let window_len = (last + 1) * g.elem_size - window_start;
+        let base = (start_byte - window_start) / g.elem_size;
+        let gather = Gather::from_parts(g.elem_size, extent.clone(), strides.clone(), base);
+        pieces.push(Piece {
+            gather,
+            window_start,
+            window_len,
+            origin,
+            sizes: extent,
+        });
+        // Row-major increment of the box index.
+        for k in (0..rank).rev() {
+            idx[k] += 1;
+            if idx[k] < counts[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    pieces
+}
+
+/// Shape and strides with rank 0 (a scalar) written as one axis of one element.
+fn rank_at_least_one(g: &Gather) -> (Vec<usize>, Vec<usize>) {
+    if g.shape.is_empty() {
+        (vec![1], vec![1])
+    } else {
+        (g.shape.clone(), g.strides.clone())
+    }
+}
+
+/// Box extents: start from the whole output (with the axes beyond [`MAX_RANK`] cut to
+/// one) and halve the axis that hurts most until both limits hold. An oversized output
+/// halves the outermost axis so the runs the host scatters stay long; an oversized
+/// window halves the axis that spans the most source.
+fn box_sizes(
+    elem_size: usize,
+    shape: &[usize],
+    strides: &[usize],
+    max_out: usize,
+    max_window: usize,
+) -> Vec<usize> {
+    let max_out = max_out.max(MIN_CHUNK);
+    let max_window = max_window.max(MIN_CHUNK);
+    let mut m = shape.to_vec();
+    let cut = shape.len().saturating_sub(MAX_RANK);
+    for v in m.iter_mut().take(cut) {
+        *v = 1;
+    }
+    loop {
+        let out = m.iter().product::<usize>() * elem_size;
+        let span: usize = m.iter().zip(strides).map(|(&n, &s)| (n - 1) * s).sum();
+        let window = (span + 1) * elem_size + WINDOW_SLACK;
+        let axis = if out > max_out {
+            m.iter().position(|&n| n > 1)
+        } else if window > max_window {
+            (0..m.len())
+                .filter(|&k| m[k] > 1)
+                .max_by_key(|&k| (m[k] - 1) * strides[k])
+        } else {
+            None
+        };
+        match axis {
+            Some(k) => m[k] = m[k].div_ceil(2),
+            None => return m,
+        }
+    }
+}
+
+/// The contiguous runs that copy a piece's compact output (row-major over `sizes`) into
+/// the whole output of `shape`: `(byte offset in the whole output, byte offset in the
+/// piece, bytes)`, in increasing order of both offsets.
+pub fn runs(
+    elem_size: usize,
+    shape: &[usize],
+    piece: &Piece,
+) -> impl Iterator<Item = (usize, usize, usize)> {
+    let shape: Vec<usize> = if shape.is_empty() {
+        vec![1]
+    } else {
+        shape.to_vec()
+    };
+    let rank = shape.len();
+    let out_strides = contiguous_strides(&shape);
+    // Axes from the innermost outwards join the run while the box spans them whole.
+    let mut k = rank - 1;
+    let mut run = piece.sizes[k];
+    while k > 0 && piece.sizes[k] == shape[k] {
+        k -= 1;
+        run *= piece.sizes[k];
+    }
+    let outer: Vec<usize> = piece.sizes[..k].to_vec();
+    let count: usize = outer.iter().product();
+    let origin = piece.origin.clone();
+    let mut idx = vec![0usize; k];
+    (0..count).map(move |r| {
+        let mut dst = origin[k] * out_strides[k];
+        for a in 0..k {
+            dst += (origin[a] + idx[a]) * out_strides[a];
+        }
+        for a in (0..k).rev() {
+            idx[a] += 1;
+            if idx[a] < outer[a] {
+                break;
+            }
+            idx[a] = 0;
+        }
+        (dst * elem_size, r * run * elem_size, run * elem_size)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs every piece on the host (a naive gather over the window) and scatters it:
+    /// the result must equal the naive gather of the whole.
+    fn check_plan(g: &Gather, max_out: usize, max_window: usize) {
+        let es = g.elem_size;
+        let extent = g.src_extent();
+        let src: Vec<u8> = (0..extent * es + 3).map(|i| (i * 7 + 1) as u8).collect();
+        let want = naive(g, &src);
+        let mut got = vec![0xAAu8; g.out_bytes()];
+        for p in plan(g, max_out, max_window) {
+            assert!(p.gather.out_bytes() <= max_out.max(MIN_CHUNK));
+            assert!(p.window_len.next_multiple_of(4) <= max_window.max(MIN_CHUNK));
+            assert_eq!(p.window_start % 4, 0);
+            assert!(p.gather.shape.len() <= MAX_RANK);
+            let window = &src[p.window_start..p.window_start + p.window_len];
+            let part = naive(&p.gather, window);
+            for (d, s, n) in runs(es, &g.shape, &p) {
+                got[d..d + n].copy_from_slice(&part[s..s + n]);
+            }
+        }
+        assert_eq!(got, want, "{g:?} max_out {max_out} max_window {max_window}");
+    }
+
+    fn naive(g: &Gather, src: &[u8]) -> Vec<u8> {
+        let es = g.elem_size;
+        let mut out = Vec::with_capacity(g.out_bytes());
+        for i in 0..g.len() {
+            let mut rem = i;
+            let mut off = g.offset;
+            for k in (0..g.shape.len()).rev() {
+                off += (rem % g.shape[k]) * g.strides[k];
+                rem /= g.shape[k];
+            }
+            out.extend_from_slice(&src[off * es..off * es + es]);
+        }
+        out
+    }
+
+    #[test]
+    fn pieces_of_a_transpose_reassemble_the_whole_at_every_chunk_size() {
+        for es in [1, 2, 4, 8] {
+            let g = Gather::from_parts(es, vec![7, 5], vec![1, 9], 3);
+            for chunk in [16, 17, 24, 32, 40, 64, 100, 1000] {
+                check_plan(&g, chunk, chunk);
+            }
+        }
+    }
+
+    #[test]
+    fn pieces_of_a_batched_strided_gather_reassemble_the_whole() {
+        let g = Gather::from_parts(2, vec![3, 4, 5], vec![50, 1, 7], 1);
+        for chunk in [16, 20, 48, 96, 500] {
+            check_plan(&g, chunk, chunk);
+            check_plan(&g, chunk, 10_000);
+            check_plan(&g, 10_000, chunk);
+        }
+    }
+
+    #[test]
+    fn a_gather_above_rank_eight_is_cut_into_rank_eight_pieces() {
+        let shape = vec![2; 10];
+        let strides: Vec<usize> = (0..10).map(|k| 3usize.pow(k as u32)).collect();
+        let g = Gather::from_parts(1, shape, strides, 5);
+        assert_eq!(g.shape.len(), 10);
+        check_plan(&g, 1 << 20, 1 << 20);
+        assert_eq!(plan(&g, 1 << 20, 1 << 20).len(), 4);
+    }
+
+    #[test]
+    fn a_scalar_gather_is_one_piece_of_one_element() {
+        let g = Gather::from_parts(8, vec![], vec![], 2);
+        let p = plan(&g, 64, 64);
+        assert_eq!(p.len(), 1);
+        check_plan(&g, 64, 64);
+    }
+
+    #[test]
+    fn unaligned_byte_windows_start_on_a_word_and_fold_the_rest_into_the_offset() {
+        let g = Gather::from_parts(1, vec![4, 3], vec![1, 5], 7);
+        let p = plan(&g, 1 << 10, 1 << 10);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].window_start, 4);
+        assert_eq!(p[0].gather.offset, 3);
+        check_plan(&g, 16, 16);
+    }
+}
