@@ -104,7 +104,9 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let k_per = select(4u / ESIZE, 1u, ESIZE == 8u);
-    let ti_len = select(32u, 16u, ESIZE == 1u);
+    // Powers of two, applied with shifts and masks: llvmpipe scalarises integer division.
+    let ti_shift = select(5u, 4u, ESIZE == 1u);
+    let ti_len = 1u << ti_shift;
     let tj_len = 32u * k_per;
     let pitch = ti_len + 1u;
 
@@ -124,16 +126,24 @@ fn main(
     let j0 = (t % params.tiles_j) * tj_len;
     let obase = params.base + outer_offset(o);
     let si = stride_at(params.axis);
+    // One inner axis (a plain or batched transpose): no index unravelling per element.
+    let one_inner = params.rank == params.axis + 2u;
+    let sj = stride_at(params.axis + 1u);
 
     let loads = ti_len * tj_len / WG;
     for (var m = 0u; m < loads; m = m + 1u) {
         let flat = lid + m * WG;
-        let ii = flat % ti_len;
-        let jj = flat / ti_len;
+        let ii = flat & (ti_len - 1u);
+        let jj = flat >> ti_shift;
         let i = i0 + ii;
         let j = j0 + jj;
         if i < rows && j < inner {
-            let s = obase + i * si + inner_offset(j);
+            var s = obase + i * si;
+            if one_inner {
+                s = s + j * sj;
+            } else {
+                s = s + inner_offset(j);
+            }
             let slot = jj * pitch + ii;
             if ESIZE == 8u {
                 tile[2u * slot] = src[2u * s];
@@ -150,10 +160,10 @@ fn main(
     let stores = ti_len * 32u / WG;
     for (var m = 0u; m < stores; m = m + 1u) {
         let flat = lid + m * WG;
-        let wj = flat % 32u;
-        let ii = flat / 32u;
+        let wj = flat & 31u;
+        let ii = flat >> 5u;
         let i = i0 + ii;
-        let jw = j0 / k_per + wj;
+        let jw = (j0 >> (k_per >> 1u)) + wj;
         if i < rows && jw < words_per_row {
             let row_word = (o * rows + i) * words_per_row + jw;
             if ESIZE == 8u {

@@ -256,7 +256,14 @@ fn tiny_forced_chunks_reassemble_every_kind_of_gather() {
             }
             let op = strided_op(es, &[6, 5, 9], &[2, 0, 1], 2, 1, vec![2, 0, 1]);
             check(&gpu, &op, &mut rng);
-            let op = strided_op(es, &[3, 4, 2, 5, 3], &[4, 3, 2, 1, 0], 1, 2, vec![1, 3, 0, 4, 2]);
+            let op = strided_op(
+                es,
+                &[3, 4, 2, 5, 3],
+                &[4, 3, 2, 1, 0],
+                1,
+                2,
+                vec![1, 3, 0, 4, 2],
+            );
             check(&gpu, &op, &mut rng);
         }
     }
@@ -286,7 +293,13 @@ fn nan_payloads_and_every_byte_value_survive_unchanged() {
     let Some(gpu) = open(None) else { return };
     // Signalling and quiet NaNs with payloads, negative zero, a denormal, all 256 bytes.
     let mut src = Vec::new();
-    for v in [0x7f80_0001u32, 0xffc0_1234, 0x8000_0000, 0x0000_0001, 0x7fbf_ffff] {
+    for v in [
+        0x7f80_0001u32,
+        0xffc0_1234,
+        0x8000_0000,
+        0x0000_0001,
+        0x7fbf_ffff,
+    ] {
         src.extend_from_slice(&v.to_le_bytes());
     }
     src.extend(0..=255u8);

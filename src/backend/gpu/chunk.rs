@@ -102,9 +102,9 @@ fn rank_at_least_one(g: &Gather) -> (Vec<usize>, Vec<usize>) {
 }
 
 /// Box extents: start from the whole output (with the axes beyond [`MAX_RANK`] cut to
-/// one) and halve the axis that hurts most until both limits hold. An oversized output
-/// halves the outermost axis so the runs the host scatters stay long; an oversized
-/// window halves the axis that spans the most source.
+/// one) and halve the axis that hurts most until both limits hold. An oversized window
+/// halves the axis that spans the most source; an oversized output the outermost axis,
+/// so the runs the host scatters stay long.
 fn box_sizes(
     elem_size: usize,
     shape: &[usize],
@@ -123,12 +123,15 @@ fn box_sizes(
         let out = m.iter().product::<usize>() * elem_size;
         let span: usize = m.iter().zip(strides).map(|(&n, &s)| (n - 1) * s).sum();
         let window = (span + 1) * elem_size + WINDOW_SLACK;
-        let axis = if out > max_out {
-            m.iter().position(|&n| n > 1)
-        } else if window > max_window {
+        // The window first: cutting the axis that spans the most source shrinks the
+        // upload and usually the output too, while cutting the output first can leave a
+        // window mostly made of bytes the piece never reads.
+        let axis = if window > max_window {
             (0..m.len())
                 .filter(|&k| m[k] > 1)
                 .max_by_key(|&k| (m[k] - 1) * strides[k])
+        } else if out > max_out {
+            m.iter().position(|&n| n > 1)
         } else {
             None
         };
@@ -250,6 +253,15 @@ mod tests {
         assert_eq!(g.shape.len(), 10);
         check_plan(&g, 1 << 20, 1 << 20);
         assert_eq!(plan(&g, 1 << 20, 1 << 20).len(), 4);
+    }
+
+    #[test]
+    fn a_large_transpose_uploads_no_more_source_than_it_reads() {
+        let g = Gather::from_parts(4, vec![4096, 4096], vec![1, 4096], 0);
+        let pieces = plan(&g, 32 << 20, (32 << 20) + 256);
+        let uploaded: usize = pieces.iter().map(|p| p.window_len).sum();
+        assert_eq!(pieces.len(), 2);
+        assert!(uploaded <= g.out_bytes() + 4096 * 4, "{uploaded}");
     }
 
     #[test]

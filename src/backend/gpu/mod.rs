@@ -27,6 +27,8 @@ const PIPELINE_DEPTH: usize = 2;
 /// Default piece size: large enough that per-submit costs vanish, small enough that a
 /// tensor of a few hundred MiB still streams through several overlapping pieces.
 const CHUNK_TARGET: usize = 32 << 20;
+/// Extra source-window bytes allowed beyond the chunk size, for the word rounding.
+const WINDOW_ROOM: usize = 256;
 /// Cap on any piece so every element and word index fits the shaders' u32.
 const CHUNK_CAP: u64 = 1 << 30;
 
@@ -38,6 +40,11 @@ pub struct Gpu {
     name: String,
     /// Largest output or window of one piece, in bytes.
     chunk: usize,
+    /// Largest source window of one piece: the chunk plus room for the word rounding,
+    /// so a window of exactly one chunk is not halved for want of a few bytes.
+    window: usize,
+    /// Largest buffer one binding may see, in bytes.
+    binding: usize,
     max_groups: u32,
     /// Validation or out-of-memory errors raised outside an error scope, and device loss.
     faults: Arc<Mutex<Vec<String>>>,
@@ -105,6 +112,11 @@ impl Gpu {
         let binding = usize::try_from(binding & !255).unwrap_or(usize::MAX);
         let want = opts.max_chunk_bytes.unwrap_or(CHUNK_TARGET);
         let chunk = want.max(chunk::MIN_CHUNK).min(binding);
+        // The test hook keeps windows as tight as it asks, to exercise window splits.
+        let window = match opts.max_chunk_bytes {
+            Some(_) => chunk,
+            None => chunk.saturating_add(WINDOW_ROOM).min(binding),
+        };
         let info = device.adapter_info();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = kernel::Kernels::new(&device);
@@ -114,6 +126,8 @@ impl Gpu {
         let mut gpu = Gpu {
             name: format!("gpu ({}, {:?})", info.name, info.backend),
             chunk,
+            window,
+            binding,
             max_groups: limits.max_compute_workgroups_per_dimension,
             faults,
             slots: Mutex::new(Vec::new()),
@@ -194,7 +208,7 @@ impl Gpu {
             if have >= need {
                 return None;
             }
-            let cap = (self.chunk as u64).next_multiple_of(4).max(need);
+            let cap = (self.window as u64).next_multiple_of(4).max(need);
             Some(need.next_power_of_two().min(cap))
         };
         let new_in = grow(slot.input.size(), input);
@@ -259,7 +273,7 @@ impl Gpu {
         dst: &mut [u8],
         kernel: Option<fn(&Gather) -> KernelKind>,
     ) -> Result<()> {
-        let pieces = chunk::plan(g, self.chunk, self.chunk);
+        let pieces = chunk::plan(g, self.chunk, self.window);
         let depth = slots.len();
         for (i, piece) in pieces.into_iter().enumerate() {
             let Some(slot) = slots.get_mut(i % depth) else {
@@ -323,7 +337,9 @@ impl Gpu {
 
         let mut encoder = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("piece") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("piece"),
+            });
         let mapped = match kernel {
             Some(choose) => {
                 let kind = choose(g);
@@ -441,20 +457,25 @@ impl Gpu {
         let groups = kernel::split_groups(d.groups, self.max_groups)?;
         let in_bytes = (src.len() as u64).next_multiple_of(4).max(4);
         let out_bytes = (g.out_bytes() as u64).next_multiple_of(4).max(4);
-        if in_bytes.max(out_bytes) > self.chunk as u64 {
+        if in_bytes.max(out_bytes) > self.binding as u64 {
             return Err(gpu_err(format!(
-                "resident gather of {} bytes exceeds the chunk size {}",
+                "resident gather of {} bytes exceeds the binding limit {}",
                 in_bytes.max(out_bytes),
-                self.chunk
+                self.binding
             )));
         }
         let input = self.buffer("resident input", in_bytes, U::STORAGE | U::COPY_DST);
         let output = self.buffer("resident output", out_bytes, U::STORAGE | U::COPY_SRC);
-        let params = self.buffer("resident params", (kernel::PARAMS_WORDS * 4) as u64, U::UNIFORM | U::COPY_DST);
+        let params = self.buffer(
+            "resident params",
+            (kernel::PARAMS_WORDS * 4) as u64,
+            U::UNIFORM | U::COPY_DST,
+        );
         let mut padded = src.to_vec();
         padded.resize(in_bytes as usize, 0);
         self.queue.write_buffer(&input, 0, &padded);
-        self.queue.write_buffer(&params, 0, bytemuck::cast_slice(&d.params));
+        self.queue
+            .write_buffer(&params, 0, bytemuck::cast_slice(&d.params));
         let bind_group = self.bind_group(&params, &input, &output);
         Ok(Resident {
             gpu: self,
@@ -487,7 +508,9 @@ impl Resident<'_> {
         let gpu = self.gpu;
         let mut encoder = gpu
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("resident") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("resident"),
+            });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("resident"),
@@ -517,7 +540,9 @@ impl Resident<'_> {
         );
         let mut encoder = gpu
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("read"),
+            });
         encoder.copy_buffer_to_buffer(&self.output, 0, &staging, 0, self.out_bytes);
         gpu.queue.submit([encoder.finish()]);
         let done = Arc::new(Mutex::new(None));

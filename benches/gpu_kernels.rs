@@ -1,0 +1,122 @@
+//! WGSL kernels against the WGSL copy kernel on the same bytes, and the whole round trip
+//! (upload, kernel, readback) against upload + readback alone.
+//!
+//! `cargo bench --bench gpu_kernels` (set RELAYOUT_ADAPTER to pick an adapter; software
+//! adapters are allowed here). Kernel timings include the wait for the device; buffers
+//! stay resident so they measure the kernels alone.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use relayout::backend::gpu::{Gpu, GpuOptions, KernelKind};
+use relayout::backend::Backend;
+use relayout::layout::{Gather, LayoutOp};
+
+fn open() -> Option<Gpu> {
+    let opts = GpuOptions {
+        adapter: None,
+        allow_software: true,
+        max_chunk_bytes: None,
+    };
+    match Gpu::new(&opts) {
+        Ok(gpu) => Some(gpu),
+        Err(e) => {
+            eprintln!("no GPU, nothing to measure: {e}");
+            None
+        }
+    }
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn op(elem_size: usize, shape: &[usize], perm: &[usize]) -> Gather {
+    match LayoutOp::contiguous(elem_size, shape.to_vec(), perm.to_vec()) {
+        Ok(op) => op.simplify(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// (name, gather) pairs of at least 16 MiB.
+fn cases() -> Vec<(&'static str, Gather)> {
+    vec![
+        ("f32 4096x1024 T", op(4, &[4096, 1024], &[1, 0])),
+        ("f32 4096x4096 T", op(4, &[4096, 4096], &[1, 0])),
+        ("bf16 4096x2048 T", op(2, &[4096, 2048], &[1, 0])),
+        ("u8 4096x4096 T", op(1, &[4096, 4096], &[1, 0])),
+        (
+            "f32 OIHW->HWIO 1024x512x3x3",
+            op(4, &[1024, 512, 3, 3], &[2, 3, 1, 0]),
+        ),
+        ("f32 gather 4096x1024 odd", op(4, &[4096, 1023], &[1, 0])),
+    ]
+}
+
+fn kernels(c: &mut Criterion) {
+    let Some(gpu) = open() else { return };
+    let mut group = c.benchmark_group("kernel");
+    group.sample_size(10);
+    for (name, g) in cases() {
+        let src = pattern(g.out_bytes());
+        let kind = Gpu::kernel_for(&g);
+        let copy = Gather::from_parts(1, vec![g.out_bytes()], vec![1], 0);
+        let (Ok(k), Ok(base)) = (
+            gpu.resident(&g, &src, kind),
+            gpu.resident(&copy, &src, KernelKind::Copy),
+        ) else {
+            eprintln!("{name}: does not fit one binding, skipped");
+            continue;
+        };
+        // The kernel must compute the gather, or its speed means nothing.
+        let mut want = vec![0u8; g.out_bytes()];
+        if let Err(e) = relayout::backend::reference::Reference.gather(&g, &src, &mut want) {
+            panic!("{e}");
+        }
+        if let Err(e) = k.run() {
+            panic!("{name}: {e}");
+        }
+        match k.read() {
+            Ok(got) if got[..want.len()] == want[..] => {}
+            _ => panic!("{name}: kernel output differs from the reference"),
+        }
+        group.throughput(Throughput::Bytes(g.out_bytes() as u64));
+        group.bench_function(format!("{name} [{kind:?}]"), |b| {
+            b.iter(|| k.run().map_err(|e| panic!("{e}")))
+        });
+        group.bench_function(format!("{name} [copy baseline]"), |b| {
+            b.iter(|| base.run().map_err(|e| panic!("{e}")))
+        });
+    }
+    group.finish();
+}
+
+fn round_trip(c: &mut Criterion) {
+    let Some(gpu) = open() else { return };
+    let mut group = c.benchmark_group("round_trip");
+    group.sample_size(10);
+    for (name, g) in [
+        ("f32 4096x4096 T", op(4, &[4096, 4096], &[1, 0])),
+        ("bf16 4096x4096 T", op(2, &[4096, 4096], &[1, 0])),
+    ] {
+        let src = pattern(g.out_bytes());
+        let mut dst = vec![0u8; g.out_bytes()];
+        group.throughput(Throughput::Bytes(g.out_bytes() as u64));
+        group.bench_function(format!("{name} [gather]"), |b| {
+            b.iter(|| gpu.gather(&g, &src, &mut dst).map_err(|e| panic!("{e}")))
+        });
+        group.bench_function(format!("{name} [upload+readback baseline]"), |b| {
+            b.iter(|| gpu.transfer(&src, &mut dst).map_err(|e| panic!("{e}")))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, kernels, round_trip);
+criterion_main!(benches);
