@@ -335,7 +335,7 @@ fn convert(
             report.backend,
             report.dropped,
             report.unmatched
-        );
+        )?;
     }
     Ok(())
 }
