@@ -293,7 +293,8 @@ fn open_err(name: &str) -> Error {
 
 #[test]
 fn broken_files_give_their_own_error_naming_the_file() {
-    let cases: [(&str, fn(&Error) -> bool); 5] = [
+    type Check = fn(&Error) -> bool;
+    let cases: [(&str, Check); 5] = [
         ("truncated.safetensors", |e| {
             matches!(e, Error::Truncated { .. })
         }),
@@ -457,7 +458,8 @@ fn sharded_variant(test: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std
 
 #[test]
 fn sharded_checkpoints_are_checked_against_their_weight_map() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "missing",
             Box::new(|j| {

@@ -120,7 +120,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             offset: 0,
             storage: parsed.storages.len(),
         });
-        let abs = |o: usize| data_start.checked_add(o).unwrap_or(usize::MAX);
+        let abs = |o: usize| data_start.saturating_add(o);
         parsed.storages.push(abs(start)..abs(end));
     }
 
