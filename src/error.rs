@@ -26,7 +26,11 @@ pub enum Error {
     LegacyTorchFormat { path: PathBuf },
 
     #[error("{}: header of {size} bytes exceeds the limit of {limit} bytes", path.display())]
-    HeaderTooLarge { path: PathBuf, size: u64, limit: u64 },
+    HeaderTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
 
     #[error("{}: file is truncated: {detail}", path.display())]
     Truncated { path: PathBuf, detail: String },
@@ -59,6 +63,9 @@ pub enum Error {
         module: String,
         name: String,
     },
+
+    #[error("{}: unsupported tensor: {detail}", path.display())]
+    UnsupportedTensor { path: PathBuf, detail: String },
 
     #[error("{}: no state dict found: {detail}", path.display())]
     NoStateDict { path: PathBuf, detail: String },

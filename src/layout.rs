@@ -39,7 +39,9 @@ impl LayoutOp {
         perm: Vec<usize>,
     ) -> Result<LayoutOp> {
         if !ELEM_SIZES.contains(&elem_size) {
-            return Err(layout_err(format!("element size {elem_size} is not 1, 2, 4 or 8")));
+            return Err(layout_err(format!(
+                "element size {elem_size} is not 1, 2, 4 or 8"
+            )));
         }
         if strides.len() != shape.len() {
             return Err(layout_err(format!(
@@ -258,7 +260,11 @@ pub fn src_extent(shape: &[usize], strides: &[usize], offset: usize) -> Result<u
     if shape.contains(&0) {
         return Ok(0);
     }
-    let overflow = || layout_err(format!("shape {shape:?} with strides {strides:?} overflows"));
+    let overflow = || {
+        layout_err(format!(
+            "shape {shape:?} with strides {strides:?} overflows"
+        ))
+    };
     let mut last = offset;
     for (&n, &s) in shape.iter().zip(strides) {
         let step = (n - 1).checked_mul(s).ok_or_else(overflow)?;
@@ -279,7 +285,11 @@ pub fn check_perm(perm: &[usize], rank: usize) -> Result<()> {
     for &p in perm {
         match seen.get_mut(p) {
             Some(s) if !*s => *s = true,
-            _ => return Err(layout_err(format!("{perm:?} is not a permutation of 0..{rank}"))),
+            _ => {
+                return Err(layout_err(format!(
+                    "{perm:?} is not a permutation of 0..{rank}"
+                )))
+            }
         }
     }
     Ok(())

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 
+pub(crate) mod pytorch;
+
 /// The formats relayout reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -46,4 +48,3 @@ pub(crate) struct Parsed {
     pub tensors: Vec<TensorInfo>,
     pub metadata: BTreeMap<String, String>,
 }
-
