@@ -352,3 +352,6 @@ fn storage_range(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -22,6 +22,10 @@ const MAX_STACK: usize = 1 << 20;
 const MAX_MARKS: usize = 256;
 /// Memo entries: torch memoizes a handful of values per tensor.
 const MAX_MEMO: usize = 1 << 24;
+/// How far past the highest memo index a BINPUT may jump. Python's pickler numbers memo
+/// entries consecutively; the slack tolerates other writers without letting one opcode
+/// allocate a huge memo.
+const MEMO_SLACK: usize = 1 << 10;
 /// Elements in all containers together: keeps memory linear in a sane pickle.
 const MAX_ITEMS: usize = 1 << 26;
 /// Strings in torch pickles are names and keys; bytes objects are rare and small.
@@ -162,7 +166,7 @@ pub(crate) fn load(path: &Path, pkl: &[u8]) -> Result<Unpickled> {
         op_pos: 0,
         stack: Vec::new(),
         marks: Vec::new(),
-        memo: HashMap::new(),
+        memo: Vec::new(),
         items: 0,
         storage_keys: HashMap::new(),
         out: Unpickled::default(),
@@ -179,7 +183,7 @@ struct Vm<'a> {
     op_pos: usize,
     stack: Vec<Value>,
     marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
+    memo: Vec<Option<Value>>,
     items: usize,
     storage_keys: HashMap<String, usize>,
     out: Unpickled,
@@ -281,18 +285,28 @@ impl Vm<'_> {
 
     fn memo_put(&mut self, idx: u32) -> Result<()> {
         let v = self.top()?.clone();
-        if self.memo.len() >= MAX_MEMO && !self.memo.contains_key(&idx) {
-            return Err(self.err(format!("memo exceeds {MAX_MEMO} entries")));
+        let i = idx as usize;
+        if i >= MAX_MEMO || i > self.memo.len().saturating_add(MEMO_SLACK) {
+            return Err(self.err(format!(
+                "memo index {idx} is beyond {} entries or the limit of {MAX_MEMO}",
+                self.memo.len()
+            )));
         }
-        self.memo.insert(idx, v);
+        if i >= self.memo.len() {
+            self.memo.resize(i + 1, None);
+        }
+        if let Some(slot) = self.memo.get_mut(i) {
+            *slot = Some(v);
+        }
         Ok(())
     }
 
     fn memo_get(&mut self, idx: u32) -> Result<()> {
         let v = self
             .memo
-            .get(&idx)
+            .get(idx as usize)
             .cloned()
+            .flatten()
             .ok_or_else(|| self.err(format!("memo entry {idx} is not set")))?;
         self.push(v)
     }

@@ -191,13 +191,21 @@ fn find_eocd(r: &Reader) -> Result<usize> {
         .checked_sub(EOCD_LEN)
         .ok_or_else(|| r.err(format!("{len} bytes is too short for a zip archive")))?;
     let first = last.saturating_sub(usize::from(u16::MAX));
-    for pos in (first..=last).rev() {
-        if r.u32(pos)? == EOCD_SIG {
+    let sig = EOCD_SIG.to_le_bytes();
+    let window = r.bytes(first, len - first, "end of central directory")?;
+    let mut end = window.len();
+    while let Some(i) = window
+        .get(..end)
+        .and_then(|w| w.windows(4).rposition(|x| x == sig))
+    {
+        let pos = first + i;
+        if pos <= last {
             let comment = usize::from(r.u16(pos + 20)?);
             if pos + EOCD_LEN + comment <= len {
                 return Ok(pos);
             }
         }
+        end = i + 3;
     }
     Err(r.err("no end of central directory record found".into()))
 }
