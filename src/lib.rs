@@ -1,6 +1,7 @@
 //! relayout: convert PyTorch checkpoints into other frameworks' tensor layouts.
 
 pub mod backend;
+pub mod convert;
 pub mod dtype;
 pub mod error;
 pub mod layout;
@@ -9,5 +10,14 @@ pub mod reader;
 pub mod rules;
 pub mod writer;
 
+pub use backend::{Backend, BackendOptions, Device};
+pub use convert::{
+    convert, plan_checkpoint, rule_set, ConvertReport, ConvertSpec, Converter, Progress,
+    WriteOptions,
+};
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use layout::{Gather, LayoutOp};
+pub use plan::{Plan, PlanEntry};
+pub use reader::{Checkpoint, Format, OpenOptions, TensorInfo};
+pub use rules::RuleSet;

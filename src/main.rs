@@ -1,1 +1,364 @@
-fn main() {}
+//! The `relayout` command: parse arguments, call the library, report, exit.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use relayout::{
+    backend, plan_checkpoint, rule_set, Checkpoint, ConvertSpec, Converter, Device, OpenOptions,
+    Plan, Progress, RuleSet, WriteOptions,
+};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "relayout",
+    version,
+    about = "Convert PyTorch checkpoints into other frameworks' tensor layouts and names"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct RuleArgs {
+    /// Built-in preset (see `relayout presets`)
+    #[arg(long, short)]
+    preset: Option<String>,
+    /// Rule file (TOML) layered over the preset; repeatable, later files win
+    #[arg(long = "rules", short = 'r')]
+    rules: Vec<PathBuf>,
+    /// Training checkpoints: the top-level key holding the state dict
+    #[arg(long)]
+    key: Option<String>,
+    /// Leave tensors that match no rule out instead of failing
+    #[arg(long)]
+    allow_unmatched: bool,
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    input: PathBuf,
+    output: PathBuf,
+    #[command(flatten)]
+    rules: RuleArgs,
+    /// auto (a hardware GPU if found, else CPU), cpu, gpu or reference
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    /// GPU adapter to use (a substring of its name)
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Replace an existing output file
+    #[arg(long)]
+    force: bool,
+    /// No progress bar and no summary
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the tensors of a checkpoint
+    Inspect {
+        path: PathBuf,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a conversion would do to every tensor
+    Plan {
+        path: PathBuf,
+        #[command(flatten)]
+        rules: RuleArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a checkpoint into a safetensors file
+    Convert(ConvertArgs),
+    /// List the built-in presets, or print one
+    Presets {
+        #[arg(long)]
+        show: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relayout: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let mut out = String::new();
+    let result = match cli.command {
+        Command::Inspect { path, key, json } => inspect(&mut out, path, key, json),
+        Command::Plan { path, rules, json } => plan(&mut out, path, rules, json),
+        Command::Convert(args) => convert(&mut out, args),
+        Command::Presets { show } => presets(&mut out, show),
+    };
+    emit(&out)?;
+    result
+}
+
+/// Writes the command's output; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn open(path: &PathBuf, key: Option<String>) -> Result<Checkpoint> {
+    Ok(Checkpoint::open_with(path, &OpenOptions { key })?)
+}
+
+fn inspect(out: &mut String, path: PathBuf, key: Option<String>, as_json: bool) -> Result<()> {
+    let ckpt = open(&path, key)?;
+    let mut by_dtype: BTreeMap<String, u64> = BTreeMap::new();
+    let mut rows = Vec::new();
+    for t in ckpt.tensors() {
+        let bytes = (t.shape.iter().product::<usize>() * t.dtype.size()) as u64;
+        *by_dtype.entry(t.dtype.to_string()).or_default() += bytes;
+        rows.push(json!({
+            "name": t.name,
+            "dtype": t.dtype.to_string(),
+            "shape": t.shape,
+            "bytes": bytes,
+            "contiguous": ckpt.is_contiguous(t),
+            "shares_storage": ckpt.shares_storage(t),
+            "file": ckpt.file_of(t).display().to_string(),
+        }));
+    }
+    let total: u64 = by_dtype.values().sum();
+    if as_json {
+        let doc = json!({
+            "path": path.display().to_string(),
+            "format": format!("{:?}", ckpt.format()),
+            "tensors": rows.len(),
+            "bytes": total,
+            "bytes_by_dtype": by_dtype,
+            "metadata": ckpt.metadata(),
+            "entries": rows,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{}: {:?}, {} tensors, {}",
+        path.display(),
+        ckpt.format(),
+        rows.len(),
+        human(total)
+    )?;
+    for (dtype, bytes) in &by_dtype {
+        writeln!(out, "  {dtype:<8} {}", human(*bytes))?;
+    }
+    for t in ckpt.tensors() {
+        let mut notes = Vec::new();
+        if !ckpt.is_contiguous(t) {
+            notes.push("view");
+        }
+        if ckpt.shares_storage(t) {
+            notes.push("shared storage");
+        }
+        let bytes = (t.shape.iter().product::<usize>() * t.dtype.size()) as u64;
+        writeln!(
+            out,
+            "{:<48} {:<8} {:<20} {:>10} {}",
+            t.name,
+            t.dtype.to_string(),
+            format!("{:?}", t.shape),
+            human(bytes),
+            notes.join(", ")
+        )?;
+    }
+    Ok(())
+}
+
+fn build_plan(path: &PathBuf, args: &RuleArgs) -> Result<(Checkpoint, Plan)> {
+    let rules = rule_set(args.preset.as_deref(), &args.rules)?;
+    let ckpt = open(path, args.key.clone())?;
+    let plan = plan_checkpoint(&ckpt, &rules, args.allow_unmatched)?;
+    Ok((ckpt, plan))
+}
+
+fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Result<()> {
+    let rules = rule_set(args.preset.as_deref(), &args.rules)?;
+    let ckpt = open(&path, args.key.clone())?;
+    // Show unmatched tensors rather than failing: this is where one finds them.
+    let plan = rules.plan(ckpt.tensors())?;
+    if as_json {
+        let entries: Vec<_> = plan
+            .entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "source": e.source_name, "target": e.target, "dtype": e.dtype.to_string(),
+                    "source_shape": e.source_shape, "target_shape": e.target_shape,
+                    "perm": e.perm, "rule": e.rule,
+                })
+            })
+            .collect();
+        let skipped = |list: &[relayout::plan::Skipped]| -> Vec<serde_json::Value> {
+            list.iter()
+                .map(|s| json!({"name": s.name, "reason": s.reason}))
+                .collect()
+        };
+        let doc = json!({
+            "sources": plan.sources,
+            "entries": entries,
+            "dropped": skipped(&plan.dropped),
+            "unmatched": skipped(&plan.unmatched),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        return Ok(());
+    }
+    for e in &plan.entries {
+        let op = if e.is_identity() {
+            "copy".to_string()
+        } else {
+            format!("permute{:?}", e.perm)
+        };
+        writeln!(
+            out,
+            "{:<40} -> {:<44} {:?} -> {:?} {op}",
+            e.source_name, e.target, e.source_shape, e.target_shape
+        )?;
+    }
+    for s in &plan.dropped {
+        writeln!(out, "{:<40} dropped ({})", s.name, s.reason)?;
+    }
+    for s in &plan.unmatched {
+        writeln!(out, "{:<40} UNMATCHED ({})", s.name, s.reason)?;
+    }
+    writeln!(
+        out,
+        "{} tensors mapped, {} dropped, {} unmatched",
+        plan.entries.len(),
+        plan.dropped.len(),
+        plan.unmatched.len()
+    )?;
+    Ok(())
+}
+
+fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
+    let ConvertArgs {
+        input,
+        output,
+        rules: args,
+        device,
+        adapter,
+        force,
+        quiet,
+    } = args;
+    let (ckpt, plan) = build_plan(&input, &args)?;
+    let backend_opts = backend::BackendOptions {
+        device,
+        adapter,
+        // Asking for the GPU by name means any GPU, a software one included.
+        allow_software_gpu: device == Device::Gpu,
+    };
+    let backend = backend::select(&backend_opts)?;
+    let spec = ConvertSpec {
+        preset: args.preset.clone(),
+        rules: args.rules.clone(),
+        key: args.key.clone(),
+        backend: backend_opts,
+        force,
+        allow_unmatched: args.allow_unmatched,
+    };
+    let opts = WriteOptions {
+        force,
+        metadata: relayout::convert::provenance(&spec, &plan),
+    };
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut on_progress = |p: Progress| {
+        if let Some(bar) = &bar {
+            bar.set_length(p.bytes_total);
+            bar.set_position(p.bytes_done);
+            bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
+        }
+    };
+    let report = Converter::new(&ckpt, &plan, backend.as_ref()).write_safetensors(
+        &output,
+        &opts,
+        &mut on_progress,
+    );
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = report?;
+    if !quiet {
+        writeln!(
+            out,
+            "{} -> {}: {} tensors, {} in {:.2} s ({:.2} GB/s) on {}; {} dropped, {} unmatched",
+            input.display(),
+            output.display(),
+            report.tensors,
+            human(report.bytes),
+            report.seconds,
+            report.gb_per_s(),
+            report.backend,
+            report.dropped,
+            report.unmatched
+        )?;
+    }
+    Ok(())
+}
+
+fn presets(out: &mut String, show: Option<String>) -> Result<()> {
+    match show {
+        Some(name) => {
+            RuleSet::preset(&name)?;
+            write!(out, "{}", RuleSet::preset_source(&name).unwrap_or_default())?;
+        }
+        None => {
+            for name in RuleSet::preset_names() {
+                writeln!(out, "{name}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

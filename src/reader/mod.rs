@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 
-pub(crate) mod pytorch;
-
 /// The formats relayout reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -47,4 +45,342 @@ pub(crate) struct Parsed {
     pub storages: Vec<std::ops::Range<usize>>,
     pub tensors: Vec<TensorInfo>,
     pub metadata: BTreeMap<String, String>,
+}
+
+mod pytorch;
+mod safetensors;
+mod sharded;
+
+use std::fs::File;
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::layout::{self, LayoutOp};
+
+/// Largest `*.index.json` relayout reads; real ones are a few hundred KiB.
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+/// Bytes read to tell formats apart.
+const SNIFF_BYTES: usize = 16;
+
+/// How to open a checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// For training checkpoints (`{"epoch": …, "model": state_dict, …}`): the top-level
+    /// key that holds the state dict. Without it, the one entry that is a dict of tensors
+    /// is used.
+    pub key: Option<String>,
+}
+
+/// One file of a checkpoint, mapped.
+#[derive(Debug)]
+pub(crate) struct MappedFile {
+    pub path: PathBuf,
+    pub map: Mmap,
+}
+
+/// An open checkpoint: its files stay mapped, tensors borrow their bytes from the maps
+/// and are only read when a backend needs them.
+#[derive(Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+    format: Format,
+    files: Vec<MappedFile>,
+    storages: Vec<StorageRange>,
+    tensors: Vec<TensorInfo>,
+    /// How many tensors read each storage.
+    storage_users: Vec<u32>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint of any supported format: a safetensors file, a `torch.save`
+    /// zip (`.pt`, `.pth`, `.bin`), a sharded checkpoint's `*.index.json`, or the folder
+    /// holding one. The format is told by the bytes, not the file name.
+    pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
+        Checkpoint::open_with(path, &OpenOptions::default())
+    }
+
+    /// [`Checkpoint::open`] with options.
+    pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            let index = sharded::find_index(path)?;
+            return sharded::open(&index, opts);
+        }
+        let file = map_file(path)?;
+        if looks_like_index(path, &file.map) {
+            drop(file);
+            return sharded::open(path, opts);
+        }
+        let (format, parsed) = parse_single(&file, opts)?;
+        Checkpoint::assemble(path.to_path_buf(), format, vec![(file, parsed)])
+    }
+
+    /// Joins parsed files into one checkpoint, checking every tensor against its storage.
+    pub(crate) fn assemble(
+        path: PathBuf,
+        format: Format,
+        parts: Vec<(MappedFile, Parsed)>,
+    ) -> Result<Checkpoint> {
+        let mut ckpt = Checkpoint {
+            path,
+            format,
+            files: Vec::with_capacity(parts.len()),
+            storages: Vec::new(),
+            tensors: Vec::new(),
+            storage_users: Vec::new(),
+            metadata: BTreeMap::new(),
+        };
+        for (file_index, (file, parsed)) in parts.into_iter().enumerate() {
+            let base = ckpt.storages.len();
+            for range in parsed.storages {
+                if range.start > range.end || range.end > file.map.len() {
+                    return Err(Error::Truncated {
+                        path: file.path.clone(),
+                        detail: format!(
+                            "storage bytes {}..{} lie beyond the end of the file ({} bytes)",
+                            range.start,
+                            range.end,
+                            file.map.len()
+                        ),
+                    });
+                }
+                ckpt.storages.push(StorageRange {
+                    file: file_index,
+                    start: range.start,
+                    end: range.end,
+                });
+            }
+            for mut t in parsed.tensors {
+                let storage = t
+                    .storage
+                    .checked_add(base)
+                    .filter(|&s| s < ckpt.storages.len())
+                    .ok_or_else(|| Error::BadTensor {
+                        path: file.path.clone(),
+                        tensor: t.name.clone(),
+                        detail: "refers to a storage that does not exist".to_string(),
+                    })?;
+                t.storage = storage;
+                check_tensor(&file.path, &t, &ckpt.storages[storage])?;
+                ckpt.tensors.push(t);
+            }
+            for (k, v) in parsed.metadata {
+                ckpt.metadata.entry(k).or_insert(v);
+            }
+            ckpt.files.push(file);
+        }
+        ckpt.storage_users = vec![0; ckpt.storages.len()];
+        for t in &ckpt.tensors {
+            if let Some(n) = ckpt.storage_users.get_mut(t.storage) {
+                *n = n.saturating_add(1);
+            }
+        }
+        Ok(ckpt)
+    }
+
+    /// The path the checkpoint was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The format told from the bytes.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Every tensor, in file order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The tensor named `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Header metadata (safetensors `__metadata__`), merged over shards.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Paths of the files the checkpoint is made of.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|f| f.path.as_path())
+    }
+
+    /// The file `t` is stored in.
+    pub fn file_of(&self, t: &TensorInfo) -> &Path {
+        self.storages
+            .get(t.storage)
+            .and_then(|s| self.files.get(s.file))
+            .map_or(self.path.as_path(), |f| f.path.as_path())
+    }
+
+    /// The bytes of the storage `t` indexes into (its offset and strides are in elements
+    /// of this slice). Reading them touches the map: only backends do that.
+    pub fn storage_bytes(&self, t: &TensorInfo) -> &[u8] {
+        self.storages
+            .get(t.storage)
+            .and_then(|s| {
+                self.files
+                    .get(s.file)
+                    .and_then(|f| f.map.get(s.start..s.end))
+            })
+            .unwrap_or(&[])
+    }
+
+    /// True when `t` is a plain row-major run of its storage.
+    pub fn is_contiguous(&self, t: &TensorInfo) -> bool {
+        let g = layout::Gather::from_parts(
+            t.dtype.size(),
+            t.shape.clone(),
+            t.strides.clone(),
+            t.offset,
+        );
+        g.is_copy()
+    }
+
+    /// True when another tensor reads the same storage (tied weights, views).
+    pub fn shares_storage(&self, t: &TensorInfo) -> bool {
+        self.storage_users.get(t.storage).is_some_and(|&n| n > 1)
+    }
+
+    /// The layout op that reads `t` and permutes its axes by `perm`.
+    pub fn layout_op(&self, t: &TensorInfo, perm: &[usize]) -> Result<LayoutOp> {
+        LayoutOp::new(
+            t.dtype.size(),
+            t.shape.clone(),
+            t.strides.clone(),
+            t.offset,
+            perm.to_vec(),
+        )
+    }
+
+    /// Hints that the maps will be read front to back.
+    pub fn advise_sequential(&self) {
+        for f in &self.files {
+            // Advice is a hint; failing to give it changes nothing but speed.
+            let _ = f.map.advise(memmap2::Advice::Sequential);
+        }
+    }
+
+    /// Drops the pages of `t`'s storage from this process's resident set once a tensor is
+    /// done, so memory does not grow with the checkpoint. The file is unchanged; pages
+    /// are read again from the page cache if needed.
+    pub fn release(&self, t: &TensorInfo) {
+        let Some(s) = self.storages.get(t.storage) else {
+            return;
+        };
+        let Some(f) = self.files.get(s.file) else {
+            return;
+        };
+        let page = page_size();
+        let start = s.start / page * page;
+        let len = s.end - start;
+        if len == 0 {
+            return;
+        }
+        // SAFETY: the map is read-only and private to this checkpoint; DONTNEED on a
+        // read-only file mapping only discards clean pages, which are re-read from the
+        // file on the next access, so no slice handed out observes different bytes.
+        let _ = unsafe {
+            f.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+        };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
+/// Checks that every element `t` reaches lies inside its storage.
+fn check_tensor(path: &Path, t: &TensorInfo, s: &StorageRange) -> Result<()> {
+    let bad = |detail: String| Error::BadTensor {
+        path: path.to_path_buf(),
+        tensor: t.name.clone(),
+        detail,
+    };
+    if t.strides.len() != t.shape.len() {
+        return Err(bad(format!(
+            "{} strides for shape {:?}",
+            t.strides.len(),
+            t.shape
+        )));
+    }
+    let extent = layout::src_extent(&t.shape, &t.strides, t.offset)
+        .ok()
+        .and_then(|e| e.checked_mul(t.dtype.size()))
+        .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
+    layout::checked_numel(&t.shape)
+        .and_then(|n| n.checked_mul(t.dtype.size()))
+        .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
+    let have = s.end - s.start;
+    if extent > have {
+        return Err(bad(format!(
+            "shape {:?}, strides {:?} and offset {} reach {extent} bytes but its storage holds {have}",
+            t.shape, t.strides, t.offset
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn map_file(path: &Path) -> Result<MappedFile> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Err(Error::UnknownFormat {
+            path: path.to_path_buf(),
+            detail: "the file is empty".to_string(),
+        });
+    }
+    // SAFETY: the map is read-only. Another process truncating the file while it is
+    // mapped would fault reads (SIGBUS); that is the documented contract of reading
+    // checkpoints through a map and cannot be prevented without copying them.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(MappedFile {
+        path: path.to_path_buf(),
+        map,
+    })
+}
+
+fn looks_like_index(path: &Path, bytes: &[u8]) -> bool {
+    let named = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".json"));
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    named && first == Some(&b'{')
+}
+
+/// Parses one mapped checkpoint file, telling its format from the first bytes.
+pub(crate) fn parse_single(file: &MappedFile, opts: &OpenOptions) -> Result<(Format, Parsed)> {
+    let head = file
+        .map
+        .get(..SNIFF_BYTES.min(file.map.len()))
+        .unwrap_or(&[]);
+    if pytorch::is_zip(head) {
+        let parsed = pytorch::parse(&file.path, &file.map, opts.key.as_deref())?;
+        return Ok((Format::PyTorchZip, parsed));
+    }
+    if pytorch::is_legacy(&file.map) {
+        return Err(Error::LegacyTorchFormat {
+            path: file.path.clone(),
+        });
+    }
+    if safetensors::sniff(&file.map) {
+        return Ok((
+            Format::Safetensors,
+            safetensors::parse(&file.path, &file.map)?,
+        ));
+    }
+    Err(Error::UnknownFormat {
+        path: file.path.clone(),
+        detail: "neither safetensors (8-byte header length, then a JSON header) nor a torch.save zip archive".to_string(),
+    })
 }

@@ -1,1 +1,7 @@
-//! (in progress)
+//! Writers: the output checkpoint, streamed tensor by tensor and committed atomically.
+
+mod atomic;
+mod safetensors;
+
+pub use atomic::AtomicFile;
+pub use safetensors::{HeaderEntry, SafetensorsWriter};

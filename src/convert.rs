@@ -1,0 +1,400 @@
+//! The pipeline: plan entries in, converted tensors out — into a file, or handed to the
+//! caller one by one.
+//!
+//! Every tensor is produced in bands of at most `band_bytes` output bytes, so memory is
+//! bounded by two bands whatever the tensor size: while the backend fills one band, a
+//! writer thread writes the other.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use crate::backend::{Backend, BackendOptions};
+use crate::error::{Error, Result};
+use crate::layout::Gather;
+use crate::plan::{Plan, PlanEntry};
+use crate::reader::{Checkpoint, OpenOptions};
+use crate::rules::RuleSet;
+use crate::writer::{HeaderEntry, SafetensorsWriter};
+
+/// Output bytes per backend call: large enough to amortise calls and syscalls, small
+/// enough that two bands stay far below the memory budget.
+pub const DEFAULT_BAND_BYTES: usize = 32 << 20;
+
+/// How far a conversion has got; handed to the progress callback after every band.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// What a finished conversion did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvertReport {
+    pub tensors: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub backend: String,
+    pub dropped: usize,
+    pub unmatched: usize,
+}
+
+impl ConvertReport {
+    /// Output throughput in GB/s (10^9 bytes).
+    pub fn gb_per_s(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Options of [`Converter::write_safetensors`].
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    /// Replace an existing output file.
+    pub force: bool,
+    /// Extra `__metadata__` entries (provenance); the source's metadata is kept.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Runs a plan over a checkpoint with one backend.
+pub struct Converter<'a> {
+    ckpt: &'a Checkpoint,
+    plan: &'a Plan,
+    backend: &'a dyn Backend,
+    band_bytes: usize,
+}
+
+impl<'a> Converter<'a> {
+    pub fn new(ckpt: &'a Checkpoint, plan: &'a Plan, backend: &'a dyn Backend) -> Converter<'a> {
+        Converter {
+            ckpt,
+            plan,
+            backend,
+            band_bytes: DEFAULT_BAND_BYTES,
+        }
+    }
+
+    /// Sets the band size (bytes of output per backend call); at least one element.
+    pub fn with_band_bytes(mut self, band_bytes: usize) -> Converter<'a> {
+        self.band_bytes = band_bytes.max(1);
+        self
+    }
+
+    /// The gather that produces `entry`.
+    fn gather(&self, entry: &PlanEntry) -> Result<Gather> {
+        let t = self
+            .ckpt
+            .tensors()
+            .get(entry.source)
+            .ok_or_else(|| Error::Layout {
+                detail: format!(
+                    "plan entry '{}' names a missing source tensor",
+                    entry.source_name
+                ),
+            })?;
+        Ok(self.ckpt.layout_op(t, &entry.perm)?.simplify())
+    }
+
+    /// Bytes of one output tensor.
+    pub fn entry_bytes(entry: &PlanEntry) -> usize {
+        entry.target_shape.iter().product::<usize>() * entry.dtype.size()
+    }
+
+    /// Converts one tensor into `dst`, which must hold exactly its bytes.
+    pub fn convert_into(&self, entry: &PlanEntry, dst: &mut [u8]) -> Result<()> {
+        let g = self.gather(entry)?;
+        let src = self.source_bytes(entry);
+        if dst.len() != g.out_bytes() {
+            return Err(Error::Layout {
+                detail: format!(
+                    "buffer of {} bytes for '{}', which needs {}",
+                    dst.len(),
+                    entry.target,
+                    g.out_bytes()
+                ),
+            });
+        }
+        for (at, piece) in g.split(self.band_bytes) {
+            let end = at + piece.out_bytes();
+            let band = dst.get_mut(at..end).ok_or_else(|| Error::Layout {
+                detail: "band outside the output buffer".to_string(),
+            })?;
+            self.backend.gather(&piece, src, band)?;
+        }
+        self.release(entry);
+        Ok(())
+    }
+
+    /// Hands every converted tensor to `f` as soon as it is ready, in plan order; the
+    /// bytes live in one buffer reused across tensors, so copy what you keep.
+    pub fn for_each<F>(&self, mut f: F) -> Result<()>
+    where
+        F: FnMut(&PlanEntry, &[u8]) -> Result<()>,
+    {
+        let mut buf = Vec::new();
+        for entry in &self.plan.entries {
+            buf.clear();
+            buf.resize(Self::entry_bytes(entry), 0);
+            self.convert_into(entry, &mut buf)?;
+            f(entry, &buf)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the converted checkpoint to `out` as safetensors, streaming, atomically.
+    pub fn write_safetensors(
+        &self,
+        out: &Path,
+        opts: &WriteOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ConvertReport> {
+        let started = Instant::now();
+        check_not_input(self.ckpt, out)?;
+        let entries: Vec<HeaderEntry> = self
+            .plan
+            .entries
+            .iter()
+            .map(|e| HeaderEntry {
+                name: e.target.clone(),
+                dtype: e.dtype,
+                shape: e.target_shape.clone(),
+            })
+            .collect();
+        let mut metadata = self.ckpt.metadata().clone();
+        metadata.extend(opts.metadata.clone());
+        let mut writer = SafetensorsWriter::create(out, &entries, &metadata, opts.force)?;
+        let mut state = Progress {
+            tensors_done: 0,
+            tensors_total: entries.len(),
+            bytes_done: 0,
+            bytes_total: entries.iter().map(|e| e.bytes() as u64).sum(),
+        };
+        progress(state);
+        self.ckpt.advise_sequential();
+
+        // Two buffers circulate: the backend fills one while the writer thread drains
+        // the other, so compute and disk writes overlap.
+        let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
+        let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(2);
+        for _ in 0..2 {
+            // Capacity only: the backend writes every byte of the band it is given.
+            let _ = empty_tx.send(Vec::new());
+        }
+        let band = self.band_bytes;
+        let result = std::thread::scope(|scope| -> Result<()> {
+            let writer_thread = scope.spawn(move || -> Result<SafetensorsWriter> {
+                for (buf, len) in full_rx {
+                    writer.write(&buf[..len])?;
+                    if empty_tx.send(buf).is_err() {
+                        break;
+                    }
+                }
+                Ok(writer)
+            });
+            let produced = (|| -> Result<()> {
+                for entry in &self.plan.entries {
+                    let g = self.gather(entry)?;
+                    let src = self.source_bytes(entry);
+                    for (_, piece) in g.split(band) {
+                        let Ok(mut buf) = empty_rx.recv() else {
+                            // The writer stopped: its error is reported below.
+                            return Ok(());
+                        };
+                        let len = piece.out_bytes();
+                        if buf.len() < len {
+                            buf.resize(len, 0);
+                        }
+                        let filled = buf.get_mut(..len).ok_or_else(|| Error::Layout {
+                            detail: "band buffer too small".to_string(),
+                        })?;
+                        self.backend.gather(&piece, src, filled)?;
+                        if full_tx.send((buf, len)).is_err() {
+                            return Ok(());
+                        }
+                        state.bytes_done += len as u64;
+                        progress(state);
+                    }
+                    self.release(entry);
+                    state.tensors_done += 1;
+                    progress(state);
+                }
+                Ok(())
+            })();
+            drop(full_tx);
+            let written = writer_thread.join().map_err(|_| Error::Layout {
+                detail: "the writer thread panicked".to_string(),
+            })?;
+            produced?;
+            written?.finish()
+        });
+        result?;
+        Ok(ConvertReport {
+            tensors: entries.len(),
+            bytes: state.bytes_total,
+            seconds: started.elapsed().as_secs_f64(),
+            backend: self.backend.name(),
+            dropped: self.plan.dropped.len(),
+            unmatched: self.plan.unmatched.len(),
+        })
+    }
+
+    fn source_bytes(&self, entry: &PlanEntry) -> &'a [u8] {
+        self.ckpt
+            .tensors()
+            .get(entry.source)
+            .map_or(&[], |t| self.ckpt.storage_bytes(t))
+    }
+
+    /// Lets the pages of a finished tensor go, unless a later entry reads the same storage.
+    fn release(&self, entry: &PlanEntry) {
+        if let Some(t) = self.ckpt.tensors().get(entry.source) {
+            if !self.ckpt.shares_storage(t) {
+                self.ckpt.release(t);
+            }
+        }
+    }
+}
+
+/// Refuses to write over any file of the input checkpoint.
+fn check_not_input(ckpt: &Checkpoint, out: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let same = |p: &Path| same_file(p, out);
+    if same(ckpt.path()) || ckpt.files().any(same) {
+        return Err(Error::OutputIsInput {
+            path: out.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Everything [`convert`] needs besides the two paths.
+#[derive(Clone, Debug, Default)]
+pub struct ConvertSpec {
+    /// Built-in preset to start from (see [`RuleSet::preset_names`]).
+    pub preset: Option<String>,
+    /// User rule files, layered over the preset in order (later files win).
+    pub rules: Vec<PathBuf>,
+    /// Training checkpoints: the key holding the state dict.
+    pub key: Option<String>,
+    /// Which backend runs the layout ops.
+    pub backend: BackendOptions,
+    /// Replace an existing output.
+    pub force: bool,
+    /// Leave tensors that match no rule out of the output instead of failing.
+    pub allow_unmatched: bool,
+}
+
+/// Builds the rule set of a preset and/or rule files.
+pub fn rule_set(preset: Option<&str>, rule_files: &[PathBuf]) -> Result<RuleSet> {
+    let mut rules = match preset {
+        Some(name) => Some(RuleSet::preset(name)?),
+        None => None,
+    };
+    for file in rule_files {
+        let over = RuleSet::from_file(file)?;
+        rules = Some(match rules {
+            Some(base) => base.layered(over),
+            None => over,
+        });
+    }
+    rules.ok_or_else(|| Error::Rules {
+        origin: "(none)".to_string(),
+        detail: "give a preset or at least one rule file".to_string(),
+    })
+}
+
+/// Plans `ckpt`, failing when tensors match no rule unless `allow_unmatched`.
+pub fn plan_checkpoint(ckpt: &Checkpoint, rules: &RuleSet, allow_unmatched: bool) -> Result<Plan> {
+    let plan = rules.plan(ckpt.tensors())?;
+    if let (false, Some(first)) = (allow_unmatched, plan.unmatched.first()) {
+        return Err(Error::Unmatched {
+            count: plan.unmatched.len(),
+            first: first.name.clone(),
+        });
+    }
+    Ok(plan)
+}
+
+/// Opens `input`, plans it and writes the converted checkpoint to `output`.
+///
+/// ```
+/// # fn main() -> relayout::Result<()> {
+/// # let dir = std::env::temp_dir().join(format!("relayout-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// # let out = dir.join("small_cnn.flax.safetensors");
+/// use relayout::{convert, ConvertSpec, Device};
+/// let spec = ConvertSpec {
+///     preset: Some("flax".into()),
+///     backend: relayout::BackendOptions { device: Device::Cpu, ..Default::default() },
+///     force: true,
+///     ..Default::default()
+/// };
+/// let report = convert("tests/fixtures/small_cnn.pt", &out, &spec, &mut |_| {})?;
+/// assert!(report.tensors > 0);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok(())
+/// # }
+/// ```
+pub fn convert(
+    input: impl AsRef<Path>,
+    output: impl AsRef<Path>,
+    spec: &ConvertSpec,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ConvertReport> {
+    let input = input.as_ref();
+    let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
+    let ckpt = Checkpoint::open_with(
+        input,
+        &OpenOptions {
+            key: spec.key.clone(),
+        },
+    )?;
+    let plan = plan_checkpoint(&ckpt, &rules, spec.allow_unmatched)?;
+    let backend = crate::backend::select(&spec.backend)?;
+    let opts = WriteOptions {
+        force: spec.force,
+        metadata: provenance(spec, &plan),
+    };
+    Converter::new(&ckpt, &plan, backend.as_ref()).write_safetensors(
+        output.as_ref(),
+        &opts,
+        progress,
+    )
+}
+
+/// The `relayout` metadata entry recording what produced a file.
+pub fn provenance(spec: &ConvertSpec, plan: &Plan) -> BTreeMap<String, String> {
+    let value = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "preset": spec.preset,
+        "rules": plan.sources,
+        "dropped": plan.dropped.len(),
+        "unmatched": plan.unmatched.len(),
+    });
+    BTreeMap::from([("relayout".to_string(), value.to_string())])
+}

@@ -1,0 +1,284 @@
+//! safetensors: `u64` little-endian header length N, N bytes of JSON
+//! (`{name: {dtype, shape, data_offsets: [start, end]}, "__metadata__": {k: v}}`), then
+//! the data section; offsets are relative to the data section's start.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{Parsed, TensorInfo};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::layout::{checked_numel, contiguous_strides};
+
+/// Largest header relayout accepts (the `safetensors` crate uses the same bound).
+pub(crate) const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Highest rank accepted; real models stay far below it.
+const MAX_RANK: usize = 32;
+
+/// True when the bytes start like a safetensors file.
+pub(crate) fn sniff(bytes: &[u8]) -> bool {
+    bytes.len() > 8 && bytes.get(8) == Some(&b'{')
+}
+
+/// Parses the header of a mapped safetensors file; the storages are the tensors' byte
+/// ranges of the map.
+pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+    let header_err = |detail: String| Error::SafetensorsHeader {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let len_bytes: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Error::Truncated {
+            path: path.to_path_buf(),
+            detail: format!(
+                "{} bytes, shorter than the 8-byte header length",
+                bytes.len()
+            ),
+        })?;
+    let n = u64::from_le_bytes(len_bytes);
+    if n > MAX_HEADER_BYTES {
+        return Err(Error::HeaderTooLarge {
+            path: path.to_path_buf(),
+            size: n,
+            limit: MAX_HEADER_BYTES,
+        });
+    }
+    // n <= MAX_HEADER_BYTES fits in usize on every supported target.
+    let n = n as usize;
+    let header = bytes.get(8..8 + n).ok_or_else(|| Error::Truncated {
+        path: path.to_path_buf(),
+        detail: format!(
+            "the header says it is {n} bytes but the file holds only {} after the length",
+            bytes.len() - 8
+        ),
+    })?;
+    let data_start = 8 + n;
+    let data_len = bytes.len() - data_start;
+    let header = std::str::from_utf8(header).map_err(|e| header_err(format!("not UTF-8: {e}")))?;
+    let json: serde_json::Map<String, Value> = match serde_json::from_str(header.trim_end()) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(header_err("the header is not a JSON object".to_string())),
+        Err(e) => return Err(header_err(format!("invalid JSON: {e}"))),
+    };
+
+    let mut parsed = Parsed::default();
+    let mut ranges = Vec::with_capacity(json.len());
+    for (name, entry) in &json {
+        if name == "__metadata__" {
+            parsed.metadata = parse_metadata(entry).map_err(header_err)?;
+            continue;
+        }
+        let bad = |detail: String| Error::BadTensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            detail,
+        };
+        let obj = entry
+            .as_object()
+            .ok_or_else(|| bad("entry is not a JSON object".to_string()))?;
+        let dtype_name = obj
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("missing string field 'dtype'".to_string()))?;
+        let dtype =
+            DType::from_safetensors_name(dtype_name).ok_or_else(|| Error::UnsupportedDType {
+                path: path.to_path_buf(),
+                dtype: format!("{dtype_name} (tensor '{name}')"),
+            })?;
+        let shape = usize_list(obj.get("shape"))
+            .ok_or_else(|| bad("'shape' is not a list of non-negative integers".to_string()))?;
+        if shape.len() > MAX_RANK {
+            return Err(bad(format!(
+                "rank {} exceeds the limit of {MAX_RANK}",
+                shape.len()
+            )));
+        }
+        let offsets = usize_list(obj.get("data_offsets"))
+            .filter(|o| o.len() == 2)
+            .ok_or_else(|| {
+                bad("'data_offsets' is not a pair of non-negative integers".to_string())
+            })?;
+        let (start, end) = (offsets[0], offsets[1]);
+        let size = checked_numel(&shape)
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+        if end < start || end - start != size {
+            return Err(bad(format!(
+                "data_offsets [{start}, {end}] do not span the {size} bytes of a {dtype} tensor of shape {shape:?}"
+            )));
+        }
+        ranges.push((start, end, name.as_str()));
+        parsed.tensors.push(TensorInfo {
+            name: name.clone(),
+            dtype,
+            strides: contiguous_strides(&shape),
+            shape,
+            offset: 0,
+            storage: parsed.storages.len(),
+        });
+        let abs = |o: usize| data_start.saturating_add(o);
+        parsed.storages.push(abs(start)..abs(end));
+    }
+
+    let needed = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    if needed > data_len {
+        return Err(Error::Truncated {
+            path: path.to_path_buf(),
+            detail: format!(
+                "the data section holds {data_len} bytes but its tensors need {needed}"
+            ),
+        });
+    }
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        if let [a, b] = pair {
+            if b.0 < a.1 {
+                return Err(Error::BadTensor {
+                    path: path.to_path_buf(),
+                    tensor: b.2.to_string(),
+                    detail: format!("its bytes overlap those of '{}'", a.2),
+                });
+            }
+        }
+    }
+    // Tensors in file order, as every other reader of the format lists them.
+    let mut order: Vec<usize> = (0..parsed.tensors.len()).collect();
+    order.sort_by_key(|&i| parsed.storages[i].start);
+    let tensors = std::mem::take(&mut parsed.tensors);
+    let storages = std::mem::take(&mut parsed.storages);
+    for (new, &i) in order.iter().enumerate() {
+        let mut t = tensors[i].clone();
+        t.storage = new;
+        parsed.tensors.push(t);
+        parsed.storages.push(storages[i].clone());
+    }
+    Ok(parsed)
+}
+
+fn usize_list(v: Option<&Value>) -> Option<Vec<usize>> {
+    v?.as_array()?
+        .iter()
+        .map(|x| x.as_u64().and_then(|x| usize::try_from(x).ok()))
+        .collect()
+}
+
+fn parse_metadata(v: &Value) -> std::result::Result<BTreeMap<String, String>, String> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| "'__metadata__' is not an object".to_string())?;
+    obj.iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => Ok((k.clone(), s.clone())),
+            _ => Err(format!("'__metadata__' value of '{k}' is not a string")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    fn parse_err(bytes: &[u8]) -> Error {
+        parse(Path::new("x.safetensors"), bytes).expect_err("must fail")
+    }
+
+    #[test]
+    fn valid_file_gives_tensors_in_file_order_with_metadata() {
+        let h = r#"{"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"U8","shape":[3],"data_offsets":[8,11]},"__metadata__":{"k":"v"}}"#;
+        let p = parse(Path::new("x"), &file(h, &[0; 11])).unwrap();
+        let names: Vec<&str> = p.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["b", "a"]);
+        let start = 8 + h.len();
+        assert_eq!(p.storages, vec![start..start + 8, start + 8..start + 11]);
+        assert_eq!(p.metadata["k"], "v");
+    }
+
+    #[test]
+    fn shorter_than_the_length_prefix_is_truncated() {
+        assert!(matches!(parse_err(&[1, 0, 0]), Error::Truncated { .. }));
+    }
+
+    #[test]
+    fn header_longer_than_the_file_is_truncated() {
+        let mut bytes = file("{}", b"");
+        bytes[0] = 200;
+        assert!(matches!(parse_err(&bytes), Error::Truncated { .. }));
+    }
+
+    #[test]
+    fn header_over_the_limit_is_refused_before_reading_it() {
+        let mut bytes = vec![0u8; 16];
+        bytes[..8].copy_from_slice(&(MAX_HEADER_BYTES + 1).to_le_bytes());
+        assert!(matches!(parse_err(&bytes), Error::HeaderTooLarge { .. }));
+    }
+
+    #[test]
+    fn malformed_headers_are_header_errors() {
+        for h in ["{\"a\":", "[1,2]", "{\"__metadata__\":{\"k\":1}}"] {
+            let err = parse_err(&file(h, b""));
+            assert!(
+                matches!(err, Error::SafetensorsHeader { .. }),
+                "{h}: {err:?}"
+            );
+        }
+        let mut bytes = file("{\"a\":1}", b"");
+        bytes[9] = 0xff;
+        assert!(matches!(parse_err(&bytes), Error::SafetensorsHeader { .. }));
+    }
+
+    #[test]
+    fn unknown_dtype_is_unsupported() {
+        let h = r#"{"a":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#;
+        let err = parse_err(&file(h, &[0; 8]));
+        assert!(matches!(err, Error::UnsupportedDType { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn bad_tensor_entries_name_the_tensor() {
+        let cases = [
+            r#"{"t":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+            r#"{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+            r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+            r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#,
+            r#"{"t":{"shape":[1],"data_offsets":[0,4]}}"#,
+            r#"{"t":{"dtype":"U8","shape":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"data_offsets":[0,1]}}"#,
+            r#"{"t":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,1]}}"#,
+            r#"{"t":4}"#,
+        ];
+        for h in cases {
+            let err = parse_err(&file(h, &[0; 8]));
+            assert!(
+                matches!(&err, Error::BadTensor { tensor, .. } if tensor == "t"),
+                "{h}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlapping_tensors_are_refused() {
+        let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        let err = parse_err(&file(h, &[0; 8]));
+        assert!(err.to_string().contains("overlap"), "{err}");
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_file_fails_cleanly() {
+        let h = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#;
+        let bytes = file(h, &[7; 16]);
+        for len in 0..bytes.len() {
+            assert!(parse(Path::new("x"), &bytes[..len]).is_err(), "len {len}");
+        }
+        assert!(parse(Path::new("x"), &bytes).is_ok());
+    }
+}

@@ -1,0 +1,118 @@
+//! A file that appears at its path only once it is complete: written to a temporary file
+//! beside the target, fsynced, then renamed over it. Dropping it unfinished removes the
+//! temporary file, so a failed run leaves nothing behind.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// An output file under construction.
+#[derive(Debug)]
+pub struct AtomicFile {
+    target: PathBuf,
+    temp: PathBuf,
+    file: Option<File>,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file beside `target`. Refuses an existing target unless
+    /// `force`, and never replaces a directory.
+    pub fn create(target: &Path, force: bool) -> Result<AtomicFile> {
+        match std::fs::symlink_metadata(target) {
+            Ok(meta) if meta.is_dir() => {
+                return Err(Error::io(
+                    target,
+                    std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+                ))
+            }
+            Ok(_) if !force => {
+                return Err(Error::OutputExists {
+                    path: target.to_path_buf(),
+                })
+            }
+            _ => {}
+        }
+        let name = target.file_name().ok_or_else(|| {
+            Error::io(
+                target,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+            )
+        })?;
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".relayout-{}.tmp", std::process::id()));
+        let temp = dir.join(temp_name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| Error::io(&temp, e))?;
+        Ok(AtomicFile {
+            target: target.to_path_buf(),
+            temp,
+            file: Some(file),
+        })
+    }
+
+    /// The final path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// The open temporary file.
+    pub fn file(&mut self) -> Result<&mut File> {
+        self.file.as_mut().ok_or_else(|| {
+            Error::io(
+                &self.temp,
+                std::io::Error::other("the output was already committed"),
+            )
+        })
+    }
+
+    /// Appends bytes.
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let temp = self.temp.clone();
+        self.file()?
+            .write_all(bytes)
+            .map_err(|e| Error::io(temp, e))
+    }
+
+    /// Makes the file durable and moves it to its target path.
+    pub fn commit(mut self) -> Result<()> {
+        let file = self.file.take().ok_or_else(|| {
+            Error::io(
+                &self.temp,
+                std::io::Error::other("the output was already committed"),
+            )
+        })?;
+        file.sync_all().map_err(|e| Error::io(&self.temp, e))?;
+        drop(file);
+        if let Err(e) = std::fs::rename(&self.temp, &self.target) {
+            let _ = std::fs::remove_file(&self.temp);
+            return Err(Error::io(&self.target, e));
+        }
+        // The rename is durable once the directory is; failing that only weakens
+        // crash safety, the output is already complete.
+        if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            // Best effort: the run already failed with the error that matters.
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
