@@ -793,6 +793,16 @@ fn pickle_limits_and_malformed_streams_are_pickle_errors() {
         (vec![0x80, 2, b'I', b'1', b'\n', b'.'], "opcode 0x49"),
         (vec![0x80, 9, b'N', b'.'], "protocol 9"),
         (
+            [vec![0x80, 2], vec![b'N'; (1 << 20) + 1]].concat(),
+            "stack exceeds",
+        ),
+        (vec![0x80, 2, b'N', b'r', 0, 0, 0, 0x40, b'.'], "memo index"),
+        (vec![0x80, 2, b'N', b'N', b't', b'.'], "no MARK"),
+        (
+            vec![0x80, 2, b'(', b'N', b'R', b'.'],
+            "pop from an empty stack",
+        ),
+        (
             vec![0x80, 2, b'K', 1, b'K', 2, b'N', b's', b'.'],
             "SETITEM on a int",
         ),
