@@ -36,7 +36,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     })?;
     for (name, t) in &params {
-        println!("{name:<40} {:<5} {:?} ({} bytes)", t.dtype, t.shape, t.data.len());
+        println!(
+            "{name:<40} {:<5} {:?} ({} bytes)",
+            t.dtype,
+            t.shape,
+            t.data.len()
+        );
     }
     Ok(())
 }
