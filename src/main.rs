@@ -239,8 +239,8 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
         };
         writeln!(
             out,
-            "{:<40} -> {:<44} {:?} -> {:?} {op}",
-            e.source_name, e.target, e.source_shape, e.target_shape
+            "{:<40} -> {:<44} {:?} -> {:?} {op} [{}]",
+            e.source_name, e.target, e.source_shape, e.target_shape, e.rule
         )?;
     }
     for s in &plan.dropped {
