@@ -552,3 +552,56 @@ fn missing_input_is_an_io_error_naming_it() {
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
     assert!(err.to_string().contains("does-not-exist.pt"), "{err}");
 }
+
+#[test]
+fn unmatched_tensors_fail_the_conversion_unless_allowed() {
+    let dir = scratch("unmatched");
+    let rules = dir.join("weights-only.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"weights\"\nleaf = \"weight\"\ntarget = \"{name}\"\n",
+    )
+    .unwrap();
+    let out = dir.join("out.safetensors");
+    let mut spec = ConvertSpec {
+        rules: vec![rules.clone()],
+        backend: BackendOptions {
+            device: Device::Cpu,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = convert(fixture("mixed.pt"), &out, &spec, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, Error::Unmatched { count: 6, .. }), "{err:?}");
+    assert!(!out.exists());
+    spec.allow_unmatched = true;
+    let report = convert(fixture("mixed.pt"), &out, &spec, &mut |_| {}).unwrap();
+    assert_eq!((report.tensors, report.unmatched), (7, 6));
+    let got = load_safetensors(&out);
+    assert!(
+        got.keys().all(|k| k.ends_with(".weight")),
+        "{:?}",
+        got.keys()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn convert_needs_a_preset_or_a_rule_file() {
+    let err = convert(
+        fixture("mixed.pt"),
+        std::env::temp_dir().join("never-written.safetensors"),
+        &ConvertSpec::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Rules { .. }), "{err:?}");
+    let err = convert(
+        fixture("mixed.pt"),
+        std::env::temp_dir().join("never-written.safetensors"),
+        &cpu_spec("keras2"),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::UnknownPreset { .. }), "{err:?}");
+}
