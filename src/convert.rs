@@ -331,11 +331,8 @@ pub fn rule_set(preset: Option<&str>, rule_files: &[PathBuf]) -> Result<RuleSet>
 /// Plans `ckpt`, failing when tensors match no rule unless `allow_unmatched`.
 pub fn plan_checkpoint(ckpt: &Checkpoint, rules: &RuleSet, allow_unmatched: bool) -> Result<Plan> {
     let plan = rules.plan(ckpt.tensors())?;
-    if let (false, Some(first)) = (allow_unmatched, plan.unmatched.first()) {
-        return Err(Error::Unmatched {
-            count: plan.unmatched.len(),
-            first: first.name.clone(),
-        });
+    if !allow_unmatched {
+        plan.require_all_matched()?;
     }
     Ok(plan)
 }

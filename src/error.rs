@@ -64,6 +64,9 @@ pub enum Error {
         name: String,
     },
 
+    #[error("{}: unsupported tensor: {detail}", path.display())]
+    UnsupportedTensor { path: PathBuf, detail: String },
+
     #[error("{}: no state dict found: {detail}", path.display())]
     NoStateDict { path: PathBuf, detail: String },
 

@@ -188,7 +188,8 @@ impl Gather {
     /// the piece inside the whole output and the piece itself.
     pub fn split(&self, max_bytes: usize) -> Vec<(usize, Gather)> {
         let total = self.out_bytes();
-        if total <= max_bytes || self.is_empty() {
+        // A rank-0 gather is one element: it cannot be split further.
+        if total <= max_bytes || self.is_empty() || self.shape.is_empty() {
             return vec![(0, self.clone())];
         }
         let max_elems = (max_bytes / self.elem_size).max(1);

@@ -1,4 +1,43 @@
-//! relayout: convert PyTorch checkpoints into other frameworks' tensor layouts.
+//! relayout: convert PyTorch checkpoints into the tensor layouts and parameter names of
+//! other frameworks (Flax/JAX, MLX), on the GPU or the CPU, streaming.
+//!
+//! ```text
+//!  checkpoint file(s)                       rules (preset + user TOML)
+//!        │ mmap                                        │
+//!  ┌─────▼──────┐  TensorInfo (name, dtype,   ┌────────▼────────┐
+//!  │  reader    │──shape, strides, offset)───▶│ rules → plan    │  pure data: target name,
+//!  │ safetensors│                             └────────┬────────┘  shape, axis permutation
+//!  │ torch zip  │  storage bytes (borrowed)            │ PlanEntry
+//!  │ sharded    │──────────────┐              ┌────────▼────────┐
+//!  └────────────┘              └─────────────▶│ layout          │  LayoutOp → Gather
+//!                                             │ (simplify,split)│  (merged axes, bands)
+//!                                             └────────┬────────┘
+//!                                             ┌────────▼────────┐
+//!                                             │ backend         │  reference | cpu | gpu
+//!                                             └────────┬────────┘  (same bytes from all)
+//!                                   bands of ≤ 32 MiB  │
+//!                                             ┌────────▼────────┐
+//!                                             │ writer          │  safetensors, streamed,
+//!                                             └─────────────────┘  temp file + fsync + rename
+//! ```
+//!
+//! The one-call entry point is [`convert`]; [`Checkpoint`], [`RuleSet`] and
+//! [`Converter`] give the pieces to loaders that want tensors without a file in between:
+//!
+//! ```
+//! use relayout::{backend::cpu::Cpu, Checkpoint, Converter, RuleSet};
+//!
+//! let ckpt = Checkpoint::open("tests/fixtures/small_cnn.pt")?;
+//! let plan = RuleSet::preset("flax")?.plan(ckpt.tensors())?;
+//! let mut names = Vec::new();
+//! Converter::new(&ckpt, &plan, &Cpu::new()).for_each(|entry, bytes| {
+//!     assert_eq!(bytes.len(), entry.target_shape.iter().product::<usize>() * 4);
+//!     names.push(entry.target.clone());
+//!     Ok(())
+//! })?;
+//! assert!(names.contains(&"params.layer1_0.conv1.kernel".to_string()));
+//! # Ok::<(), relayout::Error>(())
+//! ```
 
 pub mod backend;
 pub mod convert;

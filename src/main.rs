@@ -42,6 +42,26 @@ struct RuleArgs {
     allow_unmatched: bool,
 }
 
+#[derive(clap::Args)]
+struct ConvertArgs {
+    input: PathBuf,
+    output: PathBuf,
+    #[command(flatten)]
+    rules: RuleArgs,
+    /// auto (a hardware GPU if found, else CPU), cpu, gpu or reference
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    /// GPU adapter to use (a substring of its name)
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Replace an existing output file
+    #[arg(long)]
+    force: bool,
+    /// No progress bar and no summary
+    #[arg(long, short)]
+    quiet: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List the tensors of a checkpoint
@@ -61,24 +81,7 @@ enum Command {
         json: bool,
     },
     /// Convert a checkpoint into a safetensors file
-    Convert {
-        input: PathBuf,
-        output: PathBuf,
-        #[command(flatten)]
-        rules: RuleArgs,
-        /// auto (a hardware GPU if found, else CPU), cpu, gpu or reference
-        #[arg(long, default_value = "auto")]
-        device: Device,
-        /// GPU adapter to use (a substring of its name)
-        #[arg(long)]
-        adapter: Option<String>,
-        /// Replace an existing output file
-        #[arg(long)]
-        force: bool,
-        /// No progress bar
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Convert(ConvertArgs),
     /// List the built-in presets, or print one
     Presets {
         #[arg(long)]
@@ -102,17 +105,7 @@ fn run(cli: Cli) -> Result<()> {
     let result = match cli.command {
         Command::Inspect { path, key, json } => inspect(&mut out, path, key, json),
         Command::Plan { path, rules, json } => plan(&mut out, path, rules, json),
-        Command::Convert {
-            input,
-            output,
-            rules,
-            device,
-            adapter,
-            force,
-            quiet,
-        } => convert(
-            &mut out, input, output, rules, device, adapter, force, quiet,
-        ),
+        Command::Convert(args) => convert(&mut out, args),
         Command::Presets { show } => presets(&mut out, show),
     };
     emit(&out)?;
@@ -246,8 +239,8 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
         };
         writeln!(
             out,
-            "{:<40} -> {:<44} {:?} -> {:?} {op}",
-            e.source_name, e.target, e.source_shape, e.target_shape
+            "{:<40} -> {:<44} {:?} -> {:?} {op} [{}]",
+            e.source_name, e.target, e.source_shape, e.target_shape, e.rule
         )?;
     }
     for s in &plan.dropped {
@@ -266,16 +259,16 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
     Ok(())
 }
 
-fn convert(
-    out: &mut String,
-    input: PathBuf,
-    output: PathBuf,
-    args: RuleArgs,
-    device: Device,
-    adapter: Option<String>,
-    force: bool,
-    quiet: bool,
-) -> Result<()> {
+fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
+    let ConvertArgs {
+        input,
+        output,
+        rules: args,
+        device,
+        adapter,
+        force,
+        quiet,
+    } = args;
     let (ckpt, plan) = build_plan(&input, &args)?;
     let backend_opts = backend::BackendOptions {
         device,
@@ -335,7 +328,7 @@ fn convert(
             report.backend,
             report.dropped,
             report.unmatched
-        );
+        )?;
     }
     Ok(())
 }

@@ -48,3 +48,22 @@ pub struct Plan {
     /// Provenance: the preset and rule files this plan was built from.
     pub sources: Vec<String>,
 }
+
+impl Plan {
+    /// Fails when some tensor matched no rule, naming the first; for callers that do
+    /// not want tensors to vanish from the output silently.
+    pub fn require_all_matched(&self) -> crate::error::Result<()> {
+        match self.unmatched.first() {
+            None => Ok(()),
+            Some(first) => Err(crate::error::Error::Unmatched {
+                count: self.unmatched.len(),
+                first: first.name.clone(),
+            }),
+        }
+    }
+
+    /// The entry a source tensor became, if any.
+    pub fn entry_for(&self, source_name: &str) -> Option<&PlanEntry> {
+        self.entries.iter().find(|e| e.source_name == source_name)
+    }
+}

@@ -120,7 +120,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             offset: 0,
             storage: parsed.storages.len(),
         });
-        let abs = |o: usize| data_start.checked_add(o).unwrap_or(usize::MAX);
+        let abs = |o: usize| data_start.saturating_add(o);
         parsed.storages.push(abs(start)..abs(end));
     }
 
@@ -176,4 +176,109 @@ fn parse_metadata(v: &Value) -> std::result::Result<BTreeMap<String, String>, St
             _ => Err(format!("'__metadata__' value of '{k}' is not a string")),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    fn parse_err(bytes: &[u8]) -> Error {
+        parse(Path::new("x.safetensors"), bytes).expect_err("must fail")
+    }
+
+    #[test]
+    fn valid_file_gives_tensors_in_file_order_with_metadata() {
+        let h = r#"{"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"U8","shape":[3],"data_offsets":[8,11]},"__metadata__":{"k":"v"}}"#;
+        let p = parse(Path::new("x"), &file(h, &[0; 11])).unwrap();
+        let names: Vec<&str> = p.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["b", "a"]);
+        let start = 8 + h.len();
+        assert_eq!(p.storages, vec![start..start + 8, start + 8..start + 11]);
+        assert_eq!(p.metadata["k"], "v");
+    }
+
+    #[test]
+    fn shorter_than_the_length_prefix_is_truncated() {
+        assert!(matches!(parse_err(&[1, 0, 0]), Error::Truncated { .. }));
+    }
+
+    #[test]
+    fn header_longer_than_the_file_is_truncated() {
+        let mut bytes = file("{}", b"");
+        bytes[0] = 200;
+        assert!(matches!(parse_err(&bytes), Error::Truncated { .. }));
+    }
+
+    #[test]
+    fn header_over_the_limit_is_refused_before_reading_it() {
+        let mut bytes = vec![0u8; 16];
+        bytes[..8].copy_from_slice(&(MAX_HEADER_BYTES + 1).to_le_bytes());
+        assert!(matches!(parse_err(&bytes), Error::HeaderTooLarge { .. }));
+    }
+
+    #[test]
+    fn malformed_headers_are_header_errors() {
+        for h in ["{\"a\":", "[1,2]", "{\"__metadata__\":{\"k\":1}}"] {
+            let err = parse_err(&file(h, b""));
+            assert!(
+                matches!(err, Error::SafetensorsHeader { .. }),
+                "{h}: {err:?}"
+            );
+        }
+        let mut bytes = file("{\"a\":1}", b"");
+        bytes[9] = 0xff;
+        assert!(matches!(parse_err(&bytes), Error::SafetensorsHeader { .. }));
+    }
+
+    #[test]
+    fn unknown_dtype_is_unsupported() {
+        let h = r#"{"a":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#;
+        let err = parse_err(&file(h, &[0; 8]));
+        assert!(matches!(err, Error::UnsupportedDType { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn bad_tensor_entries_name_the_tensor() {
+        let cases = [
+            r#"{"t":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+            r#"{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+            r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+            r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#,
+            r#"{"t":{"shape":[1],"data_offsets":[0,4]}}"#,
+            r#"{"t":{"dtype":"U8","shape":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"data_offsets":[0,1]}}"#,
+            r#"{"t":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,1]}}"#,
+            r#"{"t":4}"#,
+        ];
+        for h in cases {
+            let err = parse_err(&file(h, &[0; 8]));
+            assert!(
+                matches!(&err, Error::BadTensor { tensor, .. } if tensor == "t"),
+                "{h}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlapping_tensors_are_refused() {
+        let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        let err = parse_err(&file(h, &[0; 8]));
+        assert!(err.to_string().contains("overlap"), "{err}");
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_file_fails_cleanly() {
+        let h = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#;
+        let bytes = file(h, &[7; 16]);
+        for len in 0..bytes.len() {
+            assert!(parse(Path::new("x"), &bytes[..len]).is_err(), "len {len}");
+        }
+        assert!(parse(Path::new("x"), &bytes).is_ok());
+    }
 }

@@ -92,22 +92,29 @@ pub(crate) fn open(index: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
     shards.sort_by(|a, b| a.0.cmp(&b.0));
 
     let mut parts = Vec::with_capacity(shards.len());
-    let mut seen: HashMap<String, String> = HashMap::new();
     let mut format = Format::ShardedSafetensors;
     for (file_name, _) in &shards {
-        let shard_path = dir.join(file_name);
-        let file = map_file(&shard_path)?;
+        let file = map_file(&dir.join(file_name))?;
         let (shard_format, parsed) = parse_single(&file, opts)?;
         if shard_format == Format::PyTorchZip {
             format = Format::ShardedPyTorch;
         }
+        parts.push((file, parsed));
+    }
+    // Duplicates first: a tensor in two shards is the more telling error.
+    let mut seen: HashMap<&str, &str> = HashMap::new();
+    for ((file_name, _), (_, parsed)) in shards.iter().zip(&parts) {
         for t in &parsed.tensors {
-            if let Some(other) = seen.insert(t.name.clone(), file_name.clone()) {
+            if let Some(other) = seen.insert(t.name.as_str(), file_name.as_str()) {
                 return Err(err(format!(
                     "tensor '{}' is in two shards, {other} and {file_name}",
                     t.name
                 )));
             }
+        }
+    }
+    for ((file_name, _), (_, parsed)) in shards.iter().zip(&parts) {
+        for t in &parsed.tensors {
             match expected.get(t.name.as_str()) {
                 Some(&f) if f == file_name => {}
                 Some(&f) => {
@@ -124,7 +131,6 @@ pub(crate) fn open(index: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
                 }
             }
         }
-        parts.push((file, parsed));
     }
     let mut missing: Vec<&str> = expected
         .keys()

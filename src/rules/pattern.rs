@@ -1,0 +1,588 @@
+//! The small languages inside a rule: component globs, axis permutation patterns and
+//! target name templates. Each parses once, when the rule file is read, into a form
+//! that cannot fail to evaluate except on a rank mismatch.
+
+use std::fmt;
+
+/// A glob over one path component: `*` matches any run of characters, `?` one
+/// character, everything else itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Glob {
+    chars: Vec<char>,
+}
+
+impl Glob {
+    pub(crate) fn new(text: &str) -> Result<Glob, String> {
+        if text.contains('.') {
+            return Err(format!(
+                "'{text}' contains '.', but it matches one path component"
+            ));
+        }
+        Ok(Glob {
+            chars: text.chars().collect(),
+        })
+    }
+
+    pub(crate) fn matches(&self, text: &str) -> bool {
+        let text: Vec<char> = text.chars().collect();
+        // Classic wildcard DP over (pattern prefix, text prefix); O(p·t), no backtracking
+        // blow-up on patterns with many `*`.
+        let mut row = vec![false; text.len() + 1];
+        row[0] = true;
+        for &p in &self.chars {
+            let mut next = vec![false; text.len() + 1];
+            if p == '*' {
+                let mut any = false;
+                for (j, slot) in next.iter_mut().enumerate() {
+                    any |= row[j];
+                    *slot = any;
+                }
+            } else {
+                for (j, &c) in text.iter().enumerate() {
+                    next[j + 1] = row[j] && (p == '?' || p == c);
+                }
+            }
+            row = next;
+        }
+        row[text.len()]
+    }
+}
+
+/// A glob over a whole module path, component by component: `**` matches any number of
+/// components (zero included), any other component is a [`Glob`]. The empty pattern
+/// matches only the top level (a module with no components).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PathGlob {
+    parts: Vec<PathPart>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PathPart {
+    AnyDepth,
+    One(Glob),
+}
+
+impl PathGlob {
+    pub(crate) fn new(text: &str) -> Result<PathGlob, String> {
+        let parts = if text.is_empty() {
+            Vec::new()
+        } else {
+            text.split('.')
+                .map(|c| match c {
+                    "**" => Ok(PathPart::AnyDepth),
+                    _ if c.contains("**") => Err(format!(
+                        "'{text}': '**' must be a whole component, as in 'a.**.b'"
+                    )),
+                    _ => Glob::new(c).map(PathPart::One),
+                })
+                .collect::<Result<_, _>>()?
+        };
+        Ok(PathGlob { parts })
+    }
+
+    pub(crate) fn matches(&self, components: &[&str]) -> bool {
+        let mut row = vec![false; components.len() + 1];
+        row[0] = true;
+        for part in &self.parts {
+            let mut next = vec![false; components.len() + 1];
+            match part {
+                PathPart::AnyDepth => {
+                    let mut any = false;
+                    for (j, slot) in next.iter_mut().enumerate() {
+                        any |= row[j];
+                        *slot = any;
+                    }
+                }
+                PathPart::One(g) => {
+                    for (j, c) in components.iter().enumerate() {
+                        next[j + 1] = row[j] && g.matches(c);
+                    }
+                }
+            }
+            row = next;
+        }
+        row[components.len()]
+    }
+}
+
+/// An axis permutation: a named pattern such as `O,I,*S -> *S,I,O` (`*S` captures
+/// zero or more axes in place) or an explicit list such as `[1, 0]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PermSpec {
+    Pattern(PermPattern),
+    List(Vec<usize>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PermPattern {
+    text: String,
+    /// Source axes before the variadic group, the variadic group's name, axes after it.
+    before: Vec<String>,
+    rest: Option<String>,
+    after: Vec<String>,
+    /// The output order, as names (variadic name included once).
+    output: Vec<String>,
+}
+
+impl PermSpec {
+    /// Parses a named pattern.
+    pub(crate) fn pattern(text: &str) -> Result<PermSpec, String> {
+        PermPattern::parse(text).map(PermSpec::Pattern)
+    }
+
+    /// Checks an explicit list from a rule file.
+    pub(crate) fn list(values: Vec<usize>) -> Result<PermSpec, String> {
+        let mut seen = vec![false; values.len()];
+        for &v in &values {
+            match seen.get_mut(v) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err(format!(
+                        "perm {values:?} is not a permutation of 0..{}",
+                        values.len()
+                    ))
+                }
+            }
+        }
+        Ok(PermSpec::List(values))
+    }
+
+    /// The permutation for a tensor of `rank` axes: output axis `k` is source axis
+    /// `perm[k]`. Errors (with a sentence for the caller to wrap) when the pattern does
+    /// not fit the rank.
+    pub(crate) fn resolve(&self, rank: usize) -> Result<Vec<usize>, String> {
+        match self {
+            PermSpec::List(list) if list.len() == rank => Ok(list.clone()),
+            PermSpec::List(list) => Err(format!(
+                "perm {list:?} needs rank {}, the tensor has rank {rank}",
+                list.len()
+            )),
+            PermSpec::Pattern(p) => p.resolve(rank),
+        }
+    }
+}
+
+impl fmt::Display for PermSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PermSpec::List(list) => write!(f, "{list:?}"),
+            PermSpec::Pattern(p) => f.write_str(&p.text),
+        }
+    }
+}
+
+enum Token<'a> {
+    Axis(&'a str),
+    Rest(&'a str),
+}
+
+fn tokens(side: &str) -> Result<Vec<Token<'_>>, String> {
+    if side.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    side.split(',')
+        .map(|t| {
+            let t = t.trim();
+            let (rest, name) = match t.strip_prefix('*') {
+                Some(n) => (true, n.trim_start()),
+                None => (false, t),
+            };
+            let mut chars = name.chars();
+            let ident = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ident {
+                return Err(format!(
+                    "'{t}' is not an axis name (a letter or '_', then letters, digits, '_'; '*' in front for a group)"
+                ));
+            }
+            Ok(if rest { Token::Rest(name) } else { Token::Axis(name) })
+        })
+        .collect()
+}
+
+impl PermPattern {
+    fn parse(text: &str) -> Result<PermPattern, String> {
+        let err = |why: String| format!("perm '{text}': {why}");
+        let (left, right) = text
+            .split_once("->")
+            .ok_or_else(|| err("expected 'source axes -> output axes'".into()))?;
+        if right.contains("->") {
+            return Err(err("more than one '->'".into()));
+        }
+        let (left, right) = (tokens(left).map_err(err)?, tokens(right).map_err(err)?);
+
+        let mut before = Vec::new();
+        let mut rest = None;
+        let mut after = Vec::new();
+        let mut names: Vec<(&str, bool)> = Vec::new();
+        for t in &left {
+            let (name, is_rest) = match *t {
+                Token::Axis(n) => (n, false),
+                Token::Rest(n) => (n, true),
+            };
+            if names.iter().any(|(n, _)| *n == name) {
+                return Err(err(format!("axis '{name}' named twice on the left")));
+            }
+            names.push((name, is_rest));
+            match (is_rest, &rest) {
+                (true, Some(_)) => return Err(err("more than one '*' group on the left".into())),
+                (true, None) => rest = Some(name.to_string()),
+                (false, None) => before.push(name.to_string()),
+                (false, Some(_)) => after.push(name.to_string()),
+            }
+        }
+
+        let mut output = Vec::new();
+        for t in &right {
+            let (name, is_rest) = match *t {
+                Token::Axis(n) => (n, false),
+                Token::Rest(n) => (n, true),
+            };
+            match names.iter().find(|(n, _)| *n == name) {
+                None => return Err(err(format!("axis '{name}' is not on the left"))),
+                Some(&(_, left_rest)) if left_rest != is_rest => {
+                    return Err(err(format!(
+                        "'{name}' must be written with '*' on both sides or on neither"
+                    )))
+                }
+                Some(_) => {}
+            }
+            if output.iter().any(|n| n == name) {
+                return Err(err(format!("axis '{name}' named twice on the right")));
+            }
+            output.push(name.to_string());
+        }
+        if output.len() != names.len() {
+            let missing: Vec<&str> = names
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| !output.iter().any(|o| o == n))
+                .collect();
+            return Err(err(format!(
+                "axes {} are not on the right",
+                missing.join(", ")
+            )));
+        }
+        Ok(PermPattern {
+            text: text.trim().to_string(),
+            before,
+            rest,
+            after,
+            output,
+        })
+    }
+
+    fn resolve(&self, rank: usize) -> Result<Vec<usize>, String> {
+        let fixed = self.before.len() + self.after.len();
+        let fits = match self.rest {
+            Some(_) => rank >= fixed,
+            None => rank == fixed,
+        };
+        if !fits {
+            let needs = match self.rest {
+                Some(_) => format!("rank {fixed} or more"),
+                None => format!("rank {fixed}"),
+            };
+            return Err(format!(
+                "perm '{}' needs {needs}, the tensor has rank {rank}",
+                self.text
+            ));
+        }
+        // Ranks of the variadic group: everything not claimed by a named axis.
+        let rest_len = rank - fixed;
+        let after_start = self.before.len() + rest_len;
+        let axes_of = |name: &str| -> Vec<usize> {
+            if let Some(i) = self.before.iter().position(|n| n == name) {
+                vec![i]
+            } else if let Some(i) = self.after.iter().position(|n| n == name) {
+                vec![after_start + i]
+            } else {
+                (self.before.len()..after_start).collect()
+            }
+        };
+        Ok(self.output.iter().flat_map(|n| axes_of(n)).collect())
+    }
+}
+
+/// A target name template: text with `{name}`, `{module}`, `{module_merged}` and
+/// `{leaf}` placeholders (`{{` and `}}` for literal braces). Split at the dots of the
+/// template; a dot-separated piece that renders empty is left out, so
+/// `params.{module_merged}.{leaf}` gives `params.w` for a top-level `w`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Template {
+    text: String,
+    segments: Vec<Vec<Piece>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Var(Var),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Var {
+    Name,
+    Module,
+    ModuleMerged,
+    Leaf,
+}
+
+const VARS: [(&str, Var); 4] = [
+    ("name", Var::Name),
+    ("module", Var::Module),
+    ("module_merged", Var::ModuleMerged),
+    ("leaf", Var::Leaf),
+];
+
+/// What a template is rendered from: one source tensor's name, split.
+pub(crate) struct NameParts<'a> {
+    pub name: &'a str,
+    pub module: &'a str,
+    pub module_merged: &'a str,
+    pub leaf: &'a str,
+}
+
+impl Template {
+    pub(crate) fn new(text: &str) -> Result<Template, String> {
+        let err = |why: String| format!("target '{text}': {why}");
+        let mut segments = vec![Vec::new()];
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        let flush = |literal: &mut String, segments: &mut Vec<Vec<Piece>>| {
+            if !literal.is_empty() {
+                if let Some(seg) = segments.last_mut() {
+                    seg.push(Piece::Text(std::mem::take(literal)));
+                }
+            }
+        };
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut var = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => var.push(c),
+                            None => return Err(err("'{' is never closed".into())),
+                        }
+                    }
+                    let v = VARS
+                        .iter()
+                        .find(|(n, _)| *n == var.trim())
+                        .map(|(_, v)| *v)
+                        .ok_or_else(|| {
+                            err(format!(
+                                "unknown placeholder '{{{var}}}' (known: {})",
+                                VARS.map(|(n, _)| format!("{{{n}}}")).join(", ")
+                            ))
+                        })?;
+                    flush(&mut literal, &mut segments);
+                    if let Some(seg) = segments.last_mut() {
+                        seg.push(Piece::Var(v));
+                    }
+                }
+                '}' => {
+                    return Err(err(
+                        "'}' without '{' (write '}}' for a literal brace)".into()
+                    ))
+                }
+                '.' => {
+                    flush(&mut literal, &mut segments);
+                    segments.push(Vec::new());
+                }
+                c => literal.push(c),
+            }
+        }
+        flush(&mut literal, &mut segments);
+        if segments.iter().all(|s| s.is_empty()) {
+            return Err(err("is empty".into()));
+        }
+        Ok(Template {
+            text: text.to_string(),
+            segments,
+        })
+    }
+
+    pub(crate) fn render(&self, parts: &NameParts<'_>) -> String {
+        let mut out = String::new();
+        for seg in &self.segments {
+            let mut piece = String::new();
+            for p in seg {
+                piece.push_str(match p {
+                    Piece::Text(t) => t,
+                    Piece::Var(Var::Name) => parts.name,
+                    Piece::Var(Var::Module) => parts.module,
+                    Piece::Var(Var::ModuleMerged) => parts.module_merged,
+                    Piece::Var(Var::Leaf) => parts.leaf,
+                });
+            }
+            if !piece.is_empty() {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&piece);
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Merges every all-digit component into the one before it with `_`
+/// (`layer1.0.conv1` → `layer1_0.conv1`), as Flax names list items; a leading
+/// all-digit component has nothing to merge into and stays.
+pub(crate) fn merge_digits(components: &[&str]) -> String {
+    let mut out: Vec<String> = Vec::with_capacity(components.len());
+    for &c in components {
+        let digits = !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit());
+        match out.last_mut() {
+            Some(prev) if digits => {
+                prev.push('_');
+                prev.push_str(c);
+            }
+            _ => out.push(c.to_string()),
+        }
+    }
+    out.join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_matches_stars_and_question_marks_within_one_component() {
+        let g = Glob::new("conv*").unwrap();
+        assert!(g.matches("conv") && g.matches("conv1") && !g.matches("xconv"));
+        let g = Glob::new("*bn?").unwrap();
+        assert!(g.matches("bn1") && g.matches("subbn2") && !g.matches("bn") && !g.matches("bn12"));
+        let g = Glob::new("a*b*c").unwrap();
+        assert!(g.matches("abc") && g.matches("aXbYc") && !g.matches("aXcYb"));
+        assert!(Glob::new("").unwrap().matches(""));
+        assert!(Glob::new("a.b").is_err());
+    }
+
+    #[test]
+    fn path_glob_matches_whole_components_only() {
+        let comps = |s: &str| -> Vec<String> {
+            if s.is_empty() {
+                vec![]
+            } else {
+                s.split('.').map(String::from).collect()
+            }
+        };
+        let m = |pat: &str, path: &str| {
+            let c = comps(path);
+            let c: Vec<&str> = c.iter().map(String::as_str).collect();
+            PathGlob::new(pat).unwrap().matches(&c)
+        };
+        assert!(m("**", "") && m("**", "a.b.c"));
+        assert!(m("", "") && !m("", "a"));
+        assert!(m("**.downsample.*", "layer1.0.downsample.1"));
+        assert!(!m("**.downsample.*", "layer1.0.downsample"));
+        assert!(m("layer*.**", "layer1") && m("layer*.**", "layer1.0.conv1"));
+        assert!(!m("bn", "subnet") && !m("**.bn*", "subnet.conv"));
+        assert!(m("a.**.b", "a.b") && m("a.**.b", "a.x.y.b") && !m("a.**.b", "a.x.y"));
+        assert!(PathGlob::new("a**").is_err());
+    }
+
+    #[test]
+    fn perm_pattern_resolves_variadic_groups_for_every_rank() {
+        let p = PermSpec::pattern("O,I,*S -> *S,I,O").unwrap();
+        assert_eq!(p.resolve(2).unwrap(), vec![1, 0]);
+        assert_eq!(p.resolve(3).unwrap(), vec![2, 1, 0]);
+        assert_eq!(p.resolve(5).unwrap(), vec![2, 3, 4, 1, 0]);
+        assert!(p.resolve(1).is_err());
+        let p = PermSpec::pattern("O, I, *S -> O, *S, I").unwrap();
+        assert_eq!(p.resolve(4).unwrap(), vec![0, 2, 3, 1]);
+        let p = PermSpec::pattern("*B, H, W -> W, H, *B").unwrap();
+        assert_eq!(p.resolve(4).unwrap(), vec![3, 2, 0, 1]);
+        let p = PermSpec::pattern("A,B -> B,A").unwrap();
+        assert_eq!(p.resolve(2).unwrap(), vec![1, 0]);
+        assert!(p.resolve(3).is_err());
+        assert_eq!(
+            PermSpec::pattern(" -> ").unwrap().resolve(0).unwrap(),
+            Vec::<usize>::new()
+        );
+    }
+
+    #[test]
+    fn perm_pattern_rejects_malformed_text() {
+        for bad in [
+            "O,I",
+            "O,I -> I",
+            "O,I -> I,O,X",
+            "O,O -> O,O",
+            "O,I -> I,I",
+            "*A,*B -> *A,*B",
+            "O,*S -> S,O",
+            "O,1x -> 1x,O",
+            "O,,I -> I,O",
+            "A -> A -> A",
+        ] {
+            assert!(PermSpec::pattern(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn perm_list_must_be_a_permutation() {
+        assert_eq!(
+            PermSpec::list(vec![1, 0]).unwrap().resolve(2).unwrap(),
+            vec![1, 0]
+        );
+        assert!(PermSpec::list(vec![1, 0]).unwrap().resolve(3).is_err());
+        assert!(PermSpec::list(vec![0, 0]).is_err());
+        assert!(PermSpec::list(vec![0, 2]).is_err());
+    }
+
+    #[test]
+    fn template_drops_empty_dot_pieces_and_keeps_braces() {
+        let parts = NameParts {
+            name: "w",
+            module: "",
+            module_merged: "",
+            leaf: "w",
+        };
+        let t = Template::new("params.{module_merged}.{leaf}").unwrap();
+        assert_eq!(t.render(&parts), "params.w");
+        let t = Template::new("{{x}}.{ leaf }").unwrap();
+        assert_eq!(t.render(&parts), "{x}.w");
+        let parts = NameParts {
+            name: "a.0.b.w",
+            module: "a.0.b",
+            module_merged: "a_0.b",
+            leaf: "w",
+        };
+        let t = Template::new("p.{module}.{module_merged}.{leaf}_x").unwrap();
+        assert_eq!(t.render(&parts), "p.a.0.b.a_0.b.w_x");
+        for bad in ["{nope}", "{leaf", "leaf}", "", "..", "a.{module_last}"] {
+            assert!(Template::new(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn merge_digits_folds_list_indices_into_their_parent() {
+        assert_eq!(merge_digits(&["layer1", "0", "conv1"]), "layer1_0.conv1");
+        assert_eq!(merge_digits(&["blocks", "1", "2"]), "blocks_1_2");
+        assert_eq!(merge_digits(&["0", "fc"]), "0.fc");
+        assert_eq!(merge_digits(&["0", "1"]), "0_1");
+        assert_eq!(merge_digits(&["x1", "a0"]), "x1.a0");
+        assert_eq!(merge_digits(&[]), "");
+    }
+}

@@ -1,0 +1,282 @@
+//! Reading a rule file: TOML into checked [`Rule`]s. Every value is parsed while toml
+//! deserializes it, so a bad glob, template or perm is reported at its own line.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::pattern::{Glob, PathGlob, PermSpec, Template};
+use super::{Action, Conditions, Rule};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    #[allow(dead_code)] // documentation for people reading the file
+    description: Option<String>,
+    #[serde(default)]
+    rule: Vec<toml::Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    leaf: Option<Strings>,
+    rank: Option<Rank>,
+    dtype: Option<DTypes>,
+    module: Option<ModulePath>,
+    module_last: Option<Globs>,
+    module_last_contains: Option<Strings>,
+    module_has: Option<Strings>,
+    module_lacks: Option<Strings>,
+    #[serde(default)]
+    drop: bool,
+    target: Option<TargetTemplate>,
+    perm: Option<Perm>,
+}
+
+/// Parses one rule file; `origin` names it in errors and in plan provenance.
+pub(super) fn parse(text: &str, origin: &str) -> Result<Vec<Rule>> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| Error::Rules {
+        origin: origin.to_string(),
+        detail: match e.span() {
+            Some(span) => format!("{}: {}", position(text, span.start), e.message().trim()),
+            None => e.message().trim().to_string(),
+        },
+    })?;
+    let mut rules: Vec<Rule> = Vec::with_capacity(raw.rule.len());
+    for spanned in raw.rule {
+        let at = position(text, spanned.span().start);
+        let r = spanned.into_inner();
+        let fail = |why: String| Error::Rules {
+            origin: origin.to_string(),
+            detail: format!("{at}: rule '{}': {why}", r.name),
+        };
+        if r.name.trim().is_empty() {
+            return Err(fail("name is empty".into()));
+        }
+        if rules.iter().any(|x| x.name == r.name) {
+            return Err(fail("a rule of this name comes earlier in the file".into()));
+        }
+        let action = match (r.drop, r.target, r.perm) {
+            (true, None, None) => Action::Drop,
+            (true, _, _) => return Err(fail("'drop = true' takes no target or perm".into())),
+            (false, Some(target), perm) => Action::Map {
+                target: target.0,
+                perm: perm.map(|p| p.0),
+            },
+            (false, None, _) => {
+                return Err(fail(
+                    "needs 'target = \"…\"' (or 'drop = true'); '{name}' keeps the name".into(),
+                ))
+            }
+        };
+        let rank = match r.rank {
+            Some(Rank {
+                min,
+                max: Some(max),
+            }) if min > max => return Err(fail(format!("rank min {min} is above max {max}"))),
+            Some(Rank { min, max }) => Some((min, max)),
+            None => None,
+        };
+        rules.push(Rule {
+            name: r.name,
+            description: r.description.unwrap_or_default(),
+            origin: origin.to_string(),
+            conditions: Conditions {
+                leaf: r.leaf.map(|s| s.0),
+                rank,
+                dtype: r.dtype.map(|d| d.0),
+                module: r.module.map(|m| m.0),
+                module_last: r.module_last.map(|g| g.0),
+                module_last_contains: r
+                    .module_last_contains
+                    .map(|s| s.0.iter().map(|x| x.to_lowercase()).collect()),
+                module_has: r.module_has.map(|s| s.0).unwrap_or_default(),
+                module_lacks: r.module_lacks.map(|s| s.0).unwrap_or_default(),
+            },
+            action,
+        });
+    }
+    Ok(rules)
+}
+
+/// `line L, column C` of a byte offset, for messages that point into the file.
+fn position(text: &str, offset: usize) -> String {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit_once('\n')
+        .map_or(before, |(_, tail)| tail)
+        .chars()
+        .count()
+        + 1;
+    format!("line {line}, column {column}")
+}
+
+/// One string or a list of strings.
+struct Strings(Vec<String>);
+
+impl<'de> Deserialize<'de> for Strings {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Strings;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Strings, E> {
+                Ok(Strings(vec![s.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strings, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                if out.is_empty() {
+                    return Err(de::Error::custom("the list is empty"));
+                }
+                Ok(Strings(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+struct Globs(Vec<Glob>);
+
+impl<'de> Deserialize<'de> for Globs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Strings::deserialize(d)?;
+        s.0.iter()
+            .map(|g| Glob::new(g))
+            .collect::<Result<_, _>>()
+            .map(Globs)
+            .map_err(de::Error::custom)
+    }
+}
+
+struct ModulePath(PathGlob);
+
+impl<'de> Deserialize<'de> for ModulePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PathGlob::new(&s).map(ModulePath).map_err(de::Error::custom)
+    }
+}
+
+struct DTypes(Vec<DType>);
+
+impl<'de> Deserialize<'de> for DTypes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Strings::deserialize(d)?;
+        s.0.iter()
+            .map(|name| {
+                DType::from_safetensors_name(&name.to_ascii_uppercase()).ok_or_else(|| {
+                    de::Error::custom(format!(
+                        "unknown dtype '{name}' (known: {})",
+                        DType::ALL.map(|d| d.safetensors_name()).join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(DTypes)
+    }
+}
+
+struct TargetTemplate(Template);
+
+impl<'de> Deserialize<'de> for TargetTemplate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Template::new(&s)
+            .map(TargetTemplate)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// `rank = 2` or `rank = { min = 3 }` / `{ max = 2 }` / `{ min = 1, max = 4 }`.
+struct Rank {
+    min: usize,
+    max: Option<usize>,
+}
+
+fn to_rank<E: de::Error>(v: i64) -> Result<usize, E> {
+    usize::try_from(v).map_err(|_| E::custom(format!("rank {v} is negative")))
+}
+
+impl<'de> Deserialize<'de> for Rank {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Rank;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a rank such as 2, or a table such as { min = 3 } or { max = 2 }")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Rank, E> {
+                let r = to_rank(v)?;
+                Ok(Rank {
+                    min: r,
+                    max: Some(r),
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Rank, A::Error> {
+                let (mut min, mut max) = (None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    let slot = match key.as_str() {
+                        "min" => &mut min,
+                        "max" => &mut max,
+                        other => {
+                            return Err(de::Error::custom(format!(
+                                "unknown key '{other}' in rank (expected min, max)"
+                            )))
+                        }
+                    };
+                    *slot = Some(to_rank(map.next_value::<i64>()?)?);
+                }
+                if min.is_none() && max.is_none() {
+                    return Err(de::Error::custom("rank table needs min or max"));
+                }
+                Ok(Rank {
+                    min: min.unwrap_or(0),
+                    max,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `perm = "O,I,*S -> *S,I,O"` or `perm = [1, 0]`.
+struct Perm(PermSpec);
+
+impl<'de> Deserialize<'de> for Perm {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Perm;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a pattern such as \"O,I -> I,O\" or a list such as [1, 0]")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Perm, E> {
+                PermSpec::pattern(s).map(Perm).map_err(E::custom)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Perm, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element::<i64>()? {
+                    let axis = usize::try_from(v)
+                        .map_err(|_| de::Error::custom(format!("perm axis {v} is negative")))?;
+                    out.push(axis);
+                }
+                PermSpec::list(out).map(Perm).map_err(de::Error::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

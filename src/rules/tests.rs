@@ -1,0 +1,702 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use safetensors::SafeTensors;
+
+use super::*;
+use crate::layout::contiguous_strides;
+
+fn info(name: &str, dtype: DType, shape: &[usize]) -> TensorInfo {
+    TensorInfo {
+        name: name.to_string(),
+        dtype,
+        shape: shape.to_vec(),
+        strides: contiguous_strides(shape),
+        offset: 0,
+        storage: 0,
+    }
+}
+
+fn f32s(list: &[(&str, &[usize])]) -> Vec<TensorInfo> {
+    list.iter().map(|(n, s)| info(n, DType::F32, s)).collect()
+}
+
+fn flax() -> RuleSet {
+    RuleSet::preset("flax").unwrap()
+}
+
+/// Target name → (perm, target shape) of every entry.
+fn targets(plan: &Plan) -> BTreeMap<String, (Vec<usize>, Vec<usize>)> {
+    plan.entries
+        .iter()
+        .map(|e| (e.target.clone(), (e.perm.clone(), e.target_shape.clone())))
+        .collect()
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")).join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn dtype_of(view: &safetensors::tensor::TensorView<'_>) -> DType {
+    let name = format!("{:?}", view.dtype());
+    DType::from_safetensors_name(&name).unwrap_or_else(|| panic!("dtype {name}"))
+}
+
+/// Naive oracle: output element at multi-index `o` is the source element at the
+/// index whose axis `perm[k]` is `o[k]`.
+fn permute_bytes(src: &[u8], shape: &[usize], perm: &[usize], elem: usize) -> Vec<u8> {
+    let strides = contiguous_strides(shape);
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let n: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(n * elem);
+    let mut idx = vec![0usize; out_shape.len()];
+    for _ in 0..n {
+        let s: usize = idx.iter().zip(perm).map(|(&i, &p)| i * strides[p]).sum();
+        out.extend_from_slice(&src[s * elem..(s + 1) * elem]);
+        for k in (0..idx.len()).rev() {
+            idx[k] += 1;
+            if idx[k] < out_shape[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    out
+}
+
+/// Plans `source` with the flax preset and checks names, dtypes, shapes and, through
+/// the naive permute, every byte against the reference converter's output.
+fn check_flax_fixture(source: &str, expected: &str) -> Plan {
+    let src_bytes = fixture(source);
+    let want_bytes = fixture(expected);
+    let src = SafeTensors::deserialize(&src_bytes).unwrap();
+    let want = SafeTensors::deserialize(&want_bytes).unwrap();
+    let tensors: Vec<TensorInfo> = src
+        .iter()
+        .enumerate()
+        .map(|(i, (name, view))| TensorInfo {
+            storage: i,
+            ..info(name, dtype_of(&view), view.shape())
+        })
+        .collect();
+    let plan = flax().plan(&tensors).unwrap();
+    assert!(plan.unmatched.is_empty(), "{:?}", plan.unmatched);
+
+    let got: BTreeMap<String, (DType, Vec<usize>)> = plan
+        .entries
+        .iter()
+        .map(|e| (e.target.clone(), (e.dtype, e.target_shape.clone())))
+        .collect();
+    let expect: BTreeMap<String, (DType, Vec<usize>)> = want
+        .iter()
+        .map(|(n, v)| (n.to_string(), (dtype_of(&v), v.shape().to_vec())))
+        .collect();
+    assert_eq!(got, expect);
+    assert_eq!(got.len(), plan.entries.len(), "two entries share a target");
+
+    for (i, e) in plan.entries.iter().enumerate() {
+        if i > 0 {
+            assert!(
+                plan.entries[i - 1].source < e.source,
+                "entries out of source order"
+            );
+        }
+        assert_eq!(tensors[e.source].name, e.source_name);
+        assert_eq!(e.source_shape, tensors[e.source].shape);
+        let from = src.tensor(&e.source_name).unwrap();
+        let to = want.tensor(&e.target).unwrap();
+        let permuted = permute_bytes(from.data(), from.shape(), &e.perm, e.dtype.size());
+        assert!(
+            permuted == to.data(),
+            "{} -> {}: bytes differ",
+            e.source_name,
+            e.target
+        );
+    }
+    plan
+}
+
+#[test]
+fn flax_preset_reproduces_small_cnn_fixture_names_shapes_and_bytes() {
+    let plan = check_flax_fixture("small_cnn.safetensors", "small_cnn.flax.safetensors");
+    let conv = plan.entry_for("conv1.weight").unwrap();
+    assert_eq!(
+        (conv.target.as_str(), conv.rule.as_str()),
+        ("params.conv1.kernel", "conv-kernel")
+    );
+    assert_eq!(conv.perm, vec![2, 3, 1, 0]);
+    assert_eq!(conv.target_shape, vec![7, 7, 3, 8]);
+    let fc = plan.entry_for("fc.weight").unwrap();
+    assert_eq!(
+        (fc.target.as_str(), fc.perm.clone()),
+        ("params.fc.kernel", vec![1, 0])
+    );
+    let ds = plan.entry_for("layer1.0.downsample.1.running_var").unwrap();
+    assert_eq!(ds.target, "batch_stats.layer1_0.downsample_1.var");
+    let bn = plan.entry_for("layer1.1.bn2.weight").unwrap();
+    assert_eq!(bn.target, "params.layer1_1.bn2.scale");
+    let counters: Vec<&Skipped> = plan.dropped.iter().collect();
+    assert_eq!(counters.len(), 7);
+    assert!(counters
+        .iter()
+        .all(|s| s.name.ends_with(".num_batches_tracked") && s.reason == "drop-bn-counter"));
+    assert_eq!(plan.sources, vec!["preset flax".to_string()]);
+}
+
+#[test]
+fn flax_preset_reproduces_mixed_fixture_names_shapes_and_bytes() {
+    let plan = check_flax_fixture("mixed.safetensors", "mixed.flax.safetensors");
+    let emb = plan.entry_for("tok_embed.weight").unwrap();
+    assert_eq!(emb.target, "params.tok_embed.embedding");
+    assert!(emb.is_identity());
+    let c3 = plan.entry_for("conv3d.weight").unwrap();
+    assert_eq!(c3.perm, vec![2, 3, 4, 1, 0]);
+    assert_eq!(c3.target_shape, vec![3, 2, 5, 3, 4]);
+    assert_eq!(
+        plan.entry_for("blocks.1.weight").unwrap().target,
+        "params.blocks_1.kernel"
+    );
+    assert!(plan.dropped.is_empty());
+}
+
+#[test]
+fn subnet_with_2d_weight_is_not_a_batchnorm_and_nothing_overwrites() {
+    let tensors = f32s(&[
+        ("subnet.weight", &[4, 3]),
+        ("subnet.bias", &[4]),
+        ("encoder.layer.weight", &[5, 4]),
+        ("encoder.layer.bias", &[5]),
+        ("head.weight", &[2, 5]),
+        ("head.bias", &[2]),
+        ("bn1.weight", &[3]),
+        ("bn1.bias", &[3]),
+        ("bn1.running_mean", &[3]),
+        ("bn1.running_var", &[3]),
+        ("subnet_bn.weight", &[6, 6]),
+    ]);
+    let plan = flax().plan(&tensors).unwrap();
+    let t = targets(&plan);
+    assert_eq!(plan.entries.len(), tensors.len());
+    assert_eq!(t.len(), tensors.len());
+    assert_eq!(t["params.subnet.kernel"], (vec![1, 0], vec![3, 4]));
+    assert_eq!(t["params.subnet.bias"], (vec![0], vec![4]));
+    assert_eq!(t["params.subnet_bn.kernel"], (vec![1, 0], vec![6, 6]));
+    assert_eq!(t["params.encoder.layer.kernel"], (vec![1, 0], vec![4, 5]));
+    assert_eq!(t["params.bn1.scale"], (vec![0], vec![3]));
+    assert_eq!(t["batch_stats.bn1.mean"], (vec![0], vec![3]));
+    assert_eq!(t["batch_stats.bn1.var"], (vec![0], vec![3]));
+    assert_eq!(
+        plan.entry_for("subnet.weight").unwrap().rule,
+        "linear-kernel"
+    );
+}
+
+#[test]
+fn embedding_tables_keep_layout_by_last_component_only() {
+    let tensors = f32s(&[
+        ("tok_embed.weight", &[50, 12]),
+        ("transformer.WTE.weight", &[40, 8]),
+        ("transformer.wpe.weight", &[16, 8]),
+        ("embed.proj.weight", &[3, 8]),
+        ("embedder.0.weight", &[3, 8]),
+    ]);
+    let t = targets(&flax().plan(&tensors).unwrap());
+    assert_eq!(t["params.tok_embed.embedding"], (vec![0, 1], vec![50, 12]));
+    assert_eq!(
+        t["params.transformer.WTE.embedding"],
+        (vec![0, 1], vec![40, 8])
+    );
+    assert_eq!(
+        t["params.transformer.wpe.embedding"],
+        (vec![0, 1], vec![16, 8])
+    );
+    // The substring sits in an earlier component (or the index after it): a Linear.
+    assert_eq!(t["params.embed.proj.kernel"], (vec![1, 0], vec![8, 3]));
+    assert_eq!(t["params.embedder_0.kernel"], (vec![1, 0], vec![8, 3]));
+}
+
+#[test]
+fn conv3d_non_cubic_kernel_moves_spatial_axes_in_order() {
+    let plan = flax()
+        .plan(&f32s(&[("c.weight", &[4, 3, 3, 2, 5])]))
+        .unwrap();
+    assert_eq!(
+        targets(&plan)["params.c.kernel"],
+        (vec![2, 3, 4, 1, 0], vec![3, 2, 5, 3, 4])
+    );
+}
+
+#[test]
+fn conv1d_kernel_becomes_width_in_out() {
+    let plan = flax().plan(&f32s(&[("c.weight", &[6, 12, 5])])).unwrap();
+    assert_eq!(
+        targets(&plan)["params.c.kernel"],
+        (vec![2, 1, 0], vec![5, 12, 6])
+    );
+}
+
+#[test]
+fn top_level_names_get_no_leading_or_doubled_dot() {
+    let tensors = f32s(&[("weight", &[3, 2]), ("bias", &[3]), ("scale", &[])]);
+    let plan = flax().plan(&tensors).unwrap();
+    let names: Vec<&str> = plan.entries.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(names, ["params.kernel", "params.bias", "params.scale"]);
+    let plan = RuleSet::preset("mlx").unwrap().plan(&tensors).unwrap();
+    let names: Vec<&str> = plan.entries.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(names, ["weight", "bias", "scale"]);
+}
+
+#[test]
+fn digit_components_merge_into_the_previous_one() {
+    let tensors = f32s(&[
+        ("layers.0.1.fc.weight", &[2, 3]),
+        ("0.weight", &[4]),
+        ("0.1.bias", &[4]),
+        ("a.10.b2.0.bias", &[4]),
+    ]);
+    let plan = flax().plan(&tensors).unwrap();
+    let names: Vec<&str> = plan.entries.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "params.layers_0_1.fc.kernel",
+            "params.0.scale",
+            "params.0_1.bias",
+            "params.a_10.b2_0.bias"
+        ]
+    );
+}
+
+#[test]
+fn two_sources_mapping_to_one_target_is_a_collision_naming_both() {
+    let tensors = f32s(&[("a_0.bias", &[2]), ("a.0.bias", &[2])]);
+    match flax().plan(&tensors) {
+        Err(Error::TargetCollision {
+            first,
+            second,
+            target,
+        }) => {
+            assert_eq!((first.as_str(), second.as_str()), ("a_0.bias", "a.0.bias"));
+            assert_eq!(target, "params.a_0.bias");
+        }
+        other => panic!("expected a collision, got {other:?}"),
+    }
+}
+
+const USER_RULES: &str = r#"
+description = "t5-like: shared is an embedding; decoder upsamplers are ConvTranspose"
+
+[[rule]]
+name = "shared-embedding"
+module = "shared"
+leaf = "weight"
+target = "params.shared.embedding"
+
+[[rule]]
+name = "conv-transpose"
+description = "ConvTranspose stores (in, out, *kernel)"
+module = "**.up*"
+leaf = "weight"
+rank = { min = 3 }
+target = "params.{module_merged}.kernel"
+perm = "I,O,*S -> *S,I,O"
+"#;
+
+#[test]
+fn layered_user_rules_override_chosen_tensors_and_leave_the_rest_to_the_preset() {
+    let user = RuleSet::from_toml(USER_RULES, "user.toml").unwrap();
+    let rules = flax().layered(user);
+    assert_eq!(rules.sources(), ["preset flax", "user.toml"]);
+    let tensors = f32s(&[
+        ("shared.weight", &[100, 16]),
+        ("decoder.up1.weight", &[8, 4, 3, 2]),
+        ("decoder.conv.weight", &[8, 4, 3, 2]),
+        ("lm_head.weight", &[100, 16]),
+    ]);
+    let plan = rules.plan(&tensors).unwrap();
+    let t = targets(&plan);
+    assert_eq!(t["params.shared.embedding"], (vec![0, 1], vec![100, 16]));
+    assert_eq!(
+        t["params.decoder.up1.kernel"],
+        (vec![2, 3, 0, 1], vec![3, 2, 8, 4])
+    );
+    assert_eq!(
+        t["params.decoder.conv.kernel"],
+        (vec![2, 3, 1, 0], vec![3, 2, 4, 8])
+    );
+    assert_eq!(t["params.lm_head.kernel"], (vec![1, 0], vec![16, 100]));
+    assert_eq!(
+        plan.entry_for("decoder.up1.weight").unwrap().rule,
+        "conv-transpose"
+    );
+    assert_eq!(plan.sources, ["preset flax", "user.toml"]);
+    // Without the user file the preset transposes `shared` like any Linear.
+    let plain = targets(&flax().plan(&tensors).unwrap());
+    assert!(plain.contains_key("params.shared.kernel"));
+}
+
+fn rules_error(text: &str) -> (String, String) {
+    match RuleSet::from_toml(text, "my-rules.toml") {
+        Err(Error::Rules { origin, detail }) => (origin, detail),
+        other => panic!("expected Error::Rules for {text:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn malformed_toml_is_a_rules_error_with_origin_and_line() {
+    let (origin, detail) = rules_error("[[rule]]\nname = \"x\"\ntarget = \n");
+    assert_eq!(origin, "my-rules.toml");
+    assert!(detail.starts_with("line 3"), "{detail}");
+    let err = RuleSet::from_toml("[[rule]\n", "my-rules.toml").unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.starts_with("rules my-rules.toml: line 1"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+}
+
+#[test]
+fn bad_perm_patterns_are_rules_errors_at_their_line() {
+    for bad in [
+        "\"O,I\"",
+        "\"O,I -> I\"",
+        "\"O,I -> I,X\"",
+        "\"*A,*B -> *B,*A\"",
+        "[0, 0]",
+        "[1, -1]",
+        "3",
+    ] {
+        let text = format!("[[rule]]\nname = \"r\"\ntarget = \"{{name}}\"\nperm = {bad}\n");
+        let (origin, detail) = rules_error(&text);
+        assert_eq!(origin, "my-rules.toml");
+        assert!(detail.starts_with("line 4"), "{bad}: {detail}");
+    }
+}
+
+#[test]
+fn invalid_rule_contents_are_rules_errors_naming_the_problem() {
+    let cases: [(&str, &str); 11] = [
+        (
+            "[[rule]]\nname = \"r\"\nleaff = \"w\"\ntarget = \"x\"",
+            "leaff",
+        ),
+        ("[[rule]]\nname = \"r\"\ntarget = \"{nope}\"", "nope"),
+        ("[[rule]]\nname = \"r\"\nleaf = \"w\"", "needs 'target"),
+        (
+            "[[rule]]\nname = \"r\"\ndrop = true\ntarget = \"x\"",
+            "drop",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\ndtype = \"f31\"\ntarget = \"x\"",
+            "f31",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nrank = { min = 3, max = 2 }\ntarget = \"x\"",
+            "min 3",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nrank = -1\ntarget = \"x\"",
+            "negative",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nrank = { least = 1 }\ntarget = \"x\"",
+            "least",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nmodule = \"a**\"\ntarget = \"x\"",
+            "**",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nmodule_last = \"a.b\"\ntarget = \"x\"",
+            "a.b",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\ntarget = \"x\"\n[[rule]]\nname = \"r\"\ntarget = \"y\"",
+            "earlier",
+        ),
+    ];
+    for (text, needle) in cases {
+        let (origin, detail) = rules_error(text);
+        assert_eq!(origin, "my-rules.toml");
+        assert!(detail.contains(needle), "{text:?}: {detail}");
+        assert!(detail.starts_with("line "), "{text:?}: {detail}");
+    }
+    let (_, detail) = rules_error(
+        "[[rule]]\nname = \"a\"\ntarget = \"x\"\n\n[[rule]]\nname = \"\"\ntarget = \"x\"",
+    );
+    assert!(
+        detail.contains("line 5") && detail.contains("name is empty"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn perm_that_does_not_fit_the_rank_names_tensor_and_rule() {
+    let rules = RuleSet::from_toml(
+        "[[rule]]\nname = \"swap\"\ntarget = \"{name}\"\nperm = \"A,B -> B,A\"",
+        "swap.toml",
+    )
+    .unwrap();
+    match rules.plan(&f32s(&[("ok", &[2, 3]), ("x.cube", &[2, 3, 4])])) {
+        Err(Error::Rules { origin, detail }) => {
+            assert_eq!(origin, "swap.toml");
+            assert!(
+                detail.contains("'swap'") && detail.contains("'x.cube'"),
+                "{detail}"
+            );
+            assert!(detail.contains("rank 3"), "{detail}");
+        }
+        other => panic!("expected Error::Rules, got {other:?}"),
+    }
+    let list = RuleSet::from_toml(
+        "[[rule]]\nname = \"l\"\ntarget = \"{name}\"\nperm = [1, 0]",
+        "l",
+    )
+    .unwrap();
+    assert!(matches!(
+        list.plan(&f32s(&[("v", &[3])])),
+        Err(Error::Rules { .. })
+    ));
+}
+
+#[test]
+fn target_that_renders_empty_is_a_rules_error() {
+    let rules =
+        RuleSet::from_toml("[[rule]]\nname = \"m\"\ntarget = \"{module}\"", "m.toml").unwrap();
+    assert_eq!(
+        rules.plan(&f32s(&[("a.b", &[1])])).unwrap().entries[0].target,
+        "a"
+    );
+    match rules.plan(&f32s(&[("top", &[1])])) {
+        Err(Error::Rules { detail, .. }) => assert!(detail.contains("'top'"), "{detail}"),
+        other => panic!("expected Error::Rules, got {other:?}"),
+    }
+}
+
+#[test]
+fn tensors_no_rule_matches_are_reported_as_unmatched() {
+    let rules = RuleSet::from_toml(
+        "[[rule]]\nname = \"only-weights\"\nleaf = \"weight\"\ntarget = \"{name}\"",
+        "partial.toml",
+    )
+    .unwrap();
+    let plan = rules
+        .plan(&f32s(&[("a.weight", &[2]), ("a.bias", &[2]), ("b", &[1])]))
+        .unwrap();
+    assert_eq!(plan.entries.len(), 1);
+    let unmatched: Vec<(usize, &str, &str)> = plan
+        .unmatched
+        .iter()
+        .map(|s| (s.source, s.name.as_str(), s.reason.as_str()))
+        .collect();
+    assert_eq!(
+        unmatched,
+        [
+            (1, "a.bias", "no rule matched"),
+            (2, "b", "no rule matched")
+        ]
+    );
+    match plan.require_all_matched() {
+        Err(Error::Unmatched { count, first }) => {
+            assert_eq!((count, first.as_str()), (2, "a.bias"))
+        }
+        other => panic!("expected Error::Unmatched, got {other:?}"),
+    }
+    assert!(flax()
+        .plan(&f32s(&[("a.bias", &[2])]))
+        .unwrap()
+        .require_all_matched()
+        .is_ok());
+}
+
+#[test]
+fn mlx_preset_moves_conv_channels_last_and_keeps_names() {
+    let mut tensors = f32s(&[
+        ("conv1.weight", &[8, 3, 7, 7]),
+        ("conv1d.weight", &[6, 12, 5]),
+        ("conv3d.weight", &[4, 3, 3, 2, 5]),
+        ("fc.weight", &[10, 16]),
+        ("bn1.weight", &[8]),
+        ("bn1.running_mean", &[8]),
+        ("bn1.running_var", &[8]),
+        ("emb.weight", &[50, 12]),
+    ]);
+    tensors.push(info("bn1.num_batches_tracked", DType::I64, &[]));
+    let plan = RuleSet::preset("mlx").unwrap().plan(&tensors).unwrap();
+    let t = targets(&plan);
+    assert_eq!(t["conv1.weight"], (vec![0, 2, 3, 1], vec![8, 7, 7, 3]));
+    assert_eq!(t["conv1d.weight"], (vec![0, 2, 1], vec![6, 5, 12]));
+    assert_eq!(
+        t["conv3d.weight"],
+        (vec![0, 2, 3, 4, 1], vec![4, 3, 2, 5, 3])
+    );
+    assert_eq!(t["fc.weight"], (vec![0, 1], vec![10, 16]));
+    assert_eq!(t["bn1.running_var"], (vec![0], vec![8]));
+    assert_eq!(t["emb.weight"], (vec![0, 1], vec![50, 12]));
+    assert_eq!(t.len(), 8);
+    assert_eq!(plan.dropped.len(), 1);
+    assert_eq!(plan.dropped[0].source, 8);
+    assert_eq!(plan.sources, ["preset mlx"]);
+}
+
+#[test]
+fn unknown_preset_lists_the_available_ones() {
+    match RuleSet::preset("keras") {
+        Err(Error::UnknownPreset { name, available }) => {
+            assert_eq!(name, "keras");
+            assert_eq!(available, "flax, mlx");
+        }
+        other => panic!("expected UnknownPreset, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_preset_parses_and_its_source_is_embedded() {
+    assert_eq!(RuleSet::preset_names(), ["flax", "mlx"]);
+    for name in RuleSet::preset_names() {
+        let text = RuleSet::preset_source(name).unwrap();
+        assert!(text.contains("[[rule]]"));
+        let set = RuleSet::preset(name).unwrap();
+        assert!(!set.rules().is_empty());
+        assert!(set
+            .rules()
+            .iter()
+            .all(|r| r.origin() == format!("preset {name}")));
+    }
+    assert!(RuleSet::preset_source("nope").is_none());
+    let flax = flax();
+    let conv = flax
+        .rules()
+        .iter()
+        .find(|r| r.name() == "conv-kernel")
+        .unwrap();
+    assert!(conv.description().contains("ConvNd"));
+}
+
+#[test]
+fn conditions_dtype_module_glob_last_glob_lacks_and_rank_bounds() {
+    let text = r#"
+[[rule]]
+name = "half"
+dtype = ["F16", "bf16"]
+target = "half.{name}"
+
+[[rule]]
+name = "downsample"
+module = "**.downsample.*"
+target = "ds.{module_merged}.{leaf}"
+
+[[rule]]
+name = "convs"
+module_last = ["conv?", "proj*"]
+rank = { max = 2 }
+target = "small.{leaf}.{module}"
+
+[[rule]]
+name = "no-stats"
+module_lacks = ["running_mean", "running_var"]
+leaf = ["weight", "bias"]
+target = "plain.{name}"
+
+[[rule]]
+name = "top"
+module = ""
+target = "top.{leaf}"
+"#;
+    let rules = RuleSet::from_toml(text, "c.toml").unwrap();
+    let mut tensors = f32s(&[
+        ("l.0.downsample.1.weight", &[4]),
+        ("l.0.downsample.weight", &[4]),
+        ("b.conv1.weight", &[4, 4]),
+        ("b.conv12.weight", &[4, 4]),
+        ("b.projection.weight", &[4, 4, 1]),
+        ("bn.weight", &[4]),
+        ("bn.running_mean", &[4]),
+        ("z", &[1]),
+    ]);
+    tensors.push(info("h.weight", DType::BF16, &[2, 2]));
+    let plan = rules.plan(&tensors).unwrap();
+    let rule_of: BTreeMap<&str, (&str, &str)> = plan
+        .entries
+        .iter()
+        .map(|e| (e.source_name.as_str(), (e.rule.as_str(), e.target.as_str())))
+        .collect();
+    assert_eq!(
+        rule_of["l.0.downsample.1.weight"],
+        ("downsample", "ds.l_0.downsample_1.weight")
+    );
+    assert_eq!(
+        rule_of["l.0.downsample.weight"],
+        ("no-stats", "plain.l.0.downsample.weight")
+    );
+    assert_eq!(rule_of["b.conv1.weight"], ("convs", "small.weight.b.conv1"));
+    assert_eq!(
+        rule_of["b.conv12.weight"],
+        ("no-stats", "plain.b.conv12.weight")
+    );
+    assert_eq!(
+        rule_of["b.projection.weight"],
+        ("no-stats", "plain.b.projection.weight")
+    );
+    assert_eq!(rule_of["z"], ("top", "top.z"));
+    assert_eq!(rule_of["h.weight"], ("half", "half.h.weight"));
+    let unmatched: Vec<&str> = plan.unmatched.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(unmatched, ["bn.weight", "bn.running_mean"]);
+}
+
+fn temp_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("relayout-rules-{}-{tag}", std::process::id()))
+}
+
+#[test]
+fn from_file_reads_rules_and_reports_io_size_and_encoding_errors() {
+    let path = temp_path("ok.toml");
+    std::fs::write(&path, USER_RULES).unwrap();
+    let set = RuleSet::from_file(&path).unwrap();
+    assert_eq!(set.sources(), [path.display().to_string()]);
+    assert_eq!(set.rules().len(), 2);
+    std::fs::remove_file(&path).unwrap();
+
+    match RuleSet::from_file(&path) {
+        Err(Error::Io { path: p, .. }) => assert_eq!(p, path),
+        other => panic!("expected Error::Io, got {other:?}"),
+    }
+
+    let big = temp_path("big.toml");
+    let filler = "# padding\n".repeat((MAX_RULE_FILE_BYTES / 10 + 1) as usize);
+    std::fs::write(&big, filler).unwrap();
+    let got = RuleSet::from_file(&big);
+    std::fs::remove_file(&big).unwrap();
+    match got {
+        Err(Error::Rules { origin, detail }) => {
+            assert_eq!(origin, big.display().to_string());
+            assert!(detail.contains("limit"), "{detail}");
+        }
+        other => panic!("expected Error::Rules, got {other:?}"),
+    }
+
+    let bin = temp_path("bin.toml");
+    std::fs::write(&bin, b"name = \"\xff\"").unwrap();
+    let got = RuleSet::from_file(&bin);
+    std::fs::remove_file(&bin).unwrap();
+    match got {
+        Err(Error::Rules { detail, .. }) => assert!(detail.contains("UTF-8"), "{detail}"),
+        other => panic!("expected Error::Rules, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_rule_without_conditions_matches_everything_and_first_match_wins() {
+    let rules = RuleSet::from_toml(
+        "[[rule]]\nname = \"first\"\ntarget = \"a.{name}\"\n[[rule]]\nname = \"second\"\ntarget = \"b.{name}\"",
+        "o.toml",
+    )
+    .unwrap();
+    let plan = rules.plan(&f32s(&[("x.y", &[1])])).unwrap();
+    assert_eq!(plan.entries[0].target, "a.x.y");
+    assert_eq!(plan.entries[0].rule, "first");
+    let empty = RuleSet::from_toml("", "empty.toml").unwrap();
+    assert_eq!(
+        empty.plan(&f32s(&[("x", &[1])])).unwrap().unmatched.len(),
+        1
+    );
+}

@@ -1,0 +1,124 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use relayout::backend::reference::Reference;
+use relayout::backend::Backend;
+use relayout::{Checkpoint, DType};
+
+/// A fixture shipped in tests/fixtures.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A fresh, empty folder for one test.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("relayout-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Names of the files in `dir`.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A tensor as stored in a file: dtype name, shape, contiguous bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tensor {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Every tensor of a safetensors file, read with the `safetensors` crate.
+pub fn load_safetensors(path: &Path) -> BTreeMap<String, Tensor> {
+    let bytes = std::fs::read(path).expect("read safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            (
+                name,
+                Tensor {
+                    dtype: format!("{:?}", view.dtype()),
+                    shape: view.shape().to_vec(),
+                    bytes: view.data().to_vec(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Every tensor of a checkpoint, materialised contiguous by the reference backend.
+pub fn materialise(ckpt: &Checkpoint) -> BTreeMap<String, Tensor> {
+    ckpt.tensors()
+        .iter()
+        .map(|t| {
+            let perm: Vec<usize> = (0..t.shape.len()).collect();
+            let g = ckpt.layout_op(t, &perm).expect("op").simplify();
+            let mut out = vec![0xA5; g.out_bytes()];
+            Reference
+                .gather(&g, ckpt.storage_bytes(t), &mut out)
+                .expect("gather");
+            (
+                t.name.clone(),
+                Tensor {
+                    dtype: st_dtype_name(t.dtype),
+                    shape: t.shape.clone(),
+                    bytes: out,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The `safetensors` crate's Debug name of a dtype, to compare with [`load_safetensors`].
+pub fn st_dtype_name(d: DType) -> String {
+    d.safetensors_name().to_string()
+}
+
+/// Asserts two tensor maps are equal, naming the first difference.
+pub fn assert_same_tensors(
+    got: &BTreeMap<String, Tensor>,
+    want: &BTreeMap<String, Tensor>,
+    what: &str,
+) {
+    let got_names: Vec<&String> = got.keys().collect();
+    let want_names: Vec<&String> = want.keys().collect();
+    assert_eq!(got_names, want_names, "{what}: tensor names differ");
+    for (name, w) in want {
+        let g = &got[name];
+        assert_eq!(g.dtype, w.dtype, "{what}: dtype of {name}");
+        assert_eq!(g.shape, w.shape, "{what}: shape of {name}");
+        if let Some(i) = g.bytes.iter().zip(&w.bytes).position(|(a, b)| a != b) {
+            panic!(
+                "{what}: bytes of {name} differ first at byte {i}: {} != {}",
+                g.bytes[i], w.bytes[i]
+            );
+        }
+        assert_eq!(
+            g.bytes.len(),
+            w.bytes.len(),
+            "{what}: byte length of {name}"
+        );
+    }
+}
+
+/// Runs the `relayout` binary.
+pub fn relayout(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_relayout"))
+        .args(args)
+        .output()
+        .expect("run relayout")
+}
