@@ -87,6 +87,8 @@ enum Command {
         #[arg(long)]
         show: Option<String>,
     },
+    /// List the GPU adapters relayout can use, with their limits
+    Devices,
 }
 
 fn main() -> ExitCode {
@@ -107,6 +109,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan { path, rules, json } => plan(&mut out, path, rules, json),
         Command::Convert(args) => convert(&mut out, args),
         Command::Presets { show } => presets(&mut out, show),
+        Command::Devices => devices(&mut out),
     };
     emit(&out)?;
     result
@@ -345,6 +348,37 @@ fn presets(out: &mut String, show: Option<String>) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+#[cfg(feature = "gpu")]
+fn devices(out: &mut String) -> Result<()> {
+    let adapters = relayout::backend::gpu::list_adapters();
+    if adapters.is_empty() {
+        writeln!(out, "no GPU adapter found (the cpu backend is used)")?;
+    }
+    for a in adapters {
+        writeln!(
+            out,
+            "{} [{} {}{}] driver {}: max buffer {}, max storage binding {}, storage offset alignment {}, {} workgroups/dim, {} workgroup storage",
+            a.name,
+            a.backend,
+            a.device_type,
+            if a.software { ", software" } else { "" },
+            a.driver,
+            human(a.max_buffer_size),
+            human(a.max_storage_buffer_binding_size),
+            a.min_storage_buffer_offset_alignment,
+            a.max_compute_workgroups_per_dimension,
+            human(u64::from(a.max_compute_workgroup_storage_size)),
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "gpu"))]
+fn devices(out: &mut String) -> Result<()> {
+    writeln!(out, "relayout was built without the 'gpu' feature")?;
     Ok(())
 }
 

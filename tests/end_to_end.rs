@@ -605,3 +605,137 @@ fn convert_needs_a_preset_or_a_rule_file() {
     .unwrap_err();
     assert!(matches!(err, Error::UnknownPreset { .. }), "{err:?}");
 }
+
+/// True when a GPU adapter is usable; with RELAYOUT_REQUIRE_GPU=1 its absence fails.
+#[cfg(feature = "gpu")]
+fn gpu_available() -> bool {
+    let found = !relayout::backend::gpu::list_adapters().is_empty();
+    if !found {
+        assert!(
+            std::env::var("RELAYOUT_REQUIRE_GPU").as_deref() != Ok("1"),
+            "RELAYOUT_REQUIRE_GPU=1 but no GPU adapter was found"
+        );
+        eprintln!("no GPU adapter: skipping");
+    }
+    found
+}
+
+/// Converts `input` with the CLI on `device`, returning the output bytes.
+#[cfg(feature = "gpu")]
+fn cli_convert(input: &Path, out: &Path, preset: &str, device: &str) -> Vec<u8> {
+    let run = relayout(&[
+        OsStr::new("convert"),
+        input.as_os_str(),
+        out.as_os_str(),
+        OsStr::new("--preset"),
+        OsStr::new(preset),
+        OsStr::new("--device"),
+        OsStr::new(device),
+        OsStr::new("--force"),
+        OsStr::new("-q"),
+    ]);
+    assert!(
+        run.status.success(),
+        "{device} {}: {}",
+        input.display(),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_and_cpu_conversions_of_every_fixture_are_byte_identical() {
+    if !gpu_available() {
+        return;
+    }
+    let dir = scratch("gpu-vs-cpu");
+    for input in [
+        "small_cnn.pt",
+        "small_cnn.safetensors",
+        "mixed.pt",
+        "mixed.safetensors",
+        "dtypes_views.pt",
+        "pytorch_model.bin",
+        "sharded",
+    ] {
+        for preset in ["flax", "mlx"] {
+            let cpu = cli_convert(&fixture(input), &dir.join("cpu.st"), preset, "cpu");
+            let gpu = cli_convert(&fixture(input), &dir.join("gpu.st"), preset, "gpu");
+            assert!(
+                cpu == gpu,
+                "{input} --preset {preset}: gpu and cpu files differ"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_and_cpu_agree_on_a_tensor_larger_than_a_storage_binding() {
+    if !gpu_available() {
+        return;
+    }
+    use relayout::writer::{HeaderEntry, SafetensorsWriter};
+    let dir = scratch("gpu-big");
+    let input = dir.join("big.safetensors");
+    // 137 MiB of f32: above lavapipe's 128 MiB binding limit and the default 128 MiB
+    // WebGPU limit, so the GPU must chunk it; odd sizes so no tile divides it.
+    let entries = [
+        HeaderEntry {
+            name: "proj.weight".into(),
+            dtype: relayout::DType::F32,
+            shape: vec![5003, 7187],
+        },
+        HeaderEntry {
+            name: "conv.weight".into(),
+            dtype: relayout::DType::BF16,
+            shape: vec![67, 33, 3, 5],
+        },
+    ];
+    let mut w = SafetensorsWriter::create(&input, &entries, &Default::default(), false).unwrap();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for e in &entries {
+        let bytes: Vec<u8> = (0..e.bytes())
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        w.write(&bytes).unwrap();
+    }
+    w.finish().unwrap();
+    let cpu = cli_convert(&input, &dir.join("cpu.st"), "flax", "cpu");
+    let gpu = cli_convert(&input, &dir.join("gpu.st"), "flax", "gpu");
+    assert_eq!(cpu.len(), gpu.len());
+    if let Some(i) = cpu.iter().zip(&gpu).position(|(a, b)| a != b) {
+        panic!("gpu and cpu outputs differ first at byte {i}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unknown_device_and_adapter_are_clear_errors() {
+    let run = relayout(&[
+        OsStr::new("convert"),
+        fixture("mixed.pt").as_os_str(),
+        OsStr::new("/tmp/never.safetensors"),
+        OsStr::new("--preset"),
+        OsStr::new("flax"),
+        OsStr::new("--device"),
+        OsStr::new("tpu"),
+    ]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("tpu"));
+    let err = relayout::backend::select(&BackendOptions {
+        device: Device::Gpu,
+        adapter: Some("no such adapter 1234".to_string()),
+        allow_software_gpu: true,
+    })
+    .err()
+    .expect("an adapter that does not exist");
+    assert!(matches!(err, Error::DeviceUnavailable { .. }), "{err:?}");
+}
