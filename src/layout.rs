@@ -155,9 +155,10 @@ impl Gather {
         }
     }
 
-    /// Number of elements written.
+    /// Number of elements written (saturating, so a hand-built gather whose shape
+    /// overflows fails [`Gather::validate`] and the buffer checks instead of panicking).
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        checked_numel(&self.shape).unwrap_or(usize::MAX)
     }
 
     /// True when nothing is written.
@@ -165,9 +166,74 @@ impl Gather {
         self.len() == 0
     }
 
-    /// Bytes written.
+    /// Bytes written (saturating, see [`Gather::len`]).
     pub fn out_bytes(&self) -> usize {
-        self.len() * self.elem_size
+        self.len().saturating_mul(self.elem_size)
+    }
+
+    /// Checks what [`LayoutOp::new`] guarantees, for gathers built by hand (the fields
+    /// are public): a supported element size, one stride per axis, and output and source
+    /// byte sizes that fit in `usize`. Backends call it before trusting any field.
+    pub fn validate(&self) -> Result<()> {
+        if !ELEM_SIZES.contains(&self.elem_size) {
+            return Err(layout_err(format!(
+                "element size {} is not 1, 2, 4 or 8",
+                self.elem_size
+            )));
+        }
+        if self.strides.len() != self.shape.len() {
+            return Err(layout_err(format!(
+                "{} strides for a rank {} shape",
+                self.strides.len(),
+                self.shape.len()
+            )));
+        }
+        let overflow = || layout_err(format!("gather of shape {:?} overflows", self.shape));
+        checked_numel(&self.shape)
+            .and_then(|n| n.checked_mul(self.elem_size))
+            .ok_or_else(overflow)?;
+        src_extent(&self.shape, &self.strides, self.offset)?
+            .checked_mul(self.elem_size)
+            .ok_or_else(overflow)?;
+        Ok(())
+    }
+
+    /// The same gather over wider elements when the innermost axis is a contiguous run
+    /// that whole wider elements tile exactly: every stride, the offset and the run
+    /// length must be multiples of the widening factor, so each wide element covers the
+    /// same source bytes, in the same order, as the narrow ones it replaces. A bf16
+    /// transpose whose runs have even length thus moves u32s. Returns a normalised
+    /// gather, unchanged (but normalised) when no widening applies.
+    pub fn widen(&self) -> Gather {
+        let g = Gather::from_parts(
+            self.elem_size,
+            self.shape.clone(),
+            self.strides.clone(),
+            self.offset,
+        );
+        if g.is_empty() || g.validate().is_err() {
+            return g;
+        }
+        let (Some(&inner), Some(&1)) = (g.shape.last(), g.strides.last()) else {
+            return g;
+        };
+        for wide in [8, 4, 2] {
+            if wide <= g.elem_size {
+                break;
+            }
+            let m = wide / g.elem_size;
+            let rest = &g.strides[..g.strides.len() - 1];
+            if inner % m == 0 && g.offset % m == 0 && rest.iter().all(|s| s % m == 0) {
+                let mut shape = g.shape.clone();
+                let mut strides: Vec<usize> = rest.iter().map(|s| s / m).collect();
+                strides.push(1);
+                if let Some(last) = shape.last_mut() {
+                    *last = inner / m;
+                }
+                return Gather::from_parts(wide, shape, strides, g.offset / m);
+            }
+        }
+        g
     }
 
     /// Source elements the gather reads up to (0 when empty).
@@ -186,7 +252,8 @@ impl Gather {
     /// the piece inside the whole output and the piece itself.
     pub fn split(&self, max_bytes: usize) -> Vec<(usize, Gather)> {
         let total = self.out_bytes();
-        if total <= max_bytes || self.is_empty() {
+        // A rank-0 gather is one element, which is never split.
+        if total <= max_bytes || self.is_empty() || self.shape.is_empty() {
             return vec![(0, self.clone())];
         }
         let max_elems = (max_bytes / self.elem_size).max(1);
