@@ -56,12 +56,15 @@ impl Default for Tuning {
     }
 }
 
-/// Side of the register micro-block of the transpose kernel for each element size:
-/// a block row is 16 to 64 bytes, which LLVM moves with vector registers.
+/// Side of the micro-block of the transpose kernel for each element size: one block
+/// row or column is a 64-byte cache line, so a block reads and writes whole lines and
+/// needs no line to survive in L1 until the next block, even when power-of-two strides
+/// map every line of a tile to the same cache set.
 pub const fn micro_block(elem_size: usize) -> usize {
     match elem_size {
-        1 => 16,
-        2 => 16,
+        1 => 64,
+        2 => 32,
+        4 => 16,
         _ => 8,
     }
 }
@@ -165,7 +168,8 @@ where
         match N {
             1 => transpose::<N, { micro_block(1) }>(g, src, dst, tile, parallel, t),
             2 => transpose::<N, { micro_block(2) }>(g, src, dst, tile, parallel, t),
-            _ => transpose::<N, { micro_block(4) }>(g, src, dst, tile, parallel, t),
+            4 => transpose::<N, { micro_block(4) }>(g, src, dst, tile, parallel, t),
+            _ => transpose::<N, { micro_block(8) }>(g, src, dst, tile, parallel, t),
         }
     } else {
         rows(g, src, dst, parallel, t);
@@ -344,6 +348,11 @@ fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool>(
     d0: usize,
     cols: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if UNIT_ROWS {
+        sse2::block::<N, B>(src, out, s0, sc, d0, cols);
+        return;
+    }
     let mut blk = [[[0u8; N]; B]; B];
     for (j, col) in blk.iter_mut().enumerate() {
         let s = s0 + j * sc;
@@ -359,6 +368,101 @@ fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool>(
         let row = &mut out[d0 + i * cols..d0 + i * cols + B];
         for (j, v) in row.iter_mut().enumerate() {
             *v = blk[j][i];
+        }
+    }
+}
+
+/// SSE2 (part of every x86_64 CPU, so no runtime detection) transposes of 16-byte
+/// squares: `16 / N` source runs of `16 / N` elements become as many output rows
+/// through `log2(16 / N)` rounds of unpacks. LLVM does not find these shuffles in
+/// the portable kernel, which moves one element per instruction.
+#[cfg(target_arch = "x86_64")]
+mod sse2 {
+    use std::arch::x86_64::{
+        __m128i, _mm_loadu_si128, _mm_storeu_si128, _mm_unpackhi_epi16, _mm_unpackhi_epi32,
+        _mm_unpackhi_epi64, _mm_unpackhi_epi8, _mm_unpacklo_epi16, _mm_unpacklo_epi32,
+        _mm_unpacklo_epi64, _mm_unpacklo_epi8,
+    };
+
+    #[inline(always)]
+    fn load<const N: usize>(s: &[[u8; N]], at: usize) -> __m128i {
+        let run = &s[at..at + 16 / N];
+        // SAFETY: `run` is a bounds-checked slice of exactly 16 bytes and the unaligned
+        // load has no alignment requirement; SSE2 is baseline on x86_64.
+        unsafe { _mm_loadu_si128(run.as_ptr().cast()) }
+    }
+
+    #[inline(always)]
+    fn store<const N: usize>(d: &mut [[u8; N]], at: usize, v: __m128i) {
+        let run = &mut d[at..at + 16 / N];
+        // SAFETY: `run` is a bounds-checked, exclusively borrowed slice of exactly 16
+        // bytes and the unaligned store has no alignment requirement.
+        unsafe { _mm_storeu_si128(run.as_mut_ptr().cast(), v) }
+    }
+
+    /// Interleaves the low (or high) halves of `a` and `b` in units of `width` bytes.
+    #[inline(always)]
+    fn unpack(hi: bool, width: usize, a: __m128i, b: __m128i) -> __m128i {
+        // SAFETY: these intrinsics only need SSE2, which every x86_64 CPU has.
+        unsafe {
+            match (hi, width) {
+                (false, 1) => _mm_unpacklo_epi8(a, b),
+                (true, 1) => _mm_unpackhi_epi8(a, b),
+                (false, 2) => _mm_unpacklo_epi16(a, b),
+                (true, 2) => _mm_unpackhi_epi16(a, b),
+                (false, 4) => _mm_unpacklo_epi32(a, b),
+                (true, 4) => _mm_unpackhi_epi32(a, b),
+                (false, _) => _mm_unpacklo_epi64(a, b),
+                (true, _) => _mm_unpackhi_epi64(a, b),
+            }
+        }
+    }
+
+    /// A `B × B` block as `(B / K)²` squares of `K = 16 / N`; each square reads `K`
+    /// source runs (columns of the output) and writes `K` output rows.
+    #[inline(always)]
+    pub(super) fn block<const N: usize, const B: usize>(
+        src: &[[u8; N]],
+        out: &mut [[u8; N]],
+        s0: usize,
+        sc: usize,
+        d0: usize,
+        cols: usize,
+    ) {
+        let k = 16 / N;
+        let mut cg = 0;
+        while cg < B {
+            let mut rg = 0;
+            while rg < B {
+                // SAFETY (of the zeroed start): __m128i is plain bits.
+                let mut v = [unsafe { std::mem::zeroed::<__m128i>() }; 16];
+                for (j, slot) in v.iter_mut().take(k).enumerate() {
+                    *slot = load(src, s0 + rg + (cg + j) * sc);
+                }
+                // Round with half-distance h: within groups of 2h, pair j with j + h.
+                let mut width = N;
+                let mut h = 1;
+                while h < k {
+                    let mut w = v;
+                    let mut g = 0;
+                    while g < k {
+                        for j in 0..h {
+                            let (a, b) = (v[g + j], v[g + j + h]);
+                            w[g + 2 * j] = unpack(false, width, a, b);
+                            w[g + 2 * j + 1] = unpack(true, width, a, b);
+                        }
+                        g += 2 * h;
+                    }
+                    v = w;
+                    width *= 2;
+                    h *= 2;
+                }
+                for (i, row) in v.iter().take(k).enumerate() {
+                    store(out, d0 + (rg + i) * cols + cg, *row);
+                }
+                rg += k;
+            }
+            cg += k;
         }
     }
 }
