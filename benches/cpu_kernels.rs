@@ -12,7 +12,9 @@ use relayout::layout::{Gather, LayoutOp};
 
 fn source(bytes: usize) -> Vec<u8> {
     // Non-constant bytes, so nothing can be elided or compressed by the memory system.
-    (0..bytes).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+    (0..bytes)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
 }
 
 /// Transpose of a contiguous (rows, cols) matrix.

@@ -39,7 +39,9 @@ impl LayoutOp {
         perm: Vec<usize>,
     ) -> Result<LayoutOp> {
         if !ELEM_SIZES.contains(&elem_size) {
-            return Err(layout_err(format!("element size {elem_size} is not 1, 2, 4 or 8")));
+            return Err(layout_err(format!(
+                "element size {elem_size} is not 1, 2, 4 or 8"
+            )));
         }
         if strides.len() != shape.len() {
             return Err(layout_err(format!(
@@ -325,7 +327,11 @@ pub fn src_extent(shape: &[usize], strides: &[usize], offset: usize) -> Result<u
     if shape.contains(&0) {
         return Ok(0);
     }
-    let overflow = || layout_err(format!("shape {shape:?} with strides {strides:?} overflows"));
+    let overflow = || {
+        layout_err(format!(
+            "shape {shape:?} with strides {strides:?} overflows"
+        ))
+    };
     let mut last = offset;
     for (&n, &s) in shape.iter().zip(strides) {
         let step = (n - 1).checked_mul(s).ok_or_else(overflow)?;
@@ -346,7 +352,11 @@ pub fn check_perm(perm: &[usize], rank: usize) -> Result<()> {
     for &p in perm {
         match seen.get_mut(p) {
             Some(s) if !*s => *s = true,
-            _ => return Err(layout_err(format!("{perm:?} is not a permutation of 0..{rank}"))),
+            _ => {
+                return Err(layout_err(format!(
+                    "{perm:?} is not a permutation of 0..{rank}"
+                )))
+            }
         }
     }
     Ok(())
@@ -354,4 +364,142 @@ pub fn check_perm(perm: &[usize], rank: usize) -> Result<()> {
 
 fn layout_err(detail: String) -> Error {
     Error::Layout { detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::reference::Reference;
+    use crate::backend::Backend;
+
+    fn run(g: &Gather, src: &[u8]) -> Vec<u8> {
+        let mut out = vec![0xA5; g.out_bytes()];
+        Reference.gather(g, src, &mut out).expect("reference");
+        out
+    }
+
+    fn bytes(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 131 + i / 7) as u8).collect()
+    }
+
+    #[test]
+    fn simplify_drops_size_one_axes_and_merges_contiguous_ones() {
+        let op = LayoutOp::contiguous(4, vec![2, 1, 3, 4], vec![0, 1, 2, 3]).expect("op");
+        let g = op.simplify();
+        assert_eq!((g.shape, g.strides), (vec![24], vec![1]));
+        assert!(op.simplify().is_copy());
+        // Linear (out, in) -> (in, out) stays a 2-D transpose whatever size-1 axes surround it.
+        let op = LayoutOp::contiguous(2, vec![1, 5, 1, 7], vec![3, 2, 1, 0]).expect("op");
+        let g = op.simplify();
+        assert_eq!((g.shape, g.strides), (vec![7, 5], vec![1, 7]));
+        // OIHW -> HWIO merges H and W into one axis.
+        let op = LayoutOp::contiguous(4, vec![8, 6, 3, 3], vec![2, 3, 1, 0]).expect("op");
+        let g = op.simplify();
+        assert_eq!((g.shape, g.strides), (vec![9, 6, 8], vec![1, 9, 54]));
+    }
+
+    #[test]
+    fn simplify_of_empty_and_rank_zero_ops() {
+        let op = LayoutOp::contiguous(8, vec![3, 0, 2], vec![2, 1, 0]).expect("op");
+        let g = op.simplify();
+        assert_eq!(
+            (g.shape.clone(), g.is_empty(), g.out_bytes()),
+            (vec![0], true, 0)
+        );
+        let op = LayoutOp::new(2, vec![], vec![], 5, vec![]).expect("op");
+        let g = op.simplify();
+        assert!(g.shape.is_empty() && g.is_copy());
+        assert_eq!((g.len(), g.offset, g.src_extent()), (1, 5, 6));
+    }
+
+    #[test]
+    fn split_pieces_concatenate_to_the_whole_and_respect_max_bytes() {
+        let ops = [
+            LayoutOp::contiguous(4, vec![5, 7, 3], vec![2, 0, 1]),
+            LayoutOp::contiguous(2, vec![13, 11], vec![1, 0]),
+            LayoutOp::contiguous(1, vec![2, 3, 5, 7], vec![3, 1, 0, 2]),
+            LayoutOp::new(8, vec![4, 6], vec![9, 1], 3, vec![1, 0]),
+            LayoutOp::new(4, vec![], vec![], 2, vec![]),
+        ];
+        for op in ops {
+            let op = op.expect("op");
+            let g = op.simplify();
+            let src = bytes(g.src_extent() * g.elem_size);
+            let whole = run(&g, &src);
+            for max in (0..=g.out_bytes() + 3).chain([1 << 20]) {
+                let mut joined = vec![0x5A; g.out_bytes()];
+                let mut next = 0;
+                for (at, piece) in g.split(max) {
+                    assert_eq!(at, next, "{g:?} max {max}: pieces out of order");
+                    let n = piece.out_bytes();
+                    assert!(
+                        n <= max.max(g.elem_size),
+                        "{g:?} max {max}: piece of {n} bytes"
+                    );
+                    joined[at..at + n].copy_from_slice(&run(&piece, &src));
+                    next += n;
+                }
+                assert_eq!(next, g.out_bytes(), "{g:?} max {max}");
+                assert_eq!(joined, whole, "{g:?} max {max}");
+            }
+        }
+    }
+
+    #[test]
+    fn widen_merges_even_bf16_runs_into_wider_elements() {
+        // (A, B, 2) bf16 -> (B, A, 2): the pairs become u32 and the gather a transpose.
+        let op = LayoutOp::contiguous(2, vec![3, 5, 2], vec![1, 0, 2]).expect("op");
+        let w = op.simplify().widen();
+        assert_eq!(
+            (w.elem_size, w.shape, w.strides),
+            (4, vec![5, 3], vec![1, 5])
+        );
+        // Runs of 4 f16 become u64.
+        let op = LayoutOp::contiguous(2, vec![3, 5, 4], vec![1, 0, 2]).expect("op");
+        assert_eq!(op.simplify().widen().elem_size, 8);
+        // An odd offset, odd run or odd stride forbids widening.
+        for (shape, strides, offset) in [
+            (vec![3, 2], vec![2, 1], 1),
+            (vec![3, 3], vec![3, 1], 0),
+            (vec![3, 2], vec![3, 1], 0),
+        ] {
+            let g = Gather::from_parts(2, shape, strides, offset);
+            assert_eq!(g.widen().elem_size, 2, "{g:?}");
+        }
+    }
+
+    #[test]
+    fn widened_gathers_move_the_same_bytes() {
+        for es in [1, 2, 4] {
+            for (shape, strides, offset) in [
+                (vec![3, 4], vec![8, 1], 0),
+                (vec![5, 2, 8], vec![16, 80, 1], 8),
+                (vec![2, 3, 2], vec![0, 4, 1], 4),
+                (vec![6, 2], vec![2, 1], 2),
+            ] {
+                let g = Gather::from_parts(es, shape, strides, offset);
+                let w = g.widen();
+                let src = bytes(g.src_extent() * es + 16);
+                assert_eq!(run(&g, &src), run(&w, &src), "{g:?} widened to {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn validate_rejects_malformed_gathers() {
+        let ok = Gather::from_parts(4, vec![2, 3], vec![1, 2], 0);
+        assert!(ok.validate().is_ok());
+        let mut g = ok.clone();
+        g.elem_size = 3;
+        assert!(g.validate().is_err());
+        let mut g = ok.clone();
+        g.strides.pop();
+        assert!(g.validate().is_err());
+        let mut g = ok.clone();
+        g.shape = vec![usize::MAX, 2];
+        assert!(g.validate().is_err());
+        let mut g = ok;
+        g.offset = usize::MAX - 1;
+        assert!(g.validate().is_err());
+    }
 }

@@ -187,7 +187,12 @@ fn batched_and_run_grid(backend: &dyn Backend) {
     let mut seed = 1000;
     for es in ELEM_SIZES {
         let t = SMALL.tile_side(es);
-        for &(b, r, c) in &[(3, t + 1, t - 1), (2, 2 * t + 3, 5), (5, 1, t + 1), (1, 7, 9)] {
+        for &(b, r, c) in &[
+            (3, t + 1, t - 1),
+            (2, 2 * t + 3, 5),
+            (5, 1, t + 1),
+            (1, 7, 9),
+        ] {
             for run in [1, 2, 3, 4, 8] {
                 seed += 1;
                 // Source (b, c, r, run) contiguous, output (b, r, c, run).
@@ -412,7 +417,11 @@ fn cpu_default_knobs_match_reference_past_real_thresholds() {
     for es in ELEM_SIZES {
         let side = t.tile_side(es);
         let n = (t.par_threshold / es).isqrt() + 1;
-        for (r, c) in [(side + 1, 2 * side + 3), (n, n + 3), (3, t.par_chunk / es + 1)] {
+        for (r, c) in [
+            (side + 1, 2 * side + 3),
+            (n, n + 3),
+            (3, t.par_chunk / es + 1),
+        ] {
             seed += 1;
             let g = Gather::from_parts(es, vec![r, c], vec![1, r], 0);
             let src = storage_for(&g, 0, seed);
@@ -430,7 +439,14 @@ fn cpu_default_knobs_match_reference_past_real_thresholds() {
 #[test]
 fn cpu_transpose_keeps_nan_payloads() {
     let cpu = Cpu::new().with_tuning(SMALL);
-    let patterns: [u32; 6] = [0x7fc0_0001, 0xffbf_ffff, 0x7f80_0001, 0x8000_0000, 0x0000_0001, 0x7fa5_a5a5];
+    let patterns: [u32; 6] = [
+        0x7fc0_0001,
+        0xffbf_ffff,
+        0x7f80_0001,
+        0x8000_0000,
+        0x0000_0001,
+        0x7fa5_a5a5,
+    ];
     let (r, c) = (37, 41);
     let src: Vec<u8> = (0..r * c)
         .flat_map(|i| patterns[i % patterns.len()].to_ne_bytes())

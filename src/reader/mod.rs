@@ -46,4 +46,3 @@ pub(crate) struct Parsed {
     pub tensors: Vec<TensorInfo>,
     pub metadata: BTreeMap<String, String>,
 }
-
