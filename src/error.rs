@@ -26,11 +26,7 @@ pub enum Error {
     LegacyTorchFormat { path: PathBuf },
 
     #[error("{}: header of {size} bytes exceeds the limit of {limit} bytes", path.display())]
-    HeaderTooLarge {
-        path: PathBuf,
-        size: u64,
-        limit: u64,
-    },
+    HeaderTooLarge { path: PathBuf, size: u64, limit: u64 },
 
     #[error("{}: file is truncated: {detail}", path.display())]
     Truncated { path: PathBuf, detail: String },

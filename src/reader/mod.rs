@@ -46,3 +46,4 @@ pub(crate) struct Parsed {
     pub tensors: Vec<TensorInfo>,
     pub metadata: BTreeMap<String, String>,
 }
+
