@@ -157,9 +157,10 @@ impl Gather {
         }
     }
 
-    /// Number of elements written.
+    /// Number of elements written (saturating, so a hand-built gather whose shape
+    /// overflows fails [`Gather::validate`] and the buffer checks instead of panicking).
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        checked_numel(&self.shape).unwrap_or(usize::MAX)
     }
 
     /// True when nothing is written.
@@ -167,9 +168,74 @@ impl Gather {
         self.len() == 0
     }
 
-    /// Bytes written.
+    /// Bytes written (saturating, see [`Gather::len`]).
     pub fn out_bytes(&self) -> usize {
-        self.len() * self.elem_size
+        self.len().saturating_mul(self.elem_size)
+    }
+
+    /// Checks what [`LayoutOp::new`] guarantees, for gathers built by hand (the fields
+    /// are public): a supported element size, one stride per axis, and output and source
+    /// byte sizes that fit in `usize`. Backends call it before trusting any field.
+    pub fn validate(&self) -> Result<()> {
+        if !ELEM_SIZES.contains(&self.elem_size) {
+            return Err(layout_err(format!(
+                "element size {} is not 1, 2, 4 or 8",
+                self.elem_size
+            )));
+        }
+        if self.strides.len() != self.shape.len() {
+            return Err(layout_err(format!(
+                "{} strides for a rank {} shape",
+                self.strides.len(),
+                self.shape.len()
+            )));
+        }
+        let overflow = || layout_err(format!("gather of shape {:?} overflows", self.shape));
+        checked_numel(&self.shape)
+            .and_then(|n| n.checked_mul(self.elem_size))
+            .ok_or_else(overflow)?;
+        src_extent(&self.shape, &self.strides, self.offset)?
+            .checked_mul(self.elem_size)
+            .ok_or_else(overflow)?;
+        Ok(())
+    }
+
+    /// The same gather over wider elements when the innermost axis is a contiguous run
+    /// that whole wider elements tile exactly: every stride, the offset and the run
+    /// length must be multiples of the widening factor, so each wide element covers the
+    /// same source bytes, in the same order, as the narrow ones it replaces. A bf16
+    /// transpose whose runs have even length thus moves u32s. Returns a normalised
+    /// gather, unchanged (but normalised) when no widening applies.
+    pub fn widen(&self) -> Gather {
+        let g = Gather::from_parts(
+            self.elem_size,
+            self.shape.clone(),
+            self.strides.clone(),
+            self.offset,
+        );
+        if g.is_empty() || g.validate().is_err() {
+            return g;
+        }
+        let (Some(&inner), Some(&1)) = (g.shape.last(), g.strides.last()) else {
+            return g;
+        };
+        for wide in [8, 4, 2] {
+            if wide <= g.elem_size {
+                break;
+            }
+            let m = wide / g.elem_size;
+            let rest = &g.strides[..g.strides.len() - 1];
+            if inner % m == 0 && g.offset % m == 0 && rest.iter().all(|s| s % m == 0) {
+                let mut shape = g.shape.clone();
+                let mut strides: Vec<usize> = rest.iter().map(|s| s / m).collect();
+                strides.push(1);
+                if let Some(last) = shape.last_mut() {
+                    *last = inner / m;
+                }
+                return Gather::from_parts(wide, shape, strides, g.offset / m);
+            }
+        }
+        g
     }
 
     /// Source elements the gather reads up to (0 when empty).
@@ -188,7 +254,7 @@ impl Gather {
     /// the piece inside the whole output and the piece itself.
     pub fn split(&self, max_bytes: usize) -> Vec<(usize, Gather)> {
         let total = self.out_bytes();
-        // A rank-0 gather is one element: it cannot be split further.
+        // A rank-0 gather is one element, which is never split.
         if total <= max_bytes || self.is_empty() || self.shape.is_empty() {
             return vec![(0, self.clone())];
         }
@@ -298,4 +364,142 @@ pub fn check_perm(perm: &[usize], rank: usize) -> Result<()> {
 
 fn layout_err(detail: String) -> Error {
     Error::Layout { detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::reference::Reference;
+    use crate::backend::Backend;
+
+    fn run(g: &Gather, src: &[u8]) -> Vec<u8> {
+        let mut out = vec![0xA5; g.out_bytes()];
+        Reference.gather(g, src, &mut out).expect("reference");
+        out
+    }
+
+    fn bytes(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 131 + i / 7) as u8).collect()
+    }
+
+    #[test]
+    fn simplify_drops_size_one_axes_and_merges_contiguous_ones() {
+        let op = LayoutOp::contiguous(4, vec![2, 1, 3, 4], vec![0, 1, 2, 3]).expect("op");
+        let g = op.simplify();
+        assert_eq!((g.shape, g.strides), (vec![24], vec![1]));
+        assert!(op.simplify().is_copy());
+        // Linear (out, in) -> (in, out) stays a 2-D transpose whatever size-1 axes surround it.
+        let op = LayoutOp::contiguous(2, vec![1, 5, 1, 7], vec![3, 2, 1, 0]).expect("op");
+        let g = op.simplify();
+        assert_eq!((g.shape, g.strides), (vec![7, 5], vec![1, 7]));
+        // OIHW -> HWIO merges H and W into one axis.
+        let op = LayoutOp::contiguous(4, vec![8, 6, 3, 3], vec![2, 3, 1, 0]).expect("op");
+        let g = op.simplify();
+        assert_eq!((g.shape, g.strides), (vec![9, 6, 8], vec![1, 9, 54]));
+    }
+
+    #[test]
+    fn simplify_of_empty_and_rank_zero_ops() {
+        let op = LayoutOp::contiguous(8, vec![3, 0, 2], vec![2, 1, 0]).expect("op");
+        let g = op.simplify();
+        assert_eq!(
+            (g.shape.clone(), g.is_empty(), g.out_bytes()),
+            (vec![0], true, 0)
+        );
+        let op = LayoutOp::new(2, vec![], vec![], 5, vec![]).expect("op");
+        let g = op.simplify();
+        assert!(g.shape.is_empty() && g.is_copy());
+        assert_eq!((g.len(), g.offset, g.src_extent()), (1, 5, 6));
+    }
+
+    #[test]
+    fn split_pieces_concatenate_to_the_whole_and_respect_max_bytes() {
+        let ops = [
+            LayoutOp::contiguous(4, vec![5, 7, 3], vec![2, 0, 1]),
+            LayoutOp::contiguous(2, vec![13, 11], vec![1, 0]),
+            LayoutOp::contiguous(1, vec![2, 3, 5, 7], vec![3, 1, 0, 2]),
+            LayoutOp::new(8, vec![4, 6], vec![9, 1], 3, vec![1, 0]),
+            LayoutOp::new(4, vec![], vec![], 2, vec![]),
+        ];
+        for op in ops {
+            let op = op.expect("op");
+            let g = op.simplify();
+            let src = bytes(g.src_extent() * g.elem_size);
+            let whole = run(&g, &src);
+            for max in (0..=g.out_bytes() + 3).chain([1 << 20]) {
+                let mut joined = vec![0x5A; g.out_bytes()];
+                let mut next = 0;
+                for (at, piece) in g.split(max) {
+                    assert_eq!(at, next, "{g:?} max {max}: pieces out of order");
+                    let n = piece.out_bytes();
+                    assert!(
+                        n <= max.max(g.elem_size),
+                        "{g:?} max {max}: piece of {n} bytes"
+                    );
+                    joined[at..at + n].copy_from_slice(&run(&piece, &src));
+                    next += n;
+                }
+                assert_eq!(next, g.out_bytes(), "{g:?} max {max}");
+                assert_eq!(joined, whole, "{g:?} max {max}");
+            }
+        }
+    }
+
+    #[test]
+    fn widen_merges_even_bf16_runs_into_wider_elements() {
+        // (A, B, 2) bf16 -> (B, A, 2): the pairs become u32 and the gather a transpose.
+        let op = LayoutOp::contiguous(2, vec![3, 5, 2], vec![1, 0, 2]).expect("op");
+        let w = op.simplify().widen();
+        assert_eq!(
+            (w.elem_size, w.shape, w.strides),
+            (4, vec![5, 3], vec![1, 5])
+        );
+        // Runs of 4 f16 become u64.
+        let op = LayoutOp::contiguous(2, vec![3, 5, 4], vec![1, 0, 2]).expect("op");
+        assert_eq!(op.simplify().widen().elem_size, 8);
+        // An odd offset, odd run or odd stride forbids widening.
+        for (shape, strides, offset) in [
+            (vec![3, 2], vec![2, 1], 1),
+            (vec![3, 3], vec![3, 1], 0),
+            (vec![3, 2], vec![3, 1], 0),
+        ] {
+            let g = Gather::from_parts(2, shape, strides, offset);
+            assert_eq!(g.widen().elem_size, 2, "{g:?}");
+        }
+    }
+
+    #[test]
+    fn widened_gathers_move_the_same_bytes() {
+        for es in [1, 2, 4] {
+            for (shape, strides, offset) in [
+                (vec![3, 4], vec![8, 1], 0),
+                (vec![5, 2, 8], vec![16, 80, 1], 8),
+                (vec![2, 3, 2], vec![0, 4, 1], 4),
+                (vec![6, 2], vec![2, 1], 2),
+            ] {
+                let g = Gather::from_parts(es, shape, strides, offset);
+                let w = g.widen();
+                let src = bytes(g.src_extent() * es + 16);
+                assert_eq!(run(&g, &src), run(&w, &src), "{g:?} widened to {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn validate_rejects_malformed_gathers() {
+        let ok = Gather::from_parts(4, vec![2, 3], vec![1, 2], 0);
+        assert!(ok.validate().is_ok());
+        let mut g = ok.clone();
+        g.elem_size = 3;
+        assert!(g.validate().is_err());
+        let mut g = ok.clone();
+        g.strides.pop();
+        assert!(g.validate().is_err());
+        let mut g = ok.clone();
+        g.shape = vec![usize::MAX, 2];
+        assert!(g.validate().is_err());
+        let mut g = ok;
+        g.offset = usize::MAX - 1;
+        assert!(g.validate().is_err());
+    }
 }

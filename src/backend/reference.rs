@@ -1,9 +1,14 @@
-//! (placeholder until the cpu branch lands)
-use super::{check_buffers, Backend};
-use crate::error::Result;
+//! The naive oracle every other backend is compared with, byte for byte.
+//!
+//! It is deliberately slow and obvious: each output element, in row-major order, turns
+//! its linear index into a multi-index, takes `offset + Σ i_k · strides[k]` as its source
+//! element and copies that element's bytes. Nothing is merged, tiled or parallel.
+
+use crate::backend::{check_buffers, Backend};
+use crate::error::{Error, Result};
 use crate::layout::Gather;
 
-/// Naive oracle.
+/// The oracle backend.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reference;
 
@@ -11,17 +16,25 @@ impl Backend for Reference {
     fn name(&self) -> String {
         "reference".to_string()
     }
+
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        g.validate()?;
         check_buffers(g, src, dst)?;
-        let e = g.elem_size;
-        for i in 0..g.len() {
+        let es = g.elem_size;
+        for (i, out) in dst.chunks_exact_mut(es).enumerate() {
             let mut rem = i;
-            let mut idx = g.offset;
-            for k in (0..g.shape.len()).rev() {
-                idx += (rem % g.shape[k]) * g.strides[k];
-                rem /= g.shape[k];
+            let mut elem = g.offset;
+            for (&n, &s) in g.shape.iter().zip(&g.strides).rev() {
+                elem += (rem % n) * s;
+                rem /= n;
             }
-            dst[i * e..(i + 1) * e].copy_from_slice(&src[idx * e..(idx + 1) * e]);
+            // check_buffers bounded every index; `get` keeps a broken invariant an error.
+            let bytes = src
+                .get(elem * es..elem * es + es)
+                .ok_or_else(|| Error::Layout {
+                    detail: format!("source element {elem} is out of bounds"),
+                })?;
+            out.copy_from_slice(bytes);
         }
         Ok(())
     }

@@ -1,0 +1,464 @@
+//! Every backend against the naive `Reference`, byte for byte, over grids that cross
+//! every micro-block, tile and parallel threshold of the CPU backend (run with knobs
+//! shrunk so small tensors cross them). One test body per check, instantiated for each
+//! backend by `backend_grid!`.
+
+use relayout::backend::cpu::{micro_block, Cpu, Tuning};
+use relayout::backend::reference::Reference;
+use relayout::backend::Backend;
+use relayout::layout::{contiguous_strides, Gather, LayoutOp, ELEM_SIZES};
+
+/// Knobs small enough that grid tensors of a few KiB cross every CPU threshold.
+const SMALL: Tuning = Tuning {
+    par_threshold: 1024,
+    par_chunk: 256,
+    tile_bytes: 64,
+};
+
+/// Byte an output buffer starts as, so unwritten bytes show (the oracle starts as its
+/// complement, so a byte both leave unwritten cannot match).
+const GARBAGE: u8 = 0xA5;
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    (0..len).map(|_| rng.next() as u8).collect()
+}
+
+/// Multi-index of row-major element `i` of `shape`.
+fn multi_index(shape: &[usize], mut i: usize) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for k in (0..shape.len()).rev() {
+        idx[k] = i % shape[k].max(1);
+        i /= shape[k].max(1);
+    }
+    idx
+}
+
+/// Sizes around a block or threshold `b`: `{b-1, b, b+1, 2b+3}`.
+fn around(b: usize) -> Vec<usize> {
+    vec![b.saturating_sub(1), b, b + 1, 2 * b + 3]
+}
+
+/// Runs `g` on `backend` and on `Reference` and panics at the first differing output
+/// element with its multi-index and both byte values.
+fn assert_matches_reference(backend: &dyn Backend, g: &Gather, src: &[u8], what: &str) {
+    let mut want = vec![!GARBAGE; g.out_bytes()];
+    Reference
+        .gather(g, src, &mut want)
+        .unwrap_or_else(|e| panic!("{what}: reference failed on {g:?}: {e}"));
+    let mut got = vec![GARBAGE; g.out_bytes()];
+    backend
+        .gather(g, src, &mut got)
+        .unwrap_or_else(|e| panic!("{what}: {} failed on {g:?}: {e}", backend.name()));
+    if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
+        let es = g.elem_size;
+        let e = i / es;
+        let range = e * es..e * es + es;
+        panic!(
+            "{what}: {} differs from reference at output index {:?} (element {e}, byte {}) of {g:?}: got {:02x?}, want {:02x?}",
+            backend.name(),
+            multi_index(&g.shape, e),
+            i % es,
+            &got[range.clone()],
+            &want[range],
+        );
+    }
+}
+
+/// A source storage holding `g` with `slack` extra elements, filled with seeded bytes.
+fn storage_for(g: &Gather, slack: usize, seed: u64) -> Vec<u8> {
+    random_bytes((g.src_extent() + slack) * g.elem_size, seed)
+}
+
+/// The op evaluated directly, without simplifying: output multi-index `o` reads source
+/// axis `perm[k]` at `o[k]`.
+fn naive_op(op: &LayoutOp, src: &[u8]) -> Vec<u8> {
+    let out_shape = op.out_shape();
+    let n: usize = out_shape.iter().product();
+    let es = op.elem_size;
+    let mut out = Vec::with_capacity(n * es);
+    for i in 0..n {
+        let o = multi_index(&out_shape, i);
+        let mut s = op.offset;
+        for (k, &p) in op.perm.iter().enumerate() {
+            s += o[k] * op.strides[p];
+        }
+        out.extend_from_slice(&src[s * es..s * es + es]);
+    }
+    out
+}
+
+/// All permutations of `0..n` (Heap's algorithm).
+fn all_perms(n: usize) -> Vec<Vec<usize>> {
+    fn heap(k: usize, a: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+        if k <= 1 {
+            out.push(a.clone());
+            return;
+        }
+        for i in 0..k {
+            heap(k - 1, a, out);
+            let j = if k % 2 == 0 { i } else { 0 };
+            a.swap(j, k - 1);
+        }
+    }
+    let mut out = Vec::new();
+    heap(n, &mut (0..n).collect(), &mut out);
+    out
+}
+
+fn perms_for_rank(rank: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+    if rank <= 4 {
+        return all_perms(rank);
+    }
+    let mut perms = vec![(0..rank).collect::<Vec<_>>(), (0..rank).rev().collect()];
+    for _ in 0..6 {
+        let mut p: Vec<usize> = (0..rank).collect();
+        rng.shuffle(&mut p);
+        perms.push(p);
+    }
+    perms
+}
+
+/// Source strides for `shape`: contiguous, padded (each axis a little longer than
+/// needed, like a slice of a bigger tensor), or random (may be 0 or overlap).
+fn strides_for(shape: &[usize], kind: usize, rng: &mut Rng) -> Vec<usize> {
+    match kind {
+        0 => contiguous_strides(shape),
+        1 => {
+            let padded: Vec<usize> = shape.iter().map(|&n| n + rng.below(3)).collect();
+            contiguous_strides(&padded)
+        }
+        _ => shape.iter().map(|_| rng.below(12)).collect(),
+    }
+}
+
+/// 2-D transposes (and strided-row variants) at sizes around every micro-block and
+/// tile side, for every element size.
+fn transpose_grid(backend: &dyn Backend) {
+    let mut seed = 1;
+    for es in ELEM_SIZES {
+        let mut sizes = vec![0, 1, 2, 5];
+        sizes.extend(around(micro_block(es)));
+        sizes.extend(around(SMALL.tile_side(es)));
+        sizes.sort_unstable();
+        sizes.dedup();
+        for &r in &sizes {
+            for &c in &sizes {
+                // out[i][j] = src[off + i*sr + j*sc]: sr = 1 is a transpose of an
+                // (c, ld) matrix; sr = 3 reads rows at a stride too.
+                for (sr, pad, offset) in [(1, 0, 0), (1, 3, 7), (3, 1, 1)] {
+                    seed += 1;
+                    let sc = r * sr + pad;
+                    let g = Gather::from_parts(es, vec![r, c], vec![sr, sc.max(1)], offset);
+                    let src = storage_for(&g, 5, seed);
+                    let what = format!("transpose {r}x{c} es {es} sr {sr} pad {pad}");
+                    assert_matches_reference(backend, &g, &src, &what);
+                }
+            }
+        }
+    }
+}
+
+/// Batched transposes and transposes of short contiguous runs (widened elements).
+fn batched_and_run_grid(backend: &dyn Backend) {
+    let mut seed = 1000;
+    for es in ELEM_SIZES {
+        let t = SMALL.tile_side(es);
+        for &(b, r, c) in &[
+            (3, t + 1, t - 1),
+            (2, 2 * t + 3, 5),
+            (5, 1, t + 1),
+            (1, 7, 9),
+        ] {
+            for run in [1, 2, 3, 4, 8] {
+                seed += 1;
+                // Source (b, c, r, run) contiguous, output (b, r, c, run).
+                let op =
+                    LayoutOp::contiguous(es, vec![b, c, r, run], vec![0, 2, 1, 3]).expect("op");
+                let src = random_bytes((op.src_extent().expect("extent") + 3) * es, seed);
+                for offset in [0, 1, 2] {
+                    let mut g = op.simplify();
+                    g.offset = offset;
+                    let what = format!("batched {b}x{r}x{c} run {run} es {es} offset {offset}");
+                    assert_matches_reference(backend, &g, &src, &what);
+                }
+            }
+        }
+    }
+}
+
+/// Copies and row gathers at lengths around the parallel threshold and chunk.
+fn copy_and_rows_grid(backend: &dyn Backend) {
+    let mut seed = 2000;
+    for es in ELEM_SIZES {
+        let mut lens = vec![0, 1, 3];
+        lens.extend(around(SMALL.par_threshold / es));
+        lens.extend(around(SMALL.par_chunk / es));
+        for &n in &lens {
+            for offset in [0, 1, 5] {
+                seed += 1;
+                let g = Gather::from_parts(es, vec![n], vec![1], offset);
+                let src = storage_for(&g, 4, seed);
+                assert_matches_reference(backend, &g, &src, &format!("copy {n} es {es}"));
+            }
+        }
+        // Rows: contiguous runs with padding, broadcasts and strided inner axes.
+        let rows = SMALL.par_threshold / es / 7 + 3;
+        for (cols, sc, sr) in [(7, 1, 9), (7, 0, 3), (7, 2, 15), (1, 1, 2), (33, 1, 40)] {
+            seed += 1;
+            let g = Gather::from_parts(es, vec![rows, cols], vec![sr, sc], 2);
+            let src = storage_for(&g, 4, seed);
+            let what = format!("rows {rows}x{cols} es {es} strides [{sr}, {sc}]");
+            assert_matches_reference(backend, &g, &src, &what);
+        }
+    }
+}
+
+/// Ranks 0 to 8: every permutation up to rank 4, seeded random ones above; contiguous,
+/// padded and random-stride (aliasing) sources; simplified and raw gathers.
+fn permutation_grid(backend: &dyn Backend) {
+    let mut rng = Rng::new(42);
+    for rank in 0..=8usize {
+        for draw in 0..3 {
+            let max_dim = if rank <= 4 { 6 } else { 3 };
+            let shape: Vec<usize> = (0..rank)
+                .map(|_| {
+                    // Mostly >1 so axes survive, some 1s to be dropped, rarely 0.
+                    match rng.below(12) {
+                        0 if draw == 2 => 0,
+                        1 => 1,
+                        _ => 2 + rng.below(max_dim - 1),
+                    }
+                })
+                .collect();
+            for perm in perms_for_rank(rank, &mut rng) {
+                let es = ELEM_SIZES[rng.below(4)];
+                for kind in 0..3 {
+                    let strides = strides_for(&shape, kind, &mut rng);
+                    let offset = rng.below(4);
+                    let op = LayoutOp::new(es, shape.clone(), strides, offset, perm.clone())
+                        .expect("op");
+                    let seed = rng.next();
+                    let src = random_bytes((op.src_extent().expect("extent") + 2) * es, seed);
+                    let what = format!("{op:?}");
+                    let simplified = op.simplify();
+                    assert_matches_reference(backend, &simplified, &src, &what);
+                    // The same walk, unnormalised (size-1 axes, mergeable axes kept).
+                    let raw = Gather {
+                        elem_size: es,
+                        shape: op.out_shape(),
+                        strides: perm.iter().map(|&p| op.strides[p]).collect(),
+                        offset,
+                    };
+                    assert_matches_reference(backend, &raw, &src, &format!("raw {what}"));
+                }
+            }
+        }
+    }
+}
+
+/// The simplified op run on the backend equals the op evaluated directly.
+fn layout_op_matches_naive(backend: &dyn Backend) {
+    let mut rng = Rng::new(7);
+    for case in 0..300 {
+        let rank = rng.below(7);
+        let shape: Vec<usize> = (0..rank).map(|_| 1 + rng.below(5)).collect();
+        let mut perm: Vec<usize> = (0..rank).collect();
+        rng.shuffle(&mut perm);
+        let es = ELEM_SIZES[rng.below(4)];
+        let strides = strides_for(&shape, case % 3, &mut rng);
+        let op = LayoutOp::new(es, shape, strides, rng.below(9), perm).expect("op");
+        let src = random_bytes((op.src_extent().expect("extent") + 1) * es, rng.next());
+        let want = naive_op(&op, &src);
+        let g = op.simplify();
+        let mut got = vec![GARBAGE; g.out_bytes()];
+        backend.gather(&g, &src, &mut got).expect("gather");
+        if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
+            let e = i / es;
+            panic!(
+                "{}: {op:?} simplified to {g:?} differs at output index {:?}: got {:02x?}, want {:02x?}",
+                backend.name(),
+                multi_index(&op.out_shape(), e),
+                &got[e * es..e * es + es],
+                &want[e * es..e * es + es],
+            );
+        }
+        assert_eq!(want.len(), got.len(), "{op:?}");
+    }
+}
+
+/// Short sources, wrong output lengths and malformed gathers are errors, not panics.
+fn rejects_bad_buffers(backend: &dyn Backend) {
+    let g = Gather::from_parts(4, vec![5, 3], vec![1, 5], 2);
+    let need = g.src_extent() * 4;
+    let src = vec![0u8; need];
+    let mut dst = vec![0u8; g.out_bytes()];
+    assert!(backend.gather(&g, &src, &mut dst).is_ok());
+    assert!(backend.gather(&g, &src[..need - 1], &mut dst).is_err());
+    assert!(backend.gather(&g, &src, &mut dst[1..]).is_err());
+    let mut long = vec![0u8; g.out_bytes() + 1];
+    assert!(backend.gather(&g, &src, &mut long).is_err());
+    let bad = [
+        Gather {
+            elem_size: 3,
+            shape: vec![2],
+            strides: vec![1],
+            offset: 0,
+        },
+        Gather {
+            elem_size: 4,
+            shape: vec![2, 2],
+            strides: vec![1],
+            offset: 0,
+        },
+        Gather {
+            elem_size: 4,
+            shape: vec![usize::MAX / 2, 3],
+            strides: vec![1, 1],
+            offset: 0,
+        },
+        Gather {
+            elem_size: 8,
+            shape: vec![2],
+            strides: vec![usize::MAX / 4],
+            offset: 0,
+        },
+    ];
+    for g in &bad {
+        let mut dst = vec![0u8; 16];
+        assert!(backend.gather(g, &[0u8; 64], &mut dst).is_err(), "{g:?}");
+    }
+}
+
+/// One module of tests per backend: `backend_grid!(name, constructor)`.
+macro_rules! backend_grid {
+    ($name:ident, $ctor:expr) => {
+        mod $name {
+            use super::*;
+
+            fn backend() -> Box<dyn Backend> {
+                Box::new($ctor)
+            }
+
+            #[test]
+            fn transposes_match_reference() {
+                transpose_grid(&*backend());
+            }
+
+            #[test]
+            fn batched_transposes_and_short_runs_match_reference() {
+                batched_and_run_grid(&*backend());
+            }
+
+            #[test]
+            fn copies_and_row_gathers_match_reference() {
+                copy_and_rows_grid(&*backend());
+            }
+
+            #[test]
+            fn permutations_of_rank_0_to_8_match_reference() {
+                permutation_grid(&*backend());
+            }
+
+            #[test]
+            fn simplified_layout_ops_match_direct_evaluation() {
+                layout_op_matches_naive(&*backend());
+            }
+
+            #[test]
+            fn bad_buffers_are_errors() {
+                rejects_bad_buffers(&*backend());
+            }
+        }
+    };
+}
+
+backend_grid!(reference, Reference);
+backend_grid!(cpu, Cpu::new());
+backend_grid!(cpu_small_knobs, Cpu::new().with_tuning(SMALL));
+backend_grid!(
+    cpu_one_thread_small_knobs,
+    Cpu::with_threads(1).expect("pool").with_tuning(SMALL)
+);
+backend_grid!(
+    cpu_three_threads_small_knobs,
+    Cpu::with_threads(3).expect("pool").with_tuning(SMALL)
+);
+
+/// Default knobs: tensors just past the real parallel threshold and tile sides.
+#[test]
+fn cpu_default_knobs_match_reference_past_real_thresholds() {
+    let cpu = Cpu::new();
+    let t = cpu.tuning();
+    let mut seed = 9000;
+    for es in ELEM_SIZES {
+        let side = t.tile_side(es);
+        let n = (t.par_threshold / es).isqrt() + 1;
+        for (r, c) in [
+            (side + 1, 2 * side + 3),
+            (n, n + 3),
+            (3, t.par_chunk / es + 1),
+        ] {
+            seed += 1;
+            let g = Gather::from_parts(es, vec![r, c], vec![1, r], 0);
+            let src = storage_for(&g, 0, seed);
+            assert_matches_reference(&cpu, &g, &src, &format!("default {r}x{c} es {es}"));
+        }
+        let n = t.par_threshold / es + t.par_chunk / es + 1;
+        let g = Gather::from_parts(es, vec![n], vec![1], 1);
+        let src = storage_for(&g, 0, seed);
+        assert_matches_reference(&cpu, &g, &src, &format!("default copy {n} es {es}"));
+    }
+}
+
+/// Element bytes move untouched: every f32 and bf16 NaN payload, signed zero and
+/// subnormal pattern survives a transpose.
+#[test]
+fn cpu_transpose_keeps_nan_payloads() {
+    let cpu = Cpu::new().with_tuning(SMALL);
+    let patterns: [u32; 6] = [
+        0x7fc0_0001,
+        0xffbf_ffff,
+        0x7f80_0001,
+        0x8000_0000,
+        0x0000_0001,
+        0x7fa5_a5a5,
+    ];
+    let (r, c) = (37, 41);
+    let src: Vec<u8> = (0..r * c)
+        .flat_map(|i| patterns[i % patterns.len()].to_ne_bytes())
+        .collect();
+    for es in [2, 4] {
+        let n = r * c * 4 / es;
+        let g = Gather::from_parts(es, vec![n / r, r], vec![1, n / r], 0);
+        let mut got = vec![0u8; g.out_bytes()];
+        cpu.gather(&g, &src, &mut got).expect("gather");
+        let mut back = vec![0u8; g.out_bytes()];
+        let inverse = Gather::from_parts(es, vec![r, n / r], vec![1, r], 0);
+        cpu.gather(&inverse, &got, &mut back).expect("gather");
+        assert_eq!(back, src, "es {es}");
+    }
+}
