@@ -355,42 +355,55 @@ fn rejects_bad_buffers(backend: &dyn Backend) {
 
 /// One module of tests per backend: `backend_grid!(name, constructor)`.
 macro_rules! backend_grid {
+    ($name:ident, optional $ctor:expr) => {
+        backend_grid!(@tests $name, $ctor);
+    };
     ($name:ident, $ctor:expr) => {
+        backend_grid!(@tests $name, Some($ctor));
+    };
+    (@tests $name:ident, $ctor:expr) => {
         mod $name {
             use super::*;
 
-            fn backend() -> Box<dyn Backend> {
-                Box::new($ctor)
+            /// The backend under test, or `None` when its device is absent (GPU only).
+            fn available() -> Option<Box<dyn Backend>> {
+                $ctor.map(|b| Box::new(b) as Box<dyn Backend>)
             }
 
             #[test]
             fn transposes_match_reference() {
-                transpose_grid(&*backend());
+                let Some(b) = available() else { return };
+                transpose_grid(&*b);
             }
 
             #[test]
             fn batched_transposes_and_short_runs_match_reference() {
-                batched_and_run_grid(&*backend());
+                let Some(b) = available() else { return };
+                batched_and_run_grid(&*b);
             }
 
             #[test]
             fn copies_and_row_gathers_match_reference() {
-                copy_and_rows_grid(&*backend());
+                let Some(b) = available() else { return };
+                copy_and_rows_grid(&*b);
             }
 
             #[test]
             fn permutations_of_rank_0_to_8_match_reference() {
-                permutation_grid(&*backend());
+                let Some(b) = available() else { return };
+                permutation_grid(&*b);
             }
 
             #[test]
             fn simplified_layout_ops_match_direct_evaluation() {
-                layout_op_matches_naive(&*backend());
+                let Some(b) = available() else { return };
+                layout_op_matches_naive(&*b);
             }
 
             #[test]
             fn bad_buffers_are_errors() {
-                rejects_bad_buffers(&*backend());
+                let Some(b) = available() else { return };
+                rejects_bad_buffers(&*b);
             }
         }
     };
@@ -462,3 +475,28 @@ fn cpu_transpose_keeps_nan_payloads() {
         assert_eq!(back, src, "es {es}");
     }
 }
+
+/// A GPU for the grid: any adapter, software included. `None` (the GPU grid is skipped)
+/// when there is none, unless RELAYOUT_REQUIRE_GPU=1, which makes that a failure.
+#[cfg(feature = "gpu")]
+fn gpu(max_chunk_bytes: Option<usize>) -> Option<relayout::backend::gpu::Gpu> {
+    use relayout::backend::gpu::{Gpu, GpuOptions};
+    match Gpu::new(&GpuOptions {
+        adapter: None,
+        allow_software: true,
+        max_chunk_bytes,
+    }) {
+        Ok(g) => Some(g),
+        Err(e) if std::env::var("RELAYOUT_REQUIRE_GPU").as_deref() != Ok("1") => {
+            eprintln!("no GPU, skipping: {e}");
+            None
+        }
+        Err(e) => panic!("RELAYOUT_REQUIRE_GPU=1 but no GPU: {e}"),
+    }
+}
+
+#[cfg(feature = "gpu")]
+backend_grid!(gpu, optional gpu(None));
+// Chunks of 4 KiB force every grid case through the chunked, pipelined path.
+#[cfg(feature = "gpu")]
+backend_grid!(gpu_small_chunks, optional gpu(Some(4096)));
