@@ -1,13 +1,13 @@
 //! The pipeline: plan entries in, converted tensors out — into a file, or handed to the
 //! caller one by one.
 //!
-//! Every tensor is produced in bands of at most `band_bytes` output bytes, so memory is
-//! bounded by two bands whatever the tensor size: while the backend fills one band, a
-//! writer thread writes the other.
+//! Every tensor is produced in bands of at most `band_bytes` output bytes, computed in
+//! place into the writer's block buffers, so memory is bounded by a few bands whatever
+//! the tensor size: while the backend fills one block, the writer's thread writes the
+//! previous one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::Instant;
 
 use crate::backend::{Backend, BackendOptions};
@@ -168,7 +168,11 @@ impl<'a> Converter<'a> {
             .collect();
         let mut metadata = self.ckpt.metadata().clone();
         metadata.extend(opts.metadata.clone());
-        let mut writer = SafetensorsWriter::create(out, &entries, &metadata, opts.force)?;
+        let band = self.band_bytes;
+        // A piece is never smaller than one element, whatever the band.
+        let capacity = band.max(crate::layout::ELEM_SIZES[3]);
+        let mut writer =
+            SafetensorsWriter::with_capacity(out, &entries, &metadata, opts.force, capacity)?;
         let mut state = Progress {
             tensors_done: 0,
             tensors_total: entries.len(),
@@ -177,63 +181,22 @@ impl<'a> Converter<'a> {
         };
         progress(state);
         self.ckpt.advise_sequential();
-
-        // Two buffers circulate: the backend fills one while the writer thread drains
-        // the other, so compute and disk writes overlap.
-        let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
-        let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(2);
-        for _ in 0..2 {
-            // Capacity only: the backend writes every byte of the band it is given.
-            let _ = empty_tx.send(Vec::new());
+        // Each band is computed straight into the writer's block buffer; the writer's
+        // thread writes full blocks while the backend fills the next one.
+        for entry in &self.plan.entries {
+            let g = self.gather(entry)?;
+            let src = self.source_bytes(entry);
+            for (_, piece) in g.split(band) {
+                let len = piece.out_bytes();
+                self.backend.gather(&piece, src, writer.reserve(len)?)?;
+                state.bytes_done += len as u64;
+                progress(state);
+            }
+            self.release(entry);
+            state.tensors_done += 1;
+            progress(state);
         }
-        let band = self.band_bytes;
-        let result = std::thread::scope(|scope| -> Result<()> {
-            let writer_thread = scope.spawn(move || -> Result<SafetensorsWriter> {
-                for (buf, len) in full_rx {
-                    writer.write(&buf[..len])?;
-                    if empty_tx.send(buf).is_err() {
-                        break;
-                    }
-                }
-                Ok(writer)
-            });
-            let produced = (|| -> Result<()> {
-                for entry in &self.plan.entries {
-                    let g = self.gather(entry)?;
-                    let src = self.source_bytes(entry);
-                    for (_, piece) in g.split(band) {
-                        let Ok(mut buf) = empty_rx.recv() else {
-                            // The writer stopped: its error is reported below.
-                            return Ok(());
-                        };
-                        let len = piece.out_bytes();
-                        if buf.len() < len {
-                            buf.resize(len, 0);
-                        }
-                        let filled = buf.get_mut(..len).ok_or_else(|| Error::Layout {
-                            detail: "band buffer too small".to_string(),
-                        })?;
-                        self.backend.gather(&piece, src, filled)?;
-                        if full_tx.send((buf, len)).is_err() {
-                            return Ok(());
-                        }
-                        state.bytes_done += len as u64;
-                        progress(state);
-                    }
-                    self.release(entry);
-                    state.tensors_done += 1;
-                    progress(state);
-                }
-                Ok(())
-            })();
-            drop(full_tx);
-            let written = writer_thread.join().map_err(|_| Error::Layout {
-                detail: "the writer thread panicked".to_string(),
-            })?;
-            produced?;
-            written?.finish()
-        });
-        result?;
+        writer.finish()?;
         Ok(ConvertReport {
             tensors: entries.len(),
             bytes: state.bytes_total,

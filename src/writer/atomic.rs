@@ -14,6 +14,7 @@ pub struct AtomicFile {
     target: PathBuf,
     temp: PathBuf,
     file: Option<File>,
+    direct: bool,
 }
 
 impl AtomicFile {
@@ -57,7 +58,36 @@ impl AtomicFile {
             target: target.to_path_buf(),
             temp,
             file: Some(file),
+            direct: false,
         })
+    }
+
+    /// Switches the temporary file to direct I/O (`O_DIRECT`: writes bypass the page
+    /// cache) where the platform and file system support it; returns whether it did.
+    /// Every later write must then be aligned to [`super::stream::BLOCK`].
+    pub fn try_direct(&mut self) -> bool {
+        #[cfg(target_os = "linux")]
+        if let Some(file) = &self.file {
+            use std::os::fd::AsRawFd;
+            let fd = file.as_raw_fd();
+            // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            // SAFETY: as above; a file system without direct I/O answers EINVAL and the
+            // descriptor stays as it was.
+            self.direct = flags >= 0
+                && unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } == 0;
+        }
+        self.direct
+    }
+
+    /// Whether writes bypass the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The temporary file's path.
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
     }
 
     /// The final path.

@@ -2,6 +2,8 @@
 
 mod atomic;
 mod safetensors;
+pub mod stream;
 
 pub use atomic::AtomicFile;
 pub use safetensors::{HeaderEntry, SafetensorsWriter};
+pub use stream::BlockStream;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use super::AtomicFile;
+use super::{AtomicFile, BlockStream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -28,11 +28,17 @@ impl HeaderEntry {
     }
 }
 
+/// Bytes the writer buffers per block when no capacity is given.
+pub const DEFAULT_BLOCK_BYTES: usize = 8 << 20;
+
 /// Writes a safetensors file tensor by tensor; nothing appears at the target path until
-/// [`SafetensorsWriter::finish`] succeeds.
+/// [`SafetensorsWriter::finish`] succeeds. Bytes go through a [`BlockStream`]: a
+/// background thread writes full blocks (with `O_DIRECT` where possible) while the
+/// caller fills the next one.
 #[derive(Debug)]
 pub struct SafetensorsWriter {
     out: AtomicFile,
+    stream: BlockStream,
     /// Byte size of each tensor, in header order.
     sizes: Vec<usize>,
     /// Index of the tensor being written and bytes of it written so far.
@@ -48,45 +54,52 @@ impl SafetensorsWriter {
         metadata: &BTreeMap<String, String>,
         force: bool,
     ) -> Result<SafetensorsWriter> {
+        SafetensorsWriter::with_capacity(path, entries, metadata, force, DEFAULT_BLOCK_BYTES)
+    }
+
+    /// [`SafetensorsWriter::create`] whose [`SafetensorsWriter::reserve`] hands out up to
+    /// `capacity` bytes at a time.
+    pub fn with_capacity(
+        path: &Path,
+        entries: &[HeaderEntry],
+        metadata: &BTreeMap<String, String>,
+        force: bool,
+        capacity: usize,
+    ) -> Result<SafetensorsWriter> {
         let header = header_bytes(entries, metadata);
         let mut out = AtomicFile::create(path, force)?;
-        out.write_all(&(header.len() as u64).to_le_bytes())?;
-        out.write_all(&header)?;
+        let direct = out.try_direct();
+        let file = out.file()?.try_clone().map_err(|e| Error::io(path, e))?;
+        let mut stream = BlockStream::new(out.temp_path(), file, direct, capacity)?;
+        stream.write_all(&(header.len() as u64).to_le_bytes())?;
+        stream.write_all(&header)?;
         let mut w = SafetensorsWriter {
             out,
+            stream,
             sizes: entries.iter().map(HeaderEntry::bytes).collect(),
             current: 0,
             written: 0,
         };
-        w.skip_empty();
+        w.skip_finished();
         Ok(w)
+    }
+
+    /// Whether the output bypasses the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.out.is_direct()
+    }
+
+    /// The next `len` bytes of the current tensor, for the caller to fill in place before
+    /// its next call (no copy); `len` is at most the writer's capacity.
+    pub fn reserve(&mut self, len: usize) -> Result<&mut [u8]> {
+        self.account(len)?;
+        self.stream.reserve(len)
     }
 
     /// Appends the next bytes of the current tensor (a whole tensor or a piece of it).
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let left = self
-            .sizes
-            .get(self.current)
-            .map_or(0, |&size| size - self.written);
-        if bytes.len() > left {
-            return Err(Error::io(
-                self.out.target(),
-                std::io::Error::other(format!(
-                    "writer got {} bytes for tensor #{} with {left} bytes left",
-                    bytes.len(),
-                    self.current
-                )),
-            ));
-        }
-        self.out.write_all(bytes)?;
-        self.written += bytes.len();
-        self.skip_empty();
-        Ok(())
-    }
-
-    /// The open output file, for callers that write with their own calls (e.g. `pwrite`).
-    pub fn atomic_file(&mut self) -> &mut AtomicFile {
-        &mut self.out
+        self.account(bytes.len())?;
+        self.stream.write_all(bytes)
     }
 
     /// Checks every tensor was written in full, then commits the file.
@@ -101,11 +114,35 @@ impl SafetensorsWriter {
                 )),
             ));
         }
+        self.stream.finish()?;
         self.out.commit()
     }
 
+    /// Counts `len` more bytes against the tensors of the header.
+    fn account(&mut self, mut len: usize) -> Result<()> {
+        let left: usize = self
+            .sizes
+            .get(self.current..)
+            .map_or(0, |rest| rest.iter().sum::<usize>() - self.written);
+        if len > left {
+            return Err(Error::io(
+                self.out.target(),
+                std::io::Error::other(format!(
+                    "writer got {len} bytes with {left} bytes of tensor data left"
+                )),
+            ));
+        }
+        while len > 0 {
+            let in_this = (self.sizes[self.current] - self.written).min(len);
+            self.written += in_this;
+            len -= in_this;
+            self.skip_finished();
+        }
+        Ok(())
+    }
+
     /// Moves past finished (and zero-byte) tensors.
-    fn skip_empty(&mut self) {
+    fn skip_finished(&mut self) {
         while self
             .sizes
             .get(self.current)
