@@ -120,12 +120,23 @@ impl<'a> Converter<'a> {
                 ),
             });
         }
+        self.run_entry(entry, &g, src, &mut &mut *dst, &mut |_| {})
+    }
+
+    /// Runs one tensor band by band, each band computed in place into the slice `sink`
+    /// hands out for it; `done` hears the bytes of every finished band.
+    fn run_entry(
+        &self,
+        entry: &PlanEntry,
+        g: &Gather,
+        src: &[u8],
+        sink: &mut dyn BandSink,
+        done: &mut dyn FnMut(usize),
+    ) -> Result<()> {
         for (at, piece) in g.split(self.band_bytes) {
-            let end = at + piece.out_bytes();
-            let band = dst.get_mut(at..end).ok_or_else(|| Error::Layout {
-                detail: "band outside the output buffer".to_string(),
-            })?;
-            self.backend.gather(&piece, src, band)?;
+            let len = piece.out_bytes();
+            self.backend.gather(&piece, src, sink.band(at, len)?)?;
+            done(len);
         }
         self.release(entry);
         Ok(())
@@ -186,13 +197,10 @@ impl<'a> Converter<'a> {
         for entry in &self.plan.entries {
             let g = self.gather(entry)?;
             let src = self.source_bytes(entry);
-            for (_, piece) in g.split(band) {
-                let len = piece.out_bytes();
-                self.backend.gather(&piece, src, writer.reserve(len)?)?;
+            self.run_entry(entry, &g, src, &mut writer, &mut |len| {
                 state.bytes_done += len as u64;
                 progress(state);
-            }
-            self.release(entry);
+            })?;
             state.tensors_done += 1;
             progress(state);
         }
@@ -221,6 +229,27 @@ impl<'a> Converter<'a> {
                 self.ckpt.release(t);
             }
         }
+    }
+}
+
+/// Where the bands of a tensor go.
+trait BandSink {
+    /// The slice for the band of `len` bytes at byte `at` of the tensor.
+    fn band(&mut self, at: usize, len: usize) -> Result<&mut [u8]>;
+}
+
+impl BandSink for SafetensorsWriter {
+    fn band(&mut self, _at: usize, len: usize) -> Result<&mut [u8]> {
+        self.reserve(len)
+    }
+}
+
+impl BandSink for &mut [u8] {
+    fn band(&mut self, at: usize, len: usize) -> Result<&mut [u8]> {
+        let end = at.checked_add(len).unwrap_or(usize::MAX);
+        self.get_mut(at..end).ok_or_else(|| Error::Layout {
+            detail: format!("band {at}..{end} outside the output buffer"),
+        })
     }
 }
 
