@@ -246,7 +246,7 @@ impl BandSink for SafetensorsWriter {
 
 impl BandSink for &mut [u8] {
     fn band(&mut self, at: usize, len: usize) -> Result<&mut [u8]> {
-        let end = at.checked_add(len).unwrap_or(usize::MAX);
+        let end = at.saturating_add(len);
         self.get_mut(at..end).ok_or_else(|| Error::Layout {
             detail: format!("band {at}..{end} outside the output buffer"),
         })
