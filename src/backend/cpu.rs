@@ -529,7 +529,7 @@ mod sse2 {
             std::array::from_fn(|j| std::array::from_fn(|q| load(src, s0 + j * sc + q * K)));
         for (rq, rg) in (0..B).step_by(K).enumerate() {
             let line: [[__m128i; K]; SQUARES] = std::array::from_fn(|q| {
-                square::<K>(std::array::from_fn(|j| runs[q * K + j][rq]), N)
+                square::<N, K>(std::array::from_fn(|j| runs[q * K + j][rq]))
             });
             for i in 0..K {
                 for (q, sq) in line.iter().enumerate() {
@@ -541,9 +541,9 @@ mod sse2 {
 
     /// Transposes a `K × K` square of `elem`-byte elements held one row per vector.
     #[inline(always)]
-    fn square<const K: usize>(mut v: [__m128i; K], elem: usize) -> [__m128i; K] {
+    fn square<const N: usize, const K: usize>(mut v: [__m128i; K]) -> [__m128i; K] {
         // Round with half-distance h: within groups of 2h, pair j with j + h.
-        let mut width = elem;
+        let mut width = N;
         let mut h = 1;
         while h < K {
             let mut w = v;
