@@ -13,6 +13,8 @@ const SMALL: Tuning = Tuning {
     par_threshold: 1024,
     par_chunk: 256,
     tile_bytes: 64,
+    // Every transpose that can stream does, so the grid covers the streaming path.
+    stream_threshold: 0,
 };
 
 /// Byte an output buffer starts as, so unwritten bytes show (the oracle starts as its
@@ -444,6 +446,42 @@ fn cpu_default_knobs_match_reference_past_real_thresholds() {
         let g = Gather::from_parts(es, vec![n], vec![1], 1);
         let src = storage_for(&g, 0, seed);
         assert_matches_reference(&cpu, &g, &src, &format!("default copy {n} es {es}"));
+    }
+}
+
+/// Streaming transposes need output rows that are whole cache lines and shift their
+/// micro-blocks onto line boundaries: every output alignment, row counts around the
+/// micro-block and widths of one and several lines, against the reference.
+#[test]
+fn cpu_streaming_transposes_match_reference_at_every_output_alignment() {
+    let cpu = Cpu::new().with_tuning(SMALL);
+    let mut seed = 9500;
+    for es in ELEM_SIZES {
+        let b = micro_block(es);
+        let line = 64 / es;
+        for cols in [line, 2 * line, 3 * line + line] {
+            for rows in [1, b - 1, b, b + 1, 2 * b + 3] {
+                seed += 1;
+                let g = Gather::from_parts(es, vec![rows, cols], vec![1, rows + 1], 3);
+                let src = storage_for(&g, 2, seed);
+                let mut want = vec![0u8; g.out_bytes()];
+                Reference.gather(&g, &src, &mut want).expect("reference");
+                // Over-allocate and slide the output window through every element offset
+                // of a line.
+                let mut backing = vec![GARBAGE; g.out_bytes() + 64];
+                let base = backing.as_ptr() as usize;
+                for shift in (0..64).step_by(es) {
+                    let at = (64 - base % 64 + shift) % 64;
+                    backing.fill(GARBAGE);
+                    let out = &mut backing[at..at + g.out_bytes()];
+                    cpu.gather(&g, &src, out).expect("gather");
+                    assert!(
+                        out == &want[..],
+                        "streaming transpose {rows}x{cols} es {es} at line offset {shift} differs"
+                    );
+                }
+            }
+        }
     }
 }
 

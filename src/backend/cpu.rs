@@ -27,6 +27,15 @@ pub const PAR_CHUNK: usize = 512 * 1024;
 /// whole lines, so the tile need not fit L1.
 pub const TILE_BYTES: usize = 1024;
 
+/// Output bytes from which a transpose writes with non-temporal stores: larger outputs
+/// do not stay in the last-level cache anyway, and streaming them skips the read for
+/// ownership of every output line (a third of the DRAM traffic).
+pub const STREAM_THRESHOLD: usize = 16 * 1024 * 1024;
+
+/// How many micro-blocks ahead a transpose prefetches its source runs: two hides DRAM
+/// latency on 64 MiB transposes (one and four measured lower).
+pub const PREFETCH_BLOCKS: usize = 2;
+
 /// Knobs of the CPU backend; tests shrink them so small tensors cross every threshold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
@@ -36,6 +45,8 @@ pub struct Tuning {
     pub par_chunk: usize,
     /// Transpose tile side in bytes (rounded to whole micro-blocks, at least one).
     pub tile_bytes: usize,
+    /// Output bytes from which transposes use non-temporal stores where they can.
+    pub stream_threshold: usize,
 }
 
 impl Tuning {
@@ -53,6 +64,7 @@ impl Default for Tuning {
             par_threshold: PAR_THRESHOLD,
             par_chunk: PAR_CHUNK,
             tile_bytes: TILE_BYTES,
+            stream_threshold: STREAM_THRESHOLD,
         }
     }
 }
@@ -273,13 +285,30 @@ fn transpose<const N: usize, const B: usize>(
     let (rows, cols) = (g.shape[rank - 2], g.shape[rank - 1]);
     let (sr, sc) = (g.strides[rank - 2], g.strides[rank - 1]);
     let plane = rows * cols;
+    // Streaming needs every output row to start at the same offset in its cache line,
+    // so one column shift aligns every micro-block row to a whole line.
+    let stream = cfg!(target_arch = "x86_64")
+        && sr == 1
+        && dst.len() * N >= t.stream_threshold
+        && (cols * N) % LINE == 0;
     let band = |plane_idx: usize, r0: usize, out: &mut [[u8; N]]| {
         let base = row_base(g, plane_idx * rows) + r0 * sr;
-        let p = Plane { base, sr, sc, cols };
-        if sr == 1 {
-            tiles::<N, B, true>(src, out, &p, tile);
+        let misalign = out.as_ptr() as usize % LINE;
+        let head = (LINE - misalign) % LINE / N;
+        let p = Plane {
+            base,
+            sr,
+            sc,
+            cols,
+            head: 0,
+        };
+        if stream && misalign % N == 0 && head < cols {
+            tiles::<N, B, true, true>(src, out, &Plane { head, ..p }, tile);
+            fence();
+        } else if sr == 1 {
+            tiles::<N, B, true, false>(src, out, &p, tile);
         } else {
-            tiles::<N, B, false>(src, out, &p, tile);
+            tiles::<N, B, false, false>(src, out, &p, tile);
         }
     };
     if parallel {
@@ -299,15 +328,29 @@ fn transpose<const N: usize, const B: usize>(
     }
 }
 
+/// Bytes in a cache line.
+const LINE: usize = 64;
+
+/// Orders this thread's non-temporal stores before whatever signals the band is done.
+fn fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: sfence only needs SSE, which every x86_64 CPU has.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    }
+}
+
 /// One band of a plane: output rows starting at source element `base`.
 struct Plane {
     base: usize,
     sr: usize,
     sc: usize,
     cols: usize,
+    /// Leading columns done element by element so micro-blocks start on a cache line.
+    head: usize,
 }
 
-fn tiles<const N: usize, const B: usize, const UNIT_ROWS: bool>(
+fn tiles<const N: usize, const B: usize, const UNIT_ROWS: bool, const STREAM: bool>(
     src: &[[u8; N]],
     out: &mut [[u8; N]],
     p: &Plane,
@@ -316,29 +359,32 @@ fn tiles<const N: usize, const B: usize, const UNIT_ROWS: bool>(
     let cols = p.cols;
     let rows = out.len() / cols;
     let sr = if UNIT_ROWS { 1 } else { p.sr };
+    let head = p.head.min(cols);
     for rt in (0..rows).step_by(tile) {
         let rh = tile.min(rows - rt);
-        for ct in (0..cols).step_by(tile) {
-            let cw = tile.min(cols - ct);
-            let mut c = ct;
-            while c < ct + cw {
-                let bw = B.min(ct + cw - c);
-                let mut r = rt;
-                while r < rt + rh {
-                    let bh = B.min(rt + rh - r);
-                    let s0 = p.base + r * sr + c * p.sc;
-                    if bw == B && bh == B {
-                        micro::<N, B, UNIT_ROWS>(src, out, s0, sr, p.sc, r * cols + c, cols);
-                    } else {
-                        for i in 0..bh {
-                            for j in 0..bw {
-                                out[(r + i) * cols + c + j] = src[s0 + i * sr + j * p.sc];
-                            }
+        let col_tiles = std::iter::once((0, head)).chain(
+            (head..cols)
+                .step_by(tile)
+                .map(|ct| (ct, tile.min(cols - ct))),
+        );
+        for (ct, cw) in col_tiles {
+            let blk = |r: usize, c: usize, bh: usize, bw: usize, out: &mut [[u8; N]]| {
+                let s0 = p.base + r * sr + c * p.sc;
+                if bw == B && bh == B {
+                    micro::<N, B, UNIT_ROWS, STREAM>(src, out, s0, sr, p.sc, r * cols + c, cols);
+                } else {
+                    for i in 0..bh {
+                        for j in 0..bw {
+                            out[(r + i) * cols + c + j] = src[s0 + i * sr + j * p.sc];
                         }
                     }
-                    r += bh;
                 }
-                c += bw;
+            };
+            for c in (ct..ct + cw).step_by(B) {
+                let bw = B.min(ct + cw - c);
+                for r in (rt..rt + rh).step_by(B) {
+                    blk(r, c, B.min(rt + rh - r), bw, out);
+                }
             }
         }
     }
@@ -346,7 +392,7 @@ fn tiles<const N: usize, const B: usize, const UNIT_ROWS: bool>(
 
 /// A full `B × B` block: gather source columns into registers, write output rows.
 #[inline(always)]
-fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool>(
+fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool, const STREAM: bool>(
     src: &[[u8; N]],
     out: &mut [[u8; N]],
     s0: usize,
@@ -357,7 +403,7 @@ fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if UNIT_ROWS {
-        sse2::block::<N, B>(src, out, s0, sc, d0, cols);
+        sse2::block::<N, B, STREAM>(src, out, s0, sc, d0, cols);
         return;
     }
     let mut blk = [[[0u8; N]; B]; B];
@@ -386,9 +432,10 @@ fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool>(
 #[cfg(target_arch = "x86_64")]
 mod sse2 {
     use std::arch::x86_64::{
-        __m128i, _mm_loadu_si128, _mm_storeu_si128, _mm_unpackhi_epi16, _mm_unpackhi_epi32,
-        _mm_unpackhi_epi64, _mm_unpackhi_epi8, _mm_unpacklo_epi16, _mm_unpacklo_epi32,
-        _mm_unpacklo_epi64, _mm_unpacklo_epi8,
+        __m128i, _mm_loadu_si128, _mm_prefetch, _mm_storeu_si128, _mm_stream_si128,
+        _mm_unpackhi_epi16, _mm_unpackhi_epi32, _mm_unpackhi_epi64, _mm_unpackhi_epi8,
+        _mm_unpacklo_epi16, _mm_unpacklo_epi32, _mm_unpacklo_epi64, _mm_unpacklo_epi8,
+        _MM_HINT_NTA,
     };
 
     #[inline(always)]
@@ -400,11 +447,17 @@ mod sse2 {
     }
 
     #[inline(always)]
-    fn store<const N: usize>(d: &mut [[u8; N]], at: usize, v: __m128i) {
+    fn store<const N: usize, const STREAM: bool>(d: &mut [[u8; N]], at: usize, v: __m128i) {
         let run = &mut d[at..at + 16 / N];
-        // SAFETY: `run` is a bounds-checked, exclusively borrowed slice of exactly 16
-        // bytes and the unaligned store has no alignment requirement.
-        unsafe { _mm_storeu_si128(run.as_mut_ptr().cast(), v) }
+        let ptr: *mut __m128i = run.as_mut_ptr().cast();
+        if STREAM && ptr as usize % 16 == 0 {
+            // SAFETY: `run` is a bounds-checked, exclusively borrowed slice of exactly
+            // 16 bytes, and the pointer was just checked to be 16-byte aligned.
+            unsafe { _mm_stream_si128(ptr, v) }
+        } else {
+            // SAFETY: as above; the unaligned store has no alignment requirement.
+            unsafe { _mm_storeu_si128(ptr, v) }
+        }
     }
 
     /// Interleaves the low (or high) halves of `a` and `b` in units of `width` bytes.
@@ -428,7 +481,7 @@ mod sse2 {
     /// A `B × B` block as `(B / K)²` squares of `K = 16 / N`; each square reads `K`
     /// source runs (columns of the output) and writes `K` output rows.
     #[inline(always)]
-    pub(super) fn block<const N: usize, const B: usize>(
+    pub(super) fn block<const N: usize, const B: usize, const STREAM: bool>(
         src: &[[u8; N]],
         out: &mut [[u8; N]],
         s0: usize,
@@ -438,15 +491,15 @@ mod sse2 {
     ) {
         // Fixed-size arrays per K keep every vector in a register.
         match N {
-            1 => squares::<N, B, 16>(src, out, s0, sc, d0, cols),
-            2 => squares::<N, B, 8>(src, out, s0, sc, d0, cols),
-            4 => squares::<N, B, 4>(src, out, s0, sc, d0, cols),
-            _ => squares::<N, B, 2>(src, out, s0, sc, d0, cols),
+            1 => squares::<N, B, 16, STREAM>(src, out, s0, sc, d0, cols),
+            2 => squares::<N, B, 8, STREAM>(src, out, s0, sc, d0, cols),
+            4 => squares::<N, B, 4, STREAM>(src, out, s0, sc, d0, cols),
+            _ => squares::<N, B, 2, STREAM>(src, out, s0, sc, d0, cols),
         }
     }
 
     #[inline(always)]
-    fn squares<const N: usize, const B: usize, const K: usize>(
+    fn squares<const N: usize, const B: usize, const K: usize, const STREAM: bool>(
         src: &[[u8; N]],
         out: &mut [[u8; N]],
         s0: usize,
@@ -454,30 +507,57 @@ mod sse2 {
         d0: usize,
         cols: usize,
     ) {
-        for cg in (0..B).step_by(K) {
-            for rg in (0..B).step_by(K) {
-                let mut v: [__m128i; K] =
-                    std::array::from_fn(|j| load(src, s0 + rg + (cg + j) * sc));
-                // Round with half-distance h: within groups of 2h, pair j with j + h.
-                let mut width = N;
-                let mut h = 1;
-                while h < K {
-                    let mut w = v;
-                    for g in (0..K).step_by(2 * h) {
-                        for j in 0..h {
-                            let (a, b) = (v[g + j], v[g + j + h]);
-                            w[g + 2 * j] = unpack(false, width, a, b);
-                            w[g + 2 * j + 1] = unpack(true, width, a, b);
-                        }
-                    }
-                    v = w;
-                    width *= 2;
-                    h *= 2;
-                }
-                for (i, row) in v.iter().enumerate() {
-                    store(out, d0 + (rg + i) * cols + cg, *row);
+        // A block row is one cache line of 4 squares side by side; all 4 squares are
+        // transposed before any store so each output line is written in one go, which
+        // streaming stores need to fill a write-combining buffer at once.
+        const SQUARES: usize = super::LINE / 16;
+        debug_assert_eq!(B, SQUARES * K);
+        // Source runs are 64 bytes at a stride that is often a multiple of 4 KiB, so
+        // their lines share one L1 set and would be evicted between the 4 squares that
+        // use each; copying each whole line once into registers or the stack avoids it.
+        // The next blocks down the same source runs: the hardware prefetcher loses
+        // track of 16+ interleaved streams, and NTA keeps them out of the L1 set that
+        // power-of-two strides would thrash.
+        for j in 0..B {
+            let ahead = src
+                .as_ptr()
+                .wrapping_add(s0 + j * sc + super::PREFETCH_BLOCKS * B);
+            // SAFETY: prefetching never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_NTA>(ahead.cast()) }
+        }
+        let runs: [[__m128i; SQUARES]; B] =
+            std::array::from_fn(|j| std::array::from_fn(|q| load(src, s0 + j * sc + q * K)));
+        for (rq, rg) in (0..B).step_by(K).enumerate() {
+            let line: [[__m128i; K]; SQUARES] = std::array::from_fn(|q| {
+                square::<N, K>(std::array::from_fn(|j| runs[q * K + j][rq]))
+            });
+            for i in 0..K {
+                for (q, sq) in line.iter().enumerate() {
+                    store::<N, STREAM>(out, d0 + (rg + i) * cols + q * K, sq[i]);
                 }
             }
         }
+    }
+
+    /// Transposes a `K × K` square of `elem`-byte elements held one row per vector.
+    #[inline(always)]
+    fn square<const N: usize, const K: usize>(mut v: [__m128i; K]) -> [__m128i; K] {
+        // Round with half-distance h: within groups of 2h, pair j with j + h.
+        let mut width = N;
+        let mut h = 1;
+        while h < K {
+            let mut w = v;
+            for g in (0..K).step_by(2 * h) {
+                for j in 0..h {
+                    let (a, b) = (v[g + j], v[g + j + h]);
+                    w[g + 2 * j] = unpack(false, width, a, b);
+                    w[g + 2 * j + 1] = unpack(true, width, a, b);
+                }
+            }
+            v = w;
+            width *= 2;
+            h *= 2;
+        }
+        v
     }
 }
