@@ -66,7 +66,8 @@ fn kernels(c: &mut Criterion) {
     for (name, g) in cases() {
         let src = pattern(g.out_bytes());
         let kind = Gpu::kernel_for(&g);
-        let copy = Gather::from_parts(1, vec![g.out_bytes()], vec![1], 0);
+        // Same element size: copy.wgsl then has transpose2d.wgsl's dispatch shape.
+        let copy = Gather::from_parts(g.elem_size, vec![g.len()], vec![1], 0);
         let (Ok(k), Ok(base)) = (
             gpu.resident(&g, &src, kind),
             gpu.resident(&copy, &src, KernelKind::Copy),

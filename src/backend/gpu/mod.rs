@@ -343,10 +343,10 @@ impl Gpu {
         let mapped = match kernel {
             Some(choose) => {
                 let kind = choose(g);
-                let d = kernel::dispatch(g, kind)?;
+                let d = kernel::dispatch(g, kind, self.max_groups)?;
                 self.queue
                     .write_buffer(&slot.params, 0, bytemuck::cast_slice(&d.params));
-                let (x, y, z) = kernel::split_groups(d.groups, self.max_groups)?;
+                let (x, y, z) = d.groups;
                 {
                     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: Some("gather"),
@@ -453,8 +453,8 @@ impl Gpu {
     #[doc(hidden)]
     pub fn resident(&self, g: &Gather, src: &[u8], kind: KernelKind) -> Result<Resident<'_>> {
         use wgpu::BufferUsages as U;
-        let d = kernel::dispatch(g, kind)?;
-        let groups = kernel::split_groups(d.groups, self.max_groups)?;
+        let d = kernel::dispatch(g, kind, self.max_groups)?;
+        let groups = d.groups;
         let in_bytes = (src.len() as u64).next_multiple_of(4).max(4);
         let out_bytes = (g.out_bytes() as u64).next_multiple_of(4).max(4);
         if in_bytes.max(out_bytes) > self.binding as u64 {
@@ -575,6 +575,16 @@ impl Backend for Gpu {
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {
         check_buffers(g, src, dst)?;
         if g.is_empty() {
+            return Ok(());
+        }
+        if g.is_copy() {
+            // One contiguous run: a round trip through the device would move the same
+            // bytes three times over for nothing (copy.wgsl is tested on its own).
+            let start = g.offset * g.elem_size;
+            let from = src
+                .get(start..start + dst.len())
+                .ok_or_else(|| gpu_err("copy source outside the source"))?;
+            dst.copy_from_slice(from);
             return Ok(());
         }
         self.stream(g, src, dst, Some(kernel::choose))
