@@ -33,6 +33,14 @@ override ESIZE: u32 = 4u;
 // Words a block spans: one per element row of the block (ESIZE <= 4) or the pair.
 override PLANES: u32 = select(select(4u / ESIZE, 1u, ESIZE == 4u), 2u, ESIZE == 8u);
 // Elements per source word K = 1 << KSHIFT (an 8-byte element counts as its two words).
+// Stage the tile through workgroup memory so both the reads and the writes of a warp are
+// contiguous (GPUs); off, each block is written straight from registers (CPU adapters,
+// where a lane's access costs the same anywhere and the staging doubles the memory ops).
+override STAGED: bool = true;
+// Some batch starts off the word grid (sb or the base not a multiple of K): read words
+// through `load`'s funnel shift. A separate pipeline, because on CPU adapters the
+// untaken shift path still costs its masked loads.
+override SHIFTED: bool = false;
 override KSHIFT: u32 = select(select(0u, 1u, ESIZE == 2u), 2u, ESIZE == 1u);
 
 struct Params {
@@ -66,7 +74,7 @@ var<workgroup> tile: array<u32, 4224>;
 
 // Source word i, or for a batch off the word grid the word starting `sh` bits into word i.
 fn load(i: u32, sh: u32) -> u32 {
-    if sh == 0u {
+    if !SHIFTED || sh == 0u {
         return src[i];
     }
     // The high word may lie past the window only where its bits belong to elements past
@@ -112,13 +120,26 @@ fn main(
                 for (var p = 0u; p < PLANES; p = p + 1u) {
                     w[p] = load(s + p * params.s_plane, sh);
                 }
-                let slot = (ty + 8u * m) * PITCH + tx;
-                for (var p = 0u; p < PLANES; p = p + 1u) {
-                    tile[p * PLANE_WORDS + slot] = shuffle(w, p);
+                if STAGED {
+                    let slot = (ty + 8u * m) * PITCH + tx;
+                    for (var p = 0u; p < PLANES; p = p + 1u) {
+                        tile[p * PLANE_WORDS + slot] = shuffle(w, p);
+                    }
+                } else {
+                    let d = wid.z * params.d_batch + col * params.d_col + row * params.d_row;
+                    for (var p = 0u; p < PLANES; p = p + 1u) {
+                        let elem = select(col * PLANES + p, col, ESIZE == 8u);
+                        if elem < params.cols_elems {
+                            dst[d + p * params.d_plane] = shuffle(w, p);
+                        }
+                    }
                 }
             }
             s = s + step;
         }
+    }
+    if !STAGED {
+        return;
     }
     workgroupBarrier();
 

@@ -35,8 +35,9 @@ fn per_word(elem_size: usize) -> usize {
 pub enum KernelKind {
     /// gather.wgsl, any strides.
     Gather,
-    /// transpose2d.wgsl: a batched 2-D transpose ([`Plane2d`]).
-    Transpose2d,
+    /// transpose2d.wgsl: a batched 2-D transpose ([`Plane2d`]); `shifted` when some
+    /// batch of sub-word elements starts off the word grid.
+    Transpose2d { shifted: bool },
     /// transpose.wgsl around the stride-1 axis `axis`, for the rank-4+ transposes
     /// transpose2d.wgsl does not take.
     Transpose { axis: usize },
@@ -116,6 +117,7 @@ impl Plane2d {
     }
 }
 
+const STAGED: f64 = 0.0;
 /// Block rows and columns of one transpose2d.wgsl workgroup tile.
 const TILE2D: usize = 32;
 
@@ -136,8 +138,10 @@ pub fn choose(g: &Gather) -> KernelKind {
     if rank < 2 || g.strides[rank - 1] == 1 {
         return KernelKind::Gather;
     }
-    if Plane2d::of(g).is_some() {
-        return KernelKind::Transpose2d;
+    if let Some(p) = Plane2d::of(g) {
+        let k = per_word(g.elem_size);
+        let shifted = p.offset % k != 0 || (p.batch > 1 && p.sb % k != 0);
+        return KernelKind::Transpose2d { shifted };
     }
     let Some(axis) = (0..rank - 1).rev().find(|&k| g.strides[k] == 1) else {
         return KernelKind::Gather;
@@ -168,7 +172,7 @@ fn to_u32(v: usize, what: &str) -> Result<u32> {
 /// most `max_groups` workgroups per dimension. `Copy` reads `g.out_bytes()` rounded up
 /// to words.
 pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatch> {
-    if kind == KernelKind::Transpose2d {
+    if let KernelKind::Transpose2d { .. } = kind {
         return dispatch_2d(g);
     }
     let (shape, strides) = if g.shape.is_empty() {
@@ -218,7 +222,7 @@ pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatc
             p[1] = to_u32(words as usize, "word count")?;
             words.div_ceil(COPY_WORDS_PER_GROUP * planes(g.elem_size) as u64)
         }
-        KernelKind::Transpose2d => 0,
+        KernelKind::Transpose2d { .. } => 0,
     };
     Ok(Dispatch {
         params: p,
@@ -300,7 +304,7 @@ pub struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     gather: [wgpu::ComputePipeline; 4],
     transpose: [wgpu::ComputePipeline; 4],
-    transpose_2d: [wgpu::ComputePipeline; 4],
+    transpose_2d: [[wgpu::ComputePipeline; 4]; 2],
     copy: [wgpu::ComputePipeline; 4],
 }
 
@@ -378,7 +382,15 @@ impl Kernels {
         Kernels {
             gather: per_size(&gather_module, "gather"),
             transpose: per_size(&transpose_module, "transpose"),
-            transpose_2d: per_size(&transpose_2d_module, "transpose2d"),
+            transpose_2d: [0.0, 1.0].map(|shifted| {
+                [1.0, 2.0, 4.0, 8.0].map(|es| {
+                    pipeline(
+                        &transpose_2d_module,
+                        "transpose2d",
+                        &[("ESIZE", es), ("STAGED", STAGED), ("SHIFTED", shifted)],
+                    )
+                })
+            }),
             copy: [1, 2, 4, 8].map(|es| {
                 pipeline(&copy_module, "copy", &[("PLANES", planes(es) as f64)])
             }),
@@ -391,7 +403,7 @@ impl Kernels {
         match kind {
             KernelKind::Gather => &self.gather[i],
             KernelKind::Transpose { .. } => &self.transpose[i],
-            KernelKind::Transpose2d => &self.transpose_2d[i],
+            KernelKind::Transpose2d { shifted } => &self.transpose_2d[usize::from(shifted)][i],
             KernelKind::Copy => &self.copy[i],
         }
     }
@@ -404,23 +416,23 @@ mod tests {
     #[test]
     fn batched_2d_transposes_pick_transpose2d_and_the_rest_fall_back() {
         let t = Gather::from_parts(4, vec![5, 7], vec![1, 5], 0);
-        assert_eq!(choose(&t), KernelKind::Transpose2d);
+        assert_eq!(choose(&t), KernelKind::Transpose2d { shifted: false });
         let rows = Gather::from_parts(4, vec![5, 7], vec![9, 1], 0);
         assert_eq!(choose(&rows), KernelKind::Gather);
         // Odd rows of bytes would share output words between blocks.
         let odd = Gather::from_parts(1, vec![5, 7], vec![1, 5], 0);
         assert_eq!(choose(&odd), KernelKind::Gather);
         let even = Gather::from_parts(1, vec![5, 8], vec![1, 8], 0);
-        assert_eq!(choose(&even), KernelKind::Transpose2d);
+        assert_eq!(choose(&even), KernelKind::Transpose2d { shifted: false });
         // A source row pitch off the word grid: the general tiled kernel.
         let pitch = Gather::from_parts(2, vec![5, 8], vec![1, 7], 0);
         assert_eq!(choose(&pitch), KernelKind::Transpose { axis: 0 });
         // An offset off the word grid is a shifted batch.
         let offset = Gather::from_parts(2, vec![5, 8], vec![1, 8], 1);
-        assert_eq!(choose(&offset), KernelKind::Transpose2d);
+        assert_eq!(choose(&offset), KernelKind::Transpose2d { shifted: true });
         // OIHW -> HWIO: [HW, I, O] with strides [1, HW, I*HW].
         let conv = Gather::from_parts(2, vec![9, 4, 6], vec![1, 9, 36], 0);
-        assert_eq!(choose(&conv), KernelKind::Transpose2d);
+        assert_eq!(choose(&conv), KernelKind::Transpose2d { shifted: true });
         assert_eq!(
             Plane2d::of(&conv),
             Some(Plane2d {
@@ -436,7 +448,7 @@ mod tests {
         );
         // Batch outermost: [B, C, R] with strides [sB, 1, sR].
         let batched = Gather::from_parts(8, vec![3, 5, 7], vec![40, 1, 5], 0);
-        assert_eq!(choose(&batched), KernelKind::Transpose2d);
+        assert_eq!(choose(&batched), KernelKind::Transpose2d { shifted: false });
         // Two batch axes: the general tiled kernel.
         let rank4 = Gather::from_parts(4, vec![2, 3, 5, 7], vec![200, 40, 1, 5], 0);
         assert_eq!(choose(&rank4), KernelKind::Transpose { axis: 2 });
