@@ -3,15 +3,21 @@
 // element (b, r, c) (c the stride-1 source axis):
 //   dst[b * ob + c * oc + r] = src[base + b * sb + r * sr + c]
 // The host (src/backend/gpu/kernel.rs, `Plane2d`) turns every stride into word units, so
-// the hot loop is one multiply-free add per row and nothing is unravelled on the device.
+// the hot loop adds one step per row and nothing is unravelled on the device.
 //
 // Bindings (group 0), the layout every shader shares:
 //   0: uniform Params (own struct below; the buffer holds 24 words)
 //   1: storage, read       src: array<u32>  the source window
 //   2: storage, read_write dst: array<u32>  the compact output
-// Workgroup size: 32 x 8 x 1. Workgroup (x, y, z) moves the 32 x 32 block tile with block
-// columns 32x .. 32x + 31 and block rows 32y .. 32y + 31 of batch z; each invocation moves
-// 4 block rows (ty, ty + 8, ty + 16, ty + 24) of one block column, then 4 of the transpose.
+// Workgroup size: 32 x 8 x 1. A workgroup moves one 32 x 32 tile of blocks (block columns
+// 32x .. 32x + 31, block rows 32y .. 32y + 31) of batch z; invocation (tx, ty) moves
+// block column tx of block rows ty, ty + 8, ty + 16, ty + 24 (staged: then block row tx
+// of block columns ty + 8m out of workgroup memory).
+// Two dispatches per plane (override EDGE): the interior tiles, which lie wholly inside the
+// plane and run without a single bounds check (on CPU adapters every `if` costs its masked
+// path), as workgroup grid (full_x, full_y, batch); then the partial tiles with guards, as
+// grid (edge_tiles, 1, batch): the bottom strip (tile row full_y, edge_bottom tiles) and
+// then the right strip (tile column full_x, rows 0 .. full_y - 1).
 // Word packing (little-endian bytes within a u32, override ESIZE), K = elements per word:
 //   ESIZE 4: a block is one word, PLANES 1.
 //   ESIZE 8: a block is one element as a word pair (lo, hi), PLANES 2; both words go to
@@ -24,24 +30,26 @@
 // Every output word belongs to exactly one block, so no two invocations share a word; the
 // host only picks this kernel when the output rows and batches start on words (r's extent,
 // oc and ob multiples of K) and so does every source row relative to its batch (sr a
-// multiple of K). A batch whose first element is not on a word (sb or base not a multiple
-// of K: OIHW -> HWIO with an odd H*W) reads each source word as the funnel shift of two. Workgroup memory holds the
-// tile as PLANES planes of 32 x 33 words (pitch 33 keeps the transposed reads off one
-// bank). Bits are only moved with shifts and masks, never interpreted as floats.
+// multiple of K). Batches that start off the word grid (sb or base not a multiple of K:
+// OIHW -> HWIO with an odd H*W) get the SHIFTED pipeline, which reads each source word as
+// the funnel shift of two. Staged, workgroup memory holds the tile as PLANES planes of
+// 32 x 33 words (pitch 33 keeps the transposed reads off one bank). Bits are only moved
+// with shifts and masks, never interpreted as floats.
 
 override ESIZE: u32 = 4u;
 // Words a block spans: one per element row of the block (ESIZE <= 4) or the pair.
 override PLANES: u32 = select(select(4u / ESIZE, 1u, ESIZE == 4u), 2u, ESIZE == 8u);
 // Elements per source word K = 1 << KSHIFT (an 8-byte element counts as its two words).
-// Stage the tile through workgroup memory so both the reads and the writes of a warp are
-// contiguous (GPUs); off, each block is written straight from registers (CPU adapters,
-// where a lane's access costs the same anywhere and the staging doubles the memory ops).
-override STAGED: bool = true;
-// Some batch starts off the word grid (sb or the base not a multiple of K): read words
-// through `load`'s funnel shift. A separate pipeline, because on CPU adapters the
-// untaken shift path still costs its masked loads.
-override SHIFTED: bool = false;
 override KSHIFT: u32 = select(select(0u, 1u, ESIZE == 2u), 2u, ESIZE == 1u);
+// Stage the tile through workgroup memory so both the loads and the stores of a warp are
+// contiguous (GPUs). Off, each block goes straight from registers to the output (CPU
+// adapters, where every lane's access costs the same and staging doubles the memory ops).
+override STAGED: bool = true;
+// Some batch starts off the word grid: read words through `load`'s funnel shift. Its own
+// pipeline, because on CPU adapters the untaken shift path still costs its masked loads.
+override SHIFTED: bool = false;
+// The partial tiles, with bounds checks (see the header).
+override EDGE: bool = false;
 
 struct Params {
     // Block rows (rows of r divided by K) and source word columns of one batch.
@@ -61,6 +69,10 @@ struct Params {
     d_col: u32,
     d_plane: u32,
     d_row: u32,
+    // Tiles wholly inside the plane along x and y, and tiles in the bottom edge strip.
+    full_x: u32,
+    full_y: u32,
+    edge_bottom: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -96,70 +108,119 @@ fn shuffle(w: vec4<u32>, p: u32) -> u32 {
     return w[p];
 }
 
-@compute @workgroup_size(32, 8, 1)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let tx = lid.x;
-    let ty = lid.y;
-    let col0 = wid.x * TILE;
-    let row0 = wid.y * TILE;
+// Output element row of plane p of word column c, compared with cols_elems.
+fn out_row(c: u32, p: u32) -> u32 {
+    return select(c * PLANES + p, c, ESIZE == 8u);
+}
 
-    // Load: invocation (tx, ty) reads word column col0 + tx of block rows row0 + ty + 8m.
+// The PLANES source words of the block at source word s.
+fn load_block(s: u32, sh: u32) -> vec4<u32> {
+    var w = vec4<u32>(0u);
+    for (var p = 0u; p < PLANES; p = p + 1u) {
+        w[p] = load(s + p * params.s_plane, sh);
+    }
+    return w;
+}
+
+// Interior tile straight from registers: no bounds checks at all.
+fn direct_interior(t: vec2<u32>, z: u32, tx: u32, ty: u32, e: u32, sh: u32) {
+    let col = t.x * TILE + tx;
+    let row = t.y * TILE + ty;
+    var s = (e >> KSHIFT) + col * params.s_col + row * params.s_row;
+    var d = z * params.d_batch + col * params.d_col + row * params.d_row;
+    let s_step = 8u * params.s_row;
+    let d_step = 8u * params.d_row;
+    for (var m = 0u; m < 4u; m = m + 1u) {
+        let w = load_block(s, sh);
+        for (var p = 0u; p < PLANES; p = p + 1u) {
+            dst[d + p * params.d_plane] = shuffle(w, p);
+        }
+        s = s + s_step;
+        d = d + d_step;
+    }
+}
+
+// Partial tile straight from registers, every block and plane checked.
+fn direct_edge(t: vec2<u32>, z: u32, tx: u32, ty: u32, e: u32, sh: u32) {
+    let col = t.x * TILE + tx;
+    if col >= params.cols {
+        return;
+    }
+    let row0 = t.y * TILE + ty;
+    var s = (e >> KSHIFT) + col * params.s_col + row0 * params.s_row;
+    var d = z * params.d_batch + col * params.d_col + row0 * params.d_row;
+    let s_step = 8u * params.s_row;
+    let d_step = 8u * params.d_row;
+    for (var m = 0u; m < 4u; m = m + 1u) {
+        if row0 + 8u * m < params.rows {
+            let w = load_block(s, sh);
+            for (var p = 0u; p < PLANES; p = p + 1u) {
+                if out_row(col, p) < params.cols_elems {
+                    dst[d + p * params.d_plane] = shuffle(w, p);
+                }
+            }
+        }
+        s = s + s_step;
+        d = d + d_step;
+    }
+}
+
+// Any tile through workgroup memory, with bounds checks (cheap on GPUs).
+fn staged(t: vec2<u32>, z: u32, tx: u32, ty: u32, e: u32, sh: u32) {
+    let col0 = t.x * TILE;
+    let row0 = t.y * TILE;
     let col = col0 + tx;
     if col < params.cols {
-        let e = params.s_base + wid.z * params.s_batch;
-        let sh = (e & ((1u << KSHIFT) - 1u)) * 8u * ESIZE;
         var s = (e >> KSHIFT) + col * params.s_col + (row0 + ty) * params.s_row;
         let step = 8u * params.s_row;
         for (var m = 0u; m < 4u; m = m + 1u) {
-            let row = row0 + ty + 8u * m;
-            if row < params.rows {
-                var w = vec4<u32>(0u);
+            if row0 + ty + 8u * m < params.rows {
+                let w = load_block(s, sh);
+                let slot = (ty + 8u * m) * PITCH + tx;
                 for (var p = 0u; p < PLANES; p = p + 1u) {
-                    w[p] = load(s + p * params.s_plane, sh);
-                }
-                if STAGED {
-                    let slot = (ty + 8u * m) * PITCH + tx;
-                    for (var p = 0u; p < PLANES; p = p + 1u) {
-                        tile[p * PLANE_WORDS + slot] = shuffle(w, p);
-                    }
-                } else {
-                    let d = wid.z * params.d_batch + col * params.d_col + row * params.d_row;
-                    for (var p = 0u; p < PLANES; p = p + 1u) {
-                        let elem = select(col * PLANES + p, col, ESIZE == 8u);
-                        if elem < params.cols_elems {
-                            dst[d + p * params.d_plane] = shuffle(w, p);
-                        }
-                    }
+                    tile[p * PLANE_WORDS + slot] = shuffle(w, p);
                 }
             }
             s = s + step;
         }
     }
-    if !STAGED {
-        return;
-    }
     workgroupBarrier();
-
-    // Store: invocation (tx, ty) writes block row row0 + tx of word columns col0 + ty + 8m.
     let row = row0 + tx;
     if row < params.rows {
-        var d = wid.z * params.d_batch + (col0 + ty) * params.d_col + row * params.d_row;
+        var d = z * params.d_batch + (col0 + ty) * params.d_col + row * params.d_row;
         let step = 8u * params.d_col;
         for (var m = 0u; m < 4u; m = m + 1u) {
             let c = col0 + ty + 8u * m;
             let slot = tx * PITCH + ty + 8u * m;
             for (var p = 0u; p < PLANES; p = p + 1u) {
-                // ESIZE 8: both planes belong to element c; else plane p is element row
-                // c * PLANES + p of the output.
-                let elem = select(c * PLANES + p, c, ESIZE == 8u);
-                if elem < params.cols_elems {
+                if out_row(c, p) < params.cols_elems {
                     dst[d + p * params.d_plane] = tile[p * PLANE_WORDS + slot];
                 }
             }
             d = d + step;
         }
+    }
+}
+
+@compute @workgroup_size(32, 8, 1)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    var t = wid.xy;
+    if EDGE {
+        // Workgroup-uniform: the bottom strip first, then the right strip.
+        let right = wid.x >= params.edge_bottom;
+        t = select(vec2<u32>(wid.x, params.full_y),
+                   vec2<u32>(params.full_x, wid.x - params.edge_bottom), right);
+    }
+    let e = params.s_base + wid.z * params.s_batch;
+    let sh = (e & ((1u << KSHIFT) - 1u)) * 8u * ESIZE;
+    if STAGED {
+        staged(t, wid.z, lid.x, lid.y, e, sh);
+    } else if EDGE {
+        direct_edge(t, wid.z, lid.x, lid.y, e, sh);
+    } else {
+        direct_interior(t, wid.z, lid.x, lid.y, e, sh);
     }
 }

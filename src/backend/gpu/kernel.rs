@@ -107,17 +107,15 @@ impl Plane2d {
         // output word is one block's, and source rows must keep their batch's alignment
         // (the kernel shifts a batch that starts off the word grid).
         let k = per_word(g.elem_size);
-        let aligned = [p.rows, p.sr, p.oc, p.ob]
-            .iter()
-            .all(|v| v % k == 0);
+        let aligned = [p.rows, p.sr, p.oc, p.ob].iter().all(|v| v % k == 0);
+        // The edge pass lines up a bottom and a right strip along x.
         let tiles_fit = p.batch <= MIN_GROUPS_PER_DIM
-            && (p.rows / k).div_ceil(TILE2D) <= MIN_GROUPS_PER_DIM
-            && p.cols.div_ceil(k).div_ceil(TILE2D) <= MIN_GROUPS_PER_DIM;
+            && (p.rows / k).div_ceil(TILE2D) + p.cols.div_ceil(k).div_ceil(TILE2D)
+                <= MIN_GROUPS_PER_DIM;
         (p.sr != 1 && aligned && tiles_fit).then_some(p)
     }
 }
 
-const STAGED: f64 = 0.0;
 /// Block rows and columns of one transpose2d.wgsl workgroup tile.
 const TILE2D: usize = 32;
 
@@ -156,10 +154,26 @@ pub fn choose(g: &Gather) -> KernelKind {
 /// Size of the uniform block (`struct Params` in the shaders), in u32.
 pub const PARAMS_WORDS: usize = 24;
 
-/// The uniform block and the workgroups of one dispatch.
+/// Which pipeline of a kernel a pass runs: transpose2d.wgsl's partial tiles have their
+/// own (see its header); every other kernel has only `Main`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Main,
+    Edge,
+}
+
+/// The uniform block and the passes (pipeline part, workgroups) of one dispatch; passes
+/// with no workgroups are left out.
 pub struct Dispatch {
     pub params: [u32; PARAMS_WORDS],
-    pub groups: (u32, u32, u32),
+    pub passes: Vec<(Part, (u32, u32, u32))>,
+}
+
+fn passes(list: &[(Part, (u32, u32, u32))]) -> Vec<(Part, (u32, u32, u32))> {
+    list.iter()
+        .copied()
+        .filter(|(_, (x, y, z))| *x > 0 && *y > 0 && *z > 0)
+        .collect()
 }
 
 fn to_u32(v: usize, what: &str) -> Result<u32> {
@@ -226,7 +240,7 @@ pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatc
     };
     Ok(Dispatch {
         params: p,
-        groups: split_groups(groups, max_groups)?,
+        passes: passes(&[(Part::Main, split_groups(groups, max_groups)?)]),
     })
 }
 
@@ -252,6 +266,13 @@ fn dispatch_2d(g: &Gather) -> Result<Dispatch> {
     let d_col = if g.elem_size == 8 { 2 * t.oc } else { t.oc };
     let rows = t.rows / k;
     let cols = t.cols.div_ceil(k);
+    let tiles_x = cols.div_ceil(TILE2D);
+    let tiles_y = rows.div_ceil(TILE2D);
+    // A tile needs no guard when all its word columns hold only real columns.
+    let full_x = t.cols / k / TILE2D;
+    let full_y = rows / TILE2D;
+    let edge_bottom = if full_y < tiles_y { tiles_x } else { 0 };
+    let edge_right = if full_x < tiles_x { full_y } else { 0 };
     let values = [
         (rows, "block rows"),
         (cols, "word columns"),
@@ -265,17 +286,25 @@ fn dispatch_2d(g: &Gather) -> Result<Dispatch> {
         (d_col, "output row stride"),
         (d_plane, "output plane stride"),
         (d_row, "output block stride"),
+        (full_x, "full tile columns"),
+        (full_y, "full tile rows"),
+        (edge_bottom, "bottom edge tiles"),
     ];
     let mut p = [0u32; PARAMS_WORDS];
     for (slot, (v, what)) in p.iter_mut().zip(values) {
         *slot = to_u32(v, what)?;
     }
-    let groups = (
-        to_u32(cols.div_ceil(TILE2D), "tile columns")?,
-        to_u32(rows.div_ceil(TILE2D), "tile rows")?,
-        to_u32(t.batch, "batch")?,
+    let batch = to_u32(t.batch, "batch")?;
+    let interior = (
+        to_u32(full_x, "tile columns")?,
+        to_u32(full_y, "tile rows")?,
+        batch,
     );
-    Ok(Dispatch { params: p, groups })
+    let edge = (to_u32(edge_bottom + edge_right, "edge tiles")?, 1, batch);
+    Ok(Dispatch {
+        params: p,
+        passes: passes(&[(Part::Main, interior), (Part::Edge, edge)]),
+    })
 }
 
 /// Spreads `groups` workgroups over x, y and z, each at most `max_per_dim`; the shaders
@@ -304,7 +333,8 @@ pub struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     gather: [wgpu::ComputePipeline; 4],
     transpose: [wgpu::ComputePipeline; 4],
-    transpose_2d: [[wgpu::ComputePipeline; 4]; 2],
+    /// Indexed by shifted, edge, element size.
+    transpose_2d: [[[wgpu::ComputePipeline; 4]; 2]; 2],
     copy: [wgpu::ComputePipeline; 4],
 }
 
@@ -318,7 +348,9 @@ fn size_index(elem_size: usize) -> usize {
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device) -> Kernels {
+    /// `staged`: transpose2d.wgsl moves tiles through workgroup memory (GPUs) rather than
+    /// straight from registers (CPU adapters).
+    pub fn new(device: &wgpu::Device, staged: bool) -> Kernels {
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -383,27 +415,37 @@ impl Kernels {
             gather: per_size(&gather_module, "gather"),
             transpose: per_size(&transpose_module, "transpose"),
             transpose_2d: [0.0, 1.0].map(|shifted| {
-                [1.0, 2.0, 4.0, 8.0].map(|es| {
-                    pipeline(
-                        &transpose_2d_module,
-                        "transpose2d",
-                        &[("ESIZE", es), ("STAGED", STAGED), ("SHIFTED", shifted)],
-                    )
+                [0.0, 1.0].map(|edge| {
+                    [1.0, 2.0, 4.0, 8.0].map(|es| {
+                        let constants = [
+                            ("ESIZE", es),
+                            ("STAGED", if staged { 1.0 } else { 0.0 }),
+                            ("SHIFTED", shifted),
+                            ("EDGE", edge),
+                        ];
+                        pipeline(&transpose_2d_module, "transpose2d", &constants)
+                    })
                 })
             }),
-            copy: [1, 2, 4, 8].map(|es| {
-                pipeline(&copy_module, "copy", &[("PLANES", planes(es) as f64)])
-            }),
+            copy: [1, 2, 4, 8]
+                .map(|es| pipeline(&copy_module, "copy", &[("PLANES", planes(es) as f64)])),
             layout,
         }
     }
 
-    pub fn pipeline(&self, kind: KernelKind, elem_size: usize) -> &wgpu::ComputePipeline {
+    pub fn pipeline(
+        &self,
+        kind: KernelKind,
+        elem_size: usize,
+        part: Part,
+    ) -> &wgpu::ComputePipeline {
         let i = size_index(elem_size);
         match kind {
             KernelKind::Gather => &self.gather[i],
             KernelKind::Transpose { .. } => &self.transpose[i],
-            KernelKind::Transpose2d { shifted } => &self.transpose_2d[usize::from(shifted)][i],
+            KernelKind::Transpose2d { shifted } => {
+                &self.transpose_2d[usize::from(shifted)][usize::from(part == Part::Edge)][i]
+            }
             KernelKind::Copy => &self.copy[i],
         }
     }
