@@ -1,26 +1,24 @@
 // Plain word copy, the baseline the gather kernels are measured against: dst[w] = src[w]
 // for w < params.count (count in words here, not elements).
 //
-// Bindings (group 0), identical to gather.wgsl and transpose.wgsl:
+// Bindings (group 0), identical to the other shaders:
 //   0: uniform Params (only `count` is read)
 //   1: storage, read       src: array<u32>
 //   2: storage, read_write dst: array<u32>
-// Workgroup size: 256 x 1 x 1, 1024 words per workgroup (4 per invocation, strided by 256
-// so neighbouring invocations touch neighbouring words), the dispatch shape of the 4-byte
-// tiled transpose. Linear workgroup id x + nx * (y + ny * z).
-// Word packing: none, words are moved whole.
+// Workgroup size: 32 x 8 x 1 and 4 * PLANES words per invocation, 1024 * PLANES words per
+// workgroup: the dispatch shape of transpose2d.wgsl (a 32 x 32 block tile, 4 block rows of
+// PLANES words per invocation), so a kernel-vs-copy ratio compares the same number of
+// invocations, workgroups and loads/stores per invocation, and differs only in where the
+// words go. Words are strided by 256 within a workgroup so neighbouring invocations touch
+// neighbouring words. Linear workgroup id x + nx * (y + ny * z).
+// Word packing: none, words are moved whole (override PLANES = 1, 2 or 4 by element size
+// as in transpose2d.wgsl).
+
+override PLANES: u32 = 1u;
 
 struct Params {
     rank: u32,
     count: u32,
-    base: u32,
-    axis: u32,
-    rows: u32,
-    inner: u32,
-    tiles_i: u32,
-    tiles_j: u32,
-    shape: array<vec4<u32>, 2>,
-    strides: array<vec4<u32>, 2>,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -28,17 +26,17 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> dst: array<u32>;
 
 const WG: u32 = 256u;
-const PER: u32 = 4u;
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(32, 8, 1)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    let per = 4u * PLANES;
     let group = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
-    let first = group * WG * PER + lid;
-    for (var m = 0u; m < PER; m = m + 1u) {
+    let first = group * WG * per + lid;
+    for (var m = 0u; m < per; m = m + 1u) {
         let w = first + m * WG;
         if w < params.count {
             dst[w] = src[w];

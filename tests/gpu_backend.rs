@@ -3,18 +3,28 @@
 //! print a note and pass, unless RELAYOUT_REQUIRE_GPU=1, where they fail.
 #![cfg(feature = "gpu")]
 
-use relayout::backend::gpu::{list_adapters, Gpu, GpuOptions};
+use relayout::backend::gpu::{list_adapters, Gpu, GpuOptions, KernelKind};
 use relayout::backend::Backend;
 use relayout::layout::{contiguous_strides, Gather, LayoutOp};
 use relayout::Error;
 
 fn open(max_chunk_bytes: Option<usize>) -> Option<Gpu> {
+    open_with(max_chunk_bytes, None)
+}
+
+/// `staged`: force transpose2d.wgsl's workgroup-memory staging on or off (None: the
+/// adapter's default), so both variants are checked on any adapter.
+fn open_with(max_chunk_bytes: Option<usize>, staged: Option<bool>) -> Option<Gpu> {
     let opts = GpuOptions {
         adapter: None,
         allow_software: true,
         max_chunk_bytes,
     };
-    match Gpu::new(&opts) {
+    let gpu = match staged {
+        Some(s) => Gpu::with_staging(&opts, s),
+        None => Gpu::new(&opts),
+    };
+    match gpu {
         Ok(gpu) => Some(gpu),
         Err(e) if std::env::var("RELAYOUT_REQUIRE_GPU").as_deref() == Ok("1") => {
             panic!("RELAYOUT_REQUIRE_GPU=1 but no GPU: {e}")
@@ -411,4 +421,132 @@ fn software_adapters_are_refused_unless_allowed() {
         Gpu::new(&opts),
         Err(Error::DeviceUnavailable { .. })
     ));
+}
+
+/// Which kernel `op` runs with in one piece, so a test can prove it reaches the path it
+/// is about.
+fn kernel_of(op: &LayoutOp) -> KernelKind {
+    Gpu::kernel_for(&op.simplify())
+}
+
+#[test]
+fn transpose2d_staged_and_direct_match_around_every_tile_edge() {
+    // Tiles are 32 x 32 blocks: 32, 64 or 128 elements a side by element size; sizes
+    // cover empty, partial and several full tiles on both axes.
+    let sizes = [1, 2, 4, 6, 30, 32, 34, 62, 64, 66, 124, 128, 132, 260];
+    for staged in [false, true] {
+        let Some(gpu) = open_with(None, Some(staged)) else {
+            return;
+        };
+        let mut rng = Rng(0x5eed_0201);
+        for es in ELEM_SIZES {
+            // Elements per word: rows and row pitch must be whole words.
+            let k = 4 / es.min(4);
+            for &r in &sizes {
+                for &c in &sizes {
+                    let op = strided_op(es, &[r, c], &[0, 1], 0, 0, vec![1, 0]);
+                    if r > 1 && c > 1 && r % k == 0 && c % k == 0 {
+                        assert_eq!(
+                            kernel_of(&op),
+                            KernelKind::Transpose2d { shifted: false },
+                            "{r}x{c} es {es}"
+                        );
+                    }
+                    check(&gpu, &op, &mut rng);
+                }
+            }
+            // Odd widths: the other kernels, still exact.
+            for &(r, c) in &[(33, 65), (7, 129), (129, 31)] {
+                let op = strided_op(es, &[r, c], &[0, 1], 0, 0, vec![1, 0]);
+                check(&gpu, &op, &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_transposes_and_shifted_batches_match_in_both_variants() {
+    for staged in [false, true] {
+        let Some(gpu) = open_with(None, Some(staged)) else {
+            return;
+        };
+        let mut rng = Rng(0x5eed_0202);
+        for es in ELEM_SIZES {
+            // [B, R, C] -> [B, C, R]: batch outermost.
+            for &(b, r, c) in &[(3, 64, 36), (2, 132, 68), (5, 4, 260)] {
+                let op = strided_op(es, &[b, r, c], &[0, 1, 2], 0, 0, vec![0, 2, 1]);
+                assert!(matches!(kernel_of(&op), KernelKind::Transpose2d { .. }));
+                check(&gpu, &op, &mut rng);
+            }
+            // OIHW -> HWIO with odd H*W: sub-word batches start off the word grid.
+            // O and I * H * W multiples of 4, so even bytes take transpose2d.
+            for shape in [[4, 4, 3, 3], [68, 8, 3, 3], [132, 4, 1, 3], [8, 40, 5, 5]] {
+                let op = strided_op(es, &shape, &identity(4), 0, 0, vec![2, 3, 1, 0]);
+                let shifted = es < 4 && (shape[2] * shape[3]) % (4 / es) != 0;
+                assert_eq!(
+                    kernel_of(&op),
+                    KernelKind::Transpose2d { shifted },
+                    "{shape:?} es {es}"
+                );
+                check(&gpu, &op, &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
+fn transpose2d_pieces_of_forced_chunks_and_unaligned_sources_match() {
+    for staged in [false, true] {
+        let mut rng = Rng(0x5eed_0203);
+        for chunk in [256, 1000, 4096, 20_000] {
+            let Some(gpu) = open_with(Some(chunk), Some(staged)) else {
+                return;
+            };
+            for es in ELEM_SIZES {
+                for &(r, c) in &[(64, 68), (132, 36), (8, 260)] {
+                    // A view starting at an odd element: every piece's window starts
+                    // off the word grid in the source.
+                    let op = strided_op(es, &[r, c], &[0, 1], 0, 3, vec![1, 0]);
+                    check(&gpu, &op, &mut rng);
+                    let op = strided_op(es, &[2, r, c], &[0, 1, 2], 0, 5, vec![0, 2, 1]);
+                    check(&gpu, &op, &mut rng);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_copy_kernel_moves_words_unchanged_and_contiguous_gathers_copy_on_the_host() {
+    let Some(gpu) = open(Some(4096)) else { return };
+    let mut rng = Rng(0x5eed_0204);
+    for es in ELEM_SIZES {
+        // Word counts around copy.wgsl's 1024 * PLANES words per workgroup.
+        for words in [1, 255, 1023, 1024, 1025, 4096, 8193] {
+            let n = words * 4 / es;
+            if n < 2 {
+                continue;
+            }
+            let src = rng.bytes(n * es);
+            let g = Gather::from_parts(es, vec![n], vec![1], 0);
+            let resident = match gpu.resident(&g, &src, KernelKind::Copy) {
+                Ok(r) => r,
+                Err(e) => panic!("{e}"),
+            };
+            if let Err(e) = resident.run() {
+                panic!("{e}");
+            }
+            match resident.read() {
+                Ok(got) => assert_eq!(got, src, "copy kernel, es {es}, {words} words"),
+                Err(e) => panic!("{e}"),
+            }
+            // The same gather through the backend is a host copy, offset included.
+            let op = match LayoutOp::new(es, vec![n - 1], vec![1], 1, vec![0]) {
+                Ok(op) => op,
+                Err(e) => panic!("{e}"),
+            };
+            assert!(op.simplify().is_copy());
+            check(&gpu, &op, &mut rng);
+        }
+    }
 }

@@ -9,9 +9,8 @@ use crate::layout::{contiguous_strides, Gather};
 /// Highest rank the shaders take (shape and strides are two `vec4<u32>` each).
 pub const MAX_RANK: usize = 8;
 
-/// Bytes a window may grow by: its start is rounded down to a word so the shader can
-/// index words; its length is rounded up to a word for the upload.
-pub const WINDOW_SLACK: usize = 8;
+/// Bytes a window may grow by: its length is rounded up to a word for the upload.
+pub const WINDOW_SLACK: usize = 4;
 
 /// Smallest chunk the planner works with: one 8-byte element plus the window slack.
 pub const MIN_CHUNK: usize = 16;
@@ -22,7 +21,7 @@ pub const MIN_CHUNK: usize = 16;
 pub struct Piece {
     /// The box as a gather whose offset is relative to the window start (in elements).
     pub gather: Gather,
-    /// Byte offset of the window in the source; a multiple of 4.
+    /// Byte offset of the window in the source (the first byte the piece reads).
     pub window_start: usize,
     /// Bytes of the source the piece reads from `window_start` (not rounded).
     pub window_len: usize,
@@ -66,13 +65,12 @@ pub fn plan(g: &Gather, max_out: usize, max_window: usize) -> Vec<Piece> {
                 .zip(&strides)
                 .map(|(&n, &s)| (n - 1) * s)
                 .sum::<usize>();
-        let start_byte = first * g.elem_size;
-        // Elements of 1, 2 and 4 bytes start at a multiple of their size, so the
-        // remainder below a word is whole elements; 8-byte ones are already word-aligned.
-        let window_start = start_byte & !3;
+        // The window starts at the first element read, whatever its alignment in the
+        // source (the host copies it into the upload), so the piece's offset is 0 and
+        // sub-word elements line up with words whenever the strides do.
+        let window_start = first * g.elem_size;
         let window_len = (last + 1) * g.elem_size - window_start;
-        let base = (start_byte - window_start) / g.elem_size;
-        let gather = Gather::from_parts(g.elem_size, extent.clone(), strides.clone(), base);
+        let gather = Gather::from_parts(g.elem_size, extent.clone(), strides.clone(), 0);
         pieces.push(Piece {
             gather,
             window_start,
@@ -199,7 +197,7 @@ mod tests {
         for p in plan(g, max_out, max_window) {
             assert!(p.gather.out_bytes() <= max_out.max(MIN_CHUNK));
             assert!(p.window_len.next_multiple_of(4) <= max_window.max(MIN_CHUNK));
-            assert_eq!(p.window_start % 4, 0);
+            assert_eq!(p.gather.offset, 0);
             assert!(p.gather.shape.len() <= MAX_RANK);
             let window = &src[p.window_start..p.window_start + p.window_len];
             let part = naive(&p.gather, window);
@@ -273,12 +271,15 @@ mod tests {
     }
 
     #[test]
-    fn unaligned_byte_windows_start_on_a_word_and_fold_the_rest_into_the_offset() {
+    fn unaligned_windows_start_at_the_first_element_read_with_offset_zero() {
         let g = Gather::from_parts(1, vec![4, 3], vec![1, 5], 7);
         let p = plan(&g, 1 << 10, 1 << 10);
         assert_eq!(p.len(), 1);
-        assert_eq!(p[0].window_start, 4);
-        assert_eq!(p[0].gather.offset, 3);
+        assert_eq!(p[0].window_start, 7);
+        assert_eq!(p[0].gather.offset, 0);
         check_plan(&g, 16, 16);
+        let g = Gather::from_parts(2, vec![6, 8], vec![1, 6], 3);
+        check_plan(&g, 16, 16);
+        check_plan(&g, 40, 40);
     }
 }

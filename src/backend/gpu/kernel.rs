@@ -7,7 +7,8 @@ use super::source;
 
 /// Invocations per workgroup of every shader (`@workgroup_size(256)`).
 pub const WORKGROUP: u64 = 256;
-/// Output words one copy-kernel workgroup moves (4 per invocation).
+/// Output words one copy-kernel workgroup moves per plane (4 per invocation), as many
+/// as one transpose2d.wgsl tile.
 pub const COPY_WORDS_PER_GROUP: u64 = 1024;
 
 /// Tile rows (I) and columns (J) of transpose.wgsl by element size; must match the
@@ -34,19 +35,111 @@ fn per_word(elem_size: usize) -> usize {
 pub enum KernelKind {
     /// gather.wgsl, any strides.
     Gather,
-    /// transpose.wgsl around the stride-1 axis `axis`.
+    /// transpose2d.wgsl: a batched 2-D transpose ([`Plane2d`]); `shifted` when some
+    /// batch of sub-word elements starts off the word grid.
+    Transpose2d { shifted: bool },
+    /// transpose.wgsl around the stride-1 axis `axis`, for the rank-4+ transposes
+    /// transpose2d.wgsl does not take.
     Transpose { axis: usize },
     /// copy.wgsl (benchmarks only).
     Copy,
 }
 
-/// The tiled transpose runs when the innermost output axis does not read the source
-/// contiguously but an outer axis does; sub-word elements additionally need whole words
-/// per output row so no two workgroups share a word.
+/// The most workgroups per dispatch dimension every device offers (the WebGPU minimum);
+/// transpose2d.wgsl maps its tiles straight onto x, y and z, so it needs them to fit.
+const MIN_GROUPS_PER_DIM: usize = 65535;
+
+/// A gather that is a batched 2-D transpose, in elements:
+/// `out[b * ob + c * oc + r] = src[offset + b * sb + r * sr + c]`, `b < batch`,
+/// `c < cols`, `r < rows`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plane2d {
+    pub batch: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub sb: usize,
+    pub sr: usize,
+    pub ob: usize,
+    pub oc: usize,
+    pub offset: usize,
+}
+
+impl Plane2d {
+    /// Recognises `[c, r]` with strides `[1, sr]`, and the batched forms `[b, c, r]`
+    /// (strides `[sb, 1, sr]`) and `[c, b, r]` (strides `[1, sb, sr]`, which is what
+    /// OIHW -> HWIO simplifies to: `[HW, I, O]`).
+    pub fn of(g: &Gather) -> Option<Plane2d> {
+        let (s, t) = (&g.shape, &g.strides);
+        let p = match (s.as_slice(), t.as_slice()) {
+            (&[c, r], &[1, sr]) => Plane2d {
+                batch: 1,
+                rows: r,
+                cols: c,
+                sb: 0,
+                sr,
+                ob: 0,
+                oc: r,
+                offset: g.offset,
+            },
+            (&[b, c, r], &[sb, 1, sr]) => Plane2d {
+                batch: b,
+                rows: r,
+                cols: c,
+                sb,
+                sr,
+                ob: c.checked_mul(r)?,
+                oc: r,
+                offset: g.offset,
+            },
+            (&[c, b, r], &[1, sb, sr]) => Plane2d {
+                batch: b,
+                rows: r,
+                cols: c,
+                sb,
+                sr,
+                ob: r,
+                oc: b.checked_mul(r)?,
+                offset: g.offset,
+            },
+            _ => return None,
+        };
+        // Sub-word elements: output rows must be whole words starting on words, so each
+        // output word is one block's, and source rows must keep their batch's alignment
+        // (the kernel shifts a batch that starts off the word grid).
+        let k = per_word(g.elem_size);
+        let aligned = [p.rows, p.sr, p.oc, p.ob].iter().all(|v| v % k == 0);
+        // The edge pass lines up a bottom and a right strip along x.
+        let tiles_fit = p.batch <= MIN_GROUPS_PER_DIM
+            && (p.rows / k).div_ceil(TILE2D) + p.cols.div_ceil(k).div_ceil(TILE2D)
+                <= MIN_GROUPS_PER_DIM;
+        (p.sr != 1 && aligned && tiles_fit).then_some(p)
+    }
+}
+
+/// Block rows and columns of one transpose2d.wgsl workgroup tile.
+const TILE2D: usize = 32;
+
+/// Words of workgroup memory a block spans in transpose2d.wgsl and copy.wgsl (`PLANES`).
+fn planes(elem_size: usize) -> usize {
+    match elem_size {
+        1 => 4,
+        2 | 8 => 2,
+        _ => 1,
+    }
+}
+
+/// Batched 2-D transposes get their own kernel; other gathers with a stride-1 axis that
+/// is not the innermost get the general tiled transpose (sub-word elements only with
+/// whole words per output row, so no two workgroups share a word); the rest the gather.
 pub fn choose(g: &Gather) -> KernelKind {
     let rank = g.shape.len();
     if rank < 2 || g.strides[rank - 1] == 1 {
         return KernelKind::Gather;
+    }
+    if let Some(p) = Plane2d::of(g) {
+        let k = per_word(g.elem_size);
+        let shifted = p.offset % k != 0 || (p.batch > 1 && p.sb % k != 0);
+        return KernelKind::Transpose2d { shifted };
     }
     let Some(axis) = (0..rank - 1).rev().find(|&k| g.strides[k] == 1) else {
         return KernelKind::Gather;
@@ -61,10 +154,26 @@ pub fn choose(g: &Gather) -> KernelKind {
 /// Size of the uniform block (`struct Params` in the shaders), in u32.
 pub const PARAMS_WORDS: usize = 24;
 
-/// The uniform block and the workgroup count of one dispatch.
+/// Which pipeline of a kernel a pass runs: transpose2d.wgsl's partial tiles have their
+/// own (see its header); every other kernel has only `Main`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Main,
+    Edge,
+}
+
+/// The uniform block and the passes (pipeline part, workgroups) of one dispatch; passes
+/// with no workgroups are left out.
 pub struct Dispatch {
     pub params: [u32; PARAMS_WORDS],
-    pub groups: u64,
+    pub passes: Vec<(Part, (u32, u32, u32))>,
+}
+
+fn passes(list: &[(Part, (u32, u32, u32))]) -> Vec<(Part, (u32, u32, u32))> {
+    list.iter()
+        .copied()
+        .filter(|(_, (x, y, z))| *x > 0 && *y > 0 && *z > 0)
+        .collect()
 }
 
 fn to_u32(v: usize, what: &str) -> Result<u32> {
@@ -73,9 +182,13 @@ fn to_u32(v: usize, what: &str) -> Result<u32> {
     })
 }
 
-/// Encodes `g` (offset relative to the bound window, rank at most 8) for `kind`.
-/// `Copy` reads `g.out_bytes()` rounded up to words.
-pub fn dispatch(g: &Gather, kind: KernelKind) -> Result<Dispatch> {
+/// Encodes `g` (offset relative to the bound window, rank at most 8) for `kind`, with at
+/// most `max_groups` workgroups per dimension. `Copy` reads `g.out_bytes()` rounded up
+/// to words.
+pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatch> {
+    if let KernelKind::Transpose2d { .. } = kind {
+        return dispatch_2d(g);
+    }
     let (shape, strides) = if g.shape.is_empty() {
         (vec![1], vec![1])
     } else {
@@ -121,10 +234,77 @@ pub fn dispatch(g: &Gather, kind: KernelKind) -> Result<Dispatch> {
         KernelKind::Copy => {
             let words = (g.out_bytes() as u64).div_ceil(4);
             p[1] = to_u32(words as usize, "word count")?;
-            words.div_ceil(COPY_WORDS_PER_GROUP)
+            words.div_ceil(COPY_WORDS_PER_GROUP * planes(g.elem_size) as u64)
         }
+        KernelKind::Transpose2d { .. } => 0,
     };
-    Ok(Dispatch { params: p, groups })
+    Ok(Dispatch {
+        params: p,
+        passes: passes(&[(Part::Main, split_groups(groups, max_groups)?)]),
+    })
+}
+
+/// transpose2d.wgsl's uniform block: every stride in words, per block row / column /
+/// plane (see the shader header), and one workgroup per tile and batch.
+fn dispatch_2d(g: &Gather) -> Result<Dispatch> {
+    let Some(t) = Plane2d::of(g) else {
+        return Err(Error::Gpu {
+            detail: format!("{g:?} is not a batched 2-D transpose"),
+        });
+    };
+    let k = per_word(g.elem_size);
+    // Element strides to word strides; 8-byte elements are word pairs.
+    let w = |v: usize| if g.elem_size == 8 { 2 * v } else { v / k };
+    // The batch base stays in elements: the kernel splits it into word and shift.
+    let e = |v: usize| if g.elem_size == 8 { 2 * v } else { v };
+    let (s_plane, d_plane, d_row, s_col) = match g.elem_size {
+        8 => (1, 1, 2, 2),
+        _ => (t.sr / k, t.oc / k, 1, 1),
+    };
+    // A block row is K source rows (one for ESIZE 4 and 8).
+    let s_row = if g.elem_size == 8 { 2 * t.sr } else { t.sr };
+    let d_col = if g.elem_size == 8 { 2 * t.oc } else { t.oc };
+    let rows = t.rows / k;
+    let cols = t.cols.div_ceil(k);
+    let tiles_x = cols.div_ceil(TILE2D);
+    let tiles_y = rows.div_ceil(TILE2D);
+    // A tile needs no guard when all its word columns hold only real columns.
+    let full_x = t.cols / k / TILE2D;
+    let full_y = rows / TILE2D;
+    let edge_bottom = if full_y < tiles_y { tiles_x } else { 0 };
+    let edge_right = if full_x < tiles_x { full_y } else { 0 };
+    let values = [
+        (rows, "block rows"),
+        (cols, "word columns"),
+        (t.cols, "columns"),
+        (e(t.offset), "window offset"),
+        (e(t.sb), "batch stride"),
+        (s_row, "row stride"),
+        (s_plane, "plane stride"),
+        (s_col, "column stride"),
+        (w(t.ob), "output batch stride"),
+        (d_col, "output row stride"),
+        (d_plane, "output plane stride"),
+        (d_row, "output block stride"),
+        (full_x, "full tile columns"),
+        (full_y, "full tile rows"),
+        (edge_bottom, "bottom edge tiles"),
+    ];
+    let mut p = [0u32; PARAMS_WORDS];
+    for (slot, (v, what)) in p.iter_mut().zip(values) {
+        *slot = to_u32(v, what)?;
+    }
+    let batch = to_u32(t.batch, "batch")?;
+    let interior = (
+        to_u32(full_x, "tile columns")?,
+        to_u32(full_y, "tile rows")?,
+        batch,
+    );
+    let edge = (to_u32(edge_bottom + edge_right, "edge tiles")?, 1, batch);
+    Ok(Dispatch {
+        params: p,
+        passes: passes(&[(Part::Main, interior), (Part::Edge, edge)]),
+    })
 }
 
 /// Spreads `groups` workgroups over x, y and z, each at most `max_per_dim`; the shaders
@@ -153,7 +333,9 @@ pub struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     gather: [wgpu::ComputePipeline; 4],
     transpose: [wgpu::ComputePipeline; 4],
-    copy: wgpu::ComputePipeline,
+    /// Indexed by shifted, edge, element size.
+    transpose_2d: [[[wgpu::ComputePipeline; 4]; 2]; 2],
+    copy: [wgpu::ComputePipeline; 4],
 }
 
 fn size_index(elem_size: usize) -> usize {
@@ -166,7 +348,9 @@ fn size_index(elem_size: usize) -> usize {
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device) -> Kernels {
+    /// `staged`: transpose2d.wgsl moves tiles through workgroup memory (GPUs) rather than
+    /// straight from registers (CPU adapters).
+    pub fn new(device: &wgpu::Device, staged: bool) -> Kernels {
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -207,6 +391,7 @@ impl Kernels {
         };
         let gather_module = module("gather.wgsl", source::GATHER);
         let transpose_module = module("transpose.wgsl", source::TRANSPOSE);
+        let transpose_2d_module = module("transpose2d.wgsl", source::TRANSPOSE_2D);
         let copy_module = module("copy.wgsl", source::COPY);
         let pipeline = |m: &wgpu::ShaderModule, label: &str, constants: &[(&str, f64)]| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -229,17 +414,39 @@ impl Kernels {
         Kernels {
             gather: per_size(&gather_module, "gather"),
             transpose: per_size(&transpose_module, "transpose"),
-            copy: pipeline(&copy_module, "copy", &[]),
+            transpose_2d: [0.0, 1.0].map(|shifted| {
+                [0.0, 1.0].map(|edge| {
+                    [1.0, 2.0, 4.0, 8.0].map(|es| {
+                        let constants = [
+                            ("ESIZE", es),
+                            ("STAGED", if staged { 1.0 } else { 0.0 }),
+                            ("SHIFTED", shifted),
+                            ("EDGE", edge),
+                        ];
+                        pipeline(&transpose_2d_module, "transpose2d", &constants)
+                    })
+                })
+            }),
+            copy: [1, 2, 4, 8]
+                .map(|es| pipeline(&copy_module, "copy", &[("PLANES", planes(es) as f64)])),
             layout,
         }
     }
 
-    pub fn pipeline(&self, kind: KernelKind, elem_size: usize) -> &wgpu::ComputePipeline {
+    pub fn pipeline(
+        &self,
+        kind: KernelKind,
+        elem_size: usize,
+        part: Part,
+    ) -> &wgpu::ComputePipeline {
         let i = size_index(elem_size);
         match kind {
             KernelKind::Gather => &self.gather[i],
             KernelKind::Transpose { .. } => &self.transpose[i],
-            KernelKind::Copy => &self.copy,
+            KernelKind::Transpose2d { shifted } => {
+                &self.transpose_2d[usize::from(shifted)][usize::from(part == Part::Edge)][i]
+            }
+            KernelKind::Copy => &self.copy[i],
         }
     }
 }
@@ -249,19 +456,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_transpose_picks_the_tiled_kernel_and_a_row_copy_the_gather_kernel() {
+    fn batched_2d_transposes_pick_transpose2d_and_the_rest_fall_back() {
         let t = Gather::from_parts(4, vec![5, 7], vec![1, 5], 0);
-        assert_eq!(choose(&t), KernelKind::Transpose { axis: 0 });
+        assert_eq!(choose(&t), KernelKind::Transpose2d { shifted: false });
         let rows = Gather::from_parts(4, vec![5, 7], vec![9, 1], 0);
         assert_eq!(choose(&rows), KernelKind::Gather);
-        // Odd rows of bytes would share words between tiles.
+        // Odd rows of bytes would share output words between blocks.
         let odd = Gather::from_parts(1, vec![5, 7], vec![1, 5], 0);
         assert_eq!(choose(&odd), KernelKind::Gather);
-        let even = Gather::from_parts(1, vec![5, 8], vec![1, 5], 0);
-        assert_eq!(choose(&even), KernelKind::Transpose { axis: 0 });
+        let even = Gather::from_parts(1, vec![5, 8], vec![1, 8], 0);
+        assert_eq!(choose(&even), KernelKind::Transpose2d { shifted: false });
+        // A source row pitch off the word grid: the general tiled kernel.
+        let pitch = Gather::from_parts(2, vec![5, 8], vec![1, 7], 0);
+        assert_eq!(choose(&pitch), KernelKind::Transpose { axis: 0 });
+        // An offset off the word grid is a shifted batch.
+        let offset = Gather::from_parts(2, vec![5, 8], vec![1, 8], 1);
+        assert_eq!(choose(&offset), KernelKind::Transpose2d { shifted: true });
         // OIHW -> HWIO: [HW, I, O] with strides [1, HW, I*HW].
         let conv = Gather::from_parts(2, vec![9, 4, 6], vec![1, 9, 36], 0);
-        assert_eq!(choose(&conv), KernelKind::Transpose { axis: 0 });
+        assert_eq!(choose(&conv), KernelKind::Transpose2d { shifted: true });
+        assert_eq!(
+            Plane2d::of(&conv),
+            Some(Plane2d {
+                batch: 4,
+                rows: 6,
+                cols: 9,
+                sb: 9,
+                sr: 36,
+                ob: 6,
+                oc: 24,
+                offset: 0
+            })
+        );
+        // Batch outermost: [B, C, R] with strides [sB, 1, sR].
+        let batched = Gather::from_parts(8, vec![3, 5, 7], vec![40, 1, 5], 0);
+        assert_eq!(choose(&batched), KernelKind::Transpose2d { shifted: false });
+        // Two batch axes: the general tiled kernel.
+        let rank4 = Gather::from_parts(4, vec![2, 3, 5, 7], vec![200, 40, 1, 5], 0);
+        assert_eq!(choose(&rank4), KernelKind::Transpose { axis: 2 });
+    }
+
+    #[test]
+    fn a_plane_wider_than_the_dispatch_limit_is_not_a_transpose2d() {
+        let wide = Gather::from_parts(4, vec![32 * 65535 + 1, 2], vec![1, 32 * 65535 + 1], 0);
+        assert_eq!(choose(&wide), KernelKind::Transpose { axis: 0 });
     }
 
     #[test]

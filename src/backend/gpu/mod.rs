@@ -92,6 +92,25 @@ impl Gpu {
     /// Runs on a device the caller opened (tests, embedders). Only `max_chunk_bytes` of
     /// `opts` is used.
     pub fn with_device(device: wgpu::Device, queue: wgpu::Queue, opts: &GpuOptions) -> Result<Gpu> {
+        // Staging through workgroup memory pays on GPUs only (see transpose2d.wgsl).
+        let staged = device.adapter_info().device_type != wgpu::DeviceType::Cpu;
+        Gpu::build(device, queue, opts, staged)
+    }
+
+    /// Test hook: [`Gpu::new`] with transpose2d.wgsl's staging forced on or off, so both
+    /// variants are checked on any adapter.
+    #[doc(hidden)]
+    pub fn with_staging(opts: &GpuOptions, staged: bool) -> Result<Gpu> {
+        let (device, queue) = device::open(opts)?;
+        Gpu::build(device, queue, opts, staged)
+    }
+
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        opts: &GpuOptions,
+        staged: bool,
+    ) -> Result<Gpu> {
         let faults = Arc::new(Mutex::new(Vec::new()));
         {
             let f = faults.clone();
@@ -119,7 +138,7 @@ impl Gpu {
         };
         let info = device.adapter_info();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let kernels = kernel::Kernels::new(&device);
+        let kernels = kernel::Kernels::new(&device, staged);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(gpu_err(format!("building the shaders failed: {e}")));
         }
@@ -343,19 +362,10 @@ impl Gpu {
         let mapped = match kernel {
             Some(choose) => {
                 let kind = choose(g);
-                let d = kernel::dispatch(g, kind)?;
+                let d = kernel::dispatch(g, kind, self.max_groups)?;
                 self.queue
                     .write_buffer(&slot.params, 0, bytemuck::cast_slice(&d.params));
-                let (x, y, z) = kernel::split_groups(d.groups, self.max_groups)?;
-                {
-                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("gather"),
-                        timestamp_writes: None,
-                    });
-                    pass.set_pipeline(self.kernels.pipeline(kind, g.elem_size));
-                    pass.set_bind_group(0, &slot.bind_group, &[]);
-                    pass.dispatch_workgroups(x, y, z);
-                }
+                self.record(&mut encoder, &slot.bind_group, kind, g.elem_size, &d);
                 encoder.copy_buffer_to_buffer(&slot.output, 0, &slot.readback, 0, out_words);
                 out_words
             }
@@ -377,6 +387,26 @@ impl Gpu {
             mapped_ok,
         });
         Ok(())
+    }
+
+    /// Records the passes of one dispatch into a compute pass.
+    fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        bind_group: &wgpu::BindGroup,
+        kind: KernelKind,
+        elem_size: usize,
+        d: &kernel::Dispatch,
+    ) {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("gather"),
+            timestamp_writes: None,
+        });
+        pass.set_bind_group(0, bind_group, &[]);
+        for &(part, (x, y, z)) in &d.passes {
+            pass.set_pipeline(self.kernels.pipeline(kind, elem_size, part));
+            pass.dispatch_workgroups(x, y, z);
+        }
     }
 
     /// Waits for the slot's piece, copies it into `dst` (when given) and unmaps.
@@ -437,8 +467,9 @@ pub struct Resident<'a> {
     gpu: &'a Gpu,
     output: wgpu::Buffer,
     bind_group: wgpu::BindGroup,
-    pipeline: &'a wgpu::ComputePipeline,
-    groups: (u32, u32, u32),
+    kind: KernelKind,
+    elem_size: usize,
+    dispatch: kernel::Dispatch,
     out_bytes: u64,
 }
 
@@ -453,8 +484,7 @@ impl Gpu {
     #[doc(hidden)]
     pub fn resident(&self, g: &Gather, src: &[u8], kind: KernelKind) -> Result<Resident<'_>> {
         use wgpu::BufferUsages as U;
-        let d = kernel::dispatch(g, kind)?;
-        let groups = kernel::split_groups(d.groups, self.max_groups)?;
+        let d = kernel::dispatch(g, kind, self.max_groups)?;
         let in_bytes = (src.len() as u64).next_multiple_of(4).max(4);
         let out_bytes = (g.out_bytes() as u64).next_multiple_of(4).max(4);
         if in_bytes.max(out_bytes) > self.binding as u64 {
@@ -481,8 +511,9 @@ impl Gpu {
             gpu: self,
             output,
             bind_group,
-            pipeline: self.kernels.pipeline(kind, g.elem_size),
-            groups,
+            kind,
+            elem_size: g.elem_size,
+            dispatch: d,
             out_bytes,
         })
     }
@@ -511,15 +542,13 @@ impl Resident<'_> {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("resident"),
             });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("resident"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(self.pipeline);
-            pass.set_bind_group(0, &self.bind_group, &[]);
-            pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
-        }
+        gpu.record(
+            &mut encoder,
+            &self.bind_group,
+            self.kind,
+            self.elem_size,
+            &self.dispatch,
+        );
         let index = gpu.queue.submit([encoder.finish()]);
         gpu.device
             .poll(wgpu::PollType::Wait {
@@ -575,6 +604,16 @@ impl Backend for Gpu {
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {
         check_buffers(g, src, dst)?;
         if g.is_empty() {
+            return Ok(());
+        }
+        if g.is_copy() {
+            // One contiguous run: a round trip through the device would move the same
+            // bytes three times over for nothing (copy.wgsl is tested on its own).
+            let start = g.offset * g.elem_size;
+            let from = src
+                .get(start..start + dst.len())
+                .ok_or_else(|| gpu_err("copy source outside the source"))?;
+            dst.copy_from_slice(from);
             return Ok(());
         }
         self.stream(g, src, dst, Some(kernel::choose))

@@ -5,13 +5,16 @@
 pub const GATHER: &str = include_str!("../../../shaders/gather.wgsl");
 /// Tiled transpose for gathers whose stride-1 source axis is not the innermost.
 pub const TRANSPOSE: &str = include_str!("../../../shaders/transpose.wgsl");
+/// Batched 2-D transpose with word blocks, the common case.
+pub const TRANSPOSE_2D: &str = include_str!("../../../shaders/transpose2d.wgsl");
 /// Word copy, the baseline for benchmarks.
 pub const COPY: &str = include_str!("../../../shaders/copy.wgsl");
 
 /// Every shader with its file name, for validation and error messages.
-pub const ALL: [(&str, &str); 3] = [
+pub const ALL: [(&str, &str); 4] = [
     ("gather.wgsl", GATHER),
     ("transpose.wgsl", TRANSPOSE),
+    ("transpose2d.wgsl", TRANSPOSE_2D),
     ("copy.wgsl", COPY),
 ];
 
