@@ -5,6 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rayon::prelude::*;
 use relayout::backend::cpu::Cpu;
 use relayout::backend::reference::Reference;
 use relayout::backend::Backend;
@@ -22,15 +23,26 @@ fn transpose(elem_size: usize, rows: usize, cols: usize) -> Gather {
     Gather::from_parts(elem_size, vec![cols, rows], vec![1, cols], 0)
 }
 
-/// One group: memcpy of the output size, then each named gather on `backend`.
+/// One group: memcpy of the output size on one thread and on as many threads as the
+/// backend uses (the fair baseline for a parallel kernel), then each named gather.
 fn group(c: &mut Criterion, name: &str, backend: &dyn Backend, cases: &[(&str, Gather)]) {
     let bytes = cases.iter().map(|(_, g)| g.out_bytes()).max().unwrap_or(0);
     let src = source(bytes);
     let mut dst = vec![0u8; bytes];
     let mut grp = c.benchmark_group(name);
     grp.throughput(Throughput::Bytes(bytes as u64));
-    grp.bench_function("memcpy", |b| {
+    grp.bench_function("memcpy 1 thread", |b| {
         b.iter(|| dst.copy_from_slice(black_box(&src)));
+    });
+    let threads = rayon::current_num_threads();
+    // Chunks of the kernels' own parallel task size, on the same global pool.
+    let chunk = relayout::backend::cpu::PAR_CHUNK;
+    grp.bench_function(format!("memcpy {threads} threads"), |b| {
+        b.iter(|| {
+            dst.par_chunks_mut(chunk)
+                .zip(black_box(&src).par_chunks(chunk))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        });
     });
     for (label, g) in cases {
         let n = g.out_bytes();

@@ -212,6 +212,64 @@ fn batched_and_run_grid(backend: &dyn Backend) {
     }
 }
 
+/// Gathers whose outer axes read a dense set of source columns and whose last axis has
+/// the largest stride (OIHW -> HWIO and friends): the CPU runs them as a transpose with
+/// permuted output rows. Sizes cross the micro-block and tile on both matrix sides;
+/// padded row strides, offsets and non-column-set strides check the guard.
+fn column_remap_grid(backend: &dyn Backend) {
+    let mut seed = 3000;
+    for es in ELEM_SIZES {
+        let b = micro_block(es);
+        let t = SMALL.tile_side(es);
+        // (O, I, H*W): I*H*W and O around the micro-block and tile.
+        let mut cases = vec![(b + 1, 2, 9), (b, b / 4 + 1, 4), (t + 3, 3, 3), (5, 2, 3)];
+        cases.extend(around(t).into_iter().map(|o| (o, t / 4 + 1, 4)));
+        cases.extend(around(b).into_iter().map(|o| (o, 3, b / 3 + 1)));
+        for (o, i, hw) in cases {
+            let shape = vec![hw, i, o];
+            for (pad, offset) in [(0, 0), (3, 5)] {
+                seed += 1;
+                let strides = vec![1, hw, i * hw + pad];
+                let g = Gather::from_parts(es, shape.clone(), strides, offset);
+                let src = storage_for(&g, 3, seed);
+                let what = format!("column remap o {o} i {i} hw {hw} es {es} pad {pad}");
+                assert_matches_reference(backend, &g, &src, &what);
+                // Streaming needs a line-aligned output: also run on one, and one element off.
+                let mut want = vec![!GARBAGE; g.out_bytes()];
+                Reference.gather(&g, &src, &mut want).expect("reference");
+                let mut backing = vec![GARBAGE; g.out_bytes() + 128];
+                let base = backing.as_ptr() as usize;
+                for shift in [0, es] {
+                    let at = (64 - base % 64) % 64 + shift;
+                    backing.fill(GARBAGE);
+                    let out = &mut backing[at..at + g.out_bytes()];
+                    backend.gather(&g, &src, out).expect("gather");
+                    assert!(out == &want[..], "{what} at line offset {shift} differs");
+                }
+            }
+            // Outer strides that leave gaps or overlap are not a column set.
+            for strides in [vec![1, hw + 1, i * hw * 2], vec![2, hw, i * hw * 2]] {
+                seed += 1;
+                let g = Gather::from_parts(es, shape.clone(), strides, 1);
+                let src = storage_for(&g, 3, seed);
+                let what = format!("not a column set o {o} i {i} hw {hw} es {es}");
+                assert_matches_reference(backend, &g, &src, &what);
+            }
+        }
+        // Rank 4 outer axes in mixed order, and OIHW -> HWIO through LayoutOp.
+        for (o, i, h, w) in [(b + 1, 3, 2, 5), (t + 1, 2, 3, 3), (2 * b + 3, b, 1, 2)] {
+            seed += 1;
+            let op = LayoutOp::contiguous(es, vec![o, i, h, w], vec![2, 3, 1, 0]).expect("op");
+            let src = random_bytes(op.src_extent().expect("extent") * es, seed);
+            let what = format!("oihw->hwio {o}x{i}x{h}x{w} es {es}");
+            assert_matches_reference(backend, &op.simplify(), &src, &what);
+            let g = Gather::from_parts(es, vec![i, w, h, o], vec![h * w, 1, w, i * h * w], 0);
+            let what = format!("mixed outer order {o}x{i}x{h}x{w} es {es}");
+            assert_matches_reference(backend, &g, &src, &what);
+        }
+    }
+}
+
 /// Copies and row gathers at lengths around the parallel threshold and chunk.
 fn copy_and_rows_grid(backend: &dyn Backend) {
     let mut seed = 2000;
@@ -382,6 +440,12 @@ macro_rules! backend_grid {
             fn batched_transposes_and_short_runs_match_reference() {
                 let Some(b) = available() else { return };
                 batched_and_run_grid(&*b);
+            }
+
+            #[test]
+            fn column_remapped_transposes_match_reference() {
+                let Some(b) = available() else { return };
+                column_remap_grid(&*b);
             }
 
             #[test]

@@ -1,5 +1,7 @@
 //! The fast CPU backend: memcpy for copies, a cache-tiled transpose for gathers whose
-//! innermost output axis is strided, and a row walker for everything else; all of them
+//! innermost output axis is strided (with permuted output rows when the other axes read
+//! a dense set of source columns, as OIHW -> HWIO does), and a row walker for everything
+//! else; all of them
 //! parallel over disjoint output chunks with rayon once a gather is large enough.
 //!
 //! Kernels see the buffers as slices of `[u8; N]` (N = element size), so they only
@@ -176,6 +178,14 @@ where
     let rank = g.shape.len();
     if g.is_copy() {
         copy(src, dst, g.offset, parallel, t);
+    } else if let Some(cols_of_rows) = column_set(g) {
+        let tile = t.tile_side(N);
+        match N {
+            1 => remap::<N, { micro_block(1) }>(g, &cols_of_rows, src, dst, tile, parallel, t),
+            2 => remap::<N, { micro_block(2) }>(g, &cols_of_rows, src, dst, tile, parallel, t),
+            4 => remap::<N, { micro_block(4) }>(g, &cols_of_rows, src, dst, tile, parallel, t),
+            _ => remap::<N, { micro_block(8) }>(g, &cols_of_rows, src, dst, tile, parallel, t),
+        }
     } else if rank >= 2 && g.strides[rank - 1] > 1 {
         let tile = t.tile_side(N);
         match N {
@@ -324,6 +334,132 @@ fn transpose<const N: usize, const B: usize>(
     } else {
         for (pi, out) in dst.chunks_mut(plane).enumerate() {
             band(pi, 0, out);
+        }
+    }
+}
+
+/// For a gather of rank 3 or more whose axes before the last read, between them, every
+/// source element `offset + c` for `c` in `0..R` exactly once (their strides sorted form
+/// a dense mixed radix starting at 1), the source column `c` each output row reads.
+/// Such a gather is the transpose of the `[cols, R]` matrix at row stride `sc` with its
+/// transposed rows permuted: OIHW -> HWIO is `[H*W, I, O]` with strides `[1, H*W, I*H*W]`.
+fn column_set(g: &Gather) -> Option<Vec<usize>> {
+    let rank = g.shape.len();
+    if rank < 3 {
+        return None;
+    }
+    let outer = &g.shape[..rank - 1];
+    let strides = &g.strides[..rank - 1];
+    let mut axes: Vec<usize> = (0..outer.len()).collect();
+    axes.sort_unstable_by_key(|&a| strides[a]);
+    let mut next = 1usize;
+    for &a in &axes {
+        if strides[a] != next {
+            return None;
+        }
+        next = next.checked_mul(outer[a])?;
+    }
+    // Matrix rows that overlap their neighbours are not worth a special case.
+    if *g.strides.last()? < next {
+        return None;
+    }
+    // Walk output rows like an odometer; `next` rows in all.
+    let mut of_row = Vec::with_capacity(next);
+    let mut idx = vec![0usize; outer.len()];
+    let mut c = 0usize;
+    for _ in 0..next {
+        of_row.push(c);
+        for k in (0..outer.len()).rev() {
+            idx[k] += 1;
+            c += strides[k];
+            if idx[k] < outer[k] {
+                break;
+            }
+            c -= outer[k] * strides[k];
+            idx[k] = 0;
+        }
+    }
+    Some(of_row)
+}
+
+/// Transposes the `[cols, R]` source matrix whose rows start at `offset + o · sc`,
+/// writing transposed row `c` to output row `r` where `col_of_row[r] = c`. Tasks take
+/// bands of `c`, which are contiguous runs of the source; their output rows are
+/// scattered, so each task gets the `&mut` rows it owns.
+fn remap<const N: usize, const B: usize>(
+    g: &Gather,
+    col_of_row: &[usize],
+    src: &[[u8; N]],
+    dst: &mut [[u8; N]],
+    tile: usize,
+    parallel: bool,
+    t: &Tuning,
+) {
+    let rank = g.shape.len();
+    let (cols, sc) = (g.shape[rank - 1], g.strides[rank - 1]);
+    let stream = cfg!(target_arch = "x86_64")
+        && dst.len() * N >= t.stream_threshold
+        && (cols * N) % LINE == 0
+        && dst.as_ptr() as usize % LINE == 0;
+    let mut slots: Vec<Option<&mut [[u8; N]]>> = Vec::new();
+    slots.resize_with(col_of_row.len(), || None);
+    for (row, &c) in dst.chunks_mut(cols).zip(col_of_row) {
+        if let Some(slot) = slots.get_mut(c) {
+            *slot = Some(row);
+        }
+    }
+    // column_set made `col_of_row` a bijection onto 0..R, so nothing is dropped.
+    let mut rows: Vec<&mut [[u8; N]]> = slots.into_iter().flatten().collect();
+    let band = |c0: usize, rows: &mut [&mut [[u8; N]]]| {
+        let base = g.offset + c0;
+        if stream {
+            remap_tiles::<N, B, true>(src, rows, base, sc, cols, tile);
+            fence();
+        } else {
+            remap_tiles::<N, B, false>(src, rows, base, sc, cols, tile);
+        }
+    };
+    if parallel {
+        let band_rows = (t.par_chunk / (cols * N).max(1)).div_ceil(tile).max(1) * tile;
+        rows.par_chunks_mut(band_rows)
+            .enumerate()
+            .for_each(|(i, r)| band(i * band_rows, r));
+    } else {
+        band(0, &mut rows);
+    }
+}
+
+fn remap_tiles<const N: usize, const B: usize, const STREAM: bool>(
+    src: &[[u8; N]],
+    rows: &mut [&mut [[u8; N]]],
+    base: usize,
+    sc: usize,
+    cols: usize,
+    tile: usize,
+) {
+    let n = rows.len();
+    for ct in (0..n).step_by(tile) {
+        let ch = tile.min(n - ct);
+        for ot in (0..cols).step_by(tile) {
+            let ow = tile.min(cols - ot);
+            for o in (ot..ot + ow).step_by(B) {
+                let bw = B.min(ot + ow - o);
+                for c in (ct..ct + ch).step_by(B) {
+                    let bh = B.min(ct + ch - c);
+                    let s0 = base + c + o * sc;
+                    let blk = &mut rows[c..c + bh];
+                    #[cfg(target_arch = "x86_64")]
+                    if bw == B && bh == B {
+                        sse2::block_rows::<N, B, STREAM>(src, blk, s0, sc, o);
+                        continue;
+                    }
+                    for (i, row) in blk.iter_mut().enumerate() {
+                        for (j, v) in row[o..o + bw].iter_mut().enumerate() {
+                            *v = src[s0 + i + j * sc];
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -489,23 +625,73 @@ mod sse2 {
         d0: usize,
         cols: usize,
     ) {
+        let mut o = Flat { out, d0, cols };
         // Fixed-size arrays per K keep every vector in a register.
         match N {
-            1 => squares::<N, B, 16, STREAM>(src, out, s0, sc, d0, cols),
-            2 => squares::<N, B, 8, STREAM>(src, out, s0, sc, d0, cols),
-            4 => squares::<N, B, 4, STREAM>(src, out, s0, sc, d0, cols),
-            _ => squares::<N, B, 2, STREAM>(src, out, s0, sc, d0, cols),
+            1 => squares::<N, B, 16, STREAM>(src, &mut o, s0, sc),
+            2 => squares::<N, B, 8, STREAM>(src, &mut o, s0, sc),
+            4 => squares::<N, B, 4, STREAM>(src, &mut o, s0, sc),
+            _ => squares::<N, B, 2, STREAM>(src, &mut o, s0, sc),
+        }
+    }
+
+    /// As [`block`], writing block row `i` to `rows[i][col..col + B]`.
+    #[inline(always)]
+    pub(super) fn block_rows<const N: usize, const B: usize, const STREAM: bool>(
+        src: &[[u8; N]],
+        rows: &mut [&mut [[u8; N]]],
+        s0: usize,
+        sc: usize,
+        col: usize,
+    ) {
+        let mut o = Rows { rows, col };
+        match N {
+            1 => squares::<N, B, 16, STREAM>(src, &mut o, s0, sc),
+            2 => squares::<N, B, 8, STREAM>(src, &mut o, s0, sc),
+            4 => squares::<N, B, 4, STREAM>(src, &mut o, s0, sc),
+            _ => squares::<N, B, 2, STREAM>(src, &mut o, s0, sc),
+        }
+    }
+
+    /// Where the rows of a block go.
+    trait Out<const N: usize> {
+        /// Stores 16 bytes at element `j` of block row `i`.
+        fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m128i);
+    }
+
+    /// Rows `cols` apart in one slice, starting at `d0`.
+    struct Flat<'a, const N: usize> {
+        out: &'a mut [[u8; N]],
+        d0: usize,
+        cols: usize,
+    }
+
+    impl<const N: usize> Out<N> for Flat<'_, N> {
+        #[inline(always)]
+        fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m128i) {
+            store::<N, STREAM>(self.out, self.d0 + i * self.cols + j, v);
+        }
+    }
+
+    /// One slice per row, starting at `col`.
+    struct Rows<'a, 'b, const N: usize> {
+        rows: &'a mut [&'b mut [[u8; N]]],
+        col: usize,
+    }
+
+    impl<const N: usize> Out<N> for Rows<'_, '_, N> {
+        #[inline(always)]
+        fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m128i) {
+            store::<N, STREAM>(self.rows[i], self.col + j, v);
         }
     }
 
     #[inline(always)]
     fn squares<const N: usize, const B: usize, const K: usize, const STREAM: bool>(
         src: &[[u8; N]],
-        out: &mut [[u8; N]],
+        out: &mut impl Out<N>,
         s0: usize,
         sc: usize,
-        d0: usize,
-        cols: usize,
     ) {
         // A block row is one cache line of 4 squares side by side; all 4 squares are
         // transposed before any store so each output line is written in one go, which
@@ -533,7 +719,7 @@ mod sse2 {
             });
             for i in 0..K {
                 for (q, sq) in line.iter().enumerate() {
-                    store::<N, STREAM>(out, d0 + (rg + i) * cols + q * K, sq[i]);
+                    out.put::<STREAM>(rg + i, q * K, sq[i]);
                 }
             }
         }
