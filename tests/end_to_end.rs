@@ -739,3 +739,27 @@ fn unknown_device_and_adapter_are_clear_errors() {
     .expect("an adapter that does not exist");
     assert!(matches!(err, Error::DeviceUnavailable { .. }), "{err:?}");
 }
+
+#[test]
+fn sharded_pytorch_bin_checkpoints_read_through_their_index() {
+    let dir = scratch("shard-bin");
+    std::fs::copy(
+        fixture("pytorch_model.bin"),
+        dir.join("pytorch_model-00001-of-00001.bin"),
+    )
+    .unwrap();
+    let want = load_safetensors(&fixture("pytorch_model.expected.safetensors"));
+    let map: serde_json::Map<String, serde_json::Value> = want
+        .keys()
+        .map(|k| (k.clone(), "pytorch_model-00001-of-00001.bin".into()))
+        .collect();
+    std::fs::write(
+        dir.join("pytorch_model.bin.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": map }).to_string(),
+    )
+    .unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    assert_eq!(ckpt.format(), relayout::Format::ShardedPyTorch);
+    assert_same_tensors(&materialise(&ckpt), &want, "sharded .bin");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
