@@ -568,10 +568,10 @@ fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool, const STREAM: bo
 #[cfg(target_arch = "x86_64")]
 mod sse2 {
     use std::arch::x86_64::{
-        __m128i, _mm_loadu_si128, _mm_prefetch, _mm_storeu_si128, _mm_stream_si128,
-        _mm_unpackhi_epi16, _mm_unpackhi_epi32, _mm_unpackhi_epi64, _mm_unpackhi_epi8,
-        _mm_unpacklo_epi16, _mm_unpacklo_epi32, _mm_unpacklo_epi64, _mm_unpacklo_epi8,
-        _MM_HINT_NTA,
+        __m128i, _mm_loadu_si128, _mm_prefetch, _mm_setzero_si128, _mm_storeu_si128,
+        _mm_stream_si128, _mm_unpackhi_epi16, _mm_unpackhi_epi32, _mm_unpackhi_epi64,
+        _mm_unpackhi_epi8, _mm_unpacklo_epi16, _mm_unpacklo_epi32, _mm_unpacklo_epi64,
+        _mm_unpacklo_epi8, _MM_HINT_NTA,
     };
 
     #[inline(always)]
@@ -711,12 +711,25 @@ mod sse2 {
             // SAFETY: prefetching never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_NTA>(ahead.cast()) }
         }
-        let runs: [[__m128i; SQUARES]; B] =
-            std::array::from_fn(|j| std::array::from_fn(|q| load(src, s0 + j * sc + q * K)));
+        // Plain loops rather than `array::from_fn`: LLVM leaves the 16-byte-element
+        // closures out of line, so u8 squares went through a call and memcpy per run.
+        // SAFETY: an all-zero vector is a valid `__m128i`; SSE2 is baseline on x86_64.
+        let zero = unsafe { _mm_setzero_si128() };
+        let mut runs = [[zero; SQUARES]; B];
+        for (j, run) in runs.iter_mut().enumerate() {
+            for (q, v) in run.iter_mut().enumerate() {
+                *v = load(src, s0 + j * sc + q * K);
+            }
+        }
         for (rq, rg) in (0..B).step_by(K).enumerate() {
-            let line: [[__m128i; K]; SQUARES] = std::array::from_fn(|q| {
-                square::<N, K>(std::array::from_fn(|j| runs[q * K + j][rq]))
-            });
+            let mut line = [[zero; K]; SQUARES];
+            for (q, sq) in line.iter_mut().enumerate() {
+                let mut v = [zero; K];
+                for (j, x) in v.iter_mut().enumerate() {
+                    *x = runs[q * K + j][rq];
+                }
+                *sq = square::<N, K>(v);
+            }
             for i in 0..K {
                 for (q, sq) in line.iter().enumerate() {
                     out.put::<STREAM>(rg + i, q * K, sq[i]);
