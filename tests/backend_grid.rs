@@ -3,6 +3,8 @@
 //! shrunk so small tensors cross them). One test body per check, instantiated for each
 //! backend by `backend_grid!`.
 
+mod common;
+use common::Rng;
 use relayout::backend::cpu::{micro_block, Cpu, Tuning};
 use relayout::backend::reference::Reference;
 use relayout::backend::Backend;
@@ -20,29 +22,6 @@ const SMALL: Tuning = Tuning {
 /// Byte an output buffer starts as, so unwritten bytes show (the oracle starts as its
 /// complement, so a byte both leave unwritten cannot match).
 const GARBAGE: u8 = 0xA5;
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng::new(seed);

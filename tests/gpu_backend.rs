@@ -3,6 +3,8 @@
 //! print a note and pass, unless RELAYOUT_REQUIRE_GPU=1, where they fail.
 #![cfg(feature = "gpu")]
 
+mod common;
+use common::Rng;
 use relayout::backend::gpu::{list_adapters, Gpu, GpuOptions, KernelKind};
 use relayout::backend::Backend;
 use relayout::layout::{contiguous_strides, Gather, LayoutOp};
@@ -33,24 +35,6 @@ fn open_with(max_chunk_bytes: Option<usize>, staged: Option<bool>) -> Option<Gpu
             eprintln!("skipping: no GPU adapter ({e})");
             None
         }
-    }
-}
-
-/// xorshift64*, fixed seeds.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
     }
 }
 
