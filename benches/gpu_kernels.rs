@@ -6,7 +6,7 @@
 //! stay resident so they measure the kernels alone.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use relayout::backend::gpu::{Gpu, GpuOptions, KernelKind};
+use relayout::backend::gpu::{Gpu, GpuOptions, KernelKind, Resident};
 use relayout::backend::Backend;
 use relayout::layout::{Gather, LayoutOp};
 
@@ -65,19 +65,28 @@ fn cases() -> Vec<(&'static str, Gather)> {
     ]
 }
 
+/// The kernel `g` runs on and, on the same bytes, the copy kernel with the same element
+/// size (copy.wgsl then has transpose2d.wgsl's dispatch shape); `None` when either does
+/// not fit one binding.
+fn kernel_and_copy<'g>(
+    gpu: &'g Gpu,
+    g: &Gather,
+    src: &[u8],
+) -> Option<(KernelKind, Resident<'g>, Resident<'g>)> {
+    let kind = Gpu::kernel_for(g);
+    let copy = Gather::from_parts(g.elem_size, vec![g.len()], vec![1], 0);
+    let k = gpu.resident(g, src, kind).ok()?;
+    let base = gpu.resident(&copy, src, KernelKind::Copy).ok()?;
+    Some((kind, k, base))
+}
+
 fn kernels(c: &mut Criterion) {
     let Some(gpu) = open() else { return };
     let mut group = c.benchmark_group("kernel");
     group.sample_size(10);
     for (name, g) in cases() {
         let src = pattern(g.out_bytes());
-        let kind = Gpu::kernel_for(&g);
-        // Same element size: copy.wgsl then has transpose2d.wgsl's dispatch shape.
-        let copy = Gather::from_parts(g.elem_size, vec![g.len()], vec![1], 0);
-        let (Ok(k), Ok(base)) = (
-            gpu.resident(&g, &src, kind),
-            gpu.resident(&copy, &src, KernelKind::Copy),
-        ) else {
+        let Some((kind, k, base)) = kernel_and_copy(&gpu, &g, &src) else {
             eprintln!("{name}: does not fit one binding, skipped");
             continue;
         };
@@ -134,15 +143,10 @@ fn paired(_: &mut Criterion) {
     eprintln!("paired: case [kernel] | kernel MiB/s | copy MiB/s | median ratio of {PAIRS}");
     for (name, g) in cases() {
         let src = pattern(g.out_bytes());
-        let kind = Gpu::kernel_for(&g);
-        let copy = Gather::from_parts(g.elem_size, vec![g.len()], vec![1], 0);
-        let (Ok(k), Ok(base)) = (
-            gpu.resident(&g, &src, kind),
-            gpu.resident(&copy, &src, KernelKind::Copy),
-        ) else {
+        let Some((kind, k, base)) = kernel_and_copy(&gpu, &g, &src) else {
             continue;
         };
-        let time = |r: &relayout::backend::gpu::Resident| {
+        let time = |r: &Resident| {
             let t = std::time::Instant::now();
             r.run().map_err(|e| panic!("{e}")).ok();
             t.elapsed().as_secs_f64()

@@ -322,7 +322,7 @@ fn transpose<const N: usize, const B: usize>(
         }
     };
     if parallel {
-        let band_rows = (t.par_chunk / (cols * N).max(1)).div_ceil(tile).max(1) * tile;
+        let band_rows = band_rows(t, cols * N, tile);
         dst.par_chunks_mut(plane)
             .enumerate()
             .flat_map(|(pi, p)| {
@@ -336,6 +336,12 @@ fn transpose<const N: usize, const B: usize>(
             band(pi, 0, out);
         }
     }
+}
+
+/// Rows per parallel task: about `par_chunk` bytes of `row_bytes`-byte rows, in whole
+/// tiles so no task splits a tile.
+fn band_rows(t: &Tuning, row_bytes: usize, tile: usize) -> usize {
+    (t.par_chunk / row_bytes.max(1)).div_ceil(tile).max(1) * tile
 }
 
 /// For a gather of rank 3 or more whose axes before the last read, between them, every
@@ -420,7 +426,7 @@ fn remap<const N: usize, const B: usize>(
         }
     };
     if parallel {
-        let band_rows = (t.par_chunk / (cols * N).max(1)).div_ceil(tile).max(1) * tile;
+        let band_rows = band_rows(t, cols * N, tile);
         rows.par_chunks_mut(band_rows)
             .enumerate()
             .for_each(|(i, r)| band(i * band_rows, r));
