@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use crate::backend::{Backend, BackendOptions};
 use crate::error::{Error, Result};
-use crate::layout::Gather;
+use crate::layout::{Cast, Gather};
 use crate::plan::{Plan, PlanEntry};
 use crate::reader::{Checkpoint, OpenOptions};
-use crate::rules::RuleSet;
+use crate::dtype::DType;
+use crate::rules::{ModuleTypes, PlanOptions, RuleSet};
 use crate::writer::{HeaderEntry, SafetensorsWriter};
 
 /// Output bytes per backend call: large enough to amortise calls and syscalls, small
@@ -86,8 +87,9 @@ impl<'a> Converter<'a> {
         self
     }
 
-    /// The gather that produces `entry`.
-    fn gather(&self, entry: &PlanEntry) -> Result<Gather> {
+    /// The op that produces `entry`: the gather over its (sliced) source and the element
+    /// conversion, if any.
+    fn op(&self, entry: &PlanEntry) -> Result<(Gather, Option<Cast>)> {
         let t = self
             .ckpt
             .tensors()
@@ -98,7 +100,25 @@ impl<'a> Converter<'a> {
                     entry.source_name
                 ),
             })?;
-        Ok(self.ckpt.layout_op(t, &entry.perm)?.simplify())
+        let mut op = self.ckpt.layout_op(t, &entry.perm)?;
+        if let Some(s) = entry.slice {
+            op = op.sliced(s.axis, s.start, s.len)?;
+        }
+        let g = op.simplify();
+        let cast = Cast::new(t.dtype, entry.dtype)?;
+        // A reshape is free on the contiguous output, but must keep the element count.
+        if crate::layout::checked_numel(&entry.target_shape) != Some(g.len()) {
+            return Err(Error::Layout {
+                detail: format!(
+                    "'{}': target shape {:?} does not hold the {} elements of '{}'",
+                    entry.target,
+                    entry.target_shape,
+                    g.len(),
+                    entry.source_name
+                ),
+            });
+        }
+        Ok((g, cast))
     }
 
     /// Bytes of one output tensor.
@@ -108,37 +128,50 @@ impl<'a> Converter<'a> {
 
     /// Converts one tensor into `dst`, which must hold exactly its bytes.
     pub fn convert_into(&self, entry: &PlanEntry, dst: &mut [u8]) -> Result<()> {
-        let g = self.gather(entry)?;
+        let (g, cast) = self.op(entry)?;
         let src = self.source_bytes(entry);
-        if dst.len() != g.out_bytes() {
+        let want = out_bytes(&g, cast);
+        if dst.len() != want {
             return Err(Error::Layout {
                 detail: format!(
-                    "buffer of {} bytes for '{}', which needs {}",
+                    "buffer of {} bytes for '{}', which needs {want}",
                     dst.len(),
                     entry.target,
-                    g.out_bytes()
                 ),
             });
         }
-        self.run_entry(entry, &g, src, &mut &mut *dst, &mut |_| {})
+        self.run_entry(&g, cast, src, &mut &mut *dst, &mut |_| {})?;
+        self.release(entry);
+        Ok(())
     }
 
     /// Runs one tensor band by band, each band computed in place into the slice `sink`
     /// hands out for it; `done` hears the bytes of every finished band.
     fn run_entry(
         &self,
-        entry: &PlanEntry,
         g: &Gather,
+        cast: Option<Cast>,
         src: &[u8],
         sink: &mut dyn BandSink,
         done: &mut dyn FnMut(usize),
     ) -> Result<()> {
-        for (at, piece) in g.split(self.band_bytes) {
-            let len = piece.out_bytes();
-            self.backend.gather(&piece, src, sink.band(at, len)?)?;
+        let Some(cast) = cast else {
+            for (at, piece) in g.split(self.band_bytes) {
+                let len = piece.out_bytes();
+                self.backend.gather(&piece, src, sink.band(at, len)?)?;
+                done(len);
+            }
+            return Ok(());
+        };
+        // Bands count output bytes; the gather splits by source elements.
+        let (from, to) = (cast.from().size(), cast.to().size());
+        let per_band = (self.band_bytes / to).max(1).saturating_mul(from);
+        for (at, piece) in g.split(per_band) {
+            let len = piece.len() * to;
+            let band = sink.band(at / from * to, len)?;
+            self.backend.gather_cast(&piece, cast, src, band)?;
             done(len);
         }
-        self.release(entry);
         Ok(())
     }
 
@@ -195,12 +228,13 @@ impl<'a> Converter<'a> {
         // Each band is computed straight into the writer's block buffer; the writer's
         // thread writes full blocks while the backend fills the next one.
         for entry in &self.plan.entries {
-            let g = self.gather(entry)?;
+            let (g, cast) = self.op(entry)?;
             let src = self.source_bytes(entry);
-            self.run_entry(entry, &g, src, &mut writer, &mut |len| {
+            self.run_entry(&g, cast, src, &mut writer, &mut |len| {
                 state.bytes_done += len as u64;
                 progress(state);
             })?;
+            self.release(entry);
             state.tensors_done += 1;
             progress(state);
         }
@@ -222,8 +256,12 @@ impl<'a> Converter<'a> {
             .map_or(&[], |t| self.ckpt.storage_bytes(t))
     }
 
-    /// Lets the pages of a finished tensor go, unless a later entry reads the same storage.
+    /// Lets the pages of a finished tensor go, unless another entry reads the same
+    /// storage: a tensor shared with others, or split into several targets.
     fn release(&self, entry: &PlanEntry) {
+        if entry.slice.is_some() {
+            return;
+        }
         if let Some(t) = self.ckpt.tensors().get(entry.source) {
             if !self.ckpt.shares_storage(t) {
                 self.ckpt.release(t);
@@ -250,6 +288,14 @@ impl BandSink for &mut [u8] {
         self.get_mut(at..end).ok_or_else(|| Error::Layout {
             detail: format!("band {at}..{end} outside the output buffer"),
         })
+    }
+}
+
+/// Output bytes of `g`, converted by `cast` when there is one.
+fn out_bytes(g: &Gather, cast: Option<Cast>) -> usize {
+    match cast {
+        Some(c) => crate::backend::cast_out_bytes(g, c),
+        None => g.out_bytes(),
     }
 }
 
@@ -299,6 +345,27 @@ pub struct ConvertSpec {
     pub force: bool,
     /// Leave tensors that match no rule out of the output instead of failing.
     pub allow_unmatched: bool,
+    /// Rule variables (`--set NAME=VALUE`).
+    pub vars: BTreeMap<String, String>,
+    /// A `{module name: class name}` JSON file (`--module-types`).
+    pub module_types: Option<PathBuf>,
+    /// Output dtype of every floating tensor (`--dtype`).
+    pub dtype: Option<DType>,
+}
+
+impl ConvertSpec {
+    /// The planning options the spec describes; reads the module-types file.
+    pub fn plan_options(&self) -> Result<PlanOptions> {
+        Ok(PlanOptions {
+            vars: self.vars.clone(),
+            module_types: self
+                .module_types
+                .as_deref()
+                .map(ModuleTypes::from_file)
+                .transpose()?,
+            dtype: self.dtype,
+        })
+    }
 }
 
 /// Builds the rule set of a preset and/or rule files.
@@ -321,8 +388,13 @@ pub fn rule_set(preset: Option<&str>, rule_files: &[PathBuf]) -> Result<RuleSet>
 }
 
 /// Plans `ckpt`, failing when tensors match no rule unless `allow_unmatched`.
-pub fn plan_checkpoint(ckpt: &Checkpoint, rules: &RuleSet, allow_unmatched: bool) -> Result<Plan> {
-    let plan = rules.plan(ckpt.tensors())?;
+pub fn plan_checkpoint(
+    ckpt: &Checkpoint,
+    rules: &RuleSet,
+    opts: &PlanOptions,
+    allow_unmatched: bool,
+) -> Result<Plan> {
+    let plan = rules.plan_with(ckpt.tensors(), opts)?;
     if !allow_unmatched {
         plan.require_all_matched()?;
     }
@@ -363,7 +435,7 @@ pub fn convert(
             key: spec.key.clone(),
         },
     )?;
-    let plan = plan_checkpoint(&ckpt, &rules, spec.allow_unmatched)?;
+    let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
     let backend = crate::backend::select(&spec.backend)?;
     let opts = WriteOptions {
         force: spec.force,
@@ -382,6 +454,8 @@ pub fn provenance(spec: &ConvertSpec, plan: &Plan) -> BTreeMap<String, String> {
         "version": env!("CARGO_PKG_VERSION"),
         "preset": spec.preset,
         "rules": plan.sources,
+        "set": spec.vars,
+        "dtype": spec.dtype.map(|d| d.to_string()),
         "dropped": plan.dropped.len(),
         "unmatched": plan.unmatched.len(),
     });

@@ -76,6 +76,16 @@ pub enum Error {
     #[error("rules {origin}: {detail}")]
     Rules { origin: String, detail: String },
 
+    #[error("{message} (rule '{rule}' needs variable '{variable}')")]
+    MissingVariable {
+        message: String,
+        rule: String,
+        variable: String,
+    },
+
+    #[error("{}: module types: {detail}", path.display())]
+    ModuleTypes { path: PathBuf, detail: String },
+
     #[error("unknown preset '{name}' (available: {available})")]
     UnknownPreset { name: String, available: String },
 

@@ -57,6 +57,6 @@ pub use convert::{
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use layout::{Gather, LayoutOp};
-pub use plan::{Plan, PlanEntry};
+pub use plan::{Plan, PlanEntry, Slice};
 pub use reader::{Checkpoint, Format, OpenOptions, TensorInfo};
-pub use rules::RuleSet;
+pub use rules::{ModuleTypes, PlanOptions, RuleSet};

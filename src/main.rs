@@ -40,6 +40,39 @@ struct RuleArgs {
     /// Leave tensors that match no rule out instead of failing
     #[arg(long)]
     allow_unmatched: bool,
+    /// A rule variable, e.g. `--set heads=12` for attention; repeatable
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// JSON {module name: class name}, written by
+    /// `json.dump({n: type(m).__name__ for n, m in model.named_modules()}, f)`
+    #[arg(long, value_name = "FILE")]
+    module_types: Option<PathBuf>,
+    /// Convert every floating tensor to bf16, f16 or f32 (integer and bool tensors never change)
+    #[arg(long, value_name = "bf16|f16|f32", value_parser = parse_dtype)]
+    dtype: Option<relayout::DType>,
+}
+
+fn parse_dtype(s: &str) -> std::result::Result<relayout::DType, String> {
+    relayout::PlanOptions::parse_dtype(s).map_err(|e| e.to_string())
+}
+
+impl RuleArgs {
+    fn spec(&self) -> Result<ConvertSpec> {
+        let mut opts = relayout::PlanOptions::default();
+        for s in &self.set {
+            opts.set(s)?;
+        }
+        Ok(ConvertSpec {
+            preset: self.preset.clone(),
+            rules: self.rules.clone(),
+            key: self.key.clone(),
+            allow_unmatched: self.allow_unmatched,
+            vars: opts.vars,
+            module_types: self.module_types.clone(),
+            dtype: self.dtype,
+            ..ConvertSpec::default()
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -196,18 +229,20 @@ fn inspect(out: &mut String, path: PathBuf, key: Option<String>, as_json: bool) 
     Ok(())
 }
 
-fn build_plan(path: &PathBuf, args: &RuleArgs) -> Result<(Checkpoint, Plan)> {
-    let rules = rule_set(args.preset.as_deref(), &args.rules)?;
-    let ckpt = open(path, args.key.clone())?;
-    let plan = plan_checkpoint(&ckpt, &rules, args.allow_unmatched)?;
+fn build_plan(path: &PathBuf, spec: &ConvertSpec) -> Result<(Checkpoint, Plan)> {
+    let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
+    let ckpt = open(path, spec.key.clone())?;
+    let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
     Ok((ckpt, plan))
 }
 
 fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Result<()> {
-    let rules = rule_set(args.preset.as_deref(), &args.rules)?;
-    let ckpt = open(&path, args.key.clone())?;
     // Show unmatched tensors rather than failing: this is where one finds them.
-    let plan = rules.plan(ckpt.tensors())?;
+    let spec = ConvertSpec {
+        allow_unmatched: true,
+        ..args.spec()?
+    };
+    let (_ckpt, plan) = build_plan(&path, &spec)?;
     if as_json {
         let entries: Vec<_> = plan
             .entries
@@ -215,8 +250,10 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
             .map(|e| {
                 json!({
                     "source": e.source_name, "target": e.target, "dtype": e.dtype.to_string(),
+                    "source_dtype": e.source_dtype.to_string(),
                     "source_shape": e.source_shape, "target_shape": e.target_shape,
-                    "perm": e.perm, "rule": e.rule,
+                    "slice": e.slice.map(|s| json!({"axis": s.axis, "start": s.start, "len": s.len})),
+                    "perm": e.perm, "op": e.describe_op(), "rule": e.rule, "warning": e.warning,
                 })
             })
             .collect();
@@ -230,20 +267,21 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
             "entries": entries,
             "dropped": skipped(&plan.dropped),
             "unmatched": skipped(&plan.unmatched),
+            "unreachable": plan.unreachable,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         return Ok(());
     }
     for e in &plan.entries {
-        let op = if e.is_identity() {
-            "copy".to_string()
-        } else {
-            format!("permute{:?}", e.perm)
-        };
         writeln!(
             out,
-            "{:<40} -> {:<44} {:?} -> {:?} {op} [{}]",
-            e.source_name, e.target, e.source_shape, e.target_shape, e.rule
+            "{:<40} -> {:<44} {:?} -> {:?} {} [{}]",
+            e.source_name,
+            e.target,
+            e.source_shape,
+            e.target_shape,
+            e.describe_op(),
+            e.rule
         )?;
     }
     for s in &plan.dropped {
@@ -259,6 +297,32 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
         plan.dropped.len(),
         plan.unmatched.len()
     )?;
+    write_warnings(out, &plan)?;
+    Ok(())
+}
+
+/// Warnings grouped by message, with the first few tensors each; then unreachable rules.
+fn write_warnings(out: &mut String, plan: &Plan) -> Result<()> {
+    let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for e in &plan.entries {
+        if let Some(w) = &e.warning {
+            groups.entry(w).or_default().push(&e.source_name);
+        }
+    }
+    for (warning, names) in groups {
+        let shown: Vec<&str> = names.iter().take(3).copied().collect();
+        let more = names.len().saturating_sub(shown.len());
+        writeln!(
+            out,
+            "warning: {warning}: {} tensor(s): {}{}",
+            names.len(),
+            shown.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        )?;
+    }
+    for u in &plan.unreachable {
+        writeln!(out, "warning: {u}")?;
+    }
     Ok(())
 }
 
@@ -272,7 +336,8 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
         force,
         quiet,
     } = args;
-    let (ckpt, plan) = build_plan(&input, &args)?;
+    let spec = args.spec()?;
+    let (ckpt, plan) = build_plan(&input, &spec)?;
     let backend_opts = backend::BackendOptions {
         device,
         adapter,
@@ -281,12 +346,9 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
     };
     let backend = backend::select(&backend_opts)?;
     let spec = ConvertSpec {
-        preset: args.preset.clone(),
-        rules: args.rules.clone(),
-        key: args.key.clone(),
         backend: backend_opts,
         force,
-        allow_unmatched: args.allow_unmatched,
+        ..spec
     };
     let opts = WriteOptions {
         force,

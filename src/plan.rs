@@ -3,7 +3,9 @@
 
 use crate::dtype::DType;
 
-/// One output tensor: where it comes from and how its axes move.
+/// One output tensor: where it comes from and how it is made, in this order: a slice of
+/// the source along one axis, a permutation of the axes, a reshape of the (contiguous)
+/// result, and an element conversion.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlanEntry {
     /// Index of the source tensor in the checkpoint's tensor list.
@@ -12,19 +14,77 @@ pub struct PlanEntry {
     pub source_name: String,
     /// Output tensor name.
     pub target: String,
+    /// Output dtype; differs from `source_dtype` when the entry converts elements.
     pub dtype: DType,
+    pub source_dtype: DType,
     pub source_shape: Vec<usize>,
-    pub target_shape: Vec<usize>,
-    /// Output axis `k` is source axis `perm[k]`.
+    /// The part of the source this entry reads, when it is one of several targets split
+    /// from one source; `None` reads the whole tensor.
+    pub slice: Option<Slice>,
+    /// Output axis `k` is axis `perm[k]` of the (sliced) source.
     pub perm: Vec<usize>,
+    /// Shape written: the permuted shape, or a reshape of it with the same element count.
+    pub target_shape: Vec<usize>,
     /// The rule that produced this entry, for reports.
     pub rule: String,
+    /// Something the user should check, e.g. a layout decided from a name alone.
+    pub warning: Option<String>,
+}
+
+/// Indices `start..start + len` of source axis `axis`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub axis: usize,
+    pub start: usize,
+    pub len: usize,
 }
 
 impl PlanEntry {
     /// True when the op leaves the axes in place.
     pub fn is_identity(&self) -> bool {
         self.perm.iter().enumerate().all(|(i, &p)| i == p)
+    }
+
+    /// The shape the permutation produces, before any reshape.
+    pub fn permuted_shape(&self) -> Vec<usize> {
+        let mut shape = self.source_shape.clone();
+        if let Some(s) = self.slice {
+            if let Some(n) = shape.get_mut(s.axis) {
+                *n = s.len;
+            }
+        }
+        self.perm
+            .iter()
+            .map(|&p| shape.get(p).copied().unwrap_or(0))
+            .collect()
+    }
+
+    /// True when the entry reshapes the permuted tensor.
+    pub fn is_reshape(&self) -> bool {
+        self.permuted_shape() != self.target_shape
+    }
+
+    /// A short description of the op: `copy`, `slice[0:0..4]`, `permute[1, 0]`,
+    /// `reshape`, `cast F32->BF16`, joined with ` + `.
+    pub fn describe_op(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(s) = self.slice {
+            parts.push(format!("slice[{}:{}..{}]", s.axis, s.start, s.start + s.len));
+        }
+        if !self.is_identity() {
+            parts.push(format!("permute{:?}", self.perm));
+        }
+        if self.is_reshape() {
+            parts.push(format!("reshape{:?}", self.target_shape));
+        }
+        if self.dtype != self.source_dtype {
+            parts.push(format!("cast {}->{}", self.source_dtype, self.dtype));
+        }
+        if parts.is_empty() {
+            "copy".to_string()
+        } else {
+            parts.join(" + ")
+        }
     }
 }
 
@@ -47,6 +107,9 @@ pub struct Plan {
     pub unmatched: Vec<Skipped>,
     /// Provenance: the preset and rule files this plan was built from.
     pub sources: Vec<String>,
+    /// Preset rules that matched some tensors but were shadowed for every one of them by
+    /// rules layered in front (user rule files), one sentence each.
+    pub unreachable: Vec<String>,
 }
 
 impl Plan {

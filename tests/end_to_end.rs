@@ -220,6 +220,23 @@ impl Backend for FailAfter {
         "fail-after".to_string()
     }
     fn gather(&self, g: &relayout::Gather, src: &[u8], dst: &mut [u8]) -> relayout::Result<()> {
+        self.spend()?;
+        Reference.gather(g, src, dst)
+    }
+    fn gather_cast(
+        &self,
+        g: &relayout::Gather,
+        cast: relayout::layout::Cast,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> relayout::Result<()> {
+        self.spend()?;
+        Reference.gather_cast(g, cast, src, dst)
+    }
+}
+
+impl FailAfter {
+    fn spend(&self) -> relayout::Result<()> {
         let left = self.ok.load(std::sync::atomic::Ordering::SeqCst);
         if left == 0 {
             return Err(Error::Gpu {
@@ -227,7 +244,7 @@ impl Backend for FailAfter {
             });
         }
         self.ok.store(left - 1, std::sync::atomic::Ordering::SeqCst);
-        Reference.gather(g, src, dst)
+        Ok(())
     }
 }
 

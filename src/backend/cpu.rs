@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::backend::{check_buffers, Backend};
 use crate::error::{Error, Result};
-use crate::layout::Gather;
+use crate::layout::{Cast, Gather};
 
 /// Output bytes below which a gather runs on the calling thread: a rayon task costs a
 /// few microseconds, about what copying this much costs.
@@ -134,6 +134,10 @@ impl Cpu {
 impl Backend for Cpu {
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.threads())
+    }
+
+    fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        crate::backend::gather_then_cast(self, g, cast, src, dst)
     }
 
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {

@@ -4,9 +4,9 @@
 //! its linear index into a multi-index, takes `offset + Σ i_k · strides[k]` as its source
 //! element and copies that element's bytes. Nothing is merged, tiled or parallel.
 
-use crate::backend::{check_buffers, Backend};
+use crate::backend::{check_buffers, check_cast_buffers, Backend};
 use crate::error::{Error, Result};
-use crate::layout::Gather;
+use crate::layout::{cast, Cast, Gather};
 
 /// The oracle backend.
 #[derive(Clone, Copy, Debug, Default)]
@@ -22,12 +22,7 @@ impl Backend for Reference {
         check_buffers(g, src, dst)?;
         let es = g.elem_size;
         for (i, out) in dst.chunks_exact_mut(es).enumerate() {
-            let mut rem = i;
-            let mut elem = g.offset;
-            for (&n, &s) in g.shape.iter().zip(&g.strides).rev() {
-                elem += (rem % n) * s;
-                rem /= n;
-            }
+            let elem = element_offset(g, i);
             // check_buffers bounded every index; `get` keeps a broken invariant an error.
             let bytes = src
                 .get(elem * es..elem * es + es)
@@ -38,4 +33,31 @@ impl Backend for Reference {
         }
         Ok(())
     }
+
+    fn gather_cast(&self, g: &Gather, c: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        check_cast_buffers(g, c, src, dst)?;
+        let (from, to) = (c.from().size(), c.to().size());
+        let mut elem = vec![0u8; from];
+        for (i, out) in dst.chunks_exact_mut(to).enumerate() {
+            // One element through the plain gather, then through the naive cast.
+            let one = Gather::from_parts(from, vec![], vec![], element_offset(g, i));
+            self.gather(&one, src, &mut elem)?;
+            let mut word = [0u8; 8];
+            word[..from].copy_from_slice(&elem);
+            let bits = cast::reference_cast(c, u64::from_le_bytes(word));
+            out.copy_from_slice(&bits.to_le_bytes()[..to]);
+        }
+        Ok(())
+    }
+}
+
+/// Source element of output element `i`: its multi-index dotted with the strides.
+fn element_offset(g: &Gather, i: usize) -> usize {
+    let mut rem = i;
+    let mut elem = g.offset;
+    for (&n, &s) in g.shape.iter().zip(&g.strides).rev() {
+        elem += (rem % n) * s;
+        rem /= n;
+    }
+    elem
 }

@@ -79,26 +79,28 @@ mod syntax;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::plan::{Plan, PlanEntry, Skipped};
+use crate::layout::cast::is_castable;
+use crate::plan::{Plan, PlanEntry, Skipped, Slice};
 use crate::reader::TensorInfo;
 
-use pattern::{merge_digits, NameParts, PathGlob, PermSpec, Template};
+use pattern::{merge_digits, NameParts, PathGlob, PermSpec, ReshapeSpec, Template};
 
 /// Rule files larger than this are refused before reading: a real one is a few KiB.
 const MAX_RULE_FILE_BYTES: u64 = 1 << 20;
 
 /// The built-in presets, as (name, embedded TOML).
-const PRESETS: [(&str, &str); 2] = [
+const PRESETS: [(&str, &str); 3] = [
     ("flax", include_str!("presets/flax.toml")),
+    ("nnx", include_str!("presets/nnx.toml")),
     ("mlx", include_str!("presets/mlx.toml")),
 ];
-const PRESET_NAMES: [&str; 2] = [PRESETS[0].0, PRESETS[1].0];
+const PRESET_NAMES: [&str; 3] = [PRESETS[0].0, PRESETS[1].0, PRESETS[2].0];
 
 /// An ordered list of rules, from one or more presets and rule files.
 ///
@@ -156,17 +158,42 @@ struct Conditions {
     module_last: Option<Vec<pattern::Glob>>,
     /// Lowercased.
     module_last_contains: Option<Vec<String>>,
+    /// Lowercased.
+    module_last_starts_with: Option<Vec<String>>,
     module_has: Vec<String>,
     module_lacks: Vec<String>,
+    /// Leaves the parent module (the module's module) must hold.
+    parent_has: Vec<String>,
+    /// Class names (globs) from `--module-types`; never holds without that file.
+    module_type: Option<Vec<pattern::Glob>>,
 }
 
 #[derive(Clone, Debug)]
 enum Action {
     Drop,
-    Map {
-        target: Template,
-        perm: Option<PermSpec>,
-    },
+    Map(Box<MapAction>),
+}
+
+/// What a mapping rule does: the target name and the op.
+#[derive(Clone, Debug)]
+struct MapAction {
+    target: Template,
+    perm: Option<PermSpec>,
+    split: Option<SplitSpec>,
+    reshape: Option<ReshapeSpec>,
+    /// Output dtype of floating tensors; wins over [`PlanOptions::dtype`].
+    dtype: Option<DType>,
+    /// Variables the rule needs, each with the message shown when it is not set.
+    requires: BTreeMap<String, String>,
+    /// A message attached to every entry the rule makes.
+    warn: Option<String>,
+}
+
+/// Equal parts along one source axis (negative counts from the end), each its own target.
+#[derive(Clone, Debug)]
+struct SplitSpec {
+    axis: i64,
+    parts: Vec<String>,
 }
 
 /// What conditions see of one tensor.
@@ -177,6 +204,104 @@ struct Subject<'a> {
     leaf: &'a str,
     /// Leaves of every tensor in the same module.
     siblings: &'a HashSet<&'a str>,
+    /// Leaves of every tensor in the parent module.
+    parent_siblings: &'a HashSet<&'a str>,
+    /// The module's class, when `--module-types` gives it.
+    module_type: Option<&'a str>,
+}
+
+/// What planning takes besides the tensors.
+#[derive(Clone, Debug, Default)]
+pub struct PlanOptions {
+    /// Rule variables (`--set NAME=VALUE`), e.g. `heads` for attention.
+    pub vars: BTreeMap<String, String>,
+    /// The model's module classes (`--module-types`), for `module_type` conditions.
+    pub module_types: Option<ModuleTypes>,
+    /// Output dtype of every floating tensor (`--dtype`); a rule's own `dtype` wins.
+    pub dtype: Option<DType>,
+}
+
+impl PlanOptions {
+    /// Parses `--dtype`: `bf16`, `f16` or `f32`.
+    pub fn parse_dtype(name: &str) -> Result<DType> {
+        syntax::output_dtype(&name.to_ascii_lowercase()).ok_or_else(|| Error::Rules {
+            origin: "--dtype".to_string(),
+            detail: format!("'{name}' is not one of bf16, f16, f32"),
+        })
+    }
+
+    /// Parses one `--set NAME=VALUE`.
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        match assignment.split_once('=') {
+            Some((name, value)) if !name.trim().is_empty() => {
+                self.vars
+                    .insert(name.trim().to_string(), value.trim().to_string());
+                Ok(())
+            }
+            _ => Err(Error::Rules {
+                origin: "--set".to_string(),
+                detail: format!("'{assignment}' is not NAME=VALUE"),
+            }),
+        }
+    }
+}
+
+/// Largest `--module-types` file read: one line per module, a few MiB for the largest
+/// models.
+const MAX_MODULE_TYPES_BYTES: u64 = 64 << 20;
+
+/// A model's module classes, `{module name: class name}`, as one line of Python writes
+/// them: `json.dump({n: type(m).__name__ for n, m in model.named_modules()}, f)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModuleTypes {
+    classes: HashMap<String, String>,
+}
+
+impl ModuleTypes {
+    /// Parses the JSON text; `origin` names it in errors.
+    pub fn from_json(text: &str, origin: &Path) -> Result<ModuleTypes> {
+        let bad = |detail: String| Error::ModuleTypes {
+            path: origin.to_path_buf(),
+            detail,
+        };
+        let classes: HashMap<String, String> = serde_json::from_str(text)
+            .map_err(|e| bad(format!("expected a JSON object of module name to class name: {e}")))?;
+        Ok(ModuleTypes { classes })
+    }
+
+    /// Reads a module-types file.
+    pub fn from_file(path: &Path) -> Result<ModuleTypes> {
+        let text = read_text(path, MAX_MODULE_TYPES_BYTES, |detail| Error::ModuleTypes {
+            path: path.to_path_buf(),
+            detail,
+        })?;
+        ModuleTypes::from_json(&text, path)
+    }
+
+    /// The class of a module (`""` is the model itself).
+    pub fn get(&self, module: &str) -> Option<&str> {
+        self.classes.get(module).map(String::as_str)
+    }
+}
+
+/// Reads a small text file: regular files only, at most `limit` bytes, UTF-8.
+fn read_text(path: &Path, limit: u64, err: impl Fn(String) -> Error) -> Result<String> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".to_string()));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(err(format!(
+            "file is larger than the limit of {limit} bytes"
+        )));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| err(format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
 }
 
 /// `a.b.c` → (`a.b`, `c`); a name without a dot is a top-level leaf.
@@ -218,7 +343,20 @@ impl Rule {
                     subs.iter().any(|x| l.contains(x.as_str()))
                 })
             })
+            && c.module_last_starts_with.as_ref().is_none_or(|pres| {
+                last.is_some_and(|l| {
+                    let l = l.to_lowercase();
+                    pres.iter().any(|x| l.starts_with(x.as_str()))
+                })
+            })
             && c.module_has.iter().all(|x| s.siblings.contains(x.as_str()))
+            && c.parent_has
+                .iter()
+                .all(|x| s.parent_siblings.contains(x.as_str()))
+            && c.module_type.as_ref().is_none_or(|gs| {
+                s.module_type
+                    .is_some_and(|t| gs.iter().any(|g| g.matches(t)))
+            })
             && !c
                 .module_lacks
                 .iter()
@@ -259,20 +397,9 @@ impl RuleSet {
     /// Reads and parses a rule file.
     pub fn from_file(path: &Path) -> Result<RuleSet> {
         let origin = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut bytes = Vec::new();
-        file.take(MAX_RULE_FILE_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::io(path, e))?;
-        if bytes.len() as u64 > MAX_RULE_FILE_BYTES {
-            return Err(Error::Rules {
-                origin,
-                detail: format!("file is larger than the limit of {MAX_RULE_FILE_BYTES} bytes"),
-            });
-        }
-        let text = String::from_utf8(bytes).map_err(|e| Error::Rules {
+        let text = read_text(path, MAX_RULE_FILE_BYTES, |detail| Error::Rules {
             origin: origin.clone(),
-            detail: format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+            detail,
         })?;
         RuleSet::from_toml(&text, &origin)
     }
@@ -298,6 +425,11 @@ impl RuleSet {
 
     /// Maps every tensor (by name, dtype and shape) to an output, a drop, or "unmatched".
     pub fn plan(&self, tensors: &[TensorInfo]) -> Result<Plan> {
+        self.plan_with(tensors, &PlanOptions::default())
+    }
+
+    /// [`RuleSet::plan`] with rule variables, module classes and an output dtype.
+    pub fn plan_with(&self, tensors: &[TensorInfo], opts: &PlanOptions) -> Result<Plan> {
         let mut siblings: HashMap<&str, HashSet<&str>> = HashMap::new();
         for t in tensors {
             let (module, leaf) = split_name(&t.name);
@@ -309,7 +441,8 @@ impl RuleSet {
             ..Plan::default()
         };
         // Target name → source name, to report both sides of a collision.
-        let mut taken: HashMap<String, &str> = HashMap::new();
+        let mut taken: HashMap<String, String> = HashMap::new();
+        let mut shadow = Shadowing::new(self);
 
         for (index, info) in tensors.iter().enumerate() {
             let (module, leaf) = split_name(&info.name);
@@ -318,13 +451,25 @@ impl RuleSet {
             } else {
                 module.split('.').collect()
             };
+            let parent = split_name(module).0;
             let subject = Subject {
                 info,
                 leaf,
                 siblings: siblings.get(module).unwrap_or(&empty),
+                parent_siblings: if module.is_empty() {
+                    &empty
+                } else {
+                    siblings.get(parent).unwrap_or(&empty)
+                },
+                module_type: opts.module_types.as_ref().and_then(|m| m.get(module)),
                 components,
             };
-            let Some(rule) = self.rules.iter().find(|r| r.matches(&subject)) else {
+            let mut matching = self
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.matches(&subject));
+            let Some((chosen, rule)) = matching.next() else {
                 plan.unmatched.push(Skipped {
                     source: index,
                     name: info.name.clone(),
@@ -332,7 +477,8 @@ impl RuleSet {
                 });
                 continue;
             };
-            let (template, perm) = match &rule.action {
+            shadow.record(index, chosen, matching.map(|(i, _)| i));
+            let action = match &rule.action {
                 Action::Drop => {
                     plan.dropped.push(Skipped {
                         source: index,
@@ -341,52 +487,221 @@ impl RuleSet {
                     });
                     continue;
                 }
-                Action::Map { target, perm } => (target, perm),
-            };
-            let rule_err = |detail: String| Error::Rules {
-                origin: rule.origin.clone(),
-                detail: format!("rule '{}', tensor '{}': {detail}", rule.name, info.name),
+                Action::Map(action) => action,
             };
             let merged = merge_digits(&subject.components);
-            let target = template.render(&NameParts {
+            let parent_merged =
+                merge_digits(&subject.components[..subject.components.len().saturating_sub(1)]);
+            let names = NameParts {
                 name: &info.name,
                 module,
                 module_merged: &merged,
                 leaf,
-            });
-            if target.is_empty() {
-                return Err(rule_err(format!("target '{template}' renders empty")));
-            }
-            let rank = info.shape.len();
-            let perm = match perm {
-                Some(p) => p.resolve(rank).map_err(rule_err)?,
-                None => (0..rank).collect(),
+                parent,
+                parent_merged: &parent_merged,
+                part: "",
             };
-            // resolve() returns a permutation of 0..rank, so every index is in range.
-            let target_shape = perm
-                .iter()
-                .map(|&p| info.shape.get(p).copied())
-                .collect::<Option<Vec<usize>>>()
-                .ok_or_else(|| rule_err(format!("perm {perm:?} out of range")))?;
-            if let Some(first) = taken.get(target.as_str()) {
-                return Err(Error::TargetCollision {
-                    first: first.to_string(),
-                    second: info.name.clone(),
-                    target,
+            for entry in rule.entries(action, index, info, &names, opts)? {
+                if let Some(first) = taken.get(entry.target.as_str()) {
+                    return Err(Error::TargetCollision {
+                        first: first.clone(),
+                        second: info.name.clone(),
+                        target: entry.target,
+                    });
+                }
+                taken.insert(entry.target.clone(), info.name.clone());
+                plan.entries.push(entry);
+            }
+        }
+        plan.unreachable = shadow.report(self, tensors);
+        Ok(plan)
+    }
+}
+
+impl Rule {
+    /// The plan entries a mapping rule makes of one tensor: one, or one per split part.
+    fn entries(
+        &self,
+        action: &MapAction,
+        index: usize,
+        info: &TensorInfo,
+        names: &NameParts<'_>,
+        opts: &PlanOptions,
+    ) -> Result<Vec<PlanEntry>> {
+        let rule_err = |detail: String| Error::Rules {
+            origin: self.origin.clone(),
+            detail: format!("rule '{}', tensor '{}': {detail}", self.name, info.name),
+        };
+        for (var, message) in &action.requires {
+            if !opts.vars.contains_key(var) {
+                return Err(Error::MissingVariable {
+                    message: names.fill(message),
+                    rule: self.name.clone(),
+                    variable: var.clone(),
                 });
             }
-            taken.insert(target.clone(), &info.name);
-            plan.entries.push(PlanEntry {
+        }
+        let var = |name: &str| -> Option<usize> {
+            opts.vars
+                .get(name)
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+        };
+        if let Some(reshape) = &action.reshape {
+            for v in reshape.variables() {
+                if let Some(value) = opts.vars.get(v) {
+                    if var(v).is_none() {
+                        return Err(rule_err(format!(
+                            "--set {v}={value}: the reshape needs a positive integer"
+                        )));
+                    }
+                }
+            }
+        }
+        let rank = info.shape.len();
+        let perm = match &action.perm {
+            Some(p) => p.resolve(rank).map_err(rule_err)?,
+            None => (0..rank).collect(),
+        };
+        // Rule dtype first, then --dtype; integer, bool and F8 tensors never change.
+        let dtype = match action.dtype.or(opts.dtype) {
+            Some(to) if is_castable(info.dtype) => to,
+            _ => info.dtype,
+        };
+        let parts: Vec<(&str, Option<Slice>)> = match &action.split {
+            None => vec![("", None)],
+            Some(split) => {
+                let axis = resolve_axis(split.axis, rank).ok_or_else(|| {
+                    rule_err(format!(
+                        "split axis {} does not exist in a rank {rank} tensor",
+                        split.axis
+                    ))
+                })?;
+                let n = info.shape[axis];
+                let k = split.parts.len();
+                if n % k != 0 {
+                    return Err(rule_err(format!(
+                        "axis {axis} of size {n} does not split into {k} equal parts"
+                    )));
+                }
+                let len = n / k;
+                split
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let slice = Slice {
+                            axis,
+                            start: i * len,
+                            len,
+                        };
+                        (p.as_str(), Some(slice))
+                    })
+                    .collect()
+            }
+        };
+        let mut entries = Vec::with_capacity(parts.len());
+        for (part, slice) in parts {
+            let target = action.target.render(&NameParts { part, ..*names });
+            if target.is_empty() {
+                return Err(rule_err(format!("target '{}' renders empty", action.target)));
+            }
+            let mut entry = PlanEntry {
                 source: index,
                 source_name: info.name.clone(),
                 target,
-                dtype: info.dtype,
+                dtype,
+                source_dtype: info.dtype,
                 source_shape: info.shape.clone(),
-                target_shape,
-                perm,
-                rule: rule.name.clone(),
-            });
+                slice,
+                perm: perm.clone(),
+                target_shape: Vec::new(),
+                rule: self.name.clone(),
+                warning: action.warn.as_ref().map(|w| names.fill(w)),
+            };
+            let permuted = entry.permuted_shape();
+            entry.target_shape = match &action.reshape {
+                None => permuted,
+                Some(reshape) => {
+                    let mut sliced = info.shape.clone();
+                    if let Some(s) = slice {
+                        sliced[s.axis] = s.len;
+                    }
+                    let numel = crate::layout::checked_numel(&permuted)
+                        .ok_or_else(|| rule_err(format!("shape {permuted:?} overflows")))?;
+                    reshape
+                        .resolve(numel, &sliced, action.perm.as_ref(), &var)
+                        .map_err(rule_err)?
+                }
+            };
+            entries.push(entry);
         }
-        Ok(plan)
+        Ok(entries)
+    }
+}
+
+/// Axis `axis` of a rank `rank` tensor, negative counting from the end.
+fn resolve_axis(axis: i64, rank: usize) -> Option<usize> {
+    let rank = i64::try_from(rank).ok()?;
+    let a = if axis < 0 { axis + rank } else { axis };
+    (0..rank).contains(&a).then(|| a as usize)
+}
+
+/// Which preset rules never got a tensor because user rules in front took every tensor
+/// they match.
+struct Shadowing {
+    /// Only tracked when the set layers user files over a preset.
+    active: bool,
+    /// Per rule: tensors it matched, and for each the index of the rule that won.
+    matched: Vec<Vec<(usize, usize)>>,
+    chosen: Vec<usize>,
+}
+
+impl Shadowing {
+    fn new(rules: &RuleSet) -> Shadowing {
+        let n = rules.rules.len();
+        Shadowing {
+            active: rules.sources.len() > 1,
+            matched: vec![Vec::new(); n],
+            chosen: vec![0; n],
+        }
+    }
+
+    fn record(&mut self, tensor: usize, winner: usize, others: impl Iterator<Item = usize>) {
+        if !self.active {
+            return;
+        }
+        self.chosen[winner] += 1;
+        for r in others {
+            self.matched[r].push((tensor, winner));
+        }
+    }
+
+    fn report(&self, rules: &RuleSet, tensors: &[TensorInfo]) -> Vec<String> {
+        let is_preset = |r: &Rule| r.origin.starts_with("preset ");
+        let mut out = Vec::new();
+        for (i, rule) in rules.rules.iter().enumerate() {
+            let seen = &self.matched[i];
+            let Some(&(tensor, winner)) = seen.first() else {
+                continue;
+            };
+            if !is_preset(rule)
+                || self.chosen[i] > 0
+                || seen.iter().any(|&(_, w)| is_preset(&rules.rules[w]))
+            {
+                continue;
+            }
+            let by = &rules.rules[winner];
+            out.push(format!(
+                "{} rule '{}' is unreachable: all {} tensor(s) it matches are taken by rules of {} (first '{}' by '{}')",
+                rule.origin,
+                rule.name,
+                seen.len(),
+                by.origin,
+                tensors.get(tensor).map_or("?", |t| t.name.as_str()),
+                by.name
+            ));
+        }
+        out
     }
 }

@@ -162,6 +162,27 @@ impl PermSpec {
     }
 }
 
+impl PermSpec {
+    /// Sizes of the source axes a pattern names `name` (several for a `*` group), for a
+    /// source of `shape`; `None` for lists, unknown names and shapes the pattern does
+    /// not fit.
+    pub(crate) fn axis_sizes(&self, shape: &[usize], name: &str) -> Option<Vec<usize>> {
+        let PermSpec::Pattern(p) = self else {
+            return None;
+        };
+        let fixed = p.before.len() + p.after.len();
+        let rest_len = shape.len().checked_sub(fixed)?;
+        let after_start = p.before.len() + rest_len;
+        if let Some(i) = p.before.iter().position(|n| n == name) {
+            return shape.get(i).map(|&n| vec![n]);
+        }
+        if let Some(i) = p.after.iter().position(|n| n == name) {
+            return shape.get(after_start + i).map(|&n| vec![n]);
+        }
+        (p.rest.as_deref() == Some(name)).then(|| shape[p.before.len()..after_start].to_vec())
+    }
+}
+
 impl fmt::Display for PermSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -187,12 +208,7 @@ fn tokens(side: &str) -> Result<Vec<Token<'_>>, String> {
                 Some(n) => (true, n.trim_start()),
                 None => (false, t),
             };
-            let mut chars = name.chars();
-            let ident = chars
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !ident {
+            if !is_ident(name) {
                 return Err(format!(
                     "'{t}' is not an axis name (a letter or '_', then letters, digits, '_'; '*' in front for a group)"
                 ));
@@ -328,13 +344,19 @@ enum Var {
     Module,
     ModuleMerged,
     Leaf,
+    Parent,
+    ParentMerged,
+    Part,
 }
 
-const VARS: [(&str, Var); 4] = [
+const VARS: [(&str, Var); 7] = [
     ("name", Var::Name),
     ("module", Var::Module),
     ("module_merged", Var::ModuleMerged),
     ("leaf", Var::Leaf),
+    ("parent", Var::Parent),
+    ("parent_merged", Var::ParentMerged),
+    ("part", Var::Part),
 ];
 
 /// What a template is rendered from: one source tensor's name, split.
@@ -343,6 +365,33 @@ pub(crate) struct NameParts<'a> {
     pub module: &'a str,
     pub module_merged: &'a str,
     pub leaf: &'a str,
+    /// The module's module (all components but the last).
+    pub parent: &'a str,
+    pub parent_merged: &'a str,
+    /// The name of the split part being rendered; empty outside a split.
+    pub part: &'a str,
+}
+
+impl NameParts<'_> {
+    /// `text` with every `{placeholder}` replaced: for messages, which, unlike targets,
+    /// keep empty pieces and braces they do not know.
+    pub(crate) fn fill(&self, text: &str) -> String {
+        VARS.iter().fold(text.to_string(), |acc, &(n, v)| {
+            acc.replace(&format!("{{{n}}}"), self.get(v))
+        })
+    }
+
+    fn get(&self, v: Var) -> &str {
+        match v {
+            Var::Name => self.name,
+            Var::Module => self.module,
+            Var::ModuleMerged => self.module_merged,
+            Var::Leaf => self.leaf,
+            Var::Parent => self.parent,
+            Var::ParentMerged => self.parent_merged,
+            Var::Part => self.part,
+        }
+    }
 }
 
 impl Template {
@@ -414,6 +463,14 @@ impl Template {
         })
     }
 
+    /// True when the template names the split part, so each part gets its own target.
+    pub(crate) fn uses_part(&self) -> bool {
+        self.segments
+            .iter()
+            .flatten()
+            .any(|p| *p == Piece::Var(Var::Part))
+    }
+
     pub(crate) fn render(&self, parts: &NameParts<'_>) -> String {
         let mut out = String::new();
         for seg in &self.segments {
@@ -421,10 +478,7 @@ impl Template {
             for p in seg {
                 piece.push_str(match p {
                     Piece::Text(t) => t,
-                    Piece::Var(Var::Name) => parts.name,
-                    Piece::Var(Var::Module) => parts.module,
-                    Piece::Var(Var::ModuleMerged) => parts.module_merged,
-                    Piece::Var(Var::Leaf) => parts.leaf,
+                    Piece::Var(v) => parts.get(*v),
                 });
             }
             if !piece.is_empty() {
@@ -442,6 +496,130 @@ impl fmt::Display for Template {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
     }
+}
+
+/// A reshape of the permuted tensor: comma-separated dimensions, each an axis name of
+/// the rule's perm pattern (its size in the source; a `*` group gives all of its axes),
+/// a `{variable}` set with `--set`, a positive integer, or `-1` (at most once: whatever
+/// is left of the element count). `"I, {heads}, -1"` splits a Linear's output axis into
+/// heads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ReshapeSpec {
+    text: String,
+    dims: Vec<Dim>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Dim {
+    Axis(String),
+    Var(String),
+    Fixed(usize),
+    Infer,
+}
+
+impl ReshapeSpec {
+    pub(crate) fn new(text: &str) -> Result<ReshapeSpec, String> {
+        let err = |why: String| format!("reshape '{text}': {why}");
+        let mut dims = Vec::new();
+        if !text.trim().is_empty() {
+            for item in text.split(',') {
+                let item = item.trim();
+                let dim = if item == "-1" {
+                    Dim::Infer
+                } else if let Some(var) = item.strip_prefix('{').and_then(|v| v.strip_suffix('}')) {
+                    if !is_ident(var) {
+                        return Err(err(format!("'{item}' is not a variable name")));
+                    }
+                    Dim::Var(var.to_string())
+                } else if item.bytes().all(|b| b.is_ascii_digit()) && !item.is_empty() {
+                    Dim::Fixed(item.parse().map_err(|_| err(format!("'{item}' is too large")))?)
+                } else if is_ident(item.trim_start_matches('*')) {
+                    Dim::Axis(item.trim_start_matches('*').to_string())
+                } else {
+                    return Err(err(format!(
+                        "'{item}' is not an axis name, {{variable}}, integer or -1"
+                    )));
+                };
+                dims.push(dim);
+            }
+        }
+        if dims.iter().filter(|d| **d == Dim::Infer).count() > 1 {
+            return Err(err("more than one -1".into()));
+        }
+        Ok(ReshapeSpec {
+            text: text.trim().to_string(),
+            dims,
+        })
+    }
+
+    /// Variables the reshape reads.
+    pub(crate) fn variables(&self) -> impl Iterator<Item = &str> {
+        self.dims.iter().filter_map(|d| match d {
+            Dim::Var(v) => Some(v.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The target shape for a tensor of `numel` elements whose (sliced) source shape is
+    /// `source` under `perm`; `var` looks up `--set` values.
+    pub(crate) fn resolve(
+        &self,
+        numel: usize,
+        source: &[usize],
+        perm: Option<&PermSpec>,
+        var: &dyn Fn(&str) -> Option<usize>,
+    ) -> Result<Vec<usize>, String> {
+        let err = |why: String| format!("reshape '{}': {why}", self.text);
+        let mut shape = Vec::with_capacity(self.dims.len());
+        let mut infer_at = None;
+        for d in &self.dims {
+            match d {
+                Dim::Fixed(n) => shape.push(*n),
+                Dim::Var(v) => shape.push(var(v).ok_or_else(|| {
+                    err(format!("variable '{v}' is not set (pass --set {v}=N)"))
+                })?),
+                Dim::Axis(a) => shape.extend(
+                    perm.and_then(|p| p.axis_sizes(source, a))
+                        .ok_or_else(|| err(format!("'{a}' is not an axis of the rule's perm pattern")))?,
+                ),
+                Dim::Infer => {
+                    infer_at = Some(shape.len());
+                    shape.push(1);
+                }
+            }
+        }
+        let known = shape
+            .iter()
+            .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+            .ok_or_else(|| err(format!("{shape:?} overflows")))?;
+        if let Some(at) = infer_at {
+            if known == 0 || numel % known != 0 {
+                return Err(err(format!(
+                    "{numel} elements do not divide into dimensions of product {known}"
+                )));
+            }
+            shape[at] = numel / known;
+        } else if known != numel {
+            return Err(err(format!(
+                "shape {shape:?} holds {known} elements, the tensor {numel}"
+            )));
+        }
+        Ok(shape)
+    }
+}
+
+impl fmt::Display for ReshapeSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Merges every all-digit component into the one before it with `_`
@@ -558,6 +736,9 @@ mod tests {
             module: "",
             module_merged: "",
             leaf: "w",
+            parent: "",
+            parent_merged: "",
+            part: "",
         };
         let t = Template::new("params.{module_merged}.{leaf}").unwrap();
         assert_eq!(t.render(&parts), "params.w");
@@ -568,9 +749,19 @@ mod tests {
             module: "a.0.b",
             module_merged: "a_0.b",
             leaf: "w",
+            parent: "a.0",
+            parent_merged: "a_0",
+            part: "key",
         };
         let t = Template::new("p.{module}.{module_merged}.{leaf}_x").unwrap();
         assert_eq!(t.render(&parts), "p.a.0.b.a_0.b.w_x");
+        let t = Template::new("{parent}.{parent_merged}.{part}").unwrap();
+        assert_eq!(t.render(&parts), "a.0.a_0.key");
+        assert!(t.uses_part());
+        assert_eq!(
+            parts.fill("at '{parent}' {unknown} {{part}}"),
+            "at 'a.0' {unknown} {key}"
+        );
         for bad in ["{nope}", "{leaf", "leaf}", "", "..", "a.{module_last}"] {
             assert!(Template::new(bad).is_err(), "{bad} accepted");
         }

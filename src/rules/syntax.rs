@@ -6,8 +6,10 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::pattern::{Glob, PathGlob, PermSpec, Template};
-use super::{Action, Conditions, Rule};
+use std::collections::BTreeMap;
+
+use super::pattern::{Glob, PathGlob, PermSpec, ReshapeSpec, Template};
+use super::{Action, Conditions, MapAction, Rule, SplitSpec};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -29,16 +31,52 @@ struct RawRule {
     description: Option<String>,
     leaf: Option<Strings>,
     rank: Option<Rank>,
-    dtype: Option<DTypes>,
+    source_dtype: Option<DTypes>,
     module: Option<ModulePath>,
     module_last: Option<Globs>,
     module_last_contains: Option<Strings>,
+    module_last_starts_with: Option<Strings>,
     module_has: Option<Strings>,
     module_lacks: Option<Strings>,
+    parent_has: Option<Strings>,
+    module_type: Option<Globs>,
     #[serde(default)]
     drop: bool,
     target: Option<TargetTemplate>,
     perm: Option<Perm>,
+    split: Option<RawSplit>,
+    reshape: Option<String>,
+    dtype: Option<toml::Value>,
+    requires: Option<BTreeMap<String, String>>,
+    warn: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplit {
+    axis: i64,
+    parts: Vec<String>,
+}
+
+/// The output dtypes a rule's `dtype` (and `--dtype`) may name.
+pub(crate) fn output_dtype(name: &str) -> Option<DType> {
+    match name {
+        "f32" => Some(DType::F32),
+        "f16" => Some(DType::F16),
+        "bf16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// `dtype = "bf16"`: the output dtype. Before it set the output, `dtype` was a condition
+/// on the source dtype (now `source_dtype`); an uppercase name or a list is that old
+/// form, refused with the way to write it rather than silently reinterpreted.
+fn parse_output_dtype(v: &toml::Value) -> std::result::Result<DType, String> {
+    let moved = "'dtype' sets the output dtype (\"bf16\", \"f16\" or \"f32\"); to match on the source dtype write 'source_dtype'";
+    match v.as_str() {
+        Some(name) => output_dtype(name).ok_or_else(|| format!("dtype '{name}': {moved}")),
+        None => Err(moved.to_string()),
+    }
 }
 
 /// Parses one rule file; `origin` names it in errors and in plan provenance.
@@ -64,14 +102,71 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Vec<Rule>> {
         if rules.iter().any(|x| x.name == r.name) {
             return Err(fail("a rule of this name comes earlier in the file".into()));
         }
-        let action = match (r.drop, r.target, r.perm) {
-            (true, None, None) => Action::Drop,
-            (true, _, _) => return Err(fail("'drop = true' takes no target or perm".into())),
-            (false, Some(target), perm) => Action::Map {
-                target: target.0,
-                perm: perm.map(|p| p.0),
-            },
-            (false, None, _) => {
+        let has_map_keys = r.perm.is_some()
+            || r.split.is_some()
+            || r.reshape.is_some()
+            || r.dtype.is_some()
+            || r.requires.is_some()
+            || r.warn.is_some();
+        let action = match (r.drop, r.target) {
+            (true, None) if !has_map_keys => Action::Drop,
+            (true, _) => {
+                return Err(fail(
+                    "'drop = true' takes no target, perm, split, reshape, dtype, requires or warn"
+                        .into(),
+                ))
+            }
+            (false, Some(target)) => {
+                let target = target.0;
+                let split = match r.split {
+                    None => None,
+                    Some(sp) => {
+                        if sp.parts.len() < 2 {
+                            return Err(fail("split needs at least two parts".into()));
+                        }
+                        if !target.uses_part() {
+                            return Err(fail(
+                                "a split rule's target must contain '{part}', one name per part"
+                                    .into(),
+                            ));
+                        }
+                        if let Some(dup) = sp.parts.iter().enumerate().find_map(|(i, p)| {
+                            sp.parts[..i].contains(p).then_some(p)
+                        }) {
+                            return Err(fail(format!("split part '{dup}' is named twice")));
+                        }
+                        Some(SplitSpec {
+                            axis: sp.axis,
+                            parts: sp.parts,
+                        })
+                    }
+                };
+                if split.is_none() && target.uses_part() {
+                    return Err(fail("'{part}' in a target needs a 'split'".into()));
+                }
+                let reshape = r
+                    .reshape
+                    .as_deref()
+                    .map(ReshapeSpec::new)
+                    .transpose()
+                    .map_err(&fail)?;
+                let dtype = r
+                    .dtype
+                    .as_ref()
+                    .map(parse_output_dtype)
+                    .transpose()
+                    .map_err(&fail)?;
+                Action::Map(Box::new(MapAction {
+                    target,
+                    perm: r.perm.map(|p| p.0),
+                    split,
+                    reshape,
+                    dtype,
+                    requires: r.requires.unwrap_or_default(),
+                    warn: r.warn,
+                }))
+            }
+            (false, None) => {
                 return Err(fail(
                     "needs 'target = \"…\"' (or 'drop = true'); '{name}' keeps the name".into(),
                 ))
@@ -92,14 +187,19 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Vec<Rule>> {
             conditions: Conditions {
                 leaf: r.leaf.map(|s| s.0),
                 rank,
-                dtype: r.dtype.map(|d| d.0),
+                dtype: r.source_dtype.map(|d| d.0),
                 module: r.module.map(|m| m.0),
                 module_last: r.module_last.map(|g| g.0),
                 module_last_contains: r
                     .module_last_contains
                     .map(|s| s.0.iter().map(|x| x.to_lowercase()).collect()),
+                module_last_starts_with: r
+                    .module_last_starts_with
+                    .map(|s| s.0.iter().map(|x| x.to_lowercase()).collect()),
                 module_has: r.module_has.map(|s| s.0).unwrap_or_default(),
                 module_lacks: r.module_lacks.map(|s| s.0).unwrap_or_default(),
+                parent_has: r.parent_has.map(|s| s.0).unwrap_or_default(),
+                module_type: r.module_type.map(|g| g.0),
             },
             action,
         });

@@ -196,17 +196,31 @@ fn subnet_with_2d_weight_is_not_a_batchnorm_and_nothing_overwrites() {
 fn embedding_tables_keep_layout_by_last_component_only() {
     let tensors = f32s(&[
         ("tok_embed.weight", &[50, 12]),
-        ("transformer.WTE.weight", &[40, 8]),
+        ("transformer.wte.weight", &[40, 8]),
         ("transformer.wpe.weight", &[16, 8]),
         ("embed.proj.weight", &[3, 8]),
         ("embedder.0.weight", &[3, 8]),
+        ("gpt_neox.embed_in.weight", &[40, 8]),
+        ("embed_out.weight", &[40, 8]),
     ]);
-    let t = targets(&flax().plan(&tensors).unwrap());
+    let plan = flax().plan(&tensors).unwrap();
+    let t = targets(&plan);
     assert_eq!(t["params.tok_embed.embedding"], (vec![0, 1], vec![50, 12]));
     assert_eq!(
-        t["params.transformer.WTE.embedding"],
+        t["params.transformer.wte.embedding"],
         (vec![0, 1], vec![40, 8])
     );
+    assert_eq!(
+        t["params.gpt_neox.embed_in.embedding"],
+        (vec![0, 1], vec![40, 8])
+    );
+    // GPT-NeoX's LM head: "embed" is in its name, but it is not on the list.
+    assert_eq!(t["params.embed_out.kernel"], (vec![1, 0], vec![8, 40]));
+    // Both decisions were made from names, and plan says so.
+    for name in ["tok_embed.weight", "embed_out.weight"] {
+        let w = plan.entry_for(name).unwrap().warning.as_deref().unwrap();
+        assert!(w.contains("--module-types"), "{w}");
+    }
     assert_eq!(
         t["params.transformer.wpe.embedding"],
         (vec![0, 1], vec![16, 8])
@@ -331,9 +345,22 @@ fn layered_user_rules_override_chosen_tensors_and_leave_the_rest_to_the_preset()
         "conv-transpose"
     );
     assert_eq!(plan.sources, ["preset flax", "user.toml"]);
-    // Without the user file the preset transposes `shared` like any Linear.
-    let plain = targets(&flax().plan(&tensors).unwrap());
-    assert!(plain.contains_key("params.shared.kernel"));
+    // The preset's by-name embedding rule only ever matched `shared.weight`, which the
+    // user's rule took: plan reports it unreachable. Nothing else is.
+    assert_eq!(plan.unreachable.len(), 1, "{:?}", plan.unreachable);
+    assert!(
+        plan.unreachable[0].starts_with("preset flax rule 'embedding' is unreachable")
+            && plan.unreachable[0].contains("'shared.weight' by 'shared-embedding'"),
+        "{:?}",
+        plan.unreachable
+    );
+    // Without the user file the preset takes `up1` for a Conv: its name says nothing.
+    let plain = flax().plan(&tensors).unwrap();
+    assert!(plain.unreachable.is_empty());
+    assert_eq!(
+        targets(&plain)["params.decoder.up1.kernel"],
+        (vec![2, 3, 1, 0], vec![3, 2, 4, 8])
+    );
 }
 
 fn rules_error(text: &str) -> (String, String) {
@@ -543,7 +570,7 @@ fn unknown_preset_lists_the_available_ones() {
     match RuleSet::preset("keras") {
         Err(Error::UnknownPreset { name, available }) => {
             assert_eq!(name, "keras");
-            assert_eq!(available, "flax, mlx");
+            assert_eq!(available, "flax, nnx, mlx");
         }
         other => panic!("expected UnknownPreset, got {other:?}"),
     }
@@ -551,7 +578,7 @@ fn unknown_preset_lists_the_available_ones() {
 
 #[test]
 fn every_preset_parses_and_its_source_is_embedded() {
-    assert_eq!(RuleSet::preset_names(), ["flax", "mlx"]);
+    assert_eq!(RuleSet::preset_names(), ["flax", "nnx", "mlx"]);
     for name in RuleSet::preset_names() {
         let text = RuleSet::preset_source(name).unwrap();
         assert!(text.contains("[[rule]]"));
@@ -577,7 +604,7 @@ fn conditions_dtype_module_glob_last_glob_lacks_and_rank_bounds() {
     let text = r#"
 [[rule]]
 name = "half"
-dtype = ["F16", "bf16"]
+source_dtype = ["F16", "bf16"]
 target = "half.{name}"
 
 [[rule]]

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{check_buffers, Backend};
 use crate::error::{Error, Result};
-use crate::layout::Gather;
+use crate::layout::{Cast, Gather};
 
 pub use device::{list_adapters, AdapterReport, GpuOptions, ADAPTER_ENV};
 #[doc(hidden)]
@@ -599,6 +599,10 @@ impl Resident<'_> {
 impl Backend for Gpu {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        crate::backend::gather_then_cast(self, g, cast, src, dst)
     }
 
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {

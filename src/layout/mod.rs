@@ -10,6 +10,9 @@
 
 use crate::error::{Error, Result};
 
+pub mod cast;
+pub use cast::Cast;
+
 /// Element sizes the backends move, in bytes.
 pub const ELEM_SIZES: [usize; 4] = [1, 2, 4, 8];
 
@@ -68,6 +71,32 @@ impl LayoutOp {
     pub fn contiguous(elem_size: usize, shape: Vec<usize>, perm: Vec<usize>) -> Result<LayoutOp> {
         let strides = contiguous_strides(&shape);
         LayoutOp::new(elem_size, shape, strides, 0, perm)
+    }
+
+    /// The same op over indices `start..start + len` of source axis `axis` only: the
+    /// offset moves to the first index and the axis shrinks, so no byte outside the
+    /// slice is read.
+    pub fn sliced(mut self, axis: usize, start: usize, len: usize) -> Result<LayoutOp> {
+        let n = *self.shape.get(axis).ok_or_else(|| {
+            layout_err(format!(
+                "slice of axis {axis} of a rank {} tensor",
+                self.shape.len()
+            ))
+        })?;
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= n)
+            .ok_or_else(|| {
+                layout_err(format!(
+                    "slice {start}..{start}+{len} of an axis of size {n}"
+                ))
+            })?;
+        if start < end {
+            // In range of src_extent, which LayoutOp::new checked: start < n.
+            self.offset += start * self.strides[axis];
+        }
+        self.shape[axis] = len;
+        Ok(self)
     }
 
     /// Shape of the output.
