@@ -727,3 +727,338 @@ fn a_rule_without_conditions_matches_everything_and_first_match_wins() {
         1
     );
 }
+
+fn opts(vars: &[(&str, &str)]) -> PlanOptions {
+    PlanOptions {
+        vars: vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..PlanOptions::default()
+    }
+}
+
+/// The tensors of a packed `nn.MultiheadAttention` at `m`, embed dim 8.
+fn mha(m: &str) -> Vec<TensorInfo> {
+    f32s(&[
+        (&format!("{m}.in_proj_weight"), &[24, 8]),
+        (&format!("{m}.in_proj_bias"), &[24]),
+        (&format!("{m}.out_proj.weight"), &[8, 8]),
+        (&format!("{m}.out_proj.bias"), &[8]),
+    ])
+}
+
+/// Target → (slice, perm, target shape).
+fn ops(plan: &Plan) -> BTreeMap<String, (Option<(usize, usize, usize)>, Vec<usize>, Vec<usize>)> {
+    plan.entries
+        .iter()
+        .map(|e| {
+            (
+                e.target.clone(),
+                (
+                    e.slice.map(|s| (s.axis, s.start, s.len)),
+                    e.perm.clone(),
+                    e.target_shape.clone(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn flax_attention_splits_transposes_and_reshapes_into_heads() {
+    let plan = flax()
+        .plan_with(&mha("enc.layers.0.attn"), &opts(&[("heads", "2")]))
+        .unwrap();
+    let t = ops(&plan);
+    let m = "params.enc.layers_0.attn";
+    for (i, part) in ["query", "key", "value"].iter().enumerate() {
+        assert_eq!(
+            t[&format!("{m}.{part}.kernel")],
+            (Some((0, 8 * i, 8)), vec![1, 0], vec![8, 2, 4]),
+            "{part}"
+        );
+        assert_eq!(
+            t[&format!("{m}.{part}.bias")],
+            (Some((0, 8 * i, 8)), vec![0], vec![2, 4]),
+            "{part}"
+        );
+    }
+    assert_eq!(t[&format!("{m}.out.kernel")], (None, vec![1, 0], vec![2, 4, 8]));
+    assert_eq!(t[&format!("{m}.out.bias")], (None, vec![0], vec![8]));
+    assert_eq!(plan.entries.len(), 8);
+    // NNX: the same names without the collection, the list index kept.
+    let plan = RuleSet::preset("nnx")
+        .unwrap()
+        .plan_with(&mha("enc.layers.0.attn"), &opts(&[("heads", "4")]))
+        .unwrap();
+    let t = ops(&plan);
+    assert_eq!(
+        t["enc.layers.0.attn.key.kernel"],
+        (Some((0, 8, 8)), vec![1, 0], vec![8, 4, 2])
+    );
+    assert_eq!(
+        t["enc.layers.0.attn.out.kernel"],
+        (None, vec![1, 0], vec![4, 2, 8])
+    );
+}
+
+#[test]
+fn flax_attention_without_heads_says_which_module_and_what_to_pass() {
+    for preset in ["flax", "nnx"] {
+        let err = RuleSet::preset(preset)
+            .unwrap()
+            .plan(&mha("vit.encoder.layer.3.attention"))
+            .unwrap_err();
+        assert!(matches!(err, Error::MissingVariable { .. }), "{err:?}");
+        assert!(
+            err.to_string().starts_with(
+                "nn.MultiheadAttention at 'vit.encoder.layer.3.attention': pass --set heads=H"
+            ),
+            "{err}"
+        );
+    }
+    // Heads that do not divide E, or that are not a number, are plan errors.
+    for heads in ["3", "zero", "0"] {
+        let err = flax()
+            .plan_with(&mha("a"), &opts(&[("heads", heads)]))
+            .unwrap_err();
+        assert!(matches!(err, Error::Rules { .. }), "{heads}: {err:?}");
+    }
+}
+
+#[test]
+fn mlx_attention_splits_into_the_three_projections_unchanged() {
+    let plan = RuleSet::preset("mlx").unwrap().plan(&mha("attn")).unwrap();
+    let t = ops(&plan);
+    for (i, part) in ["query_proj", "key_proj", "value_proj"].iter().enumerate() {
+        assert_eq!(
+            t[&format!("attn.{part}.weight")],
+            (Some((0, 8 * i, 8)), vec![0, 1], vec![8, 8])
+        );
+        assert_eq!(
+            t[&format!("attn.{part}.bias")],
+            (Some((0, 8 * i, 8)), vec![0], vec![8])
+        );
+    }
+    assert_eq!(t["attn.out_proj.weight"], (None, vec![0, 1], vec![8, 8]));
+    assert_eq!(t["attn.out_proj.bias"], (None, vec![0], vec![8]));
+}
+
+#[test]
+fn conv_transpose_is_told_by_name_or_by_module_type() {
+    let tensors = f32s(&[
+        ("dec.deconv1.weight", &[8, 6, 3, 2]),
+        ("dec.DeConv2.weight", &[8, 6, 3, 2]),
+        ("dec.up_conv_transpose.weight", &[8, 6, 3, 2]),
+        ("dec.up2.weight", &[8, 6, 3, 2]),
+        ("dec.conv.weight", &[8, 6, 3, 2]),
+    ]);
+    let mlx = RuleSet::preset("mlx").unwrap();
+    let by_name = ops(&mlx.plan(&tensors).unwrap());
+    // (I, O, *S) -> (O, *S, I) for ConvTranspose, (O, I, *S) -> (O, *S, I) for Conv.
+    for name in ["dec.deconv1", "dec.DeConv2", "dec.up_conv_transpose"] {
+        assert_eq!(
+            by_name[&format!("{name}.weight")].1,
+            vec![1, 2, 3, 0],
+            "{name}"
+        );
+    }
+    assert_eq!(by_name["dec.up2.weight"].1, vec![0, 2, 3, 1]);
+    assert_eq!(by_name["dec.conv.weight"].1, vec![0, 2, 3, 1]);
+    // The types file decides, even against a name.
+    let types = ModuleTypes::from_json(
+        r#"{"": "Decoder", "dec.up2": "ConvTranspose2d", "dec.deconv1": "Conv2d"}"#,
+        Path::new("types.json"),
+    )
+    .unwrap();
+    let typed = PlanOptions {
+        module_types: Some(types),
+        ..PlanOptions::default()
+    };
+    let t = ops(&mlx.plan_with(&tensors, &typed).unwrap());
+    assert_eq!(t["dec.up2.weight"], (None, vec![1, 2, 3, 0], vec![6, 3, 2, 8]));
+    assert_eq!(t["dec.deconv1.weight"].1, vec![0, 2, 3, 1]);
+    // Flax: (*S, O, I), the kernel of ConvTranspose(transpose_kernel=True).
+    let t = ops(&flax().plan_with(&tensors, &typed).unwrap());
+    assert_eq!(
+        t["params.dec.up2.kernel"],
+        (None, vec![2, 3, 1, 0], vec![3, 2, 6, 8])
+    );
+}
+
+#[test]
+fn module_types_decide_linear_against_embedding_names_without_warnings() {
+    let tensors = f32s(&[("embed_out.weight", &[40, 8]), ("shared.weight", &[40, 8])]);
+    let types = ModuleTypes::from_json(
+        r#"{"embed_out": "Linear", "shared": "Embedding"}"#,
+        Path::new("t.json"),
+    )
+    .unwrap();
+    let plan = flax()
+        .plan_with(
+            &tensors,
+            &PlanOptions {
+                module_types: Some(types),
+                ..PlanOptions::default()
+            },
+        )
+        .unwrap();
+    let t = targets(&plan);
+    assert_eq!(t["params.embed_out.kernel"], (vec![1, 0], vec![8, 40]));
+    assert_eq!(t["params.shared.embedding"], (vec![0, 1], vec![40, 8]));
+    assert!(plan.entries.iter().all(|e| e.warning.is_none()));
+    // A types file that is not a JSON object of strings names the file.
+    for bad in ["[1, 2]", r#"{"a": 3}"#, "{"] {
+        let err = ModuleTypes::from_json(bad, Path::new("bad.json")).unwrap_err();
+        assert!(matches!(err, Error::ModuleTypes { .. }), "{bad}: {err:?}");
+        assert!(err.to_string().starts_with("bad.json: module types:"), "{err}");
+    }
+}
+
+#[test]
+fn dtype_applies_to_floating_tensors_only_and_a_rule_dtype_wins() {
+    let mut tensors = f32s(&[("a.weight", &[2, 3]), ("b.weight", &[2, 3])]);
+    tensors.push(info("steps", DType::I64, &[]));
+    tensors.push(info("h", DType::BF16, &[4]));
+    tensors.push(info("q", DType::F8E4M3, &[4]));
+    let user = RuleSet::from_toml(
+        r#"
+[[rule]]
+name = "keep-b-f32"
+module = "b"
+target = "b.{leaf}"
+dtype = "f32"
+"#,
+        "user.toml",
+    )
+    .unwrap();
+    let rules = RuleSet::preset("mlx").unwrap().layered(user);
+    let plan = rules
+        .plan_with(
+            &tensors,
+            &PlanOptions {
+                dtype: Some(DType::F16),
+                ..PlanOptions::default()
+            },
+        )
+        .unwrap();
+    let dtype_of = |n: &str| {
+        let e = plan.entry_for(n).unwrap();
+        (e.source_dtype, e.dtype)
+    };
+    assert_eq!(dtype_of("a.weight"), (DType::F32, DType::F16));
+    assert_eq!(dtype_of("b.weight"), (DType::F32, DType::F32));
+    assert_eq!(dtype_of("steps"), (DType::I64, DType::I64));
+    assert_eq!(dtype_of("h"), (DType::BF16, DType::F16));
+    assert_eq!(dtype_of("q"), (DType::F8E4M3, DType::F8E4M3));
+    assert_eq!(
+        plan.entry_for("a.weight").unwrap().describe_op(),
+        "cast F32->F16"
+    );
+    assert_eq!(PlanOptions::parse_dtype("BF16").unwrap(), DType::BF16);
+    assert!(PlanOptions::parse_dtype("f64").is_err());
+    let mut o = PlanOptions::default();
+    assert!(o.set("heads=12").is_ok() && o.vars["heads"] == "12");
+    assert!(o.set("=3").is_err() && o.set("heads").is_err());
+}
+
+#[test]
+fn split_reshape_and_requires_in_a_user_rule_file() {
+    let text = r#"
+[[rule]]
+name = "qkv"
+leaf = "qkv"
+split = { axis = -1, parts = ["q", "k", "v"] }
+perm = "A,B -> B,A"
+reshape = "2, -1, A"
+requires = { n = "qkv at '{module}' needs --set n=…" }
+warn = "split {name}"
+target = "{module}.{part}"
+"#;
+    let rules = RuleSet::from_toml(text, "u.toml").unwrap();
+    let tensors = f32s(&[("m.qkv", &[5, 12])]);
+    let err = rules.plan(&tensors).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "qkv at 'm' needs --set n=… (rule 'qkv' needs variable 'n')"
+    );
+    let plan = rules.plan_with(&tensors, &opts(&[("n", "1")])).unwrap();
+    let t = ops(&plan);
+    assert_eq!(t["m.k"], (Some((1, 4, 4)), vec![1, 0], vec![2, 2, 5]));
+    assert_eq!(plan.entries[0].warning.as_deref(), Some("split m.qkv"));
+    assert_eq!(
+        plan.entries[2].describe_op(),
+        "slice[1:8..12] + permute[1, 0] + reshape[2, 2, 5]"
+    );
+    // An axis that does not divide, a reshape that does not fit, an axis out of range.
+    for (shape, why) in [
+        (vec![5, 13], "does not split into 3 equal parts"),
+        (vec![5, 9], "elements do not divide"),
+        (vec![12], "split axis -1"),
+    ] {
+        let err = rules
+            .plan_with(&f32s(&[("m.qkv", &shape)]), &opts(&[("n", "1")]))
+            .unwrap_err();
+        let text = err.to_string();
+        let ok = text.contains(why) || (why == "split axis -1" && text.contains("perm"));
+        assert!(ok, "{shape:?}: {text}");
+    }
+}
+
+#[test]
+fn malformed_split_reshape_and_dtype_keys_are_errors_at_their_line() {
+    for (text, needle) in [
+        (
+            "[[rule]]\nname = \"r\"\nsplit = { axis = 0, parts = [\"a\", \"b\"] }\ntarget = \"x\"",
+            "{part}",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nsplit = { axis = 0, parts = [\"a\"] }\ntarget = \"x.{part}\"",
+            "two parts",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nsplit = { axis = 0, parts = [\"a\", \"a\"] }\ntarget = \"x.{part}\"",
+            "named twice",
+        ),
+        ("[[rule]]\nname = \"r\"\ntarget = \"x.{part}\"", "needs a 'split'"),
+        (
+            "[[rule]]\nname = \"r\"\nreshape = \"-1, -1\"\ntarget = \"x\"",
+            "more than one -1",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nreshape = \"a+b\"\ntarget = \"x\"",
+            "not an axis name",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\ndtype = \"F32\"\ntarget = \"x\"",
+            "source_dtype",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\ndtype = [\"f32\"]\ntarget = \"x\"",
+            "source_dtype",
+        ),
+        (
+            "[[rule]]\nname = \"r\"\ndrop = true\nreshape = \"1\"",
+            "drop",
+        ),
+    ] {
+        let (origin, detail) = rules_error(text);
+        assert_eq!(origin, "my-rules.toml");
+        assert!(detail.contains(needle), "{text:?}: {detail}");
+        assert!(detail.starts_with("line "), "{detail}");
+    }
+}
+
+#[test]
+fn every_preset_rule_has_a_description() {
+    for name in RuleSet::preset_names() {
+        for rule in RuleSet::preset(name).unwrap().rules() {
+            assert!(
+                !rule.description().is_empty(),
+                "preset {name}: rule '{}' has no description",
+                rule.name()
+            );
+        }
+    }
+}

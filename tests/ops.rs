@@ -1,0 +1,428 @@
+//! The op vocabulary end to end: split, slice, reshape and cast through plans, every
+//! backend and every band size, checked against a naive oracle that indexes the source
+//! by hand; and the CLI flags that drive them (`--set`, `--dtype`, `--module-types`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::{listing, load_safetensors, relayout, scratch, Rng, Tensor};
+use relayout::backend::cpu::Cpu;
+use relayout::backend::reference::Reference;
+use relayout::backend::Backend;
+use relayout::layout::cast::cast_slice;
+use relayout::layout::Cast;
+use relayout::{
+    Checkpoint, Converter, DType, ModuleTypes, PlanOptions, RuleSet, WriteOptions,
+};
+use safetensors::tensor::TensorView;
+
+/// Embed dim, heads, head dim of the attention in [`attention_checkpoint`].
+const E: usize = 12;
+const H: usize = 3;
+const D: usize = E / H;
+
+/// f32 values with distinct, exactly representable bit patterns (no two equal), so a
+/// wrong index shows.
+fn values(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (i as f32 + 1.0) * if rng.next() & 1 == 0 { 1.0 } else { -1.0 } / 64.0)
+        .collect()
+}
+
+fn le_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes a safetensors file of f32 tensors.
+fn write_checkpoint(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.to_string(), s.clone(), le_bytes(v)))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view"),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).expect("write checkpoint");
+}
+
+/// A transformer-ish block: a packed nn.MultiheadAttention at `blocks.0.attn`, a
+/// ConvTranspose2d called `up` (only a types file can tell), a Linear and a LayerNorm.
+fn attention_checkpoint(dir: &Path) -> (PathBuf, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+    let mut rng = Rng::new(11);
+    let list: Vec<(&str, Vec<usize>)> = vec![
+        ("blocks.0.attn.in_proj_weight", vec![3 * E, E]),
+        ("blocks.0.attn.in_proj_bias", vec![3 * E]),
+        ("blocks.0.attn.out_proj.weight", vec![E, E]),
+        ("blocks.0.attn.out_proj.bias", vec![E]),
+        ("blocks.0.ln.weight", vec![E]),
+        ("blocks.0.ln.bias", vec![E]),
+        ("blocks.0.fc.weight", vec![2 * E, E]),
+        ("up.weight", vec![5, 3, 2, 4]),
+    ];
+    let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = list
+        .into_iter()
+        .map(|(n, s)| {
+            let len = s.iter().product();
+            (n, s, values(&mut rng, len))
+        })
+        .collect();
+    let path = dir.join("block.safetensors");
+    write_checkpoint(&path, &tensors);
+    let map = tensors
+        .into_iter()
+        .map(|(n, s, v)| (n.to_string(), (s, v)))
+        .collect();
+    (path, map)
+}
+
+/// Naive oracle: `out[i0, i1, …] = src[f(i0, i1, …)]` over the row-major output shape.
+fn build(shape: &[usize], f: impl Fn(&[usize]) -> f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut idx = vec![0usize; shape.len()];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(f(&idx));
+        for k in (0..idx.len()).rev() {
+            idx[k] += 1;
+            if idx[k] < shape[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    Tensor {
+        dtype: "F32".to_string(),
+        shape: shape.to_vec(),
+        bytes: le_bytes(&out),
+    }
+}
+
+/// What the flax preset must make of [`attention_checkpoint`], element by element from
+/// the definitions of the Flax layers (not from the library's index math).
+fn flax_expected(src: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> BTreeMap<String, Tensor> {
+    let w = |n: &str| src[n].1.clone();
+    let (in_w, in_b) = (
+        w("blocks.0.attn.in_proj_weight"),
+        w("blocks.0.attn.in_proj_bias"),
+    );
+    let (out_w, out_b) = (
+        w("blocks.0.attn.out_proj.weight"),
+        w("blocks.0.attn.out_proj.bias"),
+    );
+    let m = "params.blocks_0.attn";
+    let mut want = BTreeMap::new();
+    for (p, part) in ["query", "key", "value"].iter().enumerate() {
+        // DenseGeneral kernel[i, h, d] multiplies input i into head h, feature d: torch's
+        // row p·E + h·D + d, column i.
+        want.insert(
+            format!("{m}.{part}.kernel"),
+            build(&[E, H, D], |x| in_w[(p * E + x[1] * D + x[2]) * E + x[0]]),
+        );
+        want.insert(
+            format!("{m}.{part}.bias"),
+            build(&[H, D], |x| in_b[p * E + x[0] * D + x[1]]),
+        );
+    }
+    // out.kernel[h, d, o] = out_proj.weight[o, h·D + d].
+    want.insert(
+        format!("{m}.out.kernel"),
+        build(&[H, D, E], |x| out_w[x[2] * E + x[0] * D + x[1]]),
+    );
+    want.insert(format!("{m}.out.bias"), build(&[E], |x| out_b[x[0]]));
+    let ln_w = w("blocks.0.ln.weight");
+    let ln_b = w("blocks.0.ln.bias");
+    want.insert(
+        "params.blocks_0.ln.scale".to_string(),
+        build(&[E], |x| ln_w[x[0]]),
+    );
+    want.insert(
+        "params.blocks_0.ln.bias".to_string(),
+        build(&[E], |x| ln_b[x[0]]),
+    );
+    let fc = w("blocks.0.fc.weight");
+    want.insert(
+        "params.blocks_0.fc.kernel".to_string(),
+        build(&[E, 2 * E], |x| fc[x[1] * E + x[0]]),
+    );
+    // ConvTranspose2d (I=5, O=3, 2, 4) -> (2, 4, O, I) for transpose_kernel=True.
+    let up = w("up.weight");
+    want.insert(
+        "params.up.kernel".to_string(),
+        build(&[2, 4, 3, 5], |x| up[((x[3] * 3 + x[2]) * 2 + x[0]) * 4 + x[1]]),
+    );
+    want
+}
+
+fn flax_options() -> PlanOptions {
+    let mut opts = PlanOptions::default();
+    opts.set("heads=3").unwrap();
+    opts.module_types = Some(
+        ModuleTypes::from_json(
+            r#"{"": "Net", "up": "ConvTranspose2d", "blocks.0.attn": "MultiheadAttention"}"#,
+            Path::new("types.json"),
+        )
+        .unwrap(),
+    );
+    opts
+}
+
+fn backends() -> Vec<Box<dyn Backend>> {
+    let mut list: Vec<Box<dyn Backend>> = vec![Box::new(Reference), Box::new(Cpu::new())];
+    #[cfg(feature = "gpu")]
+    {
+        let gpu = relayout::backend::gpu::Gpu::new(&relayout::backend::gpu::GpuOptions {
+            allow_software: true,
+            ..Default::default()
+        });
+        match gpu {
+            Ok(g) => list.push(Box::new(g)),
+            Err(e) if std::env::var_os("RELAYOUT_REQUIRE_GPU").is_some() => {
+                panic!("RELAYOUT_REQUIRE_GPU is set but no GPU adapter opened: {e}")
+            }
+            Err(_) => {}
+        }
+    }
+    list
+}
+
+#[test]
+fn attention_and_conv_transpose_match_the_flax_layer_definitions_on_every_backend_and_band() {
+    let dir = scratch("ops-flax");
+    let (input, src) = attention_checkpoint(&dir);
+    let want = flax_expected(&src);
+    let ckpt = Checkpoint::open(&input).unwrap();
+    let plan = RuleSet::preset("flax")
+        .unwrap()
+        .plan_with(ckpt.tensors(), &flax_options())
+        .unwrap();
+    assert!(plan.unmatched.is_empty());
+    for backend in backends() {
+        // Bands of one element up to whole tensors: splits straddle every part boundary.
+        for band in [1, 4, 12, 36, 100, 4096, 1 << 20] {
+            let out = dir.join(format!("out-{band}.safetensors"));
+            Converter::new(&ckpt, &plan, backend.as_ref())
+                .with_band_bytes(band)
+                .write_safetensors(
+                    &out,
+                    &WriteOptions {
+                        force: true,
+                        ..Default::default()
+                    },
+                    &mut |_| {},
+                )
+                .unwrap();
+            assert_eq!(
+                load_safetensors(&out),
+                want,
+                "{} band {band}",
+                backend.name()
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn casts_fused_with_split_and_permute_equal_the_cast_of_the_f32_result() {
+    let dir = scratch("ops-cast");
+    let (input, src) = attention_checkpoint(&dir);
+    let want_f32 = flax_expected(&src);
+    let ckpt = Checkpoint::open(&input).unwrap();
+    for to in [DType::BF16, DType::F16] {
+        let opts = PlanOptions {
+            dtype: Some(to),
+            ..flax_options()
+        };
+        let plan = RuleSet::preset("flax")
+            .unwrap()
+            .plan_with(ckpt.tensors(), &opts)
+            .unwrap();
+        let cast = Cast::new(DType::F32, to).unwrap().unwrap();
+        let want: BTreeMap<String, Tensor> = want_f32
+            .iter()
+            .map(|(n, t)| {
+                let mut bytes = vec![0u8; t.bytes.len() / 2];
+                cast_slice(cast, &t.bytes, &mut bytes).unwrap();
+                let dtype = format!("{to:?}");
+                (n.clone(), Tensor { dtype, bytes, shape: t.shape.clone() })
+            })
+            .collect();
+        for backend in backends() {
+            for band in [2, 6, 50, 1 << 20] {
+                let out = dir.join(format!("cast-{to}-{band}.safetensors"));
+                Converter::new(&ckpt, &plan, backend.as_ref())
+                    .with_band_bytes(band)
+                    .write_safetensors(
+                        &out,
+                        &WriteOptions {
+                            force: true,
+                            ..Default::default()
+                        },
+                        &mut |_| {},
+                    )
+                    .unwrap();
+                assert_eq!(
+                    load_safetensors(&out),
+                    want,
+                    "{to} on {} band {band}",
+                    backend.name()
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn streaming_api_hands_out_split_and_cast_tensors() {
+    let dir = scratch("ops-stream");
+    let (input, src) = attention_checkpoint(&dir);
+    let want = flax_expected(&src);
+    let ckpt = Checkpoint::open(&input).unwrap();
+    let plan = RuleSet::preset("flax")
+        .unwrap()
+        .plan_with(ckpt.tensors(), &flax_options())
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    Converter::new(&ckpt, &plan, &Cpu::new())
+        .for_each(|entry, bytes| {
+            seen.insert(entry.target.clone(), bytes.to_vec());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(seen.len(), want.len());
+    for (name, t) in &want {
+        assert_eq!(seen[name], t.bytes, "{name}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn os(args: &[&str]) -> Vec<std::ffi::OsString> {
+    args.iter().map(|a| a.into()).collect()
+}
+
+fn run(args: &[std::ffi::OsString]) -> std::process::Output {
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    relayout(&refs)
+}
+
+#[test]
+fn cli_set_dtype_and_module_types_drive_the_conversion() {
+    let dir = scratch("ops-cli");
+    let (input, src) = attention_checkpoint(&dir);
+    let types = dir.join("types.json");
+    std::fs::write(&types, r#"{"": "Net", "up": "ConvTranspose2d"}"#).unwrap();
+    let out = dir.join("out.safetensors");
+    let base = |extra: &[&str]| {
+        let mut a = vec![
+            "convert".into(),
+            input.clone().into_os_string(),
+            out.clone().into_os_string(),
+        ];
+        a.extend(os(&["--preset", "flax", "--device", "cpu", "--force"]));
+        a.extend(os(extra));
+        a
+    };
+    // Without heads: one line naming the module and the flag, exit 1, nothing written.
+    let o = run(&base(&["--module-types", types.to_str().unwrap()]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("nn.MultiheadAttention at 'blocks.0.attn': pass --set heads=H"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(listing(&dir), ["block.safetensors", "types.json"]);
+
+    let o = run(&base(&[
+        "--set",
+        "heads=3",
+        "--module-types",
+        types.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(load_safetensors(&out), flax_expected(&src));
+
+    let o = run(&base(&[
+        "--set",
+        "heads=3",
+        "--module-types",
+        types.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+    ]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = load_safetensors(&out);
+    assert!(got.values().all(|t| t.dtype == "BF16"));
+    assert_eq!(got.len(), flax_expected(&src).len());
+
+    // A bad --dtype and a broken types file are clear errors.
+    let o = run(&base(&["--set", "heads=3", "--dtype", "f64"]));
+    assert_eq!(o.status.code(), Some(2), "clap usage error");
+    std::fs::write(&types, "[]").unwrap();
+    let o = run(&base(&[
+        "--set",
+        "heads=3",
+        "--module-types",
+        types.to_str().unwrap(),
+    ]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("types.json: module types:"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn cli_plan_shows_ops_name_warnings_and_shadowed_preset_rules() {
+    let dir = scratch("ops-plan");
+    let (input, _) = attention_checkpoint(&dir);
+    let rules = dir.join("mine.toml");
+    std::fs::write(
+        &rules,
+        r#"
+[[rule]]
+name = "all-deconv"
+module_last = "up"
+leaf = "weight"
+target = "params.up.kernel"
+perm = "I,O,*S -> *S,O,I"
+"#,
+    )
+    .unwrap();
+    let o = run(&[
+        "plan".into(),
+        input.clone().into_os_string(),
+        "--preset".into(),
+        "flax".into(),
+        "--set".into(),
+        "heads=3".into(),
+        "--rules".into(),
+        rules.clone().into_os_string(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.contains("params.blocks_0.attn.key.kernel")
+            && text.contains("slice[0:12..24] + permute[1, 0] + reshape[12, 3, 4]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: rank-2 weight taken as a Linear")
+            && text.contains("blocks.0.fc.weight"),
+        "{text}"
+    );
+    // The preset's conv rule only ever saw `up.weight`, which the user's rule took.
+    assert!(
+        text.contains("warning: preset flax rule 'conv-kernel' is unreachable"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
