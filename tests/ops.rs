@@ -426,3 +426,87 @@ perm = "I,O,*S -> *S,O,I"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The ```toml blocks of the README, in order.
+fn readme_toml_blocks() -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```toml") => current = Some(String::new()),
+            (Some(b), "```") => {
+                blocks.push(std::mem::take(b));
+                current = None;
+            }
+            (Some(b), l) => {
+                b.push_str(l);
+                b.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn readme_rule_file_example_works_as_written() {
+    let blocks = readme_toml_blocks();
+    assert_eq!(blocks.len(), 1, "README toml blocks: {blocks:?}");
+    let user = RuleSet::from_toml(&blocks[0], "README.md").unwrap();
+    let rules = RuleSet::preset("flax").unwrap().layered(user);
+    let info = |name: &str, shape: &[usize]| relayout::TensorInfo {
+        name: name.to_string(),
+        dtype: DType::F32,
+        shape: shape.to_vec(),
+        strides: relayout::layout::contiguous_strides(shape),
+        offset: 0,
+        storage: 0,
+    };
+    let tensors = [
+        info("lm_head.weight", &[100, 16]),
+        info("dec.upsample1.weight", &[8, 4, 3, 2]),
+        info("blocks.0.attn.qkv.weight", &[24, 8]),
+        info("blocks.0.attn.qkv.bias", &[24]),
+    ];
+    let err = rules.plan(&tensors).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("fused qkv at 'blocks.0.attn.qkv': pass --set heads=H"),
+        "{err}"
+    );
+    let mut opts = PlanOptions {
+        dtype: Some(DType::BF16),
+        ..PlanOptions::default()
+    };
+    opts.set("heads=2").unwrap();
+    let plan = rules.plan_with(&tensors, &opts).unwrap();
+    let got: BTreeMap<&str, (&[usize], DType, Option<usize>)> = plan
+        .entries
+        .iter()
+        .map(|e| {
+            (
+                e.target.as_str(),
+                (
+                    e.target_shape.as_slice(),
+                    e.dtype,
+                    e.slice.map(|s| s.start),
+                ),
+            )
+        })
+        .collect();
+    let want: BTreeMap<&str, (&[usize], DType, Option<usize>)> = BTreeMap::from([
+        ("params.lm_head.embedding", (&[100, 16][..], DType::BF16, None)),
+        ("params.dec.upsample1.kernel", (&[3, 2, 4, 8][..], DType::BF16, None)),
+        ("params.blocks_0.attn.query.kernel", (&[8, 2, 4][..], DType::F32, Some(0))),
+        ("params.blocks_0.attn.key.kernel", (&[8, 2, 4][..], DType::F32, Some(8))),
+        ("params.blocks_0.attn.value.kernel", (&[8, 2, 4][..], DType::F32, Some(16))),
+        ("params.blocks_0.attn.qkv.bias", (&[24][..], DType::BF16, None)),
+    ]);
+    assert_eq!(got, want);
+    assert_eq!(
+        plan.entry_for("dec.upsample1.weight").unwrap().perm,
+        [2, 3, 1, 0]
+    );
+}

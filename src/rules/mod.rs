@@ -26,7 +26,7 @@
 //! name = "embedding"
 //! leaf = "weight"
 //! rank = 2
-//! module_last_contains = ["embed", "wte", "wpe"]
+//! module_last = ["embed_tokens", "wte", "wpe"]
 //! target = "params.{module_merged}.embedding"
 //!
 //! [[rule]]
@@ -48,21 +48,40 @@
 //! | --- | --- |
 //! | `leaf` | the leaf equals one of the names |
 //! | `rank` | `rank = 2`, or bounds `rank = { min = 3 }`, `{ max = 2 }`, `{ min = 1, max = 4 }` |
-//! | `dtype` | the dtype is one of the safetensors names (`"F32"`, `["F16", "BF16"]`) |
+//! | `source_dtype` | the dtype is one of the safetensors names (`"F32"`, `["F16", "BF16"]`) |
 //! | `module` | the module path matches a component glob: `*` and `?` inside one component, a `**` component spans any number of them (`"**.downsample.*"`, `"encoder.**"`); `""` is the top level |
 //! | `module_last` | the module's last component matches one of the globs (`"conv*"`) |
 //! | `module_last_contains` | the module's last component contains one of the strings, ignoring case |
+//! | `module_last_starts_with` | the module's last component starts with one of the strings, ignoring case |
 //! | `module_has` | the module's leaves include all of the names (`["running_mean", "running_var"]`) |
 //! | `module_lacks` | the module's leaves include none of the names |
+//! | `parent_has` | the parent module's leaves include all of the names (`out_proj` of an attention) |
+//! | `module_type` | `--module-types` gives the module a class matching one of the globs (`"ConvTranspose*"`); never holds without that file |
 //!
 //! A top-level tensor has no last component, so `module_last*` never holds for it.
 //!
 //! Actions: `drop = true` leaves the tensor out (the plan lists it with the rule's name);
-//! otherwise `target` names the output and an optional `perm` reorders its axes.
+//! otherwise `target` names the output and the op is, in this order:
+//!
+//! - `split = { axis = 0, parts = ["query", "key", "value"] }`: equal parts along one
+//!   source axis (negative counts from the end), one output per part, each reading only
+//!   its slice; the target must contain `{part}`;
+//! - `perm`: reorders the axes (below);
+//! - `reshape = "I, {heads}, -1"`: a new shape for the permuted result, free because the
+//!   output is contiguous; dimensions are axis names of the perm pattern (their sizes, a
+//!   `*` group giving all of its axes), `{variables}` from `--set`, integers and at most
+//!   one `-1`;
+//! - `dtype = "bf16" | "f16" | "f32"`: output dtype of floating tensors, over `--dtype`
+//!   (integer, bool and F8 tensors never change).
+//!
+//! `requires = { heads = "message" }` names variables the rule needs, each with the
+//! message of the error when it is not set (placeholders as in targets); `warn = "…"`
+//! attaches a note to every entry the rule makes, which `plan` shows.
 //! `target` is a template with placeholders `{name}` (the whole source name), `{module}`
 //! (the module path as written), `{module_merged}` (the module path with every all-digit
-//! component merged into the one before it with `_`: `layer1.0.conv1` → `layer1_0.conv1`)
-//! and `{leaf}`; `{{`/`}}` are literal braces. A dot-separated piece of the template that
+//! component merged into the one before it with `_`: `layer1.0.conv1` → `layer1_0.conv1`),
+//! `{leaf}`, `{parent}` and `{parent_merged}` (the module's own module), and `{part}` in
+//! a split; `{{`/`}}` are literal braces. A dot-separated piece of the template that
 //! renders empty is left out, so `params.{module_merged}.{leaf}` names a top-level `w`
 //! `params.w`. `perm` is a pattern of named source axes and their output order,
 //! `"O,I,*S -> *S,I,O"`, where `*S` stands for all axes not otherwise named (possibly
