@@ -13,15 +13,13 @@ use relayout::backend::reference::Reference;
 use relayout::backend::Backend;
 use relayout::layout::cast::cast_slice;
 use relayout::layout::Cast;
-use relayout::{
-    Checkpoint, Converter, DType, ModuleTypes, PlanOptions, RuleSet, WriteOptions,
-};
+use relayout::{Checkpoint, Converter, DType, ModuleTypes, PlanOptions, RuleSet, WriteOptions};
 use safetensors::tensor::TensorView;
 
-/// Embed dim, heads, head dim of the attention in [`attention_checkpoint`].
+/// Embed dim and heads of the attention in [`attention_checkpoint`] unless a test asks
+/// for others.
 const E: usize = 12;
 const H: usize = 3;
-const D: usize = E / H;
 
 /// f32 values with distinct, exactly representable bit patterns (no two equal), so a
 /// wrong index shows.
@@ -56,15 +54,22 @@ fn write_checkpoint(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
 /// A transformer-ish block: a packed nn.MultiheadAttention at `blocks.0.attn`, a
 /// ConvTranspose2d called `up` (only a types file can tell), a Linear and a LayerNorm.
 fn attention_checkpoint(dir: &Path) -> (PathBuf, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
-    let mut rng = Rng::new(11);
+    sized_attention_checkpoint(dir, E)
+}
+
+fn sized_attention_checkpoint(
+    dir: &Path,
+    e: usize,
+) -> (PathBuf, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+    let mut rng = Rng::new(11 + e as u64);
     let list: Vec<(&str, Vec<usize>)> = vec![
-        ("blocks.0.attn.in_proj_weight", vec![3 * E, E]),
-        ("blocks.0.attn.in_proj_bias", vec![3 * E]),
-        ("blocks.0.attn.out_proj.weight", vec![E, E]),
-        ("blocks.0.attn.out_proj.bias", vec![E]),
-        ("blocks.0.ln.weight", vec![E]),
-        ("blocks.0.ln.bias", vec![E]),
-        ("blocks.0.fc.weight", vec![2 * E, E]),
+        ("blocks.0.attn.in_proj_weight", vec![3 * e, e]),
+        ("blocks.0.attn.in_proj_bias", vec![3 * e]),
+        ("blocks.0.attn.out_proj.weight", vec![e, e]),
+        ("blocks.0.attn.out_proj.bias", vec![e]),
+        ("blocks.0.ln.weight", vec![e]),
+        ("blocks.0.ln.bias", vec![e]),
+        ("blocks.0.fc.weight", vec![2 * e, e]),
         ("up.weight", vec![5, 3, 2, 4]),
     ];
     let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = list
@@ -74,7 +79,11 @@ fn attention_checkpoint(dir: &Path) -> (PathBuf, BTreeMap<String, (Vec<usize>, V
             (n, s, values(&mut rng, len))
         })
         .collect();
-    let path = dir.join("block.safetensors");
+    let path = dir.join(if e == E {
+        "block.safetensors".to_string()
+    } else {
+        format!("block{e}.safetensors")
+    });
     write_checkpoint(&path, &tensors);
     let map = tensors
         .into_iter()
@@ -108,7 +117,16 @@ fn build(shape: &[usize], f: impl Fn(&[usize]) -> f32) -> Tensor {
 /// What the flax preset must make of [`attention_checkpoint`], element by element from
 /// the definitions of the Flax layers (not from the library's index math).
 fn flax_expected(src: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> BTreeMap<String, Tensor> {
+    flax_expected_heads(src, H)
+}
+
+fn flax_expected_heads(
+    src: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    heads: usize,
+) -> BTreeMap<String, Tensor> {
     let w = |n: &str| src[n].1.clone();
+    let e = src["blocks.0.ln.weight"].0[0];
+    let (big_e, h, d) = (e, heads, e / heads);
     let (in_w, in_b) = (
         w("blocks.0.attn.in_proj_weight"),
         w("blocks.0.attn.in_proj_bias"),
@@ -124,39 +142,43 @@ fn flax_expected(src: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> BTreeMap<Str
         // row p·E + h·D + d, column i.
         want.insert(
             format!("{m}.{part}.kernel"),
-            build(&[E, H, D], |x| in_w[(p * E + x[1] * D + x[2]) * E + x[0]]),
+            build(&[big_e, h, d], |x| {
+                in_w[(p * big_e + x[1] * d + x[2]) * big_e + x[0]]
+            }),
         );
         want.insert(
             format!("{m}.{part}.bias"),
-            build(&[H, D], |x| in_b[p * E + x[0] * D + x[1]]),
+            build(&[h, d], |x| in_b[p * big_e + x[0] * d + x[1]]),
         );
     }
     // out.kernel[h, d, o] = out_proj.weight[o, h·D + d].
     want.insert(
         format!("{m}.out.kernel"),
-        build(&[H, D, E], |x| out_w[x[2] * E + x[0] * D + x[1]]),
+        build(&[h, d, big_e], |x| out_w[x[2] * big_e + x[0] * d + x[1]]),
     );
-    want.insert(format!("{m}.out.bias"), build(&[E], |x| out_b[x[0]]));
+    want.insert(format!("{m}.out.bias"), build(&[big_e], |x| out_b[x[0]]));
     let ln_w = w("blocks.0.ln.weight");
     let ln_b = w("blocks.0.ln.bias");
     want.insert(
         "params.blocks_0.ln.scale".to_string(),
-        build(&[E], |x| ln_w[x[0]]),
+        build(&[big_e], |x| ln_w[x[0]]),
     );
     want.insert(
         "params.blocks_0.ln.bias".to_string(),
-        build(&[E], |x| ln_b[x[0]]),
+        build(&[big_e], |x| ln_b[x[0]]),
     );
     let fc = w("blocks.0.fc.weight");
     want.insert(
         "params.blocks_0.fc.kernel".to_string(),
-        build(&[E, 2 * E], |x| fc[x[1] * E + x[0]]),
+        build(&[big_e, 2 * big_e], |x| fc[x[1] * big_e + x[0]]),
     );
     // ConvTranspose2d (I=5, O=3, 2, 4) -> (2, 4, O, I) for transpose_kernel=True.
     let up = w("up.weight");
     want.insert(
         "params.up.kernel".to_string(),
-        build(&[2, 4, 3, 5], |x| up[((x[3] * 3 + x[2]) * 2 + x[0]) * 4 + x[1]]),
+        build(&[2, 4, 3, 5], |x| {
+            up[((x[3] * 3 + x[2]) * 2 + x[0]) * 4 + x[1]]
+        }),
     );
     want
 }
@@ -174,12 +196,15 @@ fn flax_options() -> PlanOptions {
     opts
 }
 
+/// Reference, the CPU, and (when an adapter opens) the GPU with its default chunks and
+/// with chunks forced down to 4 KiB, so tensors cross chunk boundaries.
 fn backends() -> Vec<Box<dyn Backend>> {
     let mut list: Vec<Box<dyn Backend>> = vec![Box::new(Reference), Box::new(Cpu::new())];
     #[cfg(feature = "gpu")]
-    {
+    for max_chunk_bytes in [None, Some(4096)] {
         let gpu = relayout::backend::gpu::Gpu::new(&relayout::backend::gpu::GpuOptions {
             allow_software: true,
+            max_chunk_bytes,
             ..Default::default()
         });
         match gpu {
@@ -191,6 +216,56 @@ fn backends() -> Vec<Box<dyn Backend>> {
         }
     }
     list
+}
+
+#[test]
+fn attention_sizes_around_every_tile_match_on_every_backend() {
+    let dir = scratch("ops-sizes");
+    let backends = backends();
+    // Embed dims below, at and above the 8/32/64-wide tiles; heads of 1, a few and E.
+    for (e, heads) in [
+        (1, 1),
+        (8, 2),
+        (31, 31),
+        (32, 4),
+        (33, 3),
+        (64, 8),
+        (65, 5),
+        (130, 10),
+    ] {
+        let (input, src) = sized_attention_checkpoint(&dir, e);
+        let want = flax_expected_heads(&src, heads);
+        let ckpt = Checkpoint::open(&input).unwrap();
+        let mut opts = flax_options();
+        opts.set(&format!("heads={heads}")).unwrap();
+        let plan = RuleSet::preset("flax")
+            .unwrap()
+            .plan_with(ckpt.tensors(), &opts)
+            .unwrap();
+        for backend in &backends {
+            for band in [4 * e + 4, 1 << 20] {
+                let out = dir.join("sized.safetensors");
+                Converter::new(&ckpt, &plan, backend.as_ref())
+                    .with_band_bytes(band)
+                    .write_safetensors(
+                        &out,
+                        &WriteOptions {
+                            force: true,
+                            ..Default::default()
+                        },
+                        &mut |_| {},
+                    )
+                    .unwrap();
+                assert_eq!(
+                    load_safetensors(&out),
+                    want,
+                    "E {e} heads {heads} on {} band {band}",
+                    backend.name()
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -252,7 +327,14 @@ fn casts_fused_with_split_and_permute_equal_the_cast_of_the_f32_result() {
                 let mut bytes = vec![0u8; t.bytes.len() / 2];
                 cast_slice(cast, &t.bytes, &mut bytes).unwrap();
                 let dtype = format!("{to:?}");
-                (n.clone(), Tensor { dtype, bytes, shape: t.shape.clone() })
+                (
+                    n.clone(),
+                    Tensor {
+                        dtype,
+                        bytes,
+                        shape: t.shape.clone(),
+                    },
+                )
             })
             .collect();
         for backend in backends() {
@@ -488,21 +570,35 @@ fn readme_rule_file_example_works_as_written() {
         .map(|e| {
             (
                 e.target.as_str(),
-                (
-                    e.target_shape.as_slice(),
-                    e.dtype,
-                    e.slice.map(|s| s.start),
-                ),
+                (e.target_shape.as_slice(), e.dtype, e.slice.map(|s| s.start)),
             )
         })
         .collect();
     let want: BTreeMap<&str, (&[usize], DType, Option<usize>)> = BTreeMap::from([
-        ("params.lm_head.embedding", (&[100, 16][..], DType::BF16, None)),
-        ("params.dec.upsample1.kernel", (&[3, 2, 4, 8][..], DType::BF16, None)),
-        ("params.blocks_0.attn.query.kernel", (&[8, 2, 4][..], DType::F32, Some(0))),
-        ("params.blocks_0.attn.key.kernel", (&[8, 2, 4][..], DType::F32, Some(8))),
-        ("params.blocks_0.attn.value.kernel", (&[8, 2, 4][..], DType::F32, Some(16))),
-        ("params.blocks_0.attn.qkv.bias", (&[24][..], DType::BF16, None)),
+        (
+            "params.lm_head.embedding",
+            (&[100, 16][..], DType::BF16, None),
+        ),
+        (
+            "params.dec.upsample1.kernel",
+            (&[3, 2, 4, 8][..], DType::BF16, None),
+        ),
+        (
+            "params.blocks_0.attn.query.kernel",
+            (&[8, 2, 4][..], DType::F32, Some(0)),
+        ),
+        (
+            "params.blocks_0.attn.key.kernel",
+            (&[8, 2, 4][..], DType::F32, Some(8)),
+        ),
+        (
+            "params.blocks_0.attn.value.kernel",
+            (&[8, 2, 4][..], DType::F32, Some(16)),
+        ),
+        (
+            "params.blocks_0.attn.qkv.bias",
+            (&[24][..], DType::BF16, None),
+        ),
     ]);
     assert_eq!(got, want);
     assert_eq!(
