@@ -406,7 +406,8 @@ fn presets(out: &mut String, show: Option<String>) -> Result<()> {
         }
         None => {
             for name in RuleSet::preset_names() {
-                writeln!(out, "{name}")?;
+                let set = RuleSet::preset(name)?;
+                writeln!(out, "{name:<6} {}", set.description())?;
             }
         }
     }

@@ -456,6 +456,12 @@ fn cli_convert_inspect_plan_and_presets_work_end_to_end() {
     let run = relayout(&[OsStr::new("presets")]);
     let listed = String::from_utf8_lossy(&run.stdout);
     assert!(listed.contains("flax") && listed.contains("mlx"));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("nnx") && l.contains("Flax NNX")),
+        "{listed}"
+    );
     let run = relayout(&[
         OsStr::new("presets"),
         OsStr::new("--show"),

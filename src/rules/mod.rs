@@ -155,6 +155,7 @@ const PRESET_NAMES: [&str; 3] = [PRESETS[0].0, PRESETS[1].0, PRESETS[2].0];
 pub struct RuleSet {
     rules: Vec<Rule>,
     sources: Vec<String>,
+    description: String,
 }
 
 /// One rule: conditions on a tensor, and what to do with a tensor that meets them.
@@ -407,10 +408,17 @@ impl RuleSet {
 
     /// Parses a rule file's text; `origin` names it in errors and in the plan.
     pub fn from_toml(text: &str, origin: &str) -> Result<RuleSet> {
+        let (description, rules) = syntax::parse(text, origin)?;
         Ok(RuleSet {
-            rules: syntax::parse(text, origin)?,
+            rules,
             sources: vec![origin.to_string()],
+            description,
         })
+    }
+
+    /// The `description` of the file this set came from (the base of a layered set).
+    pub fn description(&self) -> &str {
+        &self.description
     }
 
     /// Reads and parses a rule file.
@@ -429,7 +437,11 @@ impl RuleSet {
         rules.extend(self.rules);
         let mut sources = self.sources;
         sources.extend(over.sources);
-        RuleSet { rules, sources }
+        RuleSet {
+            rules,
+            sources,
+            description: self.description,
+        }
     }
 
     /// The rules, in the order they are tried.

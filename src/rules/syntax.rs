@@ -17,7 +17,6 @@ use crate::error::{Error, Result};
 #[serde(deny_unknown_fields)]
 struct RawFile {
     #[serde(default)]
-    #[allow(dead_code)] // documentation for people reading the file
     description: Option<String>,
     #[serde(default)]
     rule: Vec<toml::Spanned<RawRule>>,
@@ -79,8 +78,9 @@ fn parse_output_dtype(v: &toml::Value) -> std::result::Result<DType, String> {
     }
 }
 
-/// Parses one rule file; `origin` names it in errors and in plan provenance.
-pub(super) fn parse(text: &str, origin: &str) -> Result<Vec<Rule>> {
+/// Parses one rule file into its description and rules; `origin` names it in errors and
+/// in plan provenance.
+pub(super) fn parse(text: &str, origin: &str) -> Result<(String, Vec<Rule>)> {
     let raw: RawFile = toml::from_str(text).map_err(|e| Error::Rules {
         origin: origin.to_string(),
         detail: match e.span() {
@@ -88,6 +88,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Vec<Rule>> {
             None => e.message().trim().to_string(),
         },
     })?;
+    let raw_description = raw.description.unwrap_or_default();
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rule.len());
     for spanned in raw.rule {
         let at = position(text, spanned.span().start);
@@ -204,7 +205,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Vec<Rule>> {
             action,
         });
     }
-    Ok(rules)
+    Ok((raw_description, rules))
 }
 
 /// `line L, column C` of a byte offset, for messages that point into the file.
