@@ -1,16 +1,16 @@
 //! relayout: convert PyTorch checkpoints into the tensor layouts and parameter names of
-//! other frameworks (Flax/JAX, MLX), on the GPU or the CPU, streaming.
+//! other frameworks (Flax linen and NNX, MLX), on the GPU or the CPU, streaming.
 //!
 //! ```text
 //!  checkpoint file(s)                       rules (preset + user TOML)
 //!        │ mmap                                        │
 //!  ┌─────▼──────┐  TensorInfo (name, dtype,   ┌────────▼────────┐
 //!  │  reader    │──shape, strides, offset)───▶│ rules → plan    │  pure data: target name,
-//!  │ safetensors│                             └────────┬────────┘  shape, axis permutation
+//!  │ safetensors│                             └────────┬────────┘  slice, perm, reshape, cast
 //!  │ torch zip  │  storage bytes (borrowed)            │ PlanEntry
 //!  │ sharded    │──────────────┐              ┌────────▼────────┐
 //!  └────────────┘              └─────────────▶│ layout          │  LayoutOp → Gather
-//!                                             │ (simplify,split)│  (merged axes, bands)
+//!                                             │ (simplify,split)│  (merged axes, bands, Cast)
 //!                                             └────────┬────────┘
 //!                                             ┌────────▼────────┐
 //!                                             │ backend         │  reference | cpu | gpu
