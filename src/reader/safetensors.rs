@@ -167,6 +167,11 @@ fn usize_list(v: Option<&Value>) -> Option<Vec<usize>> {
 }
 
 fn parse_metadata(v: &Value) -> std::result::Result<BTreeMap<String, String>, String> {
+    // MLX's save_safetensors writes `"__metadata__": null` when given none; the format's
+    // own readers take it as no metadata.
+    if v.is_null() {
+        return Ok(BTreeMap::new());
+    }
     let obj = v
         .as_object()
         .ok_or_else(|| "'__metadata__' is not an object".to_string())?;
@@ -202,6 +207,21 @@ mod tests {
         let start = 8 + h.len();
         assert_eq!(p.storages, vec![start..start + 8, start + 8..start + 11]);
         assert_eq!(p.metadata["k"], "v");
+    }
+
+    #[test]
+    fn null_metadata_as_mlx_writes_it_is_no_metadata() {
+        let h = r#"{"__metadata__":null,"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#;
+        let p = parse(Path::new("x"), &file(h, &[1, 2, 3])).unwrap();
+        assert!(p.metadata.is_empty());
+        assert_eq!(p.tensors.len(), 1);
+        // Any other non-object is still malformed.
+        for h in [r#"{"__metadata__":[]}"#, r#"{"__metadata__":"k"}"#] {
+            assert!(matches!(
+                parse_err(&file(h, b"")),
+                Error::SafetensorsHeader { .. }
+            ));
+        }
     }
 
     #[test]
