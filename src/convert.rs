@@ -351,9 +351,23 @@ pub struct ConvertSpec {
     pub module_types: Option<PathBuf>,
     /// Output dtype of every floating tensor (`--dtype`).
     pub dtype: Option<DType>,
+    /// An expectation file (`--expect`): the plan must produce exactly its tensor names,
+    /// shapes and dtypes, checked before anything is written.
+    pub expect: Option<PathBuf>,
 }
 
 impl ConvertSpec {
+    /// Fails with [`Error::Verify`] when `plan` does not produce what the expectation
+    /// file asks for; passes when there is none.
+    pub fn check_expectation(&self, plan: &Plan) -> Result<()> {
+        if let Some(path) = &self.expect {
+            crate::verify::Expectation::from_file(path)?
+                .check_plan(plan)
+                .into_result()?;
+        }
+        Ok(())
+    }
+
     /// The planning options the spec describes; reads the module-types file.
     pub fn plan_options(&self) -> Result<PlanOptions> {
         Ok(PlanOptions {
@@ -436,6 +450,7 @@ pub fn convert(
         },
     )?;
     let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
+    spec.check_expectation(&plan)?;
     let backend = crate::backend::select(&spec.backend)?;
     let opts = WriteOptions {
         force: spec.force,

@@ -113,6 +113,24 @@ pub enum Error {
 
     #[error("gpu: {detail}")]
     Gpu { detail: String },
+
+    #[error("{}: not a valid expectation file: {detail}", path.display())]
+    Expectation { path: PathBuf, detail: String },
+
+    #[error(
+        "{}: {} missing, {} unexpected and {} mismatched tensor(s) against the {} expected",
+        file.display(),
+        report.missing().len(),
+        report.unexpected().len(),
+        report.mismatched().len(),
+        report.expected()
+    )]
+    Verify {
+        /// The expectation file.
+        file: PathBuf,
+        /// The grouped report (its `Display`), for the caller to show.
+        report: Box<crate::verify::VerifyReport>,
+    },
 }
 
 /// Shorthand used across the crate.

@@ -47,6 +47,7 @@ pub mod layout;
 pub mod plan;
 pub mod reader;
 pub mod rules;
+pub mod verify;
 pub mod writer;
 
 pub use backend::{Backend, BackendOptions, Device};
@@ -60,3 +61,4 @@ pub use layout::{Gather, LayoutOp};
 pub use plan::{Plan, PlanEntry, Slice};
 pub use reader::{Checkpoint, Format, OpenOptions, TensorInfo};
 pub use rules::{ModuleTypes, PlanOptions, RuleSet};
+pub use verify::{verify_file, Expectation, VerifyReport};

@@ -50,6 +50,10 @@ struct RuleArgs {
     /// Convert every floating tensor to bf16, f16 or f32 (integer and bool tensors never change)
     #[arg(long, value_name = "bf16|f16|f32", value_parser = parse_dtype)]
     dtype: Option<relayout::DType>,
+    /// Fail unless the output has exactly these tensor names, shapes and dtypes: a JSON
+    /// {name: {"shape": [...], "dtype": ...}}, a .safetensors or a Flax .msgpack file
+    #[arg(long, value_name = "FILE")]
+    expect: Option<PathBuf>,
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<relayout::DType, String> {
@@ -70,6 +74,7 @@ impl RuleArgs {
             vars: opts.vars,
             module_types: self.module_types.clone(),
             dtype: self.dtype,
+            expect: self.expect.clone(),
             ..ConvertSpec::default()
         })
     }
@@ -122,6 +127,15 @@ enum Command {
     },
     /// List the GPU adapters relayout can use, with their limits
     Devices,
+    /// Check an existing output against what the target model expects
+    Verify {
+        /// The file to check (only its header is read)
+        path: PathBuf,
+        /// The expected tensor names, shapes and dtypes: a JSON
+        /// {name: {"shape": [...], "dtype": ...}}, a .safetensors or a Flax .msgpack file
+        #[arg(long, value_name = "FILE")]
+        expect: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -129,6 +143,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(relayout::Error::Verify { report, .. }) = e.downcast_ref() {
+                eprint!("{report}");
+            }
             eprintln!("relayout: error: {e:#}");
             ExitCode::FAILURE
         }
@@ -143,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(args) => convert(&mut out, args),
         Command::Presets { show } => presets(&mut out, show),
         Command::Devices => devices(&mut out),
+        Command::Verify { path, expect } => verify(&mut out, path, expect),
     };
     emit(&out)?;
     result
@@ -270,7 +288,7 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
             "unreachable": plan.unreachable,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
-        return Ok(());
+        return spec.check_expectation(&plan).map_err(Into::into);
     }
     for e in &plan.entries {
         writeln!(
@@ -298,6 +316,7 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
         plan.unmatched.len()
     )?;
     write_warnings(out, &plan)?;
+    spec.check_expectation(&plan)?;
     Ok(())
 }
 
@@ -338,6 +357,7 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
     } = args;
     let spec = args.spec()?;
     let (ckpt, plan) = build_plan(&input, &spec)?;
+    spec.check_expectation(&plan)?;
     let backend_opts = backend::BackendOptions {
         device,
         adapter,
@@ -395,6 +415,12 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
             report.unmatched
         )?;
     }
+    Ok(())
+}
+
+fn verify(out: &mut String, path: PathBuf, expect: PathBuf) -> Result<()> {
+    let n = relayout::verify_file(&path, &expect)?;
+    writeln!(out, "ok: {n} tensors match {}", expect.display())?;
     Ok(())
 }
 

@@ -33,6 +33,9 @@ fn le_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Source tensors by name: shape and values.
+type Sources = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Writes a safetensors file of f32 tensors.
 fn write_checkpoint(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
@@ -53,14 +56,11 @@ fn write_checkpoint(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
 
 /// A transformer-ish block: a packed nn.MultiheadAttention at `blocks.0.attn`, a
 /// ConvTranspose2d called `up` (only a types file can tell), a Linear and a LayerNorm.
-fn attention_checkpoint(dir: &Path) -> (PathBuf, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+fn attention_checkpoint(dir: &Path) -> (PathBuf, Sources) {
     sized_attention_checkpoint(dir, E)
 }
 
-fn sized_attention_checkpoint(
-    dir: &Path,
-    e: usize,
-) -> (PathBuf, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+fn sized_attention_checkpoint(dir: &Path, e: usize) -> (PathBuf, Sources) {
     let mut rng = Rng::new(11 + e as u64);
     let list: Vec<(&str, Vec<usize>)> = vec![
         ("blocks.0.attn.in_proj_weight", vec![3 * e, e]),
@@ -116,14 +116,11 @@ fn build(shape: &[usize], f: impl Fn(&[usize]) -> f32) -> Tensor {
 
 /// What the flax preset must make of [`attention_checkpoint`], element by element from
 /// the definitions of the Flax layers (not from the library's index math).
-fn flax_expected(src: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> BTreeMap<String, Tensor> {
+fn flax_expected(src: &Sources) -> BTreeMap<String, Tensor> {
     flax_expected_heads(src, H)
 }
 
-fn flax_expected_heads(
-    src: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    heads: usize,
-) -> BTreeMap<String, Tensor> {
+fn flax_expected_heads(src: &Sources, heads: usize) -> BTreeMap<String, Tensor> {
     let w = |n: &str| src[n].1.clone();
     let e = src["blocks.0.ln.weight"].0[0];
     let (big_e, h, d) = (e, heads, e / heads);

@@ -284,8 +284,11 @@ impl ModuleTypes {
             path: origin.to_path_buf(),
             detail,
         };
-        let classes: HashMap<String, String> = serde_json::from_str(text)
-            .map_err(|e| bad(format!("expected a JSON object of module name to class name: {e}")))?;
+        let classes: HashMap<String, String> = serde_json::from_str(text).map_err(|e| {
+            bad(format!(
+                "expected a JSON object of module name to class name: {e}"
+            ))
+        })?;
         Ok(ModuleTypes { classes })
     }
 
@@ -320,8 +323,12 @@ fn read_text(path: &Path, limit: u64, err: impl Fn(String) -> Error) -> Result<S
             "file is larger than the limit of {limit} bytes"
         )));
     }
-    String::from_utf8(bytes)
-        .map_err(|e| err(format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
+    String::from_utf8(bytes).map_err(|e| {
+        err(format!(
+            "not UTF-8 text (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
 }
 
 /// `a.b.c` → (`a.b`, `c`); a name without a dot is a top-level leaf.
@@ -635,7 +642,10 @@ impl Rule {
         for (part, slice) in parts {
             let target = action.target.render(&NameParts { part, ..*names });
             if target.is_empty() {
-                return Err(rule_err(format!("target '{}' renders empty", action.target)));
+                return Err(rule_err(format!(
+                    "target '{}' renders empty",
+                    action.target
+                )));
             }
             let mut entry = PlanEntry {
                 source: index,
@@ -675,7 +685,7 @@ impl Rule {
 fn resolve_axis(axis: i64, rank: usize) -> Option<usize> {
     let rank = i64::try_from(rank).ok()?;
     let a = if axis < 0 { axis + rank } else { axis };
-    (0..rank).contains(&a).then(|| a as usize)
+    (0..rank).contains(&a).then_some(a as usize)
 }
 
 /// Which preset rules never got a tensor because user rules in front took every tensor

@@ -532,7 +532,10 @@ impl ReshapeSpec {
                     }
                     Dim::Var(var.to_string())
                 } else if item.bytes().all(|b| b.is_ascii_digit()) && !item.is_empty() {
-                    Dim::Fixed(item.parse().map_err(|_| err(format!("'{item}' is too large")))?)
+                    Dim::Fixed(
+                        item.parse()
+                            .map_err(|_| err(format!("'{item}' is too large")))?,
+                    )
                 } else if is_ident(item.trim_start_matches('*')) {
                     Dim::Axis(item.trim_start_matches('*').to_string())
                 } else {
@@ -575,13 +578,16 @@ impl ReshapeSpec {
         for d in &self.dims {
             match d {
                 Dim::Fixed(n) => shape.push(*n),
-                Dim::Var(v) => shape.push(var(v).ok_or_else(|| {
-                    err(format!("variable '{v}' is not set (pass --set {v}=N)"))
-                })?),
-                Dim::Axis(a) => shape.extend(
-                    perm.and_then(|p| p.axis_sizes(source, a))
-                        .ok_or_else(|| err(format!("'{a}' is not an axis of the rule's perm pattern")))?,
-                ),
+                Dim::Var(v) => {
+                    shape.push(var(v).ok_or_else(|| {
+                        err(format!("variable '{v}' is not set (pass --set {v}=N)"))
+                    })?)
+                }
+                Dim::Axis(a) => {
+                    shape.extend(perm.and_then(|p| p.axis_sizes(source, a)).ok_or_else(|| {
+                        err(format!("'{a}' is not an axis of the rule's perm pattern"))
+                    })?)
+                }
                 Dim::Infer => {
                     infer_at = Some(shape.len());
                     shape.push(1);

@@ -109,70 +109,72 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, Vec<Rule>)> {
             || r.dtype.is_some()
             || r.requires.is_some()
             || r.warn.is_some();
-        let action = match (r.drop, r.target) {
-            (true, None) if !has_map_keys => Action::Drop,
-            (true, _) => {
-                return Err(fail(
+        let action =
+            match (r.drop, r.target) {
+                (true, None) if !has_map_keys => Action::Drop,
+                (true, _) => return Err(fail(
                     "'drop = true' takes no target, perm, split, reshape, dtype, requires or warn"
                         .into(),
-                ))
-            }
-            (false, Some(target)) => {
-                let target = target.0;
-                let split = match r.split {
-                    None => None,
-                    Some(sp) => {
-                        if sp.parts.len() < 2 {
-                            return Err(fail("split needs at least two parts".into()));
-                        }
-                        if !target.uses_part() {
-                            return Err(fail(
+                )),
+                (false, Some(target)) => {
+                    let target = target.0;
+                    let split = match r.split {
+                        None => None,
+                        Some(sp) => {
+                            if sp.parts.len() < 2 {
+                                return Err(fail("split needs at least two parts".into()));
+                            }
+                            if !target.uses_part() {
+                                return Err(fail(
                                 "a split rule's target must contain '{part}', one name per part"
                                     .into(),
                             ));
+                            }
+                            if let Some(dup) = sp
+                                .parts
+                                .iter()
+                                .enumerate()
+                                .find_map(|(i, p)| sp.parts[..i].contains(p).then_some(p))
+                            {
+                                return Err(fail(format!("split part '{dup}' is named twice")));
+                            }
+                            Some(SplitSpec {
+                                axis: sp.axis,
+                                parts: sp.parts,
+                            })
                         }
-                        if let Some(dup) = sp.parts.iter().enumerate().find_map(|(i, p)| {
-                            sp.parts[..i].contains(p).then_some(p)
-                        }) {
-                            return Err(fail(format!("split part '{dup}' is named twice")));
-                        }
-                        Some(SplitSpec {
-                            axis: sp.axis,
-                            parts: sp.parts,
-                        })
+                    };
+                    if split.is_none() && target.uses_part() {
+                        return Err(fail("'{part}' in a target needs a 'split'".into()));
                     }
-                };
-                if split.is_none() && target.uses_part() {
-                    return Err(fail("'{part}' in a target needs a 'split'".into()));
+                    let reshape = r
+                        .reshape
+                        .as_deref()
+                        .map(ReshapeSpec::new)
+                        .transpose()
+                        .map_err(&fail)?;
+                    let dtype = r
+                        .dtype
+                        .as_ref()
+                        .map(parse_output_dtype)
+                        .transpose()
+                        .map_err(&fail)?;
+                    Action::Map(Box::new(MapAction {
+                        target,
+                        perm: r.perm.map(|p| p.0),
+                        split,
+                        reshape,
+                        dtype,
+                        requires: r.requires.unwrap_or_default(),
+                        warn: r.warn,
+                    }))
                 }
-                let reshape = r
-                    .reshape
-                    .as_deref()
-                    .map(ReshapeSpec::new)
-                    .transpose()
-                    .map_err(&fail)?;
-                let dtype = r
-                    .dtype
-                    .as_ref()
-                    .map(parse_output_dtype)
-                    .transpose()
-                    .map_err(&fail)?;
-                Action::Map(Box::new(MapAction {
-                    target,
-                    perm: r.perm.map(|p| p.0),
-                    split,
-                    reshape,
-                    dtype,
-                    requires: r.requires.unwrap_or_default(),
-                    warn: r.warn,
-                }))
-            }
-            (false, None) => {
-                return Err(fail(
-                    "needs 'target = \"…\"' (or 'drop = true'); '{name}' keeps the name".into(),
-                ))
-            }
-        };
+                (false, None) => {
+                    return Err(fail(
+                        "needs 'target = \"…\"' (or 'drop = true'); '{name}' keeps the name".into(),
+                    ))
+                }
+            };
         let rank = match r.rank {
             Some(Rank {
                 min,

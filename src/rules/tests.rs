@@ -748,8 +748,11 @@ fn mha(m: &str) -> Vec<TensorInfo> {
     ])
 }
 
-/// Target → (slice, perm, target shape).
-fn ops(plan: &Plan) -> BTreeMap<String, (Option<(usize, usize, usize)>, Vec<usize>, Vec<usize>)> {
+/// (slice as axis, start, len; perm; target shape) of one entry.
+type Op = (Option<(usize, usize, usize)>, Vec<usize>, Vec<usize>);
+
+/// Target → its op.
+fn ops(plan: &Plan) -> BTreeMap<String, Op> {
     plan.entries
         .iter()
         .map(|e| {
@@ -784,7 +787,10 @@ fn flax_attention_splits_transposes_and_reshapes_into_heads() {
             "{part}"
         );
     }
-    assert_eq!(t[&format!("{m}.out.kernel")], (None, vec![1, 0], vec![2, 4, 8]));
+    assert_eq!(
+        t[&format!("{m}.out.kernel")],
+        (None, vec![1, 0], vec![2, 4, 8])
+    );
     assert_eq!(t[&format!("{m}.out.bias")], (None, vec![0], vec![8]));
     assert_eq!(plan.entries.len(), 8);
     // NNX: the same names without the collection, the list index kept.
@@ -877,7 +883,10 @@ fn conv_transpose_is_told_by_name_or_by_module_type() {
         ..PlanOptions::default()
     };
     let t = ops(&mlx.plan_with(&tensors, &typed).unwrap());
-    assert_eq!(t["dec.up2.weight"], (None, vec![1, 2, 3, 0], vec![6, 3, 2, 8]));
+    assert_eq!(
+        t["dec.up2.weight"],
+        (None, vec![1, 2, 3, 0], vec![6, 3, 2, 8])
+    );
     assert_eq!(t["dec.deconv1.weight"].1, vec![0, 2, 3, 1]);
     // Flax: (*S, O, I), the kernel of ConvTranspose(transpose_kernel=True).
     let t = ops(&flax().plan_with(&tensors, &typed).unwrap());
@@ -912,7 +921,10 @@ fn module_types_decide_linear_against_embedding_names_without_warnings() {
     for bad in ["[1, 2]", r#"{"a": 3}"#, "{"] {
         let err = ModuleTypes::from_json(bad, Path::new("bad.json")).unwrap_err();
         assert!(matches!(err, Error::ModuleTypes { .. }), "{bad}: {err:?}");
-        assert!(err.to_string().starts_with("bad.json: module types:"), "{err}");
+        assert!(
+            err.to_string().starts_with("bad.json: module types:"),
+            "{err}"
+        );
     }
 }
 
