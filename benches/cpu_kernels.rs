@@ -9,7 +9,9 @@ use rayon::prelude::*;
 use relayout::backend::cpu::Cpu;
 use relayout::backend::reference::Reference;
 use relayout::backend::Backend;
+use relayout::layout::cast::{cast_slice, Cast};
 use relayout::layout::{Gather, LayoutOp};
+use relayout::DType;
 
 fn source(bytes: usize) -> Vec<u8> {
     // Non-constant bytes, so nothing can be elided or compressed by the memory system.
@@ -95,5 +97,91 @@ fn kernels(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, kernels);
+/// Every cast pair the benches time.
+const CAST_PAIRS: [(DType, DType); 7] = [
+    (DType::F32, DType::BF16),
+    (DType::F32, DType::F16),
+    (DType::BF16, DType::F32),
+    (DType::F16, DType::F32),
+    (DType::BF16, DType::F16),
+    (DType::F64, DType::F32),
+    (DType::F64, DType::BF16),
+];
+
+/// Casts of 256 KiB of source bytes, below the parallel threshold and inside L2: the
+/// kernels' own speed on one core, against memcpy of the same source bytes.
+fn casts_in_cache(c: &mut Criterion) {
+    let bytes = 256 << 10;
+    let src = source(bytes);
+    let mut dst = vec![0u8; 2 * bytes];
+    let mut grp = c.benchmark_group("cast 256KiB 1 thread");
+    grp.throughput(Throughput::Bytes(bytes as u64));
+    grp.bench_function("memcpy", |b| {
+        b.iter(|| dst[..bytes].copy_from_slice(black_box(&src)));
+    });
+    for (from, to) in CAST_PAIRS {
+        let Ok(Some(cast)) = Cast::new(from, to) else {
+            continue;
+        };
+        let out = &mut dst[..bytes / from.size() * to.size()];
+        grp.bench_function(format!("cast_slice {from}->{to}"), |b| {
+            b.iter(|| cast_slice(cast, black_box(&src), out));
+        });
+    }
+    grp.finish();
+}
+
+/// Casts of 64 MiB of source bytes, against memcpy of the same source bytes (which moves
+/// more: it writes as much as it reads, a narrowing cast half or a quarter of it).
+fn casts(c: &mut Criterion) {
+    let bytes = 64 << 20;
+    let src = source(bytes);
+    let mut dst = vec![0u8; 2 * bytes];
+    let mut grp = c.benchmark_group("cast 64MiB");
+    grp.throughput(Throughput::Bytes(bytes as u64));
+    grp.bench_function("memcpy 1 thread", |b| {
+        b.iter(|| dst[..bytes].copy_from_slice(black_box(&src)));
+    });
+    let threads = rayon::current_num_threads();
+    let chunk = relayout::backend::cpu::PAR_CHUNK;
+    grp.bench_function(format!("memcpy {threads} threads"), |b| {
+        b.iter(|| {
+            dst[..bytes]
+                .par_chunks_mut(chunk)
+                .zip(black_box(&src).par_chunks(chunk))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        });
+    });
+    for (from, to) in CAST_PAIRS {
+        let Ok(Some(cast)) = Cast::new(from, to) else {
+            continue;
+        };
+        let n = bytes / from.size();
+        let out = &mut dst[..n * to.size()];
+        grp.bench_function(format!("cast_slice {from}->{to}"), |b| {
+            b.iter(|| cast_slice(cast, black_box(&src), out));
+        });
+    }
+    // Fused with a transpose, against the same transpose without the cast.
+    let cpu = Cpu::new();
+    let g = transpose(4, 4096, 4096);
+    if let Ok(Some(cast)) = Cast::new(DType::F32, DType::BF16) {
+        let out = &mut dst[..g.len() * 2];
+        grp.bench_function("cpu gather_cast f32->bf16 transpose 4096x4096", |b| {
+            b.iter(|| cpu.gather_cast(black_box(&g), cast, black_box(&src), out));
+        });
+        let out = &mut dst[..g.out_bytes()];
+        grp.bench_function("cpu gather f32 transpose 4096x4096", |b| {
+            b.iter(|| cpu.gather(black_box(&g), black_box(&src), out));
+        });
+        let copy = Gather::from_parts(4, vec![g.len()], vec![1], 0);
+        let out = &mut dst[..g.len() * 2];
+        grp.bench_function("cpu gather_cast f32->bf16 copy", |b| {
+            b.iter(|| cpu.gather_cast(black_box(&copy), cast, black_box(&src), out));
+        });
+    }
+    grp.finish();
+}
+
+criterion_group!(benches, kernels, casts_in_cache, casts);
 criterion_main!(benches);

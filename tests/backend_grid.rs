@@ -7,8 +7,9 @@ mod common;
 use common::Rng;
 use relayout::backend::cpu::{micro_block, Cpu, Tuning};
 use relayout::backend::reference::Reference;
-use relayout::backend::Backend;
-use relayout::layout::{contiguous_strides, Gather, LayoutOp, ELEM_SIZES};
+use relayout::backend::{Backend, CAST_STAGE_BYTES};
+use relayout::layout::{contiguous_strides, Cast, Gather, LayoutOp, ELEM_SIZES};
+use relayout::DType;
 
 /// Knobs small enough that grid tensors of a few KiB cross every CPU threshold.
 const SMALL: Tuning = Tuning {
@@ -392,6 +393,207 @@ fn rejects_bad_buffers(backend: &dyn Backend) {
     }
 }
 
+/// Every conversion: each float source dtype to each different float target.
+fn casts() -> Vec<Cast> {
+    let mut out = Vec::new();
+    for from in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+        for to in [DType::F32, DType::F16, DType::BF16] {
+            if let Some(c) = Cast::new(from, to).expect("float cast") {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// One source element for casts: random bits, a value in the range where the target
+/// has subnormals and overflows, a tie of the target, or a special.
+fn cast_element(from: DType, rng: &mut Rng) -> u64 {
+    let r = rng.next();
+    let specials: [u64; 8] = match from {
+        DType::F64 => [
+            0,
+            1 << 63,
+            0x7FF0_0000_0000_0000,
+            0xFFF8_0000_0000_0001,
+            0x7FF0_0000_0000_0001,
+            0x47EF_FFFF_F000_0000,
+            0x3690_0000_0000_0000,
+            0x3FF0_1000_0000_0001,
+        ],
+        DType::F32 => [
+            0,
+            1 << 31,
+            0x7F80_0000,
+            0xFF80_0001,
+            0x7FC0_1234,
+            0x7F7F_FFFF,
+            0x3300_0000,
+            0x477F_F000,
+        ],
+        _ => [0, 0x8000, 0x7C00, 0xFC01, 0x7E00, 0x7F80, 0x7F81, 0x0001],
+    };
+    match (from, rng.below(6)) {
+        (_, 0 | 1) => r,
+        (_, 2) => specials[rng.below(specials.len())],
+        // Exponents from below the f16 subnormals to above the f16 and f32 maxima.
+        (DType::F64, 3 | 4) => (r & 0x800F_FFFF_FFFF_FFFF) | (1023 - 155 + (r >> 52) % 290) << 52,
+        (DType::F32, 3 | 4) => (r & 0x807F_FFFF) | (98 + (r >> 40) % 50) << 23,
+        // Ties: f64 to f32 (29 dropped bits half, a few ulps off), f32 to bf16 and f16.
+        (DType::F64, _) => ((r & 0xBFFF_FFFF_E000_0000) | 0x3800_0000_1000_0000) + (r >> 62),
+        (DType::F32, _) if r & 1 == 0 => (r & 0xFFFF_0000) | 0x8000,
+        (DType::F32, _) => (r & 0x807F_E000) | 0x1000 | (102 + (r >> 40) % 41) << 23,
+        _ => r,
+    }
+}
+
+fn cast_source(from: DType, elems: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    (0..elems)
+        .flat_map(|_| cast_element(from, &mut rng).to_le_bytes()[..from.size()].to_vec())
+        .collect()
+}
+
+/// Runs `g` fused with `cast` on `backend` and on `Reference` (outputs pre-filled with
+/// garbage, the output starting `shift` bytes into its allocation) and panics at the
+/// first differing output element with its multi-index, source bits and both results.
+fn assert_cast_matches_reference(
+    backend: &dyn Backend,
+    g: &Gather,
+    cast: Cast,
+    src: &[u8],
+    shift: usize,
+    what: &str,
+) {
+    let (from, to) = (cast.from().size(), cast.to().size());
+    let n = g.len() * to;
+    let mut want = vec![!GARBAGE; n];
+    Reference
+        .gather_cast(g, cast, src, &mut want)
+        .unwrap_or_else(|e| panic!("{what}: reference failed on {g:?}: {e}"));
+    let mut backing = vec![GARBAGE; n + shift];
+    let got = &mut backing[shift..];
+    backend
+        .gather_cast(g, cast, src, got)
+        .unwrap_or_else(|e| panic!("{what}: {} failed on {g:?}: {e}", backend.name()));
+    if let Some(i) = want.iter().zip(got.iter()).position(|(a, b)| a != b) {
+        let e = i / to;
+        let mut gathered = vec![0u8; g.out_bytes()];
+        Reference.gather(g, src, &mut gathered).expect("gather");
+        panic!(
+            "{what}: {} {}->{} differs from reference at output index {:?} (element {e}) of {g:?}: source {:02x?}, got {:02x?}, want {:02x?}",
+            backend.name(),
+            cast.from(),
+            cast.to(),
+            multi_index(&g.shape, e),
+            &gathered[e * from..e * from + from],
+            &got[e * to..e * to + to],
+            &want[e * to..e * to + to],
+        );
+    }
+}
+
+/// Every cast fused with copies, transposes, batched and permuted gathers over strided
+/// and offset sources, at sizes around the micro-block, the tiles, the parallel
+/// thresholds and chunks (small and default knobs), the GPU's 4 KiB test chunks and
+/// the 256 KiB cast stage.
+fn cast_grid(backend: &dyn Backend) {
+    let mut seed = 20_000;
+    let mut rng = Rng::new(77);
+    for cast in casts() {
+        let (fs, ts) = (cast.from().size(), cast.to().size());
+        let name = format!("{}->{}", cast.from(), cast.to());
+        // Copies, and strided 1-D walks, around every threshold in source or output bytes.
+        let mut lens = vec![0, 1, 3, 17];
+        for bytes in [SMALL.par_threshold, SMALL.par_chunk, 4096] {
+            lens.extend(around(bytes / fs));
+            lens.extend(around(bytes / ts));
+        }
+        lens.sort_unstable();
+        lens.dedup();
+        for &n in &lens {
+            for (stride, offset) in [(1, 0), (1, 3), (3, 1)] {
+                seed += 1;
+                let g = Gather::from_parts(fs, vec![n], vec![stride], offset);
+                let src = cast_source(cast.from(), g.src_extent() + 2, seed);
+                let what = format!("{name} copy {n} stride {stride} offset {offset}");
+                assert_cast_matches_reference(backend, &g, cast, &src, offset % 2, &what);
+            }
+        }
+        // A contiguous run just past the cast stage of host backends.
+        let stage = CAST_STAGE_BYTES / fs;
+        seed += 1;
+        let g = Gather::from_parts(fs, vec![stage + 1], vec![1], 1);
+        let src = cast_source(cast.from(), stage + 2, seed);
+        assert_cast_matches_reference(backend, &g, cast, &src, 0, &format!("{name} long run"));
+        // Transposes around the micro-block and the small tile, with padded and
+        // strided rows.
+        let mut sizes = vec![1, 5];
+        sizes.extend(around(micro_block(fs)));
+        sizes.extend(around(SMALL.tile_side(fs)));
+        sizes.sort_unstable();
+        sizes.dedup();
+        for &r in &sizes {
+            for &c in &sizes {
+                let (sr, pad, offset) = [(1, 0, 0), (1, 3, 7), (3, 1, 1)][rng.below(3)];
+                seed += 1;
+                let g = Gather::from_parts(fs, vec![r, c], vec![sr, r * sr + pad], offset);
+                let src = cast_source(cast.from(), g.src_extent() + 3, seed);
+                let what = format!("{name} transpose {r}x{c} sr {sr} pad {pad}");
+                assert_cast_matches_reference(backend, &g, cast, &src, 0, &what);
+            }
+        }
+        // Transposes whose rows and columns cross the default tile and stage, so host
+        // backends stage them in blocks, some columns short.
+        let tile = Tuning::default().tile_side(fs);
+        let cols = CAST_STAGE_BYTES / fs / tile + 5;
+        for (r, c) in [(tile + 3, cols), (2 * tile + 1, 3), (5, stage / 5 + 3)] {
+            seed += 1;
+            let g = Gather::from_parts(fs, vec![r, c], vec![1, r + 1], 2);
+            let src = cast_source(cast.from(), g.src_extent(), seed);
+            let what = format!("{name} staged transpose {r}x{c}");
+            assert_cast_matches_reference(backend, &g, cast, &src, 1, &what);
+        }
+        // Batched transposes and permutations of padded, offset and aliasing sources.
+        for (shape, perm) in [
+            (vec![3, 9, 17], vec![0, 2, 1]),
+            (vec![2, 5, 3, 7], vec![2, 3, 1, 0]),
+            (vec![4, 3, 5, 2], vec![3, 1, 0, 2]),
+            (vec![33, 2, 40], vec![1, 2, 0]),
+        ] {
+            for kind in 0..3 {
+                seed += 1;
+                let strides = strides_for(&shape, kind, &mut rng);
+                let op = LayoutOp::new(fs, shape.clone(), strides, rng.below(5), perm.clone())
+                    .expect("op");
+                let src = cast_source(cast.from(), op.src_extent().expect("extent") + 1, seed);
+                let what = format!("{name} {op:?}");
+                assert_cast_matches_reference(backend, &op.simplify(), cast, &src, 0, &what);
+            }
+        }
+    }
+}
+
+/// Mismatched element sizes, short sources and wrong output lengths are errors.
+fn rejects_bad_cast_buffers(backend: &dyn Backend) {
+    let cast = Cast::new(DType::F32, DType::BF16)
+        .expect("cast")
+        .expect("a conversion");
+    let g = Gather::from_parts(4, vec![5, 3], vec![1, 5], 2);
+    let need = g.src_extent() * 4;
+    let src = vec![0u8; need];
+    let mut dst = vec![0u8; g.len() * 2];
+    assert!(backend.gather_cast(&g, cast, &src, &mut dst).is_ok());
+    assert!(backend
+        .gather_cast(&g, cast, &src[..need - 1], &mut dst)
+        .is_err());
+    assert!(backend.gather_cast(&g, cast, &src, &mut dst[1..]).is_err());
+    let mut long = vec![0u8; g.len() * 4];
+    assert!(backend.gather_cast(&g, cast, &src, &mut long).is_err());
+    let wide = Gather::from_parts(8, vec![5, 3], vec![1, 5], 0);
+    assert!(backend.gather_cast(&wide, cast, &src, &mut dst).is_err());
+}
+
 /// One module of tests per backend: `backend_grid!(name, constructor)`.
 macro_rules! backend_grid {
     ($name:ident, optional $ctor:expr) => {
@@ -449,6 +651,18 @@ macro_rules! backend_grid {
             fn bad_buffers_are_errors() {
                 let Some(b) = available() else { return };
                 rejects_bad_buffers(&*b);
+            }
+
+            #[test]
+            fn gather_casts_match_reference() {
+                let Some(b) = available() else { return };
+                cast_grid(&*b);
+            }
+
+            #[test]
+            fn bad_cast_buffers_are_errors() {
+                let Some(b) = available() else { return };
+                rejects_bad_cast_buffers(&*b);
             }
         }
     };

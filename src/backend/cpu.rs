@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytemuck::Pod;
 use rayon::prelude::*;
 
-use crate::backend::{check_buffers, Backend};
+use crate::backend::{check_buffers, gather_then_cast_in, Backend, Staging, CAST_STAGE_BYTES};
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 
@@ -137,7 +137,26 @@ impl Backend for Cpu {
     }
 
     fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
-        crate::backend::gather_then_cast(self, g, cast, src, dst)
+        // Staged pieces are the parallel tasks, so each piece's gather runs inline on
+        // its thread; a stage is at most one task's worth of bytes, and transposes are
+        // staged in blocks of a whole tile's rows.
+        let inline = Cpu {
+            pool: None,
+            tuning: Tuning {
+                par_threshold: usize::MAX,
+                ..self.tuning
+            },
+        };
+        let staging = Staging {
+            bytes: CAST_STAGE_BYTES.min(self.tuning.par_chunk),
+            parallel: dst.len() >= self.tuning.par_threshold,
+            tile_rows: self.tuning.tile_side(cast.from().size()),
+        };
+        let mut run = move || gather_then_cast_in(&inline, g, cast, src, dst, staging);
+        match &self.pool {
+            Some(pool) => pool.install(run),
+            None => run(),
+        }
     }
 
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {

@@ -67,7 +67,7 @@ pub fn check_cast_buffers(g: &Gather, cast: Cast, src: &[u8], dst: &[u8]) -> Res
 
 /// Source bytes gathered per step of [`gather_then_cast`]: small enough to stay in the
 /// L2 cache between the gather and the cast, large enough to amortise the calls.
-const CAST_STAGE_BYTES: usize = 256 << 10;
+pub const CAST_STAGE_BYTES: usize = 256 << 10;
 
 /// `gather_cast` for host backends: gathers pieces of `g` into a small staging buffer
 /// with `backend`'s own gather, then converts each piece into its place in `dst`.
@@ -78,24 +78,171 @@ pub fn gather_then_cast(
     src: &[u8],
     dst: &mut [u8],
 ) -> Result<()> {
+    let staging = Staging {
+        bytes: CAST_STAGE_BYTES,
+        parallel: false,
+        tile_rows: 1,
+    };
+    gather_then_cast_in(backend, g, cast, src, dst, staging)
+}
+
+/// How [`gather_then_cast_in`] stages a gather.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Staging {
+    /// Source bytes gathered per step.
+    pub bytes: usize,
+    /// Run pieces as rayon tasks on the current pool, each with its own stage; the
+    /// backend's gather should then run inline.
+    pub parallel: bool,
+    /// Output rows the backend's transposes want per call. A gather whose innermost
+    /// axis is strided and whose rows are too long for that many to fit in the stage
+    /// is staged in blocks of `tile_rows` rows by as many columns as fit: pieces of
+    /// whole rows would give the backend flat tiles that read each source line once
+    /// per piece. 1 turns this off.
+    pub tile_rows: usize,
+}
+
+/// [`gather_then_cast`] staged as `staging` says.
+pub(crate) fn gather_then_cast_in(
+    backend: &dyn Backend,
+    g: &Gather,
+    cast: Cast,
+    src: &[u8],
+    dst: &mut [u8],
+    staging: Staging,
+) -> Result<()> {
+    use rayon::prelude::*;
+
     check_cast_buffers(g, cast, src, dst)?;
     if g.is_empty() {
         return Ok(());
     }
+    let jobs = cast_jobs(g, cast, dst, staging)?;
+    let run = |stage: &mut Vec<u8>, (piece, out): (Gather, CastOut)| {
+        run_cast_job(backend, &piece, cast, src, out, stage, staging.bytes)
+    };
+    if staging.parallel && jobs.len() > 1 {
+        jobs.into_par_iter().try_for_each_init(Vec::new, run)
+    } else {
+        let mut stage = Vec::new();
+        jobs.into_iter().try_for_each(|job| run(&mut stage, job))
+    }
+}
+
+/// Where the converted elements of one staged piece go.
+enum CastOut<'a> {
+    /// The piece's whole output, contiguous.
+    Run(&'a mut [u8]),
+    /// One slice per row of a 2-D block of the output.
+    Rows(Vec<&'a mut [u8]>),
+}
+
+/// Splits `g` and `dst` into independent pieces of work: runs of whole output rows, or,
+/// for transposes with long rows, 2-D blocks of up to `tile_rows` rows.
+fn cast_jobs<'a>(
+    g: &Gather,
+    cast: Cast,
+    dst: &'a mut [u8],
+    staging: Staging,
+) -> Result<Vec<(Gather, CastOut<'a>)>> {
     let (from, to) = (cast.from().size(), cast.to().size());
-    let mut stage = Vec::new();
-    for (at, piece) in g.split(CAST_STAGE_BYTES) {
-        let n = piece.len();
+    let stage_elems = (staging.bytes / from).max(1);
+    let piece_bytes = match (g.shape.len(), g.shape.last(), g.strides.last()) {
+        (2.., Some(&cols), Some(&sc))
+            if sc != 1 && staging.tile_rows > 1 && stage_elems / cols < staging.tile_rows =>
+        {
+            staging.tile_rows.saturating_mul(cols).saturating_mul(from)
+        }
+        _ => staging.bytes,
+    };
+    // Pieces come in output order and tile it, so the output splits into their slices.
+    let mut jobs = Vec::new();
+    let mut rest = dst;
+    let mut done = 0;
+    for (at, piece) in g.split(piece_bytes) {
+        let len = piece.len() * to;
+        if at / from * to != done || len > rest.len() {
+            return Err(cast_piece_err());
+        }
+        let (out, tail) = rest.split_at_mut(len);
+        rest = tail;
+        done += len;
+        match (&piece.shape[..], &piece.strides[..]) {
+            (&[rows, cols], &[sr, sc]) if sc != 1 && rows * cols > stage_elems => {
+                // Blocks of all the rows and as many columns as fit in the stage.
+                let width = (stage_elems / rows).max(1);
+                let mut blocks: Vec<Vec<&mut [u8]>> = (0..cols.div_ceil(width))
+                    .map(|_| Vec::with_capacity(rows))
+                    .collect();
+                for row in out.chunks_mut(cols * to) {
+                    for (block, part) in blocks.iter_mut().zip(row.chunks_mut(width * to)) {
+                        block.push(part);
+                    }
+                }
+                for (b, rows_out) in blocks.into_iter().enumerate() {
+                    let c0 = b * width;
+                    let shape = vec![rows, width.min(cols - c0)];
+                    let offset = piece.offset + c0 * sc;
+                    let block = Gather::from_parts(from, shape, vec![sr, sc], offset);
+                    jobs.push((block, CastOut::Rows(rows_out)));
+                }
+            }
+            _ => jobs.push((piece, CastOut::Run(out))),
+        }
+    }
+    Ok(jobs)
+}
+
+fn cast_piece_err() -> Error {
+    Error::Layout {
+        detail: "cast piece outside its buffers".to_string(),
+    }
+}
+
+/// Gathers `piece` through `stage`, at most `stage_bytes` at a time, and casts it into
+/// `out`; contiguous runs convert straight from the source.
+fn run_cast_job(
+    backend: &dyn Backend,
+    piece: &Gather,
+    cast: Cast,
+    src: &[u8],
+    out: CastOut,
+    stage: &mut Vec<u8>,
+    stage_bytes: usize,
+) -> Result<()> {
+    let (from, to) = (cast.from().size(), cast.to().size());
+    let staged = |g: &Gather, stage: &mut Vec<u8>| -> Result<()> {
         stage.clear();
-        stage.resize(n * from, 0);
-        backend.gather(&piece, src, &mut stage)?;
-        let start = at / from * to;
-        let out = dst
-            .get_mut(start..start + n * to)
-            .ok_or_else(|| Error::Layout {
-                detail: "cast piece outside the output".to_string(),
-            })?;
-        cast::cast_slice(cast, &stage, out)?;
+        stage.resize(g.len() * from, 0);
+        backend.gather(g, src, stage)
+    };
+    match out {
+        CastOut::Rows(rows) => {
+            let width = piece.len() / rows.len().max(1);
+            if width * rows.len() != piece.len() {
+                return Err(cast_piece_err());
+            }
+            staged(piece, stage)?;
+            for (run, row) in stage.chunks_exact(width * from).zip(rows) {
+                cast::cast_slice(cast, run, row)?;
+            }
+        }
+        CastOut::Run(out) => {
+            for (at, sub) in piece.split(stage_bytes) {
+                let start = at / from * to;
+                let out = out
+                    .get_mut(start..start + sub.len() * to)
+                    .ok_or_else(cast_piece_err)?;
+                if sub.is_copy() {
+                    let run = sub.offset * from..(sub.offset + sub.len()) * from;
+                    let run = src.get(run).ok_or_else(cast_piece_err)?;
+                    cast::cast_slice(cast, run, out)?;
+                } else {
+                    staged(&sub, stage)?;
+                    cast::cast_slice(cast, stage, out)?;
+                }
+            }
+        }
     }
     Ok(())
 }
