@@ -22,14 +22,7 @@ impl Backend for Reference {
         check_buffers(g, src, dst)?;
         let es = g.elem_size;
         for (i, out) in dst.chunks_exact_mut(es).enumerate() {
-            let elem = element_offset(g, i);
-            // check_buffers bounded every index; `get` keeps a broken invariant an error.
-            let bytes = src
-                .get(elem * es..elem * es + es)
-                .ok_or_else(|| Error::Layout {
-                    detail: format!("source element {elem} is out of bounds"),
-                })?;
-            out.copy_from_slice(bytes);
+            out.copy_from_slice(source_element(g, i, src)?);
         }
         Ok(())
     }
@@ -37,18 +30,26 @@ impl Backend for Reference {
     fn gather_cast(&self, g: &Gather, c: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
         check_cast_buffers(g, c, src, dst)?;
         let (from, to) = (c.from().size(), c.to().size());
-        let mut elem = vec![0u8; from];
         for (i, out) in dst.chunks_exact_mut(to).enumerate() {
-            // One element through the plain gather, then through the naive cast.
-            let one = Gather::from_parts(from, vec![], vec![], element_offset(g, i));
-            self.gather(&one, src, &mut elem)?;
+            // One element as the plain gather finds it, then through the naive cast.
             let mut word = [0u8; 8];
-            word[..from].copy_from_slice(&elem);
+            word[..from].copy_from_slice(source_element(g, i, src)?);
             let bits = cast::reference_cast(c, u64::from_le_bytes(word));
             out.copy_from_slice(&bits.to_le_bytes()[..to]);
         }
         Ok(())
     }
+}
+
+/// The bytes of the source element output element `i` reads. The buffer checks bounded
+/// every index; `get` keeps a broken invariant an error.
+fn source_element<'s>(g: &Gather, i: usize, src: &'s [u8]) -> Result<&'s [u8]> {
+    let es = g.elem_size;
+    let elem = element_offset(g, i);
+    src.get(elem * es..elem * es + es)
+        .ok_or_else(|| Error::Layout {
+            detail: format!("source element {elem} is out of bounds"),
+        })
 }
 
 /// Source element of output element `i`: its multi-index dotted with the strides.
