@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::{Backend, BackendOptions};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 use crate::plan::{Plan, PlanEntry};
 use crate::reader::{Checkpoint, OpenOptions};
-use crate::dtype::DType;
 use crate::rules::{ModuleTypes, PlanOptions, RuleSet};
 use crate::writer::{HeaderEntry, SafetensorsWriter};
 

@@ -336,7 +336,11 @@ fn write_warnings(out: &mut String, plan: &Plan) -> Result<()> {
             "warning: {warning}: {} tensor(s): {}{}",
             names.len(),
             shown.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         )?;
     }
     for u in &plan.unreachable {

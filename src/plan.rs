@@ -69,7 +69,12 @@ impl PlanEntry {
     pub fn describe_op(&self) -> String {
         let mut parts = Vec::new();
         if let Some(s) = self.slice {
-            parts.push(format!("slice[{}:{}..{}]", s.axis, s.start, s.start + s.len));
+            parts.push(format!(
+                "slice[{}:{}..{}]",
+                s.axis,
+                s.start,
+                s.start + s.len
+            ));
         }
         if !self.is_identity() {
             parts.push(format!("permute{:?}", self.perm));

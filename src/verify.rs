@@ -213,10 +213,12 @@ impl Expectation {
         for ((dtype, want), names) in &by_dtype {
             for line in group(expected_names(), names) {
                 // A line that is one tensor's name shows that tensor in full.
-                report.mismatched_lines.push(match by_name.get(line.as_str()) {
-                    Some(m) => m.to_string(),
-                    None => format!("{line}: {dtype}, expected {}", want.unwrap_or("-")),
-                });
+                report
+                    .mismatched_lines
+                    .push(match by_name.get(line.as_str()) {
+                        Some(m) => m.to_string(),
+                        None => format!("{line}: {dtype}, expected {}", want.unwrap_or("-")),
+                    });
             }
         }
         report

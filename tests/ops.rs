@@ -196,6 +196,7 @@ fn flax_options() -> PlanOptions {
 /// Reference, the CPU, and (when an adapter opens) the GPU with its default chunks and
 /// with chunks forced down to 4 KiB, so tensors cross chunk boundaries.
 fn backends() -> Vec<Box<dyn Backend>> {
+    #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
     let mut list: Vec<Box<dyn Backend>> = vec![Box::new(Reference), Box::new(Cpu::new())];
     #[cfg(feature = "gpu")]
     for max_chunk_bytes in [None, Some(4096)] {

@@ -83,14 +83,11 @@ impl LayoutOp {
                 self.shape.len()
             ))
         })?;
-        let end = start
-            .checked_add(len)
-            .filter(|&e| e <= n)
-            .ok_or_else(|| {
-                layout_err(format!(
-                    "slice {start}..{start}+{len} of an axis of size {n}"
-                ))
-            })?;
+        let end = start.checked_add(len).filter(|&e| e <= n).ok_or_else(|| {
+            layout_err(format!(
+                "slice {start}..{start}+{len} of an axis of size {n}"
+            ))
+        })?;
         if start < end {
             // In range of src_extent, which LayoutOp::new checked: start < n.
             self.offset += start * self.strides[axis];
