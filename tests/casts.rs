@@ -15,9 +15,6 @@
 
 mod common;
 
-use relayout::backend::cpu::Cpu;
-use relayout::backend::reference::Reference;
-use relayout::backend::Backend;
 use relayout::layout::cast::{cast_slice, Cast};
 use relayout::{DType, Gather};
 
@@ -96,8 +93,8 @@ struct Outcome {
 }
 
 /// The torch inputs and outputs of `from -> to`, and relayout's outputs from
-/// `cast_slice`, the reference backend and the CPU backend (through a transpose-free
-/// 1-D gather, so only the cast differs).
+/// `cast_slice` and every backend (through a transpose-free 1-D gather, so only the
+/// cast differs).
 fn run(from: DType, to: DType) -> Outcome {
     let tensors = fixture();
     let input = &tensors[name(from)];
@@ -116,8 +113,8 @@ fn run(from: DType, to: DType) -> Outcome {
     cast_slice(cast, &input.bytes, &mut out).expect("cast_slice");
     outs.push(("cast_slice".to_string(), words(&out, to.size())));
     let g = Gather::from_parts(from.size(), vec![n], vec![1], 0);
-    let backends: [Box<dyn Backend>; 2] = [Box::new(Reference), Box::new(Cpu::new())];
-    for b in backends {
+    // Reference, CPU and (where an adapter opens) GPU with default and 4 KiB chunks.
+    for b in common::all_backends() {
         let mut out = vec![0x5A; n * to.size()];
         b.gather_cast(&g, cast, &input.bytes, &mut out)
             .expect("gather_cast");

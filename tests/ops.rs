@@ -7,10 +7,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{listing, load_safetensors, relayout, scratch, Rng, Tensor};
+use common::{all_backends, listing, load_safetensors, relayout, scratch, Rng, Tensor};
 use relayout::backend::cpu::Cpu;
-use relayout::backend::reference::Reference;
-use relayout::backend::Backend;
 use relayout::layout::cast::cast_slice;
 use relayout::layout::Cast;
 use relayout::{Checkpoint, Converter, DType, ModuleTypes, PlanOptions, RuleSet, WriteOptions};
@@ -193,33 +191,10 @@ fn flax_options() -> PlanOptions {
     opts
 }
 
-/// Reference, the CPU, and (when an adapter opens) the GPU with its default chunks and
-/// with chunks forced down to 4 KiB, so tensors cross chunk boundaries.
-fn backends() -> Vec<Box<dyn Backend>> {
-    #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
-    let mut list: Vec<Box<dyn Backend>> = vec![Box::new(Reference), Box::new(Cpu::new())];
-    #[cfg(feature = "gpu")]
-    for max_chunk_bytes in [None, Some(4096)] {
-        let gpu = relayout::backend::gpu::Gpu::new(&relayout::backend::gpu::GpuOptions {
-            allow_software: true,
-            max_chunk_bytes,
-            ..Default::default()
-        });
-        match gpu {
-            Ok(g) => list.push(Box::new(g)),
-            Err(e) if std::env::var_os("RELAYOUT_REQUIRE_GPU").is_some() => {
-                panic!("RELAYOUT_REQUIRE_GPU is set but no GPU adapter opened: {e}")
-            }
-            Err(_) => {}
-        }
-    }
-    list
-}
-
 #[test]
 fn attention_sizes_around_every_tile_match_on_every_backend() {
     let dir = scratch("ops-sizes");
-    let backends = backends();
+    let backends = all_backends();
     // Embed dims below, at and above the 8/32/64-wide tiles; heads of 1, a few and E.
     for (e, heads) in [
         (1, 1),
@@ -277,7 +252,7 @@ fn attention_and_conv_transpose_match_the_flax_layer_definitions_on_every_backen
         .plan_with(ckpt.tensors(), &flax_options())
         .unwrap();
     assert!(plan.unmatched.is_empty());
-    for backend in backends() {
+    for backend in all_backends() {
         // Bands of one element up to whole tensors: splits straddle every part boundary.
         for band in [1, 4, 12, 36, 100, 4096, 1 << 20] {
             let out = dir.join(format!("out-{band}.safetensors"));
@@ -335,7 +310,7 @@ fn casts_fused_with_split_and_permute_equal_the_cast_of_the_f32_result() {
                 )
             })
             .collect();
-        for backend in backends() {
+        for backend in all_backends() {
             for band in [2, 6, 50, 1 << 20] {
                 let out = dir.join(format!("cast-{to}-{band}.safetensors"));
                 Converter::new(&ckpt, &plan, backend.as_ref())

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use relayout::backend::cpu::Cpu;
 use relayout::backend::reference::Reference;
 use relayout::backend::Backend;
 use relayout::{Checkpoint, DType};
@@ -148,4 +149,27 @@ impl Rng {
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
     }
+}
+
+/// Reference, the CPU, and (when an adapter opens) the GPU with its default chunks and
+/// with chunks forced down to 4 KiB, so tensors cross chunk boundaries.
+pub fn all_backends() -> Vec<Box<dyn Backend>> {
+    #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
+    let mut list: Vec<Box<dyn Backend>> = vec![Box::new(Reference), Box::new(Cpu::new())];
+    #[cfg(feature = "gpu")]
+    for max_chunk_bytes in [None, Some(4096)] {
+        let gpu = relayout::backend::gpu::Gpu::new(&relayout::backend::gpu::GpuOptions {
+            allow_software: true,
+            max_chunk_bytes,
+            ..Default::default()
+        });
+        match gpu {
+            Ok(g) => list.push(Box::new(g)),
+            Err(e) if std::env::var_os("RELAYOUT_REQUIRE_GPU").is_some() => {
+                panic!("RELAYOUT_REQUIRE_GPU is set but no GPU adapter opened: {e}")
+            }
+            Err(_) => {}
+        }
+    }
+    list
 }

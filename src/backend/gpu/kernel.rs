@@ -1,7 +1,8 @@
 //! The compute pipelines, which one runs a piece, and the uniform block they read.
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::layout::Gather;
+use crate::layout::{Cast, Gather};
 
 use super::source;
 
@@ -336,6 +337,42 @@ pub struct Kernels {
     /// Indexed by shifted, edge, element size.
     transpose_2d: [[[wgpu::ComputePipeline; 4]; 2]; 2],
     copy: [wgpu::ComputePipeline; 4],
+    /// cast.wgsl, indexed by [`cast_index`].
+    cast: [wgpu::ComputePipeline; CASTS],
+}
+
+/// Conversions cast.wgsl compiles: from F64, F32, F16 or BF16 to F32, F16 or BF16.
+const CASTS: usize = 12;
+
+/// cast.wgsl's code of a format (its `FROM` / `TO` overrides).
+fn cast_code(d: DType) -> usize {
+    match d {
+        DType::F64 => 0,
+        DType::F32 => 1,
+        DType::F16 => 2,
+        _ => 3,
+    }
+}
+
+/// The pipeline slot of a conversion: `from * 3 + (to - 1)`; same-format slots are
+/// built but never used (a [`Cast`] never has from == to).
+fn cast_index(c: Cast) -> usize {
+    cast_code(c.from()) * 3 + cast_code(c.to()) - 1
+}
+
+/// The uniform block and workgroups of a cast of `count` elements into `to`-sized
+/// elements: one invocation per output word.
+pub fn cast_dispatch(count: usize, to: DType, max_groups: u32) -> Result<Dispatch> {
+    let mut p = [0u32; PARAMS_WORDS];
+    p[1] = to_u32(count, "element count")?;
+    let words = (count as u64 * to.size() as u64).div_ceil(4);
+    Ok(Dispatch {
+        params: p,
+        passes: passes(&[(
+            Part::Main,
+            split_groups(words.div_ceil(WORKGROUP), max_groups)?,
+        )]),
+    })
 }
 
 fn size_index(elem_size: usize) -> usize {
@@ -393,6 +430,7 @@ impl Kernels {
         let transpose_module = module("transpose.wgsl", source::TRANSPOSE);
         let transpose_2d_module = module("transpose2d.wgsl", source::TRANSPOSE_2D);
         let copy_module = module("copy.wgsl", source::COPY);
+        let cast_module = module("cast.wgsl", source::CAST);
         let pipeline = |m: &wgpu::ShaderModule, label: &str, constants: &[(&str, f64)]| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(label),
@@ -429,6 +467,14 @@ impl Kernels {
             }),
             copy: [1, 2, 4, 8]
                 .map(|es| pipeline(&copy_module, "copy", &[("PLANES", planes(es) as f64)])),
+            cast: std::array::from_fn(|i| {
+                let (from, to) = (i / 3, i % 3 + 1);
+                pipeline(
+                    &cast_module,
+                    "cast",
+                    &[("FROM", from as f64), ("TO", to as f64)],
+                )
+            }),
             layout,
         }
     }
@@ -448,6 +494,11 @@ impl Kernels {
             }
             KernelKind::Copy => &self.copy[i],
         }
+    }
+
+    /// The cast.wgsl pipeline of a conversion.
+    pub fn cast(&self, c: Cast) -> &wgpu::ComputePipeline {
+        &self.cast[cast_index(c)]
     }
 }
 

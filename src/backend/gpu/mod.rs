@@ -14,7 +14,7 @@ pub mod source;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{check_buffers, Backend};
+use crate::backend::{check_buffers, check_cast_buffers, Backend};
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 
@@ -58,11 +58,18 @@ struct Slot {
     output: wgpu::Buffer,
     readback: wgpu::Buffer,
     bind_group: wgpu::BindGroup,
+    /// The cast pass of a converting gather: its uniform block, its output, and the bind
+    /// group reading the gather's output.
+    cast_params: wgpu::Buffer,
+    cast_out: wgpu::Buffer,
+    cast_group: wgpu::BindGroup,
     pending: Option<Pending>,
 }
 
 struct Pending {
     piece: chunk::Piece,
+    /// Bytes per element of what was read back (the cast's target when converting).
+    out_elem: usize,
     /// Bytes mapped for readback (output rounded up to words).
     mapped: u64,
     submission: wgpu::SubmissionIndex,
@@ -184,12 +191,22 @@ impl Gpu {
         let output_buf = self.buffer("output", out_size, U::STORAGE | U::COPY_SRC);
         let readback = self.buffer("readback", in_size.max(out_size), U::MAP_READ | U::COPY_DST);
         let bind_group = self.bind_group(&params, &input, &output_buf);
+        let cast_params = self.buffer(
+            "cast params",
+            (kernel::PARAMS_WORDS * 4) as u64,
+            U::UNIFORM | U::COPY_DST,
+        );
+        let cast_out = self.buffer("cast output", out_size, U::STORAGE | U::COPY_SRC);
+        let cast_group = self.bind_group(&cast_params, &output_buf, &cast_out);
         Slot {
             params,
             input,
             output: output_buf,
             readback,
             bind_group,
+            cast_params,
+            cast_out,
+            cast_group,
             pending: None,
         }
     }
@@ -247,6 +264,24 @@ impl Gpu {
             slot.readback = self.buffer("readback", rb, U::MAP_READ | U::COPY_DST);
         }
         slot.bind_group = self.bind_group(&slot.params, &slot.input, &slot.output);
+        slot.cast_group = self.bind_group(&slot.cast_params, &slot.output, &slot.cast_out);
+    }
+
+    /// Grows a slot's cast output (and the readback behind it) to `bytes`.
+    fn ensure_cast(&self, slot: &mut Slot, bytes: u64) {
+        if slot.cast_out.size() >= bytes {
+            return;
+        }
+        use wgpu::BufferUsages as U;
+        let size = bytes
+            .next_power_of_two()
+            .min(self.binding as u64)
+            .max(bytes);
+        slot.cast_out = self.buffer("cast output", size, U::STORAGE | U::COPY_SRC);
+        if slot.readback.size() < size {
+            slot.readback = self.buffer("readback", size, U::MAP_READ | U::COPY_DST);
+        }
+        slot.cast_group = self.bind_group(&slot.cast_params, &slot.output, &slot.cast_out);
     }
 
     fn check_faults(&self) -> Result<()> {
@@ -260,18 +295,21 @@ impl Gpu {
     /// Runs `g` piece by piece with `kernel` choosing each piece's shader; `None` moves
     /// the source window straight to the readback (the transfer-only baseline, which
     /// needs `g` to be a copy).
+    /// With `cast`, each piece's gathered elements are converted on the device before
+    /// the readback, and `dst` holds the converted elements.
     fn stream(
         &self,
         g: &Gather,
         src: &[u8],
         dst: &mut [u8],
         kernel: Option<fn(&Gather) -> KernelKind>,
+        cast: Option<Cast>,
     ) -> Result<()> {
         self.check_faults()?;
         let mut slots = lock(&self.slots);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let result = self.stream_pieces(&mut slots, g, src, dst, kernel);
+        let result = self.stream_pieces(&mut slots, g, src, dst, kernel, cast);
         // Whatever happened, leave no slot mapped or in flight for the next call.
         let drained = self.drain(&mut slots, None, g);
         let oom = pollster::block_on(oom.pop());
@@ -291,15 +329,24 @@ impl Gpu {
         src: &[u8],
         dst: &mut [u8],
         kernel: Option<fn(&Gather) -> KernelKind>,
+        cast: Option<Cast>,
     ) -> Result<()> {
-        let pieces = chunk::plan(g, self.chunk, self.window);
+        // A widening cast's output is larger than the gathered piece: shrink the pieces
+        // so the converted output of each still fits one chunk.
+        let max_out = match cast {
+            Some(c) if c.to().size() > c.from().size() => {
+                (self.chunk / c.to().size() * c.from().size()).max(chunk::MIN_CHUNK)
+            }
+            _ => self.chunk,
+        };
+        let pieces = chunk::plan(g, max_out, self.window);
         let depth = slots.len();
         for (i, piece) in pieces.into_iter().enumerate() {
             let Some(slot) = slots.get_mut(i % depth) else {
                 return Err(gpu_err("no pipeline slot"));
             };
             self.finish(slot, Some(&mut *dst), g)?;
-            self.submit(slot, piece, src, kernel)?;
+            self.submit(slot, piece, src, kernel, cast)?;
         }
         self.drain(slots, Some(dst), g)
     }
@@ -331,6 +378,7 @@ impl Gpu {
         piece: chunk::Piece,
         src: &[u8],
         kernel: Option<fn(&Gather) -> KernelKind>,
+        cast: Option<Cast>,
     ) -> Result<()> {
         let g = &piece.gather;
         let window_words = (piece.window_len as u64).next_multiple_of(4).max(4);
@@ -366,8 +414,19 @@ impl Gpu {
                 self.queue
                     .write_buffer(&slot.params, 0, bytemuck::cast_slice(&d.params));
                 self.record(&mut encoder, &slot.bind_group, kind, g.elem_size, &d);
-                encoder.copy_buffer_to_buffer(&slot.output, 0, &slot.readback, 0, out_words);
-                out_words
+                match cast {
+                    None => {
+                        encoder.copy_buffer_to_buffer(
+                            &slot.output,
+                            0,
+                            &slot.readback,
+                            0,
+                            out_words,
+                        );
+                        out_words
+                    }
+                    Some(c) => self.record_cast(slot, &mut encoder, c, g.len())?,
+                }
             }
             None => {
                 encoder.copy_buffer_to_buffer(&slot.input, 0, &slot.readback, 0, window_words);
@@ -381,12 +440,44 @@ impl Gpu {
             .slice(..mapped)
             .map_async(wgpu::MapMode::Read, move |r| *lock(&flag) = Some(r));
         slot.pending = Some(Pending {
+            out_elem: cast.map_or(g.elem_size, |c| c.to().size()),
             piece,
             mapped,
             submission,
             mapped_ok,
         });
         Ok(())
+    }
+
+    /// Records the conversion of the `count` gathered elements in the slot's output into
+    /// its cast output, and the copy of that into the readback; returns the bytes to map.
+    fn record_cast(
+        &self,
+        slot: &mut Slot,
+        encoder: &mut wgpu::CommandEncoder,
+        c: Cast,
+        count: usize,
+    ) -> Result<u64> {
+        let words = (count as u64 * c.to().size() as u64)
+            .next_multiple_of(4)
+            .max(4);
+        self.ensure_cast(slot, words);
+        let d = kernel::cast_dispatch(count, c.to(), self.max_groups)?;
+        self.queue
+            .write_buffer(&slot.cast_params, 0, bytemuck::cast_slice(&d.params));
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("cast"),
+                timestamp_writes: None,
+            });
+            pass.set_bind_group(0, &slot.cast_group, &[]);
+            pass.set_pipeline(self.kernels.cast(c));
+            for &(_, (x, y, z)) in &d.passes {
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        encoder.copy_buffer_to_buffer(&slot.cast_out, 0, &slot.readback, 0, words);
+        Ok(words)
     }
 
     /// Records the passes of one dispatch into a compute pass.
@@ -422,7 +513,7 @@ impl Gpu {
         let result = match (polled, &state) {
             (Err(e), _) => Err(gpu_err(format!("waiting for the device: {e}"))),
             (Ok(_), Some(Ok(()))) => match dst {
-                Some(dst) => self.scatter(&slot.readback, p.mapped, &p.piece, g, dst),
+                Some(dst) => self.scatter(&slot.readback, p.mapped, &p.piece, p.out_elem, g, dst),
                 None => Ok(()),
             },
             (Ok(_), Some(Err(e))) => Err(gpu_err(format!("mapping the readback buffer: {e}"))),
@@ -440,6 +531,7 @@ impl Gpu {
         readback: &wgpu::Buffer,
         mapped: u64,
         piece: &chunk::Piece,
+        out_elem: usize,
         g: &Gather,
         dst: &mut [u8],
     ) -> Result<()> {
@@ -447,7 +539,7 @@ impl Gpu {
             .slice(..mapped)
             .get_mapped_range()
             .map_err(|e| gpu_err(format!("reading the readback buffer: {e}")))?;
-        for (d, s, n) in chunk::runs(g.elem_size, &g.shape, piece) {
+        for (d, s, n) in chunk::runs(out_elem, &g.shape, piece) {
             let from = view
                 .get(s..s + n)
                 .ok_or_else(|| gpu_err("piece result shorter than planned"))?;
@@ -529,7 +621,7 @@ impl Gpu {
             return Ok(());
         }
         let g = Gather::from_parts(1, vec![src.len()], vec![1], 0);
-        self.stream(&g, src, dst, None)
+        self.stream(&g, src, dst, None, None)
     }
 }
 
@@ -602,7 +694,12 @@ impl Backend for Gpu {
     }
 
     fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
-        crate::backend::gather_then_cast(self, g, cast, src, dst)
+        check_cast_buffers(g, cast, src, dst)?;
+        if g.is_empty() {
+            return Ok(());
+        }
+        // Gather and cast run back to back on the device: one upload, one readback.
+        self.stream(g, src, dst, Some(kernel::choose), Some(cast))
     }
 
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {
@@ -620,6 +717,6 @@ impl Backend for Gpu {
             dst.copy_from_slice(from);
             return Ok(());
         }
-        self.stream(g, src, dst, Some(kernel::choose))
+        self.stream(g, src, dst, Some(kernel::choose), None)
     }
 }

@@ -9,13 +9,16 @@ pub const TRANSPOSE: &str = include_str!("../../../shaders/transpose.wgsl");
 pub const TRANSPOSE_2D: &str = include_str!("../../../shaders/transpose2d.wgsl");
 /// Word copy, the baseline for benchmarks.
 pub const COPY: &str = include_str!("../../../shaders/copy.wgsl");
+/// Element conversions between f64, f32, f16 and bf16, on the bits.
+pub const CAST: &str = include_str!("../../../shaders/cast.wgsl");
 
 /// Every shader with its file name, for validation and error messages.
-pub const ALL: [(&str, &str); 4] = [
+pub const ALL: [(&str, &str); 5] = [
     ("gather.wgsl", GATHER),
     ("transpose.wgsl", TRANSPOSE),
     ("transpose2d.wgsl", TRANSPOSE_2D),
     ("copy.wgsl", COPY),
+    ("cast.wgsl", CAST),
 ];
 
 #[cfg(test)]
