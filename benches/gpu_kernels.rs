@@ -8,7 +8,8 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use relayout::backend::gpu::{Gpu, GpuOptions, KernelKind, Resident};
 use relayout::backend::Backend;
-use relayout::layout::{Gather, LayoutOp};
+use relayout::layout::{Cast, Gather, LayoutOp};
+use relayout::DType;
 
 fn open() -> Option<Gpu> {
     let opts = GpuOptions {
@@ -65,36 +66,86 @@ fn cases() -> Vec<(&'static str, Gather)> {
     ]
 }
 
-/// The kernel `g` runs on and, on the same bytes, the copy kernel with the same element
-/// size (copy.wgsl then has transpose2d.wgsl's dispatch shape); `None` when either does
-/// not fit one binding.
+/// Casts of 16 M contiguous elements (64 MiB of f32), as cast.wgsl runs them after a
+/// gather: the copy baseline moves the same source bytes.
+fn cast_cases() -> Vec<(&'static str, Gather, Cast)> {
+    let cast = |from: DType, to: DType| match Cast::new(from, to) {
+        Ok(Some(c)) => c,
+        _ => panic!("{from} -> {to}"),
+    };
+    let n = 16 << 20;
+    let run = |d: DType| Gather::from_parts(d.size(), vec![n], vec![1], 0);
+    vec![
+        (
+            "cast f32->bf16 16M",
+            run(DType::F32),
+            cast(DType::F32, DType::BF16),
+        ),
+        (
+            "cast f32->f16 16M",
+            run(DType::F32),
+            cast(DType::F32, DType::F16),
+        ),
+        (
+            "cast bf16->f32 16M",
+            run(DType::BF16),
+            cast(DType::BF16, DType::F32),
+        ),
+        (
+            "cast f16->f32 16M",
+            run(DType::F16),
+            cast(DType::F16, DType::F32),
+        ),
+    ]
+}
+
+/// The kernel `g` runs on (or `kind` when given) and, on the same bytes, the copy
+/// kernel with the same element size (copy.wgsl then has transpose2d.wgsl's dispatch
+/// shape); `None` when either does not fit one binding.
 fn kernel_and_copy<'g>(
     gpu: &'g Gpu,
     g: &Gather,
     src: &[u8],
+    kind: Option<KernelKind>,
 ) -> Option<(KernelKind, Resident<'g>, Resident<'g>)> {
-    let kind = Gpu::kernel_for(g);
+    let kind = kind.unwrap_or_else(|| Gpu::kernel_for(g));
     let copy = Gather::from_parts(g.elem_size, vec![g.len()], vec![1], 0);
     let k = gpu.resident(g, src, kind).ok()?;
     let base = gpu.resident(&copy, src, KernelKind::Copy).ok()?;
     Some((kind, k, base))
 }
 
+/// The layout cases, then the casts.
+fn all_cases() -> Vec<(&'static str, Gather, Option<Cast>)> {
+    let layouts = cases().into_iter().map(|(n, g)| (n, g, None));
+    let casts = cast_cases().into_iter().map(|(n, g, c)| (n, g, Some(c)));
+    layouts.chain(casts).collect()
+}
+
 fn kernels(c: &mut Criterion) {
     let Some(gpu) = open() else { return };
     let mut group = c.benchmark_group("kernel");
     group.sample_size(10);
-    for (name, g) in cases() {
+    for (name, g, cast) in all_cases() {
         let src = pattern(g.out_bytes());
-        let Some((kind, k, base)) = kernel_and_copy(&gpu, &g, &src) else {
+        let Some((kind, k, base)) = kernel_and_copy(&gpu, &g, &src, cast.map(KernelKind::Cast))
+        else {
             eprintln!("{name}: does not fit one binding, skipped");
             continue;
         };
         // The kernel must compute the gather, or its speed means nothing.
-        let mut want = vec![0u8; g.out_bytes()];
-        if let Err(e) = relayout::backend::reference::Reference.gather(&g, &src, &mut want) {
-            panic!("{e}");
-        }
+        let reference = relayout::backend::reference::Reference;
+        let want = match cast {
+            None => {
+                let mut want = vec![0u8; g.out_bytes()];
+                reference.gather(&g, &src, &mut want).map(|()| want)
+            }
+            Some(c) => {
+                let mut want = vec![0u8; g.len() * c.to().size()];
+                reference.gather_cast(&g, c, &src, &mut want).map(|()| want)
+            }
+        };
+        let want = want.unwrap_or_else(|e| panic!("{e}"));
         if let Err(e) = k.run() {
             panic!("{name}: {e}");
         }
@@ -141,9 +192,10 @@ fn paired(_: &mut Criterion) {
     const PAIRS: usize = 15;
     let Some(gpu) = open() else { return };
     eprintln!("paired: case [kernel] | kernel MiB/s | copy MiB/s | median ratio of {PAIRS}");
-    for (name, g) in cases() {
+    for (name, g, cast) in all_cases() {
         let src = pattern(g.out_bytes());
-        let Some((kind, k, base)) = kernel_and_copy(&gpu, &g, &src) else {
+        let Some((kind, k, base)) = kernel_and_copy(&gpu, &g, &src, cast.map(KernelKind::Cast))
+        else {
             continue;
         };
         let time = |r: &Resident| {

@@ -44,6 +44,8 @@ pub enum KernelKind {
     Transpose { axis: usize },
     /// copy.wgsl (benchmarks only).
     Copy,
+    /// cast.wgsl over contiguous elements: the second pass of a converting gather.
+    Cast(Cast),
 }
 
 /// The most workgroups per dispatch dimension every device offers (the WebGPU minimum);
@@ -187,8 +189,10 @@ fn to_u32(v: usize, what: &str) -> Result<u32> {
 /// most `max_groups` workgroups per dimension. `Copy` reads `g.out_bytes()` rounded up
 /// to words.
 pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatch> {
-    if let KernelKind::Transpose2d { .. } = kind {
-        return dispatch_2d(g);
+    match kind {
+        KernelKind::Transpose2d { .. } => return dispatch_2d(g),
+        KernelKind::Cast(c) => return cast_dispatch(g.len(), c.to(), max_groups),
+        _ => {}
     }
     let (shape, strides) = if g.shape.is_empty() {
         (vec![1], vec![1])
@@ -237,7 +241,7 @@ pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatc
             p[1] = to_u32(words as usize, "word count")?;
             words.div_ceil(COPY_WORDS_PER_GROUP * planes(g.elem_size) as u64)
         }
-        KernelKind::Transpose2d { .. } => 0,
+        KernelKind::Transpose2d { .. } | KernelKind::Cast(_) => 0,
     };
     Ok(Dispatch {
         params: p,
@@ -493,12 +497,8 @@ impl Kernels {
                 &self.transpose_2d[usize::from(shifted)][usize::from(part == Part::Edge)][i]
             }
             KernelKind::Copy => &self.copy[i],
+            KernelKind::Cast(c) => &self.cast[cast_index(c)],
         }
-    }
-
-    /// The cast.wgsl pipeline of a conversion.
-    pub fn cast(&self, c: Cast) -> &wgpu::ComputePipeline {
-        &self.cast[cast_index(c)]
     }
 }
 

@@ -465,17 +465,8 @@ impl Gpu {
         let d = kernel::cast_dispatch(count, c.to(), self.max_groups)?;
         self.queue
             .write_buffer(&slot.cast_params, 0, bytemuck::cast_slice(&d.params));
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("cast"),
-                timestamp_writes: None,
-            });
-            pass.set_bind_group(0, &slot.cast_group, &[]);
-            pass.set_pipeline(self.kernels.cast(c));
-            for &(_, (x, y, z)) in &d.passes {
-                pass.dispatch_workgroups(x, y, z);
-            }
-        }
+        let from = c.from().size();
+        self.record(encoder, &slot.cast_group, KernelKind::Cast(c), from, &d);
         encoder.copy_buffer_to_buffer(&slot.cast_out, 0, &slot.readback, 0, words);
         Ok(words)
     }
@@ -578,7 +569,11 @@ impl Gpu {
         use wgpu::BufferUsages as U;
         let d = kernel::dispatch(g, kind, self.max_groups)?;
         let in_bytes = (src.len() as u64).next_multiple_of(4).max(4);
-        let out_bytes = (g.out_bytes() as u64).next_multiple_of(4).max(4);
+        let out_len = match kind {
+            KernelKind::Cast(c) => crate::backend::cast_out_bytes(g, c),
+            _ => g.out_bytes(),
+        };
+        let out_bytes = (out_len as u64).next_multiple_of(4).max(4);
         if in_bytes.max(out_bytes) > self.binding as u64 {
             return Err(gpu_err(format!(
                 "resident gather of {} bytes exceeds the binding limit {}",
