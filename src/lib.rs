@@ -21,6 +21,9 @@
 //!                                             └─────────────────┘  temp file + fsync + rename
 //! ```
 //!
+//! [`verify`] checks a plan (before anything is written) or a written file against the
+//! names, shapes and dtypes the target model expects.
+//!
 //! The one-call entry point is [`convert`]; [`Checkpoint`], [`RuleSet`] and
 //! [`Converter`] give the pieces to loaders that want tensors without a file in between:
 //!
