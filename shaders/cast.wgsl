@@ -12,8 +12,9 @@
 //   0: uniform Params (only `count`, in elements, is read)
 //   1: storage, read       src: array<u32>, the gathered elements
 //   2: storage, read_write dst: array<u32>, the converted elements
-// Workgroup size: 256 x 1 x 1, one output word per invocation, linear workgroup id
-// x + nx * (y + ny * z) (dispatches over 65535 groups spread over y and z).
+// Workgroup size: 256 x 1 x 1, WORDS (4) output words per invocation, 256 words apart,
+// linear workgroup id x + nx * (y + ny * z) (dispatches over 65535 groups spread over y
+// and z).
 // Word packing: little-endian. 16-bit elements two per word (element 2w in the low half
 // of word w), f32 one per word, f64 as a word pair (low word first). An invocation owns
 // its output word, so 16-bit outputs never race; the high half of a last odd word is 0.
@@ -21,6 +22,9 @@
 
 override FROM: u32 = 1u;
 override TO: u32 = 3u;
+
+// Output words per invocation: fewer, busier invocations (as copy.wgsl has).
+const WORDS: u32 = 4u;
 
 struct Params {
     rank: u32,
@@ -182,14 +186,8 @@ fn half_of(i: u32) -> u32 {
     return f32_to_bf16(x);
 }
 
-@compute @workgroup_size(256, 1, 1)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) groups: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let group = wg.x + groups.x * (wg.y + groups.y * wg.z);
-    let w = group * 256u + lid;
+// Converts the elements of output word w.
+fn convert_word(w: u32) {
     let n = params.count;
     if (TO == F32) {
         if (w < n) {
@@ -206,4 +204,19 @@ fn main(
         word = word | (half_of(first + 1u) << 16u);
     }
     dst[w] = word;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = wg.x + groups.x * (wg.y + groups.y * wg.z);
+    // WORDS words per invocation, 256 apart, so neighbouring invocations touch
+    // neighbouring words.
+    let base = group * (256u * WORDS) + lid;
+    for (var k = 0u; k < WORDS; k = k + 1u) {
+        convert_word(base + k * 256u);
+    }
 }

@@ -345,6 +345,9 @@ pub struct Kernels {
     cast: [wgpu::ComputePipeline; CASTS],
 }
 
+/// Output words one cast.wgsl invocation converts (its `WORDS`).
+const CAST_WORDS: u64 = 4;
+
 /// Conversions cast.wgsl compiles: from F64, F32, F16 or BF16 to F32, F16 or BF16.
 const CASTS: usize = 12;
 
@@ -365,7 +368,7 @@ fn cast_index(c: Cast) -> usize {
 }
 
 /// The uniform block and workgroups of a cast of `count` elements into `to`-sized
-/// elements: one invocation per output word.
+/// elements: one invocation per [`CAST_WORDS`] output words.
 pub fn cast_dispatch(count: usize, to: DType, max_groups: u32) -> Result<Dispatch> {
     let mut p = [0u32; PARAMS_WORDS];
     p[1] = to_u32(count, "element count")?;
@@ -374,7 +377,7 @@ pub fn cast_dispatch(count: usize, to: DType, max_groups: u32) -> Result<Dispatc
         params: p,
         passes: passes(&[(
             Part::Main,
-            split_groups(words.div_ceil(WORKGROUP), max_groups)?,
+            split_groups(words.div_ceil(WORKGROUP * CAST_WORDS), max_groups)?,
         )]),
     })
 }
