@@ -3,7 +3,7 @@
 file, and relayout's peak RSS at two checkpoint sizes.
 
 usage: python3 benches/convert_vs_cp.py [--dir DIR] [--time-mib 2048] [--rss-mib 1024,4096]
-                                        [--runs 5] [--device cpu] [--dtype f32]
+                                        [--runs 5] [--device cpu] [--dtype f32] [--cast bf16]
 
 Both commands read a checkpoint that is in the page cache (it is read once first) and
 write to the same disk; the copy is fsynced by `sync FILE`, as relayout fsyncs its
@@ -42,7 +42,8 @@ def main():
     ap.add_argument("--rss-mib", default="1024,4096")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="f32")
+    ap.add_argument("--dtype", default="f32", help="dtype of the generated checkpoint")
+    ap.add_argument("--cast", default=None, help="convert with --dtype CAST (bf16, f16, f32)")
     a = ap.parse_args()
     os.makedirs(a.dir, exist_ok=True)
     subprocess.check_call(["cargo", "build", "--release", "-q", "--bin", "relayout",
@@ -51,8 +52,9 @@ def main():
     out = os.path.join(a.dir, "out.safetensors")
 
     def convert(src):
+        cast = ["--dtype", a.cast] if a.cast else []
         return run([relayout, "convert", src, out, "--preset", "flax", "--device", a.device,
-                    "--force", "-q"])
+                    "--force", "-q"] + cast)
 
     def copy(src):
         return run(["sh", "-c", f'cp "{src}" "{out}" && sync "{out}"'])
@@ -71,7 +73,8 @@ def main():
                 rl_rss.append(rss)
     os.remove(out)
     cp_m, rl_m = statistics.median(cp_t), statistics.median(rl_t)
-    print(f"checkpoint: {size / 2**30:.2f} GiB {a.dtype}, {a.runs} alternating runs, device {a.device}")
+    cast = f", converted to {a.cast}" if a.cast else ""
+    print(f"checkpoint: {size / 2**30:.2f} GiB {a.dtype}{cast}, {a.runs} alternating runs, device {a.device}")
     print(f"cp + sync        median {cp_m:6.2f} s  ({size / cp_m / 1e9:5.2f} GB/s)  runs {' '.join(f'{t:.2f}' for t in cp_t)}")
     print(f"relayout convert median {rl_m:6.2f} s  ({size / rl_m / 1e9:5.2f} GB/s)  runs {' '.join(f'{t:.2f}' for t in rl_t)}")
     print(f"ratio convert / cp: {rl_m / cp_m:.2f}  (target <= 1.3)")

@@ -59,10 +59,11 @@ struct Slot {
     readback: wgpu::Buffer,
     bind_group: wgpu::BindGroup,
     /// The cast pass of a converting gather: its uniform block, its output, and the bind
-    /// group reading the gather's output.
+    /// groups reading the gather's output or, for a contiguous piece, the upload itself.
     cast_params: wgpu::Buffer,
     cast_out: wgpu::Buffer,
     cast_group: wgpu::BindGroup,
+    direct_group: wgpu::BindGroup,
     pending: Option<Pending>,
 }
 
@@ -198,6 +199,7 @@ impl Gpu {
         );
         let cast_out = self.buffer("cast output", out_size, U::STORAGE | U::COPY_SRC);
         let cast_group = self.bind_group(&cast_params, &output_buf, &cast_out);
+        let direct_group = self.bind_group(&cast_params, &input, &cast_out);
         Slot {
             params,
             input,
@@ -207,6 +209,7 @@ impl Gpu {
             cast_params,
             cast_out,
             cast_group,
+            direct_group,
             pending: None,
         }
     }
@@ -265,6 +268,7 @@ impl Gpu {
         }
         slot.bind_group = self.bind_group(&slot.params, &slot.input, &slot.output);
         slot.cast_group = self.bind_group(&slot.cast_params, &slot.output, &slot.cast_out);
+        slot.direct_group = self.bind_group(&slot.cast_params, &slot.input, &slot.cast_out);
     }
 
     /// Grows a slot's cast output (and the readback behind it) to `bytes`.
@@ -282,6 +286,7 @@ impl Gpu {
             slot.readback = self.buffer("readback", size, U::MAP_READ | U::COPY_DST);
         }
         slot.cast_group = self.bind_group(&slot.cast_params, &slot.output, &slot.cast_out);
+        slot.direct_group = self.bind_group(&slot.cast_params, &slot.input, &slot.cast_out);
     }
 
     fn check_faults(&self) -> Result<()> {
@@ -381,8 +386,15 @@ impl Gpu {
         cast: Option<Cast>,
     ) -> Result<()> {
         let g = &piece.gather;
+        // A contiguous piece is cast straight from its upload: no gather kernel, and no
+        // gathered buffer to grow.
+        let direct = kernel.is_some() && cast.is_some() && g.is_copy();
         let window_words = (piece.window_len as u64).next_multiple_of(4).max(4);
-        let out_words = (g.out_bytes() as u64).next_multiple_of(4).max(4);
+        let out_words = if direct {
+            4
+        } else {
+            (g.out_bytes() as u64).next_multiple_of(4).max(4)
+        };
         self.ensure(slot, window_words, out_words);
 
         let end = piece
@@ -407,8 +419,11 @@ impl Gpu {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("piece"),
             });
-        let mapped = match kernel {
-            Some(choose) => {
+        let mapped = match (kernel, cast) {
+            (Some(_), Some(c)) if direct => {
+                self.record_cast(slot, &mut encoder, c, g.len(), true)?
+            }
+            (Some(choose), _) => {
                 let kind = choose(g);
                 let d = kernel::dispatch(g, kind, self.max_groups)?;
                 self.queue
@@ -425,10 +440,10 @@ impl Gpu {
                         );
                         out_words
                     }
-                    Some(c) => self.record_cast(slot, &mut encoder, c, g.len())?,
+                    Some(c) => self.record_cast(slot, &mut encoder, c, g.len(), false)?,
                 }
             }
-            None => {
+            (None, _) => {
                 encoder.copy_buffer_to_buffer(&slot.input, 0, &slot.readback, 0, window_words);
                 window_words
             }
@@ -449,14 +464,16 @@ impl Gpu {
         Ok(())
     }
 
-    /// Records the conversion of the `count` gathered elements in the slot's output into
-    /// its cast output, and the copy of that into the readback; returns the bytes to map.
+    /// Records the conversion of the `count` gathered elements in the slot's output (the
+    /// upload itself when `direct`) into its cast output, and the copy of that into the
+    /// readback; returns the bytes to map.
     fn record_cast(
         &self,
         slot: &mut Slot,
         encoder: &mut wgpu::CommandEncoder,
         c: Cast,
         count: usize,
+        direct: bool,
     ) -> Result<u64> {
         let words = (count as u64 * c.to().size() as u64)
             .next_multiple_of(4)
@@ -466,7 +483,12 @@ impl Gpu {
         self.queue
             .write_buffer(&slot.cast_params, 0, bytemuck::cast_slice(&d.params));
         let from = c.from().size();
-        self.record(encoder, &slot.cast_group, KernelKind::Cast(c), from, &d);
+        let group = if direct {
+            &slot.direct_group
+        } else {
+            &slot.cast_group
+        };
+        self.record(encoder, group, KernelKind::Cast(c), from, &d);
         encoder.copy_buffer_to_buffer(&slot.cast_out, 0, &slot.readback, 0, words);
         Ok(words)
     }
