@@ -178,6 +178,24 @@ fn flax_expected_heads(src: &Sources, heads: usize) -> BTreeMap<String, Tensor> 
     want
 }
 
+/// Writes `plan` of `ckpt` to `out` (replacing it) with `backend` in bands of `band` bytes.
+fn convert_with(
+    ckpt: &Checkpoint,
+    plan: &relayout::Plan,
+    backend: &dyn relayout::Backend,
+    band: usize,
+    out: &Path,
+) {
+    let opts = WriteOptions {
+        force: true,
+        ..Default::default()
+    };
+    Converter::new(ckpt, plan, backend)
+        .with_band_bytes(band)
+        .write_safetensors(out, &opts, &mut |_| {})
+        .unwrap_or_else(|e| panic!("{} band {band}: {e}", backend.name()));
+}
+
 fn flax_options() -> PlanOptions {
     let mut opts = PlanOptions::default();
     opts.set("heads=3").unwrap();
@@ -218,17 +236,7 @@ fn attention_sizes_around_every_tile_match_on_every_backend() {
         for backend in &backends {
             for band in [4 * e + 4, 1 << 20] {
                 let out = dir.join("sized.safetensors");
-                Converter::new(&ckpt, &plan, backend.as_ref())
-                    .with_band_bytes(band)
-                    .write_safetensors(
-                        &out,
-                        &WriteOptions {
-                            force: true,
-                            ..Default::default()
-                        },
-                        &mut |_| {},
-                    )
-                    .unwrap();
+                convert_with(&ckpt, &plan, backend.as_ref(), band, &out);
                 assert_eq!(
                     load_safetensors(&out),
                     want,
@@ -256,17 +264,7 @@ fn attention_and_conv_transpose_match_the_flax_layer_definitions_on_every_backen
         // Bands of one element up to whole tensors: splits straddle every part boundary.
         for band in [1, 4, 12, 36, 100, 4096, 1 << 20] {
             let out = dir.join(format!("out-{band}.safetensors"));
-            Converter::new(&ckpt, &plan, backend.as_ref())
-                .with_band_bytes(band)
-                .write_safetensors(
-                    &out,
-                    &WriteOptions {
-                        force: true,
-                        ..Default::default()
-                    },
-                    &mut |_| {},
-                )
-                .unwrap();
+            convert_with(&ckpt, &plan, backend.as_ref(), band, &out);
             assert_eq!(
                 load_safetensors(&out),
                 want,
@@ -313,17 +311,7 @@ fn casts_fused_with_split_and_permute_equal_the_cast_of_the_f32_result() {
         for backend in all_backends() {
             for band in [2, 6, 50, 1 << 20] {
                 let out = dir.join(format!("cast-{to}-{band}.safetensors"));
-                Converter::new(&ckpt, &plan, backend.as_ref())
-                    .with_band_bytes(band)
-                    .write_safetensors(
-                        &out,
-                        &WriteOptions {
-                            force: true,
-                            ..Default::default()
-                        },
-                        &mut |_| {},
-                    )
-                    .unwrap();
+                convert_with(&ckpt, &plan, backend.as_ref(), band, &out);
                 assert_eq!(
                     load_safetensors(&out),
                     want,

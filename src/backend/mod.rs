@@ -51,18 +51,7 @@ pub fn check_cast_buffers(g: &Gather, cast: Cast, src: &[u8], dst: &[u8]) -> Res
             ),
         });
     }
-    let need = g
-        .src_extent()
-        .checked_mul(g.elem_size)
-        .ok_or_else(|| Error::Layout {
-            detail: "source extent overflows".to_string(),
-        })?;
-    if src.len() < need {
-        return Err(Error::Layout {
-            detail: format!("source holds {} bytes, the op reads {need}", src.len()),
-        });
-    }
-    Ok(())
+    check_source(g, src)
 }
 
 /// Source bytes gathered per step of [`gather_then_cast`]: small enough to stay in the
@@ -275,8 +264,8 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// Checks the sizes a backend relies on, so no backend can index out of bounds.
-pub fn check_buffers(g: &Gather, src: &[u8], dst: &[u8]) -> Result<()> {
+/// Checks that `src` holds every byte `g` reads.
+fn check_source(g: &Gather, src: &[u8]) -> Result<()> {
     let need = g
         .src_extent()
         .checked_mul(g.elem_size)
@@ -288,6 +277,12 @@ pub fn check_buffers(g: &Gather, src: &[u8], dst: &[u8]) -> Result<()> {
             detail: format!("source holds {} bytes, the op reads {need}", src.len()),
         });
     }
+    Ok(())
+}
+
+/// Checks the sizes a backend relies on, so no backend can index out of bounds.
+pub fn check_buffers(g: &Gather, src: &[u8], dst: &[u8]) -> Result<()> {
+    check_source(g, src)?;
     if dst.len() != g.out_bytes() {
         return Err(Error::Layout {
             detail: format!(
