@@ -141,7 +141,8 @@ impl<'a> Converter<'a> {
             });
         }
         self.run_entry(&g, cast, src, &mut &mut *dst, &mut |_| {})?;
-        self.release(entry);
+        // Alone, a split part cannot know whether its siblings are still to come.
+        self.release(entry, entry.slice.is_none());
         Ok(())
     }
 
@@ -227,14 +228,18 @@ impl<'a> Converter<'a> {
         self.ckpt.advise_sequential();
         // Each band is computed straight into the writer's block buffer; the writer's
         // thread writes full blocks while the backend fills the next one.
-        for entry in &self.plan.entries {
+        let mut entries_iter = self.plan.entries.iter().peekable();
+        while let Some(entry) = entries_iter.next() {
+            let next = entries_iter.peek();
             let (g, cast) = self.op(entry)?;
             let src = self.source_bytes(entry);
             self.run_entry(&g, cast, src, &mut writer, &mut |len| {
                 state.bytes_done += len as u64;
                 progress(state);
             })?;
-            self.release(entry);
+            // The parts of a split source are consecutive: release after the last.
+            let last = next.is_none_or(|n| n.source != entry.source);
+            self.release(entry, last);
             state.tensors_done += 1;
             progress(state);
         }
@@ -257,9 +262,9 @@ impl<'a> Converter<'a> {
     }
 
     /// Lets the pages of a finished tensor go, unless another entry reads the same
-    /// storage: a tensor shared with others, or split into several targets.
-    fn release(&self, entry: &PlanEntry) {
-        if entry.slice.is_some() {
+    /// storage: a tensor shared with others, or (`last` false) a later part of a split.
+    fn release(&self, entry: &PlanEntry, last: bool) {
+        if !last {
             return;
         }
         if let Some(t) = self.ckpt.tensors().get(entry.source) {
