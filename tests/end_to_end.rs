@@ -562,10 +562,68 @@ fn a_folder_needs_exactly_one_index() {
     let dir = scratch("no-index");
     let err = Checkpoint::open(&dir).unwrap_err();
     assert!(matches!(err, Error::Shard { .. }), "{err:?}");
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
     std::fs::write(dir.join("a.index.json"), "{}").unwrap();
     std::fs::write(dir.join("b.index.json"), "{}").unwrap();
     let err = Checkpoint::open(&dir).unwrap_err();
     assert!(err.to_string().contains("2 index files"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_folder_with_one_unsharded_file_is_that_checkpoint() {
+    let dir = scratch("single-file-folder");
+    let want = materialise(&Checkpoint::open(fixture("small_cnn.pt")).unwrap());
+    for (name, from) in [
+        ("model.safetensors", "small_cnn.safetensors"),
+        ("pytorch_model.bin", "small_cnn.pt"),
+    ] {
+        let sub = dir.join(name.replace('.', "_"));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::copy(fixture(from), sub.join(name)).unwrap();
+        std::fs::write(sub.join("config.json"), "{}").unwrap();
+        let ckpt = Checkpoint::open(&sub).unwrap();
+        assert_eq!(ckpt.path(), sub.join(name));
+        assert_same_tensors(&materialise(&ckpt), &want, name);
+    }
+    // Both at once is ambiguous.
+    let both = dir.join("both");
+    std::fs::create_dir_all(&both).unwrap();
+    std::fs::copy(
+        fixture("small_cnn.safetensors"),
+        both.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(fixture("small_cnn.pt"), both.join("pytorch_model.bin")).unwrap();
+    let err = Checkpoint::open(&both).unwrap_err();
+    assert!(matches!(err, Error::Shard { .. }), "{err:?}");
+    assert!(err.to_string().contains("both"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_are_refused_as_checkpoints_and_as_indexes_without_blocking() {
+    let dir = scratch("fifo");
+    let fifo = |name: &str| {
+        let path = dir.join(name);
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file system entry.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        path
+    };
+    // Opening a FIFO for reading would block until a writer came: these must not.
+    for path in [fifo("model.pt"), fifo("model.safetensors.index.json")] {
+        let err = Checkpoint::open(&path).unwrap_err();
+        assert!(
+            err.to_string().contains("a FIFO, not a regular file"),
+            "{}: {err}",
+            path.display()
+        );
+    }
+    // The folder's index is the FIFO: refused the same way.
+    let err = Checkpoint::open(&dir).unwrap_err();
+    assert!(err.to_string().contains("a FIFO"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -106,8 +106,15 @@ impl Checkpoint {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
-            let index = sharded::find_index(path)?;
-            return sharded::open(&index, opts);
+            // An index, or the folder's one unsharded checkpoint file.
+            let found = sharded::find_checkpoint(path)?;
+            if found.is_dir() {
+                return Err(Error::UnknownFormat {
+                    path: found,
+                    detail: "is a folder".to_string(),
+                });
+            }
+            return Checkpoint::open_with(found, opts);
         }
         let file = map_file(path)?;
         if looks_like_index(path, &file.map) {
@@ -331,6 +338,14 @@ fn check_tensor(path: &Path, t: &TensorInfo, s: &StorageRange) -> Result<()> {
 }
 
 pub(crate) fn map_file(path: &Path) -> Result<MappedFile> {
+    // Checked before opening: opening a FIFO for reading blocks until a writer comes.
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::UnknownFormat {
+            path: path.to_path_buf(),
+            detail: not_regular(&meta),
+        });
+    }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
@@ -347,6 +362,32 @@ pub(crate) fn map_file(path: &Path) -> Result<MappedFile> {
         path: path.to_path_buf(),
         map,
     })
+}
+
+/// Why a path that is not a regular file cannot be read as one.
+pub(crate) fn not_regular(meta: &std::fs::Metadata) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        let kind = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_block_device() || t.is_char_device() {
+            "a device"
+        } else if t.is_dir() {
+            "a folder"
+        } else {
+            "not a regular file"
+        };
+        format!("{kind}, not a regular file; relayout reads only regular files")
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        "not a regular file; relayout reads only regular files".to_string()
+    }
 }
 
 fn looks_like_index(path: &Path, bytes: &[u8]) -> bool {

@@ -6,11 +6,17 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{map_file, parse_single, Checkpoint, Format, OpenOptions, MAX_INDEX_BYTES};
+use super::{
+    map_file, not_regular, parse_single, Checkpoint, Format, OpenOptions, MAX_INDEX_BYTES,
+};
+
+/// Unsharded checkpoint files a folder without an index may hold, as Hugging Face
+/// names them.
+const SINGLE_FILES: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
 use crate::error::{Error, Result};
 
 /// Finds the one `*.index.json` in a folder.
-pub(crate) fn find_index(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut found = Vec::new();
     for entry in entries {
@@ -23,10 +29,7 @@ pub(crate) fn find_index(dir: &Path) -> Result<PathBuf> {
     found.sort();
     match found.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(Error::Shard {
-            path: dir.to_path_buf(),
-            detail: "the folder holds no *.index.json (open a checkpoint file, or the index of a sharded one)".to_string(),
-        }),
+        [] => find_single(dir),
         many => Err(Error::Shard {
             path: dir.to_path_buf(),
             detail: format!(
@@ -41,21 +44,64 @@ pub(crate) fn find_index(dir: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The one unsharded checkpoint file of a folder without an index (the usual layout of
+/// small Hugging Face models).
+fn find_single(dir: &Path) -> Result<PathBuf> {
+    let present: Vec<PathBuf> = SINGLE_FILES
+        .iter()
+        .map(|name| dir.join(name))
+        .filter(|p| p.exists())
+        .collect();
+    match present.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Error::Shard {
+            path: dir.to_path_buf(),
+            detail: format!(
+                "the folder holds no *.index.json and none of {} (open a checkpoint file, or the index of a sharded one)",
+                SINGLE_FILES.join(", ")
+            ),
+        }),
+        _ => Err(Error::Shard {
+            path: dir.to_path_buf(),
+            detail: format!(
+                "the folder holds both {}; open one of them",
+                SINGLE_FILES.join(" and ")
+            ),
+        }),
+    }
+}
+
 /// Opens the shards an index names and checks them against its weight map.
 pub(crate) fn open(index: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
     let err = |detail: String| Error::Shard {
         path: index.to_path_buf(),
         detail,
     };
-    let len = std::fs::metadata(index)
-        .map_err(|e| Error::io(index, e))?
-        .len();
+    let meta = std::fs::metadata(index).map_err(|e| Error::io(index, e))?;
+    if !meta.is_file() {
+        return Err(err(not_regular(&meta)));
+    }
+    let len = meta.len();
     if len > MAX_INDEX_BYTES {
         return Err(err(format!(
             "the index is {len} bytes, over the limit of {MAX_INDEX_BYTES}"
         )));
     }
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    // Never more than the limit, even if the file grows after the check above.
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(
+            std::fs::File::open(index).map_err(|e| Error::io(index, e))?,
+            MAX_INDEX_BYTES + 1,
+        ),
+        &mut text,
+    )
+    .map_err(|e| Error::io(index, e))?;
+    if text.len() as u64 > MAX_INDEX_BYTES {
+        return Err(err(format!(
+            "the index grew over the limit of {MAX_INDEX_BYTES} bytes while being read"
+        )));
+    }
     let json: Value = serde_json::from_str(&text).map_err(|e| err(format!("invalid JSON: {e}")))?;
     let map = json
         .get("weight_map")
