@@ -54,26 +54,9 @@ pub fn check_cast_buffers(g: &Gather, cast: Cast, src: &[u8], dst: &[u8]) -> Res
     check_source(g, src)
 }
 
-/// Source bytes gathered per step of [`gather_then_cast`]: small enough to stay in the
+/// Source bytes gathered per step of [`gather_then_cast_in`]: small enough to stay in the
 /// L2 cache between the gather and the cast, large enough to amortise the calls.
 pub const CAST_STAGE_BYTES: usize = 256 << 10;
-
-/// `gather_cast` for host backends: gathers pieces of `g` into a small staging buffer
-/// with `backend`'s own gather, then converts each piece into its place in `dst`.
-pub fn gather_then_cast(
-    backend: &dyn Backend,
-    g: &Gather,
-    cast: Cast,
-    src: &[u8],
-    dst: &mut [u8],
-) -> Result<()> {
-    let staging = Staging {
-        bytes: CAST_STAGE_BYTES,
-        parallel: false,
-        tile_rows: 1,
-    };
-    gather_then_cast_in(backend, g, cast, src, dst, staging)
-}
 
 /// How [`gather_then_cast_in`] stages a gather.
 #[derive(Clone, Copy, Debug)]
@@ -91,7 +74,9 @@ pub(crate) struct Staging {
     pub tile_rows: usize,
 }
 
-/// [`gather_then_cast`] staged as `staging` says.
+/// `gather_cast` for host backends: gathers pieces of `g` into small staging buffers with
+/// `backend`'s own gather, staged as `staging` says, then converts each piece into its
+/// place in `dst`.
 pub(crate) fn gather_then_cast_in(
     backend: &dyn Backend,
     g: &Gather,
