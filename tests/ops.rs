@@ -178,22 +178,31 @@ fn flax_expected_heads(src: &Sources, heads: usize) -> BTreeMap<String, Tensor> 
     want
 }
 
-/// Writes `plan` of `ckpt` to `out` (replacing it) with `backend` in bands of `band` bytes.
-fn convert_with(
+/// Writes `plan` of `ckpt` to `out` (replacing it) with every backend in bands of every
+/// size in `bands`, and checks each file holds exactly `want`.
+fn assert_every_backend_and_band(
     ckpt: &Checkpoint,
     plan: &relayout::Plan,
-    backend: &dyn relayout::Backend,
-    band: usize,
+    backends: &[Box<dyn relayout::Backend>],
+    bands: &[usize],
     out: &Path,
+    want: &BTreeMap<String, Tensor>,
+    what: &str,
 ) {
     let opts = WriteOptions {
         force: true,
         ..Default::default()
     };
-    Converter::new(ckpt, plan, backend)
-        .with_band_bytes(band)
-        .write_safetensors(out, &opts, &mut |_| {})
-        .unwrap_or_else(|e| panic!("{} band {band}: {e}", backend.name()));
+    for backend in backends {
+        for &band in bands {
+            let on = format!("{what} on {} band {band}", backend.name());
+            Converter::new(ckpt, plan, backend.as_ref())
+                .with_band_bytes(band)
+                .write_safetensors(out, &opts, &mut |_| {})
+                .unwrap_or_else(|e| panic!("{on}: {e}"));
+            assert_eq!(&load_safetensors(out), want, "{on}");
+        }
+    }
 }
 
 fn flax_options() -> PlanOptions {
@@ -233,18 +242,15 @@ fn attention_sizes_around_every_tile_match_on_every_backend() {
             .unwrap()
             .plan_with(ckpt.tensors(), &opts)
             .unwrap();
-        for backend in &backends {
-            for band in [4 * e + 4, 1 << 20] {
-                let out = dir.join("sized.safetensors");
-                convert_with(&ckpt, &plan, backend.as_ref(), band, &out);
-                assert_eq!(
-                    load_safetensors(&out),
-                    want,
-                    "E {e} heads {heads} on {} band {band}",
-                    backend.name()
-                );
-            }
-        }
+        assert_every_backend_and_band(
+            &ckpt,
+            &plan,
+            &backends,
+            &[4 * e + 4, 1 << 20],
+            &dir.join("sized.safetensors"),
+            &want,
+            &format!("E {e} heads {heads}"),
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -260,19 +266,16 @@ fn attention_and_conv_transpose_match_the_flax_layer_definitions_on_every_backen
         .plan_with(ckpt.tensors(), &flax_options())
         .unwrap();
     assert!(plan.unmatched.is_empty());
-    for backend in all_backends() {
-        // Bands of one element up to whole tensors: splits straddle every part boundary.
-        for band in [1, 4, 12, 36, 100, 4096, 1 << 20] {
-            let out = dir.join(format!("out-{band}.safetensors"));
-            convert_with(&ckpt, &plan, backend.as_ref(), band, &out);
-            assert_eq!(
-                load_safetensors(&out),
-                want,
-                "{} band {band}",
-                backend.name()
-            );
-        }
-    }
+    // Bands of one element up to whole tensors: splits straddle every part boundary.
+    assert_every_backend_and_band(
+        &ckpt,
+        &plan,
+        &all_backends(),
+        &[1, 4, 12, 36, 100, 4096, 1 << 20],
+        &dir.join("out.safetensors"),
+        &want,
+        "flax",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -308,18 +311,15 @@ fn casts_fused_with_split_and_permute_equal_the_cast_of_the_f32_result() {
                 )
             })
             .collect();
-        for backend in all_backends() {
-            for band in [2, 6, 50, 1 << 20] {
-                let out = dir.join(format!("cast-{to}-{band}.safetensors"));
-                convert_with(&ckpt, &plan, backend.as_ref(), band, &out);
-                assert_eq!(
-                    load_safetensors(&out),
-                    want,
-                    "{to} on {} band {band}",
-                    backend.name()
-                );
-            }
-        }
+        assert_every_backend_and_band(
+            &ckpt,
+            &plan,
+            &all_backends(),
+            &[2, 6, 50, 1 << 20],
+            &dir.join("cast.safetensors"),
+            &want,
+            &to.to_string(),
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
