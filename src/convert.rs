@@ -6,8 +6,10 @@
 //! the tensor size: while the backend fills one block, the writer's thread writes the
 //! previous one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::{Backend, BackendOptions};
@@ -17,7 +19,8 @@ use crate::layout::{Cast, Gather};
 use crate::plan::{Plan, PlanEntry};
 use crate::reader::{Checkpoint, OpenOptions};
 use crate::rules::{ModuleTypes, PlanOptions, RuleSet};
-use crate::writer::{HeaderEntry, SafetensorsWriter};
+use crate::shard::{OutputFile, OutputLayout, Worker, INDEX_NAME, SHARD_METADATA_KEY};
+use crate::writer::{AtomicFile, SafetensorsWriter};
 
 /// Output bytes per backend call: large enough to amortise calls and syscalls, small
 /// enough that two bands stay far below the memory budget.
@@ -35,12 +38,23 @@ pub struct Progress {
 /// What a finished conversion did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConvertReport {
+    /// Tensors this run wrote.
     pub tensors: usize,
+    /// Bytes of tensor data this run wrote.
     pub bytes: u64,
     pub seconds: f64,
     pub backend: String,
     pub dropped: usize,
     pub unmatched: usize,
+    /// The files this run wrote: the output file, or its shards.
+    pub outputs: Vec<PathBuf>,
+    /// Shards a worker found already complete and kept (a re-run).
+    pub reused: Vec<PathBuf>,
+    /// The index of a shard set, when this run wrote it.
+    pub index: Option<PathBuf>,
+    /// Shards in the whole set (0 for a single file), and how many exist now.
+    pub shards: usize,
+    pub shards_present: usize,
 }
 
 impl ConvertReport {
@@ -54,13 +68,112 @@ impl ConvertReport {
     }
 }
 
-/// Options of [`Converter::write_safetensors`].
+/// Options of [`Converter::write_safetensors`] and [`Converter::write_sharded`].
 #[derive(Clone, Debug, Default)]
 pub struct WriteOptions {
-    /// Replace an existing output file.
+    /// Replace existing output files.
     pub force: bool,
     /// Extra `__metadata__` entries (provenance); the source's metadata is kept.
     pub metadata: BTreeMap<String, String>,
+    /// Stops the conversion when raised; nothing is left behind.
+    pub interrupt: Option<Interrupt>,
+}
+
+/// Stops a running conversion from another thread or a signal handler: once its flag is
+/// non-zero, the conversion ends with [`Error::Interrupted`] carrying that value at the
+/// next band (at most one band of work later) and removes what it had written.
+#[derive(Clone, Debug, Default)]
+pub struct Interrupt(Arc<AtomicUsize>);
+
+impl Interrupt {
+    pub fn new() -> Interrupt {
+        Interrupt::default()
+    }
+
+    /// The shared flag, e.g. for `signal_hook::flag::register_usize(SIGINT, flag, 2)`.
+    pub fn flag(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.0)
+    }
+
+    /// Asks the conversion to stop; `code` (non-zero) is reported back in the error.
+    pub fn raise(&self, code: usize) {
+        self.0.store(code.max(1), Ordering::SeqCst);
+    }
+
+    /// The code it was raised with, if it was.
+    pub fn code(&self) -> Option<usize> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            c => Some(c),
+        }
+    }
+
+    fn check(this: Option<&Interrupt>) -> Result<()> {
+        match this.and_then(Interrupt::code) {
+            None => Ok(()),
+            Some(code) => Err(Error::Interrupted { code }),
+        }
+    }
+}
+
+/// How the output is split into files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputKind {
+    /// One safetensors file.
+    File,
+    /// A folder of `model-…-of-….safetensors` shards and `model.safetensors.index.json`.
+    Shards(ShardOptions),
+}
+
+/// Options of sharded output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardOptions {
+    /// Most bytes of tensor data per shard (a larger tensor gets a shard of its own).
+    pub max_shard_bytes: u64,
+    /// Write only this worker's shards (`--shard i/N`); `None` writes them all.
+    pub worker: Option<Worker>,
+}
+
+impl OutputKind {
+    /// The kind an output path asks for: an existing folder, a path ending in `/`, or any
+    /// path given a shard size or a worker is a folder of shards
+    /// ([`crate::shard::DEFAULT_MAX_SHARD_BYTES`] each unless `max_shard_bytes`);
+    /// anything else is one file. Shard options with a path ending in `.safetensors`
+    /// are an error.
+    pub fn for_path(
+        path: &Path,
+        max_shard_bytes: Option<u64>,
+        worker: Option<Worker>,
+    ) -> Result<OutputKind> {
+        let shards = |max: Option<u64>| {
+            OutputKind::Shards(ShardOptions {
+                max_shard_bytes: max.unwrap_or(crate::shard::DEFAULT_MAX_SHARD_BYTES),
+                worker,
+            })
+        };
+        let text = path.as_os_str().to_string_lossy();
+        let folder =
+            path.is_dir() || text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR);
+        if folder {
+            return Ok(shards(max_shard_bytes));
+        }
+        if max_shard_bytes.is_none() && worker.is_none() {
+            return Ok(OutputKind::File);
+        }
+        let file = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        if file {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "sharded output goes to a folder, and this path ends in .safetensors (name a folder, or drop the shard options)",
+                ),
+            ));
+        }
+        Ok(shards(max_shard_bytes))
+    }
 }
 
 /// Runs a plan over a checkpoint with one backend.
@@ -121,9 +234,15 @@ impl<'a> Converter<'a> {
         Ok((g, cast))
     }
 
-    /// Bytes of one output tensor.
-    pub fn entry_bytes(entry: &PlanEntry) -> usize {
-        entry.target_shape.iter().product::<usize>() * entry.dtype.size()
+    /// Bytes of one output tensor; an error when its shape overflows.
+    pub fn entry_bytes(entry: &PlanEntry) -> Result<usize> {
+        let bytes = crate::shard::entry_bytes(entry)?;
+        usize::try_from(bytes).map_err(|_| Error::Layout {
+            detail: format!(
+                "'{}' is {bytes} bytes, more than this platform can address",
+                entry.target
+            ),
+        })
     }
 
     /// Converts one tensor into `dst`, which must hold exactly its bytes.
@@ -140,7 +259,7 @@ impl<'a> Converter<'a> {
                 ),
             });
         }
-        self.run_entry(&g, cast, src, &mut &mut *dst, &mut |_| {})?;
+        self.run_entry(&g, cast, src, &mut &mut *dst, None, &mut |_| {})?;
         // Alone, a split part cannot know whether its siblings are still to come.
         self.release(entry, entry.slice.is_none());
         Ok(())
@@ -154,10 +273,12 @@ impl<'a> Converter<'a> {
         cast: Option<Cast>,
         src: &[u8],
         sink: &mut dyn BandSink,
+        interrupt: Option<&Interrupt>,
         done: &mut dyn FnMut(usize),
     ) -> Result<()> {
         let Some(cast) = cast else {
             for (at, piece) in g.split(self.band_bytes) {
+                Interrupt::check(interrupt)?;
                 let len = piece.out_bytes();
                 self.backend.gather(&piece, src, sink.band(at, len)?)?;
                 done(len);
@@ -168,6 +289,7 @@ impl<'a> Converter<'a> {
         let (from, to) = (cast.from().size(), cast.to().size());
         let per_band = (self.band_bytes / to).max(1).saturating_mul(from);
         for (at, piece) in g.split(per_band) {
+            Interrupt::check(interrupt)?;
             let len = piece.len() * to;
             let band = sink.band(at / from * to, len)?;
             self.backend.gather_cast(&piece, cast, src, band)?;
@@ -185,11 +307,25 @@ impl<'a> Converter<'a> {
         let mut buf = Vec::new();
         for entry in &self.plan.entries {
             buf.clear();
-            buf.resize(Self::entry_bytes(entry), 0);
+            buf.resize(Self::entry_bytes(entry)?, 0);
             self.convert_into(entry, &mut buf)?;
             f(entry, &buf)?;
         }
         Ok(())
+    }
+
+    /// Writes the converted checkpoint to `out`: one file or a folder of shards.
+    pub fn write(
+        &self,
+        out: &Path,
+        kind: &OutputKind,
+        opts: &WriteOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ConvertReport> {
+        match kind {
+            OutputKind::File => self.write_safetensors(out, opts, progress),
+            OutputKind::Shards(shard) => self.write_sharded(out, shard, opts, progress),
+        }
     }
 
     /// Writes the converted checkpoint to `out` as safetensors, streaming, atomically.
@@ -201,57 +337,208 @@ impl<'a> Converter<'a> {
     ) -> Result<ConvertReport> {
         let started = Instant::now();
         check_not_input(self.ckpt, out)?;
-        let entries: Vec<HeaderEntry> = self
-            .plan
-            .entries
-            .iter()
-            .map(|e| HeaderEntry {
-                name: e.target.clone(),
-                dtype: e.dtype,
-                shape: e.target_shape.clone(),
-            })
-            .collect();
-        let mut metadata = self.ckpt.metadata().clone();
-        metadata.extend(opts.metadata.clone());
-        let band = self.band_bytes;
-        // A piece is never smaller than one element, whatever the band.
-        let capacity = band.max(crate::layout::ELEM_SIZES[3]);
-        let mut writer =
-            SafetensorsWriter::with_capacity(out, &entries, &metadata, opts.force, capacity)?;
-        let mut state = Progress {
-            tensors_done: 0,
-            tensors_total: entries.len(),
-            bytes_done: 0,
-            bytes_total: entries.iter().map(|e| e.bytes() as u64).sum(),
-        };
-        progress(state);
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let layout = OutputLayout::single(self.plan, &name)?;
+        let metadata = layout.metadata_of(&self.base_metadata(opts));
+        let file = &layout.files[0];
+        let mut run = Run::new(self.plan, [file]);
+        progress(run.state);
         self.ckpt.advise_sequential();
+        let pending = self.write_file(out, file, &metadata, opts, &mut run, progress)?;
+        Interrupt::check(opts.interrupt.as_ref())?;
+        pending.commit()?;
+        Ok(self.report(started, &run, vec![out.to_path_buf()]))
+    }
+
+    /// Writes the converted checkpoint into the folder `dir` as shards of at most
+    /// `shard.max_shard_bytes` (`model-00001-of-0000N.safetensors`, …) and
+    /// `model.safetensors.index.json`, creating the folder if needed.
+    ///
+    /// Without a worker, all or nothing: every shard is written and synced as a
+    /// temporary file, and the set (index last) appears only once all are complete.
+    ///
+    /// With a worker (`i/N`), only its shards are written, each atomically; a shard
+    /// already there with exactly the expected header and size is kept, so a re-run is
+    /// idempotent. The worker that finds every shard present checks the set and writes
+    /// the index ([`crate::shard::merge_index`]).
+    pub fn write_sharded(
+        &self,
+        dir: &Path,
+        shard: &ShardOptions,
+        opts: &WriteOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ConvertReport> {
+        let started = Instant::now();
+        let layout = OutputLayout::sharded(self.plan, shard.max_shard_bytes)?;
+        let metadata = layout.metadata_of(&self.base_metadata(opts));
+        let index = dir.join(INDEX_NAME);
+        let mut folder = OutputFolder::open(dir, shard.worker.is_none())?;
+        for path in layout
+            .files
+            .iter()
+            .map(|f| dir.join(&f.name))
+            .chain([index.clone()])
+        {
+            check_not_input(self.ckpt, &path)?;
+        }
+        // Shards of an earlier set with another count, replaced with --force.
+        let stale: Vec<PathBuf> = crate::shard::parse_dir_shards(dir)?
+            .into_iter()
+            .filter(|(_, n, _)| *n != layout.files.len())
+            .map(|(_, _, name)| dir.join(name))
+            .collect();
+
+        let mine: Vec<&OutputFile> = layout
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| shard.worker.is_none_or(|w| w.owns(*k)))
+            .map(|(_, f)| f)
+            .collect();
+        let mut reused = Vec::new();
+        let mut todo = Vec::new();
+        match shard.worker {
+            None => {
+                if !opts.force {
+                    let taken = mine
+                        .iter()
+                        .map(|f| dir.join(&f.name))
+                        .chain([index.clone()])
+                        .chain(stale.iter().cloned())
+                        .find(|p| std::fs::symlink_metadata(p).is_ok());
+                    if let Some(path) = taken {
+                        return Err(Error::OutputExists { path });
+                    }
+                }
+                todo = mine;
+            }
+            Some(_) => {
+                for f in mine {
+                    let path = dir.join(&f.name);
+                    if std::fs::symlink_metadata(&path).is_err() {
+                        todo.push(f);
+                    } else if shard_is_complete(&path, f, &metadata)? {
+                        reused.push(path);
+                    } else if opts.force {
+                        todo.push(f);
+                    } else {
+                        return Err(Error::Shard {
+                            path,
+                            detail: "exists but is not this conversion's shard (pass --force to replace it)".to_string(),
+                        });
+                    }
+                }
+            }
+        }
+
+        let mut run = Run::new(self.plan, todo.iter().copied());
+        progress(run.state);
+        self.ckpt.advise_sequential();
+        let mut outputs = Vec::with_capacity(todo.len());
+        let mut pending = Vec::new();
+        for f in &todo {
+            let path = dir.join(&f.name);
+            let file = self.write_file(&path, f, &metadata, opts, &mut run, progress)?;
+            if shard.worker.is_some() {
+                Interrupt::check(opts.interrupt.as_ref())?;
+                file.commit()?;
+            } else {
+                pending.push(file);
+            }
+            outputs.push(path);
+        }
+        Interrupt::check(opts.interrupt.as_ref())?;
+        let mut report = self.report(started, &run, outputs);
+        report.reused = reused;
+        report.shards = layout.files.len();
+        if shard.worker.is_none() {
+            // The index last: a loader that finds it finds every shard.
+            let mut idx = AtomicFile::create(&index, true)?;
+            idx.write_all(&layout.index_bytes())?;
+            idx.sync()?;
+            pending.push(idx);
+            AtomicFile::commit_all(pending)?;
+            for path in &stale {
+                // Best effort: the new set is complete; an old file left is only clutter.
+                let _ = std::fs::remove_file(path);
+            }
+            report.index = Some(index);
+        } else if crate::shard::shards_present(dir, &layout) == layout.files.len() {
+            report.index = Some(crate::shard::merge_index(dir)?.index);
+        }
+        report.shards_present = crate::shard::shards_present(dir, &layout);
+        folder.keep();
+        Ok(report)
+    }
+
+    /// Writes the tensors of one output file in its order into a temporary file, synced
+    /// but not committed.
+    fn write_file(
+        &self,
+        path: &Path,
+        file: &OutputFile,
+        metadata: &BTreeMap<String, String>,
+        opts: &WriteOptions,
+        run: &mut Run,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<AtomicFile> {
+        // A piece is never smaller than one element, whatever the band.
+        let capacity = self.band_bytes.max(crate::layout::ELEM_SIZES[3]);
+        let mut writer =
+            SafetensorsWriter::with_capacity(path, &file.header, metadata, opts.force, capacity)?;
+        let interrupt = opts.interrupt.as_ref();
         // Each band is computed straight into the writer's block buffer; the writer's
         // thread writes full blocks while the backend fills the next one.
-        let mut entries_iter = self.plan.entries.iter().peekable();
-        while let Some(entry) = entries_iter.next() {
-            let next = entries_iter.peek();
+        for &i in &file.entries {
+            Interrupt::check(interrupt)?;
+            let entry = self.plan.entries.get(i).ok_or_else(|| Error::Layout {
+                detail: format!(
+                    "output file {} names plan entry {i}, which does not exist",
+                    file.name
+                ),
+            })?;
             let (g, cast) = self.op(entry)?;
             let src = self.source_bytes(entry);
-            self.run_entry(&g, cast, src, &mut writer, &mut |len| {
+            let state = &mut run.state;
+            self.run_entry(&g, cast, src, &mut writer, interrupt, &mut |len| {
                 state.bytes_done += len as u64;
-                progress(state);
+                progress(*state);
             })?;
-            // The parts of a split source are consecutive: release after the last.
-            let last = next.is_none_or(|n| n.source != entry.source);
-            self.release(entry, last);
-            state.tensors_done += 1;
-            progress(state);
+            // A source read by several entries (split parts) goes after its last one.
+            if run.finish_source(entry.source) {
+                self.release(entry, true);
+            }
+            run.state.tensors_done += 1;
+            progress(run.state);
         }
-        writer.finish()?;
-        Ok(ConvertReport {
-            tensors: entries.len(),
-            bytes: state.bytes_total,
+        writer.finish_uncommitted()
+    }
+
+    /// The source's metadata with `opts`' entries over it, less a shard tag it carried.
+    fn base_metadata(&self, opts: &WriteOptions) -> BTreeMap<String, String> {
+        let mut metadata = self.ckpt.metadata().clone();
+        metadata.remove(SHARD_METADATA_KEY);
+        metadata.extend(opts.metadata.clone());
+        metadata
+    }
+
+    fn report(&self, started: Instant, run: &Run, outputs: Vec<PathBuf>) -> ConvertReport {
+        ConvertReport {
+            tensors: run.state.tensors_total,
+            bytes: run.state.bytes_total,
             seconds: started.elapsed().as_secs_f64(),
             backend: self.backend.name(),
             dropped: self.plan.dropped.len(),
             unmatched: self.plan.unmatched.len(),
-        })
+            shards_present: 0,
+            shards: 0,
+            index: None,
+            reused: Vec::new(),
+            outputs,
+        }
     }
 
     fn source_bytes(&self, entry: &PlanEntry) -> &'a [u8] {
@@ -293,6 +580,106 @@ impl BandSink for &mut [u8] {
         self.get_mut(at..end).ok_or_else(|| Error::Layout {
             detail: format!("band {at}..{end} outside the output buffer"),
         })
+    }
+}
+
+/// Progress of one run over its files, and how many entries still read each source.
+struct Run {
+    state: Progress,
+    readers_left: HashMap<usize, usize>,
+}
+
+impl Run {
+    fn new<'f>(plan: &Plan, files: impl IntoIterator<Item = &'f OutputFile>) -> Run {
+        let mut state = Progress::default();
+        let mut readers_left: HashMap<usize, usize> = HashMap::new();
+        for f in files {
+            state.tensors_total += f.entries.len();
+            state.bytes_total += f.bytes;
+            for &i in &f.entries {
+                if let Some(e) = plan.entries.get(i) {
+                    *readers_left.entry(e.source).or_default() += 1;
+                }
+            }
+        }
+        Run {
+            state,
+            readers_left,
+        }
+    }
+
+    /// Counts one entry of `source` done; true when it was the last to read it.
+    fn finish_source(&mut self, source: usize) -> bool {
+        match self.readers_left.get_mut(&source) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => true,
+        }
+    }
+}
+
+/// Whether `path` is already exactly the shard `file` would be: the same header bytes
+/// (names, shapes, dtypes, offsets and the set's tag) and the full length. Shards appear
+/// only complete, so this is how a re-run worker knows its work is done.
+fn shard_is_complete(
+    path: &Path,
+    file: &OutputFile,
+    metadata: &BTreeMap<String, String>,
+) -> Result<bool> {
+    use std::io::Read;
+    let header = crate::writer::header_bytes(&file.header, metadata);
+    let want_len = 8 + header.len() as u64 + file.bytes;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.len() != want_len {
+        return Ok(false);
+    }
+    let mut head = vec![0u8; 8 + header.len()];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(head[..8] == (header.len() as u64).to_le_bytes() && head[8..] == header[..])
+}
+
+/// The output folder: created when missing, and removed again on failure if this run
+/// created it and it is still empty.
+struct OutputFolder {
+    created: Option<PathBuf>,
+}
+
+impl OutputFolder {
+    fn open(dir: &Path, remove_on_failure: bool) -> Result<OutputFolder> {
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => Ok(OutputFolder { created: None }),
+            Ok(_) => Err(Error::io(
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "exists and is not a folder (sharded output goes to a folder)",
+                ),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                Ok(OutputFolder {
+                    created: remove_on_failure.then(|| dir.to_path_buf()),
+                })
+            }
+            Err(e) => Err(Error::io(dir, e)),
+        }
+    }
+
+    fn keep(&mut self) {
+        self.created = None;
+    }
+}
+
+impl Drop for OutputFolder {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.created {
+            // Fails, as it should, when the folder is not empty.
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -359,6 +746,12 @@ pub struct ConvertSpec {
     /// An expectation file (`--expect`): the plan must produce exactly its tensor names,
     /// shapes and dtypes, checked before anything is written.
     pub expect: Option<PathBuf>,
+    /// Most bytes of tensor data per shard (`--max-shard-size`); for folder outputs.
+    pub max_shard_size: Option<u64>,
+    /// Write only this worker's shards (`--shard i/N`).
+    pub worker: Option<Worker>,
+    /// Stops the conversion when raised.
+    pub interrupt: Option<Interrupt>,
 }
 
 impl ConvertSpec {
@@ -456,16 +849,15 @@ pub fn convert(
     )?;
     let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
     spec.check_expectation(&plan)?;
+    let output = output.as_ref();
+    let kind = OutputKind::for_path(output, spec.max_shard_size, spec.worker)?;
     let backend = crate::backend::select(&spec.backend)?;
     let opts = WriteOptions {
         force: spec.force,
         metadata: provenance(spec, &plan),
+        interrupt: spec.interrupt.clone(),
     };
-    Converter::new(&ckpt, &plan, backend.as_ref()).write_safetensors(
-        output.as_ref(),
-        &opts,
-        progress,
-    )
+    Converter::new(&ckpt, &plan, backend.as_ref()).write(output, &kind, &opts, progress)
 }
 
 /// The `relayout` metadata entry recording what produced a file.

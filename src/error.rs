@@ -111,6 +111,12 @@ pub enum Error {
     #[error("device '{device}' is not available: {detail}")]
     DeviceUnavailable { device: String, detail: String },
 
+    #[error("interrupted; nothing was left behind")]
+    Interrupted {
+        /// The value the [`crate::convert::Interrupt`] was raised with (the CLI: the signal).
+        code: usize,
+    },
+
     #[error("gpu: {detail}")]
     Gpu { detail: String },
 

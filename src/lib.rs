@@ -50,13 +50,14 @@ pub mod layout;
 pub mod plan;
 pub mod reader;
 pub mod rules;
+pub mod shard;
 pub mod verify;
 pub mod writer;
 
 pub use backend::{Backend, BackendOptions, Device};
 pub use convert::{
-    convert, plan_checkpoint, rule_set, ConvertReport, ConvertSpec, Converter, Progress,
-    WriteOptions,
+    convert, plan_checkpoint, rule_set, ConvertReport, ConvertSpec, Converter, Interrupt,
+    OutputKind, Progress, ShardOptions, WriteOptions,
 };
 pub use dtype::DType;
 pub use error::{Error, Result};
@@ -64,4 +65,5 @@ pub use layout::{Gather, LayoutOp};
 pub use plan::{Plan, PlanEntry, Slice};
 pub use reader::{Checkpoint, Format, OpenOptions, TensorInfo};
 pub use rules::{ModuleTypes, PlanOptions, RuleSet};
+pub use shard::{merge_index, MergeReport, OutputLayout, Worker};
 pub use verify::{verify_file, Expectation, VerifyReport};

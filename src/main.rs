@@ -9,9 +9,10 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use relayout::shard::{parse_size, OutputLayout};
 use relayout::{
-    backend, plan_checkpoint, rule_set, Checkpoint, ConvertSpec, Converter, Device, OpenOptions,
-    Plan, Progress, RuleSet, WriteOptions,
+    backend, plan_checkpoint, rule_set, Checkpoint, ConvertSpec, Device, Interrupt, OpenOptions,
+    Plan, Progress, RuleSet, Worker,
 };
 use serde_json::json;
 
@@ -92,12 +93,41 @@ struct ConvertArgs {
     /// GPU adapter to use (a substring of its name)
     #[arg(long)]
     adapter: Option<String>,
-    /// Replace an existing output file
+    /// Replace existing output files
     #[arg(long)]
     force: bool,
     /// No progress bar and no summary
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    shards: ShardArgs,
+    /// Convert only the shards of worker i of N (0 <= i < N); each worker writes its
+    /// shards atomically, and the one that finds all present writes the index
+    #[arg(long, value_name = "i/N", value_parser = parse_worker, conflicts_with = "shard_from_env")]
+    shard: Option<Worker>,
+    /// Like --shard, from a Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT)
+    /// or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with --shards N)
+    #[arg(long)]
+    shard_from_env: bool,
+}
+
+#[derive(clap::Args)]
+struct ShardArgs {
+    /// Write a folder of shards of at most this much tensor data each (e.g. 5GB, 500MB,
+    /// 2GiB); folder outputs default to 5GB, a path ending in .safetensors is one file
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    max_shard_size: Option<u64>,
+    /// Number of workers (for --shard-from-env; in `plan`, shows each shard's worker)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    shards: Option<u32>,
+}
+
+fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s)
+}
+
+fn parse_worker(s: &str) -> std::result::Result<Worker, String> {
+    Worker::parse(s)
 }
 
 #[derive(Subcommand)]
@@ -115,6 +145,8 @@ enum Command {
         path: PathBuf,
         #[command(flatten)]
         rules: RuleArgs,
+        #[command(flatten)]
+        shards: ShardArgs,
         #[arg(long)]
         json: bool,
     },
@@ -127,6 +159,12 @@ enum Command {
     },
     /// List the GPU adapters relayout can use, with their limits
     Devices,
+    /// Check a folder of shards written by `convert --shard i/N` workers and write its
+    /// model.safetensors.index.json (run once, after all workers)
+    MergeIndex {
+        /// The output folder the workers wrote to
+        dir: PathBuf,
+    },
     /// Check an existing output against what the target model expects
     Verify {
         /// The file to check (only its header is read)
@@ -143,6 +181,13 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(relayout::Error::Interrupted { code }) = e.downcast_ref() {
+                eprintln!(
+                    "relayout: interrupted by {}; nothing was left behind",
+                    signal_name(*code)
+                );
+                return ExitCode::from(128u8.saturating_add(*code as u8));
+            }
             if let Some(relayout::Error::Verify { report, .. }) = e.downcast_ref() {
                 eprint!("{report}");
             }
@@ -156,11 +201,17 @@ fn run(cli: Cli) -> Result<()> {
     let mut out = String::new();
     let result = match cli.command {
         Command::Inspect { path, key, json } => inspect(&mut out, path, key, json),
-        Command::Plan { path, rules, json } => plan(&mut out, path, rules, json),
+        Command::Plan {
+            path,
+            rules,
+            shards,
+            json,
+        } => plan(&mut out, path, rules, shards, json),
         Command::Convert(args) => convert(&mut out, args),
         Command::Presets { show } => presets(&mut out, show),
         Command::Devices => devices(&mut out),
         Command::Verify { path, expect } => verify(&mut out, path, expect),
+        Command::MergeIndex { dir } => merge_index(&mut out, dir),
     };
     emit(&out)?;
     result
@@ -254,25 +305,46 @@ fn build_plan(path: &PathBuf, spec: &ConvertSpec) -> Result<(Checkpoint, Plan)> 
     Ok((ckpt, plan))
 }
 
-fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Result<()> {
+fn plan(
+    out: &mut String,
+    path: PathBuf,
+    args: RuleArgs,
+    shard_args: ShardArgs,
+    as_json: bool,
+) -> Result<()> {
     // Show unmatched tensors rather than failing: this is where one finds them.
     let spec = ConvertSpec {
         allow_unmatched: true,
         ..args.spec()?
     };
     let (_ckpt, plan) = build_plan(&path, &spec)?;
+    let layout = shard_args
+        .max_shard_size
+        .map(|max| OutputLayout::sharded(&plan, max))
+        .transpose()?;
+    let workers = shard_args.shards.map(|n| n as usize);
+    let file_of = layout.as_ref().map(OutputLayout::file_of_entries);
+    let shard_of = |i: usize| -> Option<String> {
+        let k = *file_of.as_ref()?.get(i)?;
+        Some(layout.as_ref()?.files.get(k)?.name.clone())
+    };
     if as_json {
         let entries: Vec<_> = plan
             .entries
             .iter()
-            .map(|e| {
-                json!({
+            .enumerate()
+            .map(|(i, e)| {
+                let mut v = json!({
                     "source": e.source_name, "target": e.target, "dtype": e.dtype.to_string(),
                     "source_dtype": e.source_dtype.to_string(),
                     "source_shape": e.source_shape, "target_shape": e.target_shape,
                     "slice": e.slice.map(|s| json!({"axis": s.axis, "start": s.start, "len": s.len})),
                     "perm": e.perm, "op": e.describe_op(), "rule": e.rule, "warning": e.warning,
-                })
+                });
+                if let Some(name) = shard_of(i) {
+                    v["shard"] = json!(name);
+                }
+                v
             })
             .collect();
         let skipped = |list: &[relayout::plan::Skipped]| -> Vec<serde_json::Value> {
@@ -280,26 +352,45 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
                 .map(|s| json!({"name": s.name, "reason": s.reason}))
                 .collect()
         };
-        let doc = json!({
+        let mut doc = json!({
             "sources": plan.sources,
             "entries": entries,
             "dropped": skipped(&plan.dropped),
             "unmatched": skipped(&plan.unmatched),
             "unreachable": plan.unreachable,
         });
+        if let Some(layout) = &layout {
+            let shards: Vec<_> = layout
+                .files
+                .iter()
+                .enumerate()
+                .map(|(k, f)| {
+                    let mut v =
+                        json!({"name": f.name, "bytes": f.bytes, "tensors": f.entries.len()});
+                    if let Some(n) = workers {
+                        v["worker"] = json!(k % n);
+                    }
+                    v
+                })
+                .collect();
+            doc["shards"] = json!(shards);
+            doc["total_size"] = json!(layout.total_bytes);
+            doc["max_workers"] = json!(layout.files.len());
+        }
         writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         return spec.check_expectation(&plan).map_err(Into::into);
     }
-    for e in &plan.entries {
+    for (i, e) in plan.entries.iter().enumerate() {
         writeln!(
             out,
-            "{:<40} -> {:<44} {:?} -> {:?} {} [{}]",
+            "{:<40} -> {:<44} {:?} -> {:?} {} [{}]{}",
             e.source_name,
             e.target,
             e.source_shape,
             e.target_shape,
             e.describe_op(),
-            e.rule
+            e.rule,
+            shard_of(i).map(|n| format!(" in {n}")).unwrap_or_default()
         )?;
     }
     for s in &plan.dropped {
@@ -315,6 +406,27 @@ fn plan(out: &mut String, path: PathBuf, args: RuleArgs, as_json: bool) -> Resul
         plan.dropped.len(),
         plan.unmatched.len()
     )?;
+    if let Some(layout) = &layout {
+        writeln!(
+            out,
+            "{} output shard(s), {} in all: up to {} worker(s) can convert it in parallel",
+            layout.files.len(),
+            human(layout.total_bytes),
+            layout.files.len()
+        )?;
+        for (k, f) in layout.files.iter().enumerate() {
+            writeln!(
+                out,
+                "  {} {:>10} {} tensors{}",
+                f.name,
+                human(f.bytes),
+                f.entries.len(),
+                workers
+                    .map(|n| format!(", worker {}", k % n))
+                    .unwrap_or_default()
+            )?;
+        }
+    }
     write_warnings(out, &plan)?;
     spec.check_expectation(&plan)?;
     Ok(())
@@ -358,25 +470,30 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
         adapter,
         force,
         quiet,
+        shards,
+        shard,
+        shard_from_env,
     } = args;
-    let spec = args.spec()?;
-    let (ckpt, plan) = build_plan(&input, &spec)?;
-    spec.check_expectation(&plan)?;
-    let backend_opts = backend::BackendOptions {
-        device,
-        adapter,
-        // Asking for the GPU by name means any GPU, a software one included.
-        allow_software_gpu: device == Device::Gpu,
+    let worker = if shard_from_env {
+        let n = shards.shards.map(|n| n as usize);
+        Some(Worker::from_env(n, |k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?)
+    } else {
+        shard
     };
-    let backend = backend::select(&backend_opts)?;
+    let interrupt = Interrupt::new();
+    on_signals(&interrupt)?;
     let spec = ConvertSpec {
-        backend: backend_opts,
+        backend: backend::BackendOptions {
+            device,
+            adapter,
+            // Asking for the GPU by name means any GPU, a software one included.
+            allow_software_gpu: device == Device::Gpu,
+        },
         force,
-        ..spec
-    };
-    let opts = WriteOptions {
-        force,
-        metadata: relayout::convert::provenance(&spec, &plan),
+        max_shard_size: shards.max_shard_size,
+        worker,
+        interrupt: Some(interrupt),
+        ..args.spec()?
     };
     let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new(0);
@@ -395,30 +512,101 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
             bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
         }
     };
-    let report = Converter::new(&ckpt, &plan, backend.as_ref()).write_safetensors(
-        &output,
-        &opts,
-        &mut on_progress,
-    );
+    let report = relayout::convert(&input, &output, &spec, &mut on_progress);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     let report = report?;
-    if !quiet {
-        writeln!(
-            out,
-            "{} -> {}: {} tensors, {} in {:.2} s ({:.2} GB/s) on {}; {} dropped, {} unmatched",
-            input.display(),
-            output.display(),
-            report.tensors,
-            human(report.bytes),
-            report.seconds,
-            report.gb_per_s(),
-            report.backend,
-            report.dropped,
-            report.unmatched
-        )?;
+    if quiet {
+        return Ok(());
     }
+    let what = if report.shards == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({} of {} shard(s){})",
+            report.outputs.len(),
+            report.shards,
+            if report.reused.is_empty() {
+                String::new()
+            } else {
+                format!(", {} already complete", report.reused.len())
+            }
+        )
+    };
+    writeln!(
+        out,
+        "{} -> {}{what}: {} tensors, {} in {:.2} s ({:.2} GB/s) on {}; {} dropped, {} unmatched",
+        input.display(),
+        output.display(),
+        report.tensors,
+        human(report.bytes),
+        report.seconds,
+        report.gb_per_s(),
+        report.backend,
+        report.dropped,
+        report.unmatched
+    )?;
+    match (&report.index, worker) {
+        (Some(index), Some(w)) => writeln!(
+            out,
+            "worker {w}: all {} shards present, checked; wrote {}",
+            report.shards,
+            index.display()
+        )?,
+        (None, Some(w)) => writeln!(
+            out,
+            "worker {w}: {} of {} shards present; once every worker is done, `relayout merge-index {}` (or the last worker) writes the index",
+            report.shards_present,
+            report.shards,
+            output.display()
+        )?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Routes SIGINT and SIGTERM to `interrupt`: the conversion stops at its next band,
+/// removes what it wrote, and the process exits 130 or 143. A second signal ends the
+/// process at once.
+#[cfg(unix)]
+fn on_signals(interrupt: &Interrupt) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    for sig in [SIGINT, SIGTERM] {
+        let seen = Arc::new(AtomicBool::new(false));
+        // Registered first, so it runs before `seen` is set: only a second signal exits.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&seen))?;
+        signal_hook::flag::register(sig, seen)?;
+        signal_hook::flag::register_usize(sig, interrupt.flag(), sig as usize)?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn on_signals(_interrupt: &Interrupt) -> Result<()> {
+    Ok(())
+}
+
+fn signal_name(code: usize) -> String {
+    match code {
+        2 => "SIGINT".to_string(),
+        15 => "SIGTERM".to_string(),
+        c => format!("signal {c}"),
+    }
+}
+
+fn merge_index(out: &mut String, dir: PathBuf) -> Result<()> {
+    let r = relayout::merge_index(&dir)?;
+    writeln!(
+        out,
+        "{}: {} shards, {} tensors, {} checked",
+        r.index.display(),
+        r.shards,
+        r.tensors,
+        human(r.total_size)
+    )?;
     Ok(())
 }
 

@@ -239,6 +239,11 @@ impl Checkpoint {
             .unwrap_or(&[])
     }
 
+    /// Where `t`'s storage lies in its file.
+    pub(crate) fn storage_range(&self, t: &TensorInfo) -> Option<&StorageRange> {
+        self.storages.get(t.storage)
+    }
+
     /// True when `t` is a plain row-major run of its storage.
     pub fn is_contiguous(&self, t: &TensorInfo) -> bool {
         let g = layout::Gather::from_parts(

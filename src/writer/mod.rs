@@ -5,5 +5,6 @@ mod safetensors;
 pub mod stream;
 
 pub use atomic::AtomicFile;
+pub(crate) use safetensors::header_bytes;
 pub use safetensors::{HeaderEntry, SafetensorsWriter};
 pub use stream::BlockStream;

@@ -104,6 +104,13 @@ impl SafetensorsWriter {
 
     /// Checks every tensor was written in full, then commits the file.
     pub fn finish(self) -> Result<()> {
+        self.finish_uncommitted()?.commit()
+    }
+
+    /// Checks every tensor was written in full and makes the file durable, but leaves it
+    /// temporary: the caller commits it, alone or with others
+    /// ([`AtomicFile::commit_all`]); dropping it removes it.
+    pub fn finish_uncommitted(self) -> Result<AtomicFile> {
         if self.current != self.sizes.len() {
             return Err(Error::io(
                 self.out.target(),
@@ -115,7 +122,9 @@ impl SafetensorsWriter {
             ));
         }
         self.stream.finish()?;
-        self.out.commit()
+        let mut out = self.out;
+        out.sync()?;
+        Ok(out)
     }
 
     /// Counts `len` more bytes against the tensors of the header.
