@@ -347,9 +347,20 @@ impl<'a> Converter<'a> {
         let mut run = Run::new(self.plan, [file]);
         progress(run.state);
         self.ckpt.advise_sequential();
-        let pending = self.write_file(out, file, &metadata, opts, &mut run, progress)?;
+        let mut pending = Vec::new();
+        self.write_files(
+            &[(out.to_path_buf(), file)],
+            &metadata,
+            opts,
+            &mut run,
+            progress,
+            &mut |f| {
+                pending.push(f);
+                Ok(())
+            },
+        )?;
         Interrupt::check(opts.interrupt.as_ref())?;
-        pending.commit()?;
+        AtomicFile::commit_all(pending)?;
         Ok(self.report(started, &run, vec![out.to_path_buf()]))
     }
 
@@ -437,19 +448,22 @@ impl<'a> Converter<'a> {
         let mut run = Run::new(self.plan, todo.iter().copied());
         progress(run.state);
         self.ckpt.advise_sequential();
-        let mut outputs = Vec::with_capacity(todo.len());
+        let files: Vec<(PathBuf, &OutputFile)> =
+            todo.iter().map(|f| (dir.join(&f.name), *f)).collect();
+        let outputs: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
         let mut pending = Vec::new();
-        for f in &todo {
-            let path = dir.join(&f.name);
-            let file = self.write_file(&path, f, &metadata, opts, &mut run, progress)?;
-            if shard.worker.is_some() {
-                Interrupt::check(opts.interrupt.as_ref())?;
-                file.commit()?;
+        let worker = shard.worker.is_some();
+        let interrupt = opts.interrupt.as_ref();
+        self.write_files(&files, &metadata, opts, &mut run, progress, &mut |f| {
+            if worker {
+                // Each worker's shard appears as soon as it is complete.
+                Interrupt::check(interrupt)?;
+                f.commit()
             } else {
-                pending.push(file);
+                pending.push(f);
+                Ok(())
             }
-            outputs.push(path);
-        }
+        })?;
         Interrupt::check(opts.interrupt.as_ref())?;
         let mut report = self.report(started, &run, outputs);
         report.reused = reused;
@@ -474,47 +488,75 @@ impl<'a> Converter<'a> {
         Ok(report)
     }
 
-    /// Writes the tensors of one output file in its order into a temporary file, synced
-    /// but not committed.
-    fn write_file(
+    /// Writes output files one after the other through one writer, each with its tensors
+    /// in its order, into temporary files; `durable` receives each file, synced but not
+    /// committed, as soon as the writer's thread has completed it (files end while the
+    /// next is being filled, so shard boundaries cost no drain).
+    fn write_files(
         &self,
-        path: &Path,
-        file: &OutputFile,
+        files: &[(PathBuf, &OutputFile)],
         metadata: &BTreeMap<String, String>,
         opts: &WriteOptions,
         run: &mut Run,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<AtomicFile> {
+        durable: &mut dyn FnMut(AtomicFile) -> Result<()>,
+    ) -> Result<()> {
         // A piece is never smaller than one element, whatever the band.
         let capacity = self.band_bytes.max(crate::layout::ELEM_SIZES[3]);
-        let mut writer =
-            SafetensorsWriter::with_capacity(path, &file.header, metadata, opts.force, capacity)?;
         let interrupt = opts.interrupt.as_ref();
-        // Each band is computed straight into the writer's block buffer; the writer's
-        // thread writes full blocks while the backend fills the next one.
-        for &i in &file.entries {
+        let mut writer: Option<SafetensorsWriter> = None;
+        for (path, file) in files {
             Interrupt::check(interrupt)?;
-            let entry = self.plan.entries.get(i).ok_or_else(|| Error::Layout {
-                detail: format!(
-                    "output file {} names plan entry {i}, which does not exist",
-                    file.name
-                ),
-            })?;
-            let (g, cast) = self.op(entry)?;
-            let src = self.source_bytes(entry);
-            let state = &mut run.state;
-            self.run_entry(&g, cast, src, &mut writer, interrupt, &mut |len| {
-                state.bytes_done += len as u64;
-                progress(*state);
-            })?;
-            // A source read by several entries (split parts) goes after its last one.
-            if run.finish_source(entry.source) {
-                self.release(entry, true);
+            let w = match writer.as_mut() {
+                None => writer.insert(SafetensorsWriter::with_capacity(
+                    path,
+                    &file.header,
+                    metadata,
+                    opts.force,
+                    capacity,
+                )?),
+                Some(w) => {
+                    w.next_file(path, &file.header, metadata, opts.force)?;
+                    w
+                }
+            };
+            for f in w.take_durable()? {
+                durable(f)?;
             }
-            run.state.tensors_done += 1;
-            progress(run.state);
+            // Each band is computed straight into the writer's block buffer; the
+            // writer's thread writes full blocks while the backend fills the next one.
+            for &i in &file.entries {
+                Interrupt::check(interrupt)?;
+                let entry = self.plan.entries.get(i).ok_or_else(|| Error::Layout {
+                    detail: format!(
+                        "output file {} names plan entry {i}, which does not exist",
+                        file.name
+                    ),
+                })?;
+                let (g, cast) = self.op(entry)?;
+                let src = self.source_bytes(entry);
+                let state = &mut run.state;
+                self.run_entry(&g, cast, src, w, interrupt, &mut |len| {
+                    state.bytes_done += len as u64;
+                    progress(*state);
+                })?;
+                // A source read by several entries (split parts) goes after its last.
+                if run.finish_source(entry.source) {
+                    self.release(entry, true);
+                }
+                run.state.tensors_done += 1;
+                progress(run.state);
+                for f in w.take_durable()? {
+                    durable(f)?;
+                }
+            }
         }
-        writer.finish_uncommitted()
+        if let Some(w) = writer {
+            for f in w.finish_all_uncommitted()? {
+                durable(f)?;
+            }
+        }
+        Ok(())
     }
 
     /// The source's metadata with `opts`' entries over it, less a shard tag it carried.

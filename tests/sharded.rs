@@ -789,3 +789,27 @@ fn ctrl_c_and_sigterm_stop_the_binary_cleanly() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_named_as_a_shard_or_the_folders_checkpoint_is_refused_without_blocking() {
+    let dir = scratch("fifo-shard");
+    let mkfifo = |path: &Path| {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file system entry.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    };
+    let input = dir.join("in");
+    write_sharded_input(&input, &generated(2, 6), 2);
+    let victim = input.join(shard_name(2, 2));
+    std::fs::remove_file(&victim).unwrap();
+    mkfifo(&victim);
+    let err = Checkpoint::open(&input).unwrap_err();
+    assert!(err.to_string().contains("a FIFO"), "{err}");
+    let single = dir.join("single");
+    std::fs::create_dir_all(&single).unwrap();
+    mkfifo(&single.join("model.safetensors"));
+    let err = Checkpoint::open(&single).unwrap_err();
+    assert!(err.to_string().contains("a FIFO"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

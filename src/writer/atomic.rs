@@ -144,6 +144,12 @@ impl AtomicFile {
         }
     }
 
+    /// Closes the file without syncing it: for a file whose writes and sync were done
+    /// through another descriptor of it (the block stream's thread).
+    pub(crate) fn assume_synced(&mut self) {
+        drop(self.file.take());
+    }
+
     /// Makes the file durable and moves it to its target path.
     pub fn commit(mut self) -> Result<()> {
         self.rename()?;

@@ -44,6 +44,9 @@ pub struct SafetensorsWriter {
     /// Index of the tensor being written and bytes of it written so far.
     current: usize,
     written: usize,
+    /// Earlier files of [`SafetensorsWriter::next_file`], with the stream's id for each,
+    /// until the stream reports them durable.
+    closing: Vec<(u64, AtomicFile)>,
 }
 
 impl SafetensorsWriter {
@@ -79,9 +82,76 @@ impl SafetensorsWriter {
             sizes: entries.iter().map(HeaderEntry::bytes).collect(),
             current: 0,
             written: 0,
+            closing: Vec::new(),
         };
         w.skip_finished();
         Ok(w)
+    }
+
+    /// Ends the current file (every tensor must be written) and starts the next one at
+    /// `path`, without draining: the stream's thread completes and syncs the current file
+    /// while the caller fills the next, so a set of files is written as fast as one.
+    /// Finished files come back from [`SafetensorsWriter::take_durable`] and
+    /// [`SafetensorsWriter::finish_all_uncommitted`], still uncommitted.
+    pub fn next_file(
+        &mut self,
+        path: &Path,
+        entries: &[HeaderEntry],
+        metadata: &BTreeMap<String, String>,
+        force: bool,
+    ) -> Result<()> {
+        self.check_complete()?;
+        let header = header_bytes(entries, metadata);
+        let mut out = AtomicFile::create(path, force)?;
+        let direct = out.try_direct();
+        let file = out.file()?.try_clone().map_err(|e| Error::io(path, e))?;
+        let id = self.stream.switch(out.temp_path(), file, direct)?;
+        let done = std::mem::replace(&mut self.out, out);
+        self.closing.push((id, done));
+        self.stream
+            .write_all(&(header.len() as u64).to_le_bytes())?;
+        self.stream.write_all(&header)?;
+        self.sizes = entries.iter().map(HeaderEntry::bytes).collect();
+        self.current = 0;
+        self.written = 0;
+        self.skip_finished();
+        Ok(())
+    }
+
+    /// Files of earlier [`SafetensorsWriter::next_file`] calls that are now complete and
+    /// synced, ready to commit (dropping one removes it).
+    pub fn take_durable(&mut self) -> Result<Vec<AtomicFile>> {
+        let closed = self.stream.take_closed()?;
+        let mut ready = Vec::new();
+        let mut still = Vec::with_capacity(self.closing.len());
+        for (id, mut f) in self.closing.drain(..) {
+            if closed.contains(&id) {
+                f.assume_synced();
+                ready.push(f);
+            } else {
+                still.push((id, f));
+            }
+        }
+        self.closing = still;
+        Ok(ready)
+    }
+
+    /// [`SafetensorsWriter::finish_uncommitted`] for a writer that went through several
+    /// files: all of them not yet taken, complete and synced, in order.
+    pub fn finish_all_uncommitted(mut self) -> Result<Vec<AtomicFile>> {
+        self.check_complete()?;
+        let closing = std::mem::take(&mut self.closing);
+        let last = self.finish_uncommitted()?;
+        // The stream finished: its thread closed every earlier file.
+        let mut all: Vec<AtomicFile> = closing
+            .into_iter()
+            .map(|(_, mut f)| {
+                f.assume_synced();
+                f
+            })
+            .collect();
+        all.push(last);
+        Ok(all)
     }
 
     /// Whether the output bypasses the page cache.
@@ -111,6 +181,15 @@ impl SafetensorsWriter {
     /// temporary: the caller commits it, alone or with others
     /// ([`AtomicFile::commit_all`]); dropping it removes it.
     pub fn finish_uncommitted(self) -> Result<AtomicFile> {
+        self.check_complete()?;
+        self.stream.finish()?;
+        let mut out = self.out;
+        out.sync()?;
+        Ok(out)
+    }
+
+    /// Fails unless every tensor of the current file was written in full.
+    fn check_complete(&self) -> Result<()> {
         if self.current != self.sizes.len() {
             return Err(Error::io(
                 self.out.target(),
@@ -121,10 +200,7 @@ impl SafetensorsWriter {
                 )),
             ));
         }
-        self.stream.finish()?;
-        let mut out = self.out;
-        out.sync()?;
-        Ok(out)
+        Ok(())
     }
 
     /// Counts `len` more bytes against the tensors of the header.

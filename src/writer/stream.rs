@@ -43,11 +43,30 @@ impl AlignedBuf {
     }
 }
 
-/// One block-aligned write for the background thread.
-struct Job {
-    buf: AlignedBuf,
-    len: usize,
-    offset: u64,
+/// Work for the background thread, done in order.
+enum Job {
+    /// One block-aligned write into the current file.
+    Write {
+        buf: AlignedBuf,
+        len: usize,
+        offset: u64,
+    },
+    /// Ends the current file (cut to `cut` bytes when given, then synced to disk) and
+    /// goes on with `next`; answered with [`Done::Closed`]`(id)`.
+    Switch {
+        cut: Option<u64>,
+        next: File,
+        next_path: PathBuf,
+        id: u64,
+    },
+}
+
+/// What the background thread hands back.
+enum Done {
+    /// A buffer it has written, to fill again.
+    Buffer(AlignedBuf),
+    /// The file of [`BlockStream::switch`] call `id` is complete and durable.
+    Closed(u64),
 }
 
 /// A sequential writer with a background thread doing the writes.
@@ -57,7 +76,10 @@ pub struct BlockStream {
     /// True when the file was opened with `O_DIRECT`: writes must stay block-aligned.
     direct: bool,
     to_writer: Option<SyncSender<Job>>,
-    from_writer: Receiver<Result<AlignedBuf>>,
+    from_writer: Receiver<Result<Done>>,
+    /// Files of earlier [`BlockStream::switch`] calls the thread has closed.
+    closed: Vec<u64>,
+    switches: u64,
     thread: Option<JoinHandle<()>>,
     cur: AlignedBuf,
     /// Bytes of `cur` filled.
@@ -91,17 +113,37 @@ impl BlockStream {
         let capacity = capacity.max(1);
         // Room for one reservation after the carried tail of the previous buffer.
         let cap = capacity.div_ceil(BLOCK) * BLOCK + 2 * BLOCK;
-        let writer_file = file.try_clone().map_err(|e| Error::io(path, e))?;
+        let mut writer_file = file.try_clone().map_err(|e| Error::io(path, e))?;
         let (to_writer, jobs) = mpsc::sync_channel::<Job>(1);
-        let (done, from_writer) = mpsc::sync_channel::<Result<AlignedBuf>>(BUFFERS);
-        let thread_path = path.to_path_buf();
+        // Unbounded, but never long: at most BUFFERS buffers exist, and a Closed answer
+        // follows each switch.
+        let (done, from_writer) = mpsc::channel::<Result<Done>>();
+        let mut thread_path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("relayout-writer".to_string())
             .spawn(move || {
                 for job in jobs {
-                    let result = write_at(&writer_file, &job.buf.bytes()[..job.len], job.offset)
-                        .map(|()| job.buf)
-                        .map_err(|e| Error::io(&thread_path, e));
+                    let result = match job {
+                        Job::Write { buf, len, offset } => {
+                            write_at(&writer_file, &buf.bytes()[..len], offset)
+                                .map(|()| Done::Buffer(buf))
+                                .map_err(|e| Error::io(&thread_path, e))
+                        }
+                        Job::Switch {
+                            cut,
+                            next,
+                            next_path,
+                            id,
+                        } => cut
+                            .map_or(Ok(()), |len| writer_file.set_len(len))
+                            .and_then(|()| writer_file.sync_all())
+                            .map_err(|e| Error::io(&thread_path, e))
+                            .map(|()| {
+                                writer_file = next;
+                                thread_path = next_path;
+                                Done::Closed(id)
+                            }),
+                    };
                     let failed = result.is_err();
                     if done.send(result).is_err() || failed {
                         break;
@@ -115,6 +157,8 @@ impl BlockStream {
             direct,
             to_writer: Some(to_writer),
             from_writer,
+            closed: Vec::new(),
+            switches: 0,
             thread: Some(thread),
             cur: AlignedBuf::new(cap),
             fill: 0,
@@ -158,17 +202,65 @@ impl BlockStream {
         Ok(())
     }
 
-    /// Writes what is left, waits for every write and cuts the file to the stream's
-    /// length. Returns the underlying file.
-    pub fn finish(mut self) -> Result<File> {
+    /// Ends the current file and goes on streaming into `file` from its offset 0,
+    /// without waiting: the background thread writes what is left of the current file,
+    /// cuts it to its length and syncs it while the caller fills the next one. Returns
+    /// the id [`BlockStream::take_closed`] reports once the file is complete and durable.
+    pub fn switch(&mut self, path: &Path, file: File, direct: bool) -> Result<u64> {
         let total = self.position();
-        let len = if self.direct {
+        let len = self.padded_fill();
+        if len > 0 {
+            let next = self.take_buffer()?;
+            let last = std::mem::replace(&mut self.cur, next);
+            self.send(last, len)?;
+        }
+        let writer_file = file.try_clone().map_err(|e| Error::io(path, e))?;
+        self.switches += 1;
+        let id = self.switches;
+        self.send_job(Job::Switch {
+            cut: self.direct.then_some(total),
+            next: writer_file,
+            next_path: path.to_path_buf(),
+            id,
+        })?;
+        self.path = path.to_path_buf();
+        self.file = file;
+        self.direct = direct;
+        self.offset = 0;
+        self.fill = 0;
+        Ok(id)
+    }
+
+    /// Ids of the files of earlier [`BlockStream::switch`] calls that are complete and
+    /// synced, each reported once.
+    pub fn take_closed(&mut self) -> Result<Vec<u64>> {
+        while let Ok(result) = self.from_writer.try_recv() {
+            match result? {
+                Done::Buffer(b) => self.spare.push(b),
+                Done::Closed(id) => self.closed.push(id),
+            }
+        }
+        Ok(std::mem::take(&mut self.closed))
+    }
+
+    /// Bytes of `cur` to write at the end of a file: the filled part, zero-padded to a
+    /// block for direct I/O.
+    fn padded_fill(&mut self) -> usize {
+        if self.direct {
             let padded = self.fill.div_ceil(BLOCK) * BLOCK;
             self.cur.bytes_mut()[self.fill..padded].fill(0);
             padded
         } else {
             self.fill
-        };
+        }
+    }
+
+    /// Writes what is left, waits for every write and cuts the file to the stream's
+    /// length. Returns the underlying file. Every earlier switched-from file is then
+    /// closed (see [`BlockStream::take_closed`]).
+    pub fn finish(mut self) -> Result<File> {
+        let total = self.position();
+        let len = self.padded_fill();
         let last = std::mem::replace(&mut self.cur, AlignedBuf::new(0));
         if len > 0 {
             self.send(last, len)?;
@@ -183,7 +275,9 @@ impl BlockStream {
             })?;
         }
         while let Ok(result) = self.from_writer.try_recv() {
-            result?;
+            if let Done::Closed(id) = result? {
+                self.closed.push(id);
+            }
         }
         if self.direct {
             self.file
@@ -209,10 +303,14 @@ impl BlockStream {
 
     fn send(&mut self, buf: AlignedBuf, len: usize) -> Result<()> {
         let offset = self.offset;
+        self.send_job(Job::Write { buf, len, offset })
+    }
+
+    fn send_job(&mut self, job: Job) -> Result<()> {
         let sent = self
             .to_writer
             .as_ref()
-            .is_some_and(|tx| tx.send(Job { buf, len, offset }).is_ok());
+            .is_some_and(|tx| tx.send(job).is_ok());
         if sent {
             return Ok(());
         }
@@ -230,9 +328,13 @@ impl BlockStream {
             self.allocated += 1;
             return Ok(AlignedBuf::new(self.cur.cap));
         }
-        match self.from_writer.recv() {
-            Ok(result) => result,
-            Err(_) => Err(self.writer_error()),
+        loop {
+            match self.from_writer.recv() {
+                Ok(Ok(Done::Buffer(b))) => return Ok(b),
+                Ok(Ok(Done::Closed(id))) => self.closed.push(id),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(self.writer_error()),
+            }
         }
     }
 
@@ -335,6 +437,104 @@ mod tests {
                 direct,
             );
         }
+    }
+
+    #[test]
+    fn switching_files_mid_stream_gives_each_file_exactly_its_bytes() {
+        let dir = std::env::temp_dir().join(format!("relayout-switch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sizes = [1, BLOCK - 1, BLOCK + 1, 7, 3 * BLOCK];
+        // File lengths around the block, empty files among them.
+        let lengths = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 0, 5 * BLOCK + 77, 3];
+        for direct in [false, true] {
+            for capacity in [BLOCK - 1, BLOCK, 2 * BLOCK + 3] {
+                let mut outs = Vec::new();
+                let mut stream: Option<BlockStream> = None;
+                let mut ids = Vec::new();
+                for (k, &len) in lengths.iter().enumerate() {
+                    let target = dir.join(format!("f{k}"));
+                    let mut out = AtomicFile::create(&target, true).unwrap();
+                    let d = direct && out.try_direct();
+                    let file = out.file().unwrap().try_clone().unwrap();
+                    match stream.as_mut() {
+                        None => {
+                            stream =
+                                Some(BlockStream::new(out.temp_path(), file, d, capacity).unwrap())
+                        }
+                        Some(s) => ids.push(s.switch(out.temp_path(), file, d).unwrap()),
+                    }
+                    let s = stream.as_mut().unwrap();
+                    let mut at = 0;
+                    for &size in sizes.iter().cycle() {
+                        if at == len {
+                            break;
+                        }
+                        let n = size.min(len - at).min(capacity);
+                        for (i, b) in s.reserve(n).unwrap().iter_mut().enumerate() {
+                            *b = (at + i + 31 * k) as u8;
+                        }
+                        at += n;
+                    }
+                    assert_eq!(s.position(), len as u64);
+                    outs.push((target, out, len));
+                }
+                let mut stream = stream.unwrap();
+                let mut closed = stream.take_closed().unwrap();
+                stream.finish().unwrap();
+                // Not reported twice; after finish every earlier file is closed.
+                let mut rest = Vec::new();
+                for (i, (target, mut out, len)) in outs.into_iter().enumerate() {
+                    if i + 1 < lengths.len() {
+                        out.assume_synced();
+                    }
+                    out.commit().unwrap();
+                    let got = std::fs::read(&target).unwrap();
+                    let want: Vec<u8> = (0..len).map(|j| (j + 31 * i) as u8).collect();
+                    assert!(
+                        got == want,
+                        "file {i}, direct {direct}, capacity {capacity}"
+                    );
+                    rest.push(target);
+                }
+                closed.sort_unstable();
+                closed.dedup();
+                assert!(closed.iter().all(|id| ids.contains(id)));
+                for t in rest {
+                    std::fs::remove_file(t).unwrap();
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failure_in_a_later_file_is_reported() {
+        let dir = std::env::temp_dir();
+        let good = dir.join(format!("relayout-switch-ok-{}", std::process::id()));
+        let bad = dir.join(format!("relayout-switch-ro-{}", std::process::id()));
+        std::fs::write(&bad, b"").unwrap();
+        let mut stream =
+            BlockStream::new(&good, File::create(&good).unwrap(), false, BLOCK).unwrap();
+        stream.reserve(10).unwrap().fill(1);
+        // The next file is read-only: its writes fail in the thread.
+        stream
+            .switch(&bad, File::open(&bad).unwrap(), false)
+            .unwrap();
+        let mut result = Ok(());
+        for _ in 0..64 {
+            if let Err(e) = stream.reserve(BLOCK).map(|b| b.fill(2)) {
+                result = Err(e);
+                break;
+            }
+        }
+        let err = match result {
+            Err(e) => e,
+            Ok(()) => stream.finish().expect_err("writes to a read-only file"),
+        };
+        assert!(err.to_string().contains("relayout-switch-ro"), "{err}");
+        assert_eq!(std::fs::read(&good).unwrap(), [1; 10]);
+        std::fs::remove_file(&good).unwrap();
+        std::fs::remove_file(&bad).unwrap();
     }
 
     #[test]
