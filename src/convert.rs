@@ -135,35 +135,29 @@ pub struct ShardOptions {
 }
 
 impl OutputKind {
-    /// The kind an output path asks for: an existing folder, a path ending in `/`, or any
-    /// path given a shard size or a worker is a folder of shards
-    /// ([`crate::shard::DEFAULT_MAX_SHARD_BYTES`] each unless `max_shard_bytes`);
-    /// anything else is one file. Shard options with a path ending in `.safetensors`
-    /// are an error.
+    /// The kind an output path asks for: a path ending in `.safetensors` is one file;
+    /// any other path (or an existing folder, or a path ending in `/`) is a folder of
+    /// shards of [`crate::shard::DEFAULT_MAX_SHARD_BYTES`] each unless `max_shard_bytes`.
+    /// A shard size or a worker with a one-file path is an error.
     pub fn for_path(
         path: &Path,
         max_shard_bytes: Option<u64>,
         worker: Option<Worker>,
     ) -> Result<OutputKind> {
-        let shards = |max: Option<u64>| {
-            OutputKind::Shards(ShardOptions {
-                max_shard_bytes: max.unwrap_or(crate::shard::DEFAULT_MAX_SHARD_BYTES),
-                worker,
-            })
-        };
         let text = path.as_os_str().to_string_lossy();
         let folder =
             path.is_dir() || text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR);
-        if folder {
-            return Ok(shards(max_shard_bytes));
+        let file = !folder
+            && path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        if !file {
+            return Ok(OutputKind::Shards(ShardOptions {
+                max_shard_bytes: max_shard_bytes.unwrap_or(crate::shard::DEFAULT_MAX_SHARD_BYTES),
+                worker,
+            }));
         }
-        if max_shard_bytes.is_none() && worker.is_none() {
-            return Ok(OutputKind::File);
-        }
-        let file = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-        if file {
+        if max_shard_bytes.is_some() || worker.is_some() {
             return Err(Error::io(
                 path,
                 std::io::Error::new(
@@ -172,7 +166,7 @@ impl OutputKind {
                 ),
             ));
         }
-        Ok(shards(max_shard_bytes))
+        Ok(OutputKind::File)
     }
 }
 

@@ -474,6 +474,9 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
         shard,
         shard_from_env,
     } = args;
+    if shards.shards.is_some() && !shard_from_env {
+        anyhow::bail!("--shards N goes with --shard-from-env (or give --shard i/N)");
+    }
     let worker = if shard_from_env {
         let n = shards.shards.map(|n| n as usize);
         Some(Worker::from_env(n, |k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?)

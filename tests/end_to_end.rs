@@ -741,8 +741,8 @@ fn gpu_and_cpu_conversions_of_every_fixture_are_byte_identical() {
         "sharded",
     ] {
         for preset in ["flax", "mlx"] {
-            let cpu = cli_convert(&fixture(input), &dir.join("cpu.st"), preset, "cpu");
-            let gpu = cli_convert(&fixture(input), &dir.join("gpu.st"), preset, "gpu");
+            let cpu = cli_convert(&fixture(input), &dir.join("cpu.safetensors"), preset, "cpu");
+            let gpu = cli_convert(&fixture(input), &dir.join("gpu.safetensors"), preset, "gpu");
             assert!(
                 cpu == gpu,
                 "{input} --preset {preset}: gpu and cpu files differ"
@@ -789,8 +789,8 @@ fn gpu_and_cpu_agree_on_a_tensor_larger_than_a_storage_binding() {
         w.write(&bytes).unwrap();
     }
     w.finish().unwrap();
-    let cpu = cli_convert(&input, &dir.join("cpu.st"), "flax", "cpu");
-    let gpu = cli_convert(&input, &dir.join("gpu.st"), "flax", "gpu");
+    let cpu = cli_convert(&input, &dir.join("cpu.safetensors"), "flax", "cpu");
+    let gpu = cli_convert(&input, &dir.join("gpu.safetensors"), "flax", "gpu");
     assert_eq!(cpu.len(), gpu.len());
     if let Some(i) = cpu.iter().zip(&gpu).position(|(a, b)| a != b) {
         panic!("gpu and cpu outputs differ first at byte {i}");

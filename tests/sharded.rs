@@ -335,6 +335,18 @@ fn the_cli_writes_shards_that_plan_predicts_and_reads_them_back() {
     let inspected: Value =
         serde_json::from_str(&run_ok(&[os("inspect"), os(&out), os("--json")])).unwrap();
     assert_eq!(inspected["tensors"].as_u64(), Some(entries.len() as u64));
+    let replanned: Value = serde_json::from_str(&run_ok(&[
+        os("plan"),
+        os(&out),
+        os("-r"),
+        os(&rules),
+        os("--json"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        replanned["entries"].as_array().unwrap().len(),
+        entries.len()
+    );
     let again = dir.join("again.safetensors");
     run_ok(&[
         os("convert"),
@@ -372,7 +384,7 @@ fn output_kind_follows_the_path_and_the_options() {
         OutputKind::File
     );
     assert_eq!(
-        file(&dir.join("a.st"), None, None).unwrap(),
+        file(&dir.join("A.SafeTensors"), None, None).unwrap(),
         OutputKind::File
     );
     let shards = |m: u64, worker| {
@@ -381,6 +393,20 @@ fn output_kind_follows_the_path_and_the_options() {
             worker,
         })
     };
+    assert_eq!(
+        file(&dir.join("out"), None, None).unwrap(),
+        shards(5_000_000_000, None)
+    );
+    assert_eq!(
+        file(&dir.join("out.st"), None, None).unwrap(),
+        shards(5_000_000_000, None)
+    );
+    // An existing folder whose name ends in .safetensors is a folder.
+    std::fs::create_dir_all(dir.join("d.safetensors")).unwrap();
+    assert_eq!(
+        file(&dir.join("d.safetensors"), Some(9), None).unwrap(),
+        shards(9, None)
+    );
     assert_eq!(file(&dir, None, None).unwrap(), shards(5_000_000_000, None));
     let slash = PathBuf::from(format!("{}/new/", dir.display()));
     assert_eq!(
