@@ -394,6 +394,7 @@ impl<'a> Converter<'a> {
             .into_iter()
             .filter(|(_, n, _)| *n != layout.files.len())
             .map(|(_, _, name)| dir.join(name))
+            .filter(|p| check_not_input(self.ckpt, p).is_ok())
             .collect();
 
         let mine: Vec<&OutputFile> = layout

@@ -375,6 +375,56 @@ fn the_cli_writes_shards_that_plan_predicts_and_reads_them_back() {
 }
 
 #[test]
+fn an_existing_set_is_refused_unless_forced_and_then_replaced_whole() {
+    let dir = scratch("replace");
+    let input = dir.join("in");
+    write_sharded_input(&input, &generated(8, 30), 2);
+    let rules = rules_file(&dir);
+    let out = dir.join("out");
+    let convert = |size: &str, force: bool| {
+        let mut args = vec![
+            os("convert"),
+            os(&input),
+            os(&out),
+            os("-r"),
+            os(&rules),
+            os("--max-shard-size"),
+            os(size),
+            os("--device"),
+            os("cpu"),
+            os("-q"),
+        ];
+        if force {
+            args.push(os("--force"));
+        }
+        relayout(&args)
+    };
+    assert!(convert("2KB", false).status.success());
+    let small = listing(&out);
+    assert!(small.len() > 3);
+    let refused = convert("1MB", false);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    assert_eq!(listing(&out), small, "a refused run changes nothing");
+    assert!(convert("1MB", true).status.success());
+    // The old set of another count is gone: only the new one and its index are left.
+    assert_eq!(listing(&out), [shard_name(1, 1), INDEX_NAME.to_string()]);
+    // Converting a folder into itself is refused: the index would replace the input's.
+    let inplace = relayout(&[
+        os("convert"),
+        os(&out),
+        os(&out),
+        os("-r"),
+        os(&rules),
+        os("--force"),
+    ]);
+    assert!(!inplace.status.success());
+    assert!(String::from_utf8_lossy(&inplace.stderr).contains("is the input"));
+    assert_eq!(listing(&out), [shard_name(1, 1), INDEX_NAME.to_string()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn output_kind_follows_the_path_and_the_options() {
     let dir = scratch("kind");
     let w = Worker::new(0, 2).ok();
