@@ -275,6 +275,7 @@ impl<'a> Converter<'a> {
                 Interrupt::check(interrupt)?;
                 let len = piece.out_bytes();
                 self.backend.gather(&piece, src, sink.band(at, len)?)?;
+                self.ckpt.check_reads()?;
                 done(len);
             }
             return Ok(());
@@ -287,6 +288,7 @@ impl<'a> Converter<'a> {
             let len = piece.len() * to;
             let band = sink.band(at / from * to, len)?;
             self.backend.gather_cast(&piece, cast, src, band)?;
+            self.ckpt.check_reads()?;
             done(len);
         }
         Ok(())
@@ -341,6 +343,12 @@ impl<'a> Converter<'a> {
         let mut run = Run::new(self.plan, [file]);
         progress(run.state);
         self.ckpt.advise_sequential();
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+        check_space(
+            parent.unwrap_or(Path::new(".")),
+            &[(out.to_path_buf(), file)],
+            &metadata,
+        )?;
         let mut pending = Vec::new();
         self.write_files(
             &[(out.to_path_buf(), file)],
@@ -354,6 +362,7 @@ impl<'a> Converter<'a> {
             },
         )?;
         Interrupt::check(opts.interrupt.as_ref())?;
+        self.ckpt.check_unchanged()?;
         AtomicFile::commit_all(pending)?;
         Ok(self.report(started, &run, vec![out.to_path_buf()]))
     }
@@ -446,13 +455,16 @@ impl<'a> Converter<'a> {
         let files: Vec<(PathBuf, &OutputFile)> =
             todo.iter().map(|f| (dir.join(&f.name), *f)).collect();
         let outputs: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+        check_space(dir, &files, &metadata)?;
         let mut pending = Vec::new();
         let worker = shard.worker.is_some();
         let interrupt = opts.interrupt.as_ref();
+        let ckpt = self.ckpt;
         self.write_files(&files, &metadata, opts, &mut run, progress, &mut |f| {
             if worker {
                 // Each worker's shard appears as soon as it is complete.
                 Interrupt::check(interrupt)?;
+                ckpt.check_unchanged()?;
                 f.commit()
             } else {
                 pending.push(f);
@@ -469,6 +481,7 @@ impl<'a> Converter<'a> {
             idx.write_all(&layout.index_bytes())?;
             idx.sync()?;
             pending.push(idx);
+            self.ckpt.check_unchanged()?;
             AtomicFile::commit_all(pending)?;
             for path in &stale {
                 // Best effort: the new set is complete; an old file left is only clutter.
@@ -657,6 +670,53 @@ impl Run {
     }
 }
 
+/// Refuses, before anything is written, a run whose files cannot fit in the free space
+/// of `dir` (the nearest existing folder of it): "needs 7.4 GiB, 2.1 GiB free".
+fn check_space(
+    dir: &Path,
+    files: &[(PathBuf, &OutputFile)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut needed = 0u64;
+    for (_, f) in files {
+        let header = crate::writer::header_bytes(&f.header, metadata)?.len() as u64;
+        needed = needed.saturating_add(8 + header).saturating_add(f.bytes);
+    }
+    let existing = dir
+        .ancestors()
+        .find(|p| p.is_dir())
+        .unwrap_or(Path::new("."));
+    match free_space(existing) {
+        Some(available) if needed > available => Err(Error::NoSpace {
+            path: existing.to_path_buf(),
+            needed,
+            available,
+        }),
+        // Unknown free space is not a reason to refuse; a full disk still fails cleanly.
+        _ => Ok(()),
+    }
+}
+
+/// Bytes an unprivileged process may still write on the file system holding `dir`.
+#[cfg(unix)]
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statvfs is a valid out-parameter; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; statvfs only writes into `st`.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+#[cfg(not(unix))]
+fn free_space(_dir: &Path) -> Option<u64> {
+    None
+}
+
 /// Whether `path` is already exactly the shard `file` would be: the same header bytes
 /// (names, shapes, dtypes, offsets and the set's tag) and the full length. Shards appear
 /// only complete, so this is how a re-run worker knows its work is done.
@@ -666,7 +726,7 @@ fn shard_is_complete(
     metadata: &BTreeMap<String, String>,
 ) -> Result<bool> {
     use std::io::Read;
-    let header = crate::writer::header_bytes(&file.header, metadata);
+    let header = crate::writer::header_bytes(&file.header, metadata)?;
     let want_len = 8 + header.len() as u64 + file.bytes;
     let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_file() || meta.len() != want_len {
@@ -774,6 +834,9 @@ pub struct ConvertSpec {
     pub force: bool,
     /// Leave tensors that match no rule out of the output instead of failing.
     pub allow_unmatched: bool,
+    /// Accept views that expand their storage beyond the size policy
+    /// ([`crate::reader::MAX_EXPANSION`]); the output must still fit on the disk.
+    pub allow_expand: bool,
     /// Rule variables (`--set NAME=VALUE`).
     pub vars: BTreeMap<String, String>,
     /// A `{module name: class name}` JSON file (`--module-types`).
@@ -792,6 +855,14 @@ pub struct ConvertSpec {
 }
 
 impl ConvertSpec {
+    /// How the spec opens its input.
+    pub fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            key: self.key.clone(),
+            allow_expand: self.allow_expand,
+        }
+    }
+
     /// Fails with [`Error::Verify`] when `plan` does not produce what the expectation
     /// file asks for; passes when there is none.
     pub fn check_expectation(&self, plan: &Plan) -> Result<()> {
@@ -878,12 +949,7 @@ pub fn convert(
 ) -> Result<ConvertReport> {
     let input = input.as_ref();
     let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
-    let ckpt = Checkpoint::open_with(
-        input,
-        &OpenOptions {
-            key: spec.key.clone(),
-        },
-    )?;
+    let ckpt = Checkpoint::open_with(input, &spec.open_options())?;
     let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
     spec.check_expectation(&plan)?;
     let output = output.as_ref();

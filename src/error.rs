@@ -111,6 +111,16 @@ pub enum Error {
     #[error("device '{device}' is not available: {detail}")]
     DeviceUnavailable { device: String, detail: String },
 
+    #[error("{}: input changed while reading: {detail}", path.display())]
+    InputChanged { path: PathBuf, detail: String },
+
+    #[error("{}: the output needs {}, {} free there", path.display(), human_bytes(*needed), human_bytes(*available))]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+
     #[error("interrupted; nothing was left behind")]
     Interrupted {
         /// The value the [`crate::convert::Interrupt`] was raised with (the CLI: the signal).
@@ -137,6 +147,22 @@ pub enum Error {
         /// The grouped report (its `Display`), for the caller to show.
         report: Box<crate::verify::VerifyReport>,
     },
+}
+
+/// `7.4 GiB`, `512 B`: sizes in messages.
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 /// Shorthand used across the crate.

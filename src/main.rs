@@ -41,6 +41,10 @@ struct RuleArgs {
     /// Leave tensors that match no rule out instead of failing
     #[arg(long)]
     allow_unmatched: bool,
+    /// Accept views that repeat their storage more than 16× (and past 1 GiB) through
+    /// stride-0 axes; the output must still fit on the disk
+    #[arg(long)]
+    allow_expand: bool,
     /// A rule variable, e.g. `--set heads=12` for attention; repeatable
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
@@ -72,6 +76,7 @@ impl RuleArgs {
             rules: self.rules.clone(),
             key: self.key.clone(),
             allow_unmatched: self.allow_unmatched,
+            allow_expand: self.allow_expand,
             vars: opts.vars,
             module_types: self.module_types.clone(),
             dtype: self.dtype,
@@ -137,6 +142,9 @@ enum Command {
         path: PathBuf,
         #[arg(long)]
         key: Option<String>,
+        /// Accept views that repeat their storage more than 16× (and past 1 GiB)
+        #[arg(long)]
+        allow_expand: bool,
         #[arg(long)]
         json: bool,
     },
@@ -200,7 +208,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let mut out = String::new();
     let result = match cli.command {
-        Command::Inspect { path, key, json } => inspect(&mut out, path, key, json),
+        Command::Inspect {
+            path,
+            key,
+            allow_expand,
+            json,
+        } => inspect(&mut out, path, OpenOptions { key, allow_expand }, json),
         Command::Plan {
             path,
             rules,
@@ -230,16 +243,12 @@ fn emit(text: &str) -> Result<()> {
     }
 }
 
-fn open(path: &PathBuf, key: Option<String>) -> Result<Checkpoint> {
-    Ok(Checkpoint::open_with(path, &OpenOptions { key })?)
-}
-
-fn inspect(out: &mut String, path: PathBuf, key: Option<String>, as_json: bool) -> Result<()> {
-    let ckpt = open(&path, key)?;
+fn inspect(out: &mut String, path: PathBuf, opts: OpenOptions, as_json: bool) -> Result<()> {
+    let ckpt = Checkpoint::open_with(&path, &opts)?;
     let mut by_dtype: BTreeMap<String, u64> = BTreeMap::new();
     let mut rows = Vec::new();
     for t in ckpt.tensors() {
-        let bytes = (t.shape.iter().product::<usize>() * t.dtype.size()) as u64;
+        let bytes = t.bytes() as u64;
         *by_dtype.entry(t.dtype.to_string()).or_default() += bytes;
         rows.push(json!({
             "name": t.name,
@@ -284,7 +293,7 @@ fn inspect(out: &mut String, path: PathBuf, key: Option<String>, as_json: bool) 
         if ckpt.shares_storage(t) {
             notes.push("shared storage");
         }
-        let bytes = (t.shape.iter().product::<usize>() * t.dtype.size()) as u64;
+        let bytes = t.bytes() as u64;
         writeln!(
             out,
             "{:<48} {:<8} {:<20} {:>10} {}",
@@ -300,7 +309,7 @@ fn inspect(out: &mut String, path: PathBuf, key: Option<String>, as_json: bool) 
 
 fn build_plan(path: &PathBuf, spec: &ConvertSpec) -> Result<(Checkpoint, Plan)> {
     let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
-    let ckpt = open(path, spec.key.clone())?;
+    let ckpt = Checkpoint::open_with(path, &spec.open_options())?;
     let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
     Ok((ckpt, plan))
 }

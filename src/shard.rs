@@ -98,10 +98,8 @@ pub fn entry_bytes(entry: &PlanEntry) -> Result<u64> {
 }
 
 fn tensor_bytes(name: &str, shape: &[usize], dtype: DType) -> Result<u64> {
-    shape
-        .iter()
-        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-        .filter(|&b| b <= i64::MAX as u64)
+    crate::layout::checked_bytes(shape, dtype.size())
+        .map(|b| b as u64)
         .ok_or_else(|| Error::Layout {
             detail: format!("'{name}': shape {shape:?} of {dtype} overflows 2^63 bytes"),
         })

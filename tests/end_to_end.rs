@@ -67,6 +67,7 @@ fn nested_checkpoint_state_dict_is_found_by_key_and_automatically() {
         fixture("nested_checkpoint.pt"),
         &OpenOptions {
             key: Some("model".to_string()),
+            ..OpenOptions::default()
         },
     )
     .unwrap();
@@ -75,6 +76,7 @@ fn nested_checkpoint_state_dict_is_found_by_key_and_automatically() {
         fixture("nested_checkpoint.pt"),
         &OpenOptions {
             key: Some("nope".to_string()),
+            ..OpenOptions::default()
         },
     )
     .unwrap_err();

@@ -103,8 +103,7 @@ impl LayoutOp {
 
     /// Number of output bytes.
     pub fn out_bytes(&self) -> Result<usize> {
-        checked_numel(&self.shape)
-            .and_then(|n| n.checked_mul(self.elem_size))
+        checked_bytes(&self.shape, self.elem_size)
             .ok_or_else(|| layout_err(format!("shape {:?} overflows", self.shape)))
     }
 
@@ -217,9 +216,7 @@ impl Gather {
             )));
         }
         let overflow = || layout_err(format!("gather of shape {:?} overflows", self.shape));
-        checked_numel(&self.shape)
-            .and_then(|n| n.checked_mul(self.elem_size))
-            .ok_or_else(overflow)?;
+        checked_bytes(&self.shape, self.elem_size).ok_or_else(overflow)?;
         src_extent(&self.shape, &self.strides, self.offset)?
             .checked_mul(self.elem_size)
             .ok_or_else(overflow)?;
@@ -345,6 +342,26 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 /// Product of `shape`, or `None` on overflow.
 pub fn checked_numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n))
+}
+
+/// Largest tensor, in bytes, relayout accepts anywhere: 2^63 - 1, the largest size the
+/// safetensors format's readers can represent.
+pub const MAX_TENSOR_BYTES: u64 = i64::MAX as u64;
+
+/// Bytes of a tensor of `shape` with `elem_size`-byte elements: the one place element
+/// counts become byte counts. `None` when the product of the non-zero dimensions and
+/// the element size exceeds [`MAX_TENSOR_BYTES`]: a shape like `[0, 2^62, 2^62]` holds
+/// nothing, but other readers (which multiply in other orders) overflow on it, so it is
+/// invalid too.
+pub fn checked_bytes(shape: &[usize], elem_size: usize) -> Option<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(elem_size, |acc, &d| acc.checked_mul(d))?;
+    if nonzero as u64 > MAX_TENSOR_BYTES {
+        return None;
+    }
+    Some(if shape.contains(&0) { 0 } else { nonzero })
 }
 
 /// Elements of storage a strided tensor reaches: `offset + Σ (n_k - 1)·s_k + 1`, or 0

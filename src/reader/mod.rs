@@ -29,6 +29,14 @@ pub struct TensorInfo {
     pub storage: usize,
 }
 
+impl TensorInfo {
+    /// Bytes of the tensor (contiguous); readers refuse shapes whose size overflows
+    /// ([`layout::checked_bytes`]), so this is exact for every tensor of a checkpoint.
+    pub fn bytes(&self) -> usize {
+        layout::checked_bytes(&self.shape, self.dtype.size()).unwrap_or(usize::MAX)
+    }
+}
+
 /// A byte range of one mapped file that tensors index into.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StorageRange {
@@ -47,9 +55,10 @@ pub(crate) struct Parsed {
     pub metadata: BTreeMap<String, String>,
 }
 
-mod pytorch;
-mod safetensors;
-mod sharded;
+mod guard;
+pub(crate) mod pytorch;
+pub(crate) mod safetensors;
+pub(crate) mod sharded;
 
 use std::fs::File;
 
@@ -70,13 +79,26 @@ pub struct OpenOptions {
     /// key that holds the state dict. Without it, the one entry that is a dict of tensors
     /// is used.
     pub key: Option<String>,
+    /// Accept views that expand their storage more than [`MAX_EXPANSION`] times (and
+    /// beyond [`EXPANSION_FLOOR`] bytes) through stride-0 axes (`--allow-expand`).
+    pub allow_expand: bool,
 }
+
+/// A view with stride-0 axes (`tensor.expand`) reads storage bytes many times: a few
+/// bytes of file can describe terabytes of tensor. Unless allowed, a tensor may hold at
+/// most this many times the bytes of its storage…
+pub const MAX_EXPANSION: u64 = 16;
+/// …or this many bytes, whichever is larger.
+pub const EXPANSION_FLOOR: u64 = 1 << 30;
 
 /// One file of a checkpoint, mapped.
 #[derive(Debug)]
 pub(crate) struct MappedFile {
     pub path: PathBuf,
+    /// Declared before `map`, so it stops watching before the map goes.
+    watch: guard::Watch,
     pub map: Mmap,
+    identity: guard::FileIdentity,
 }
 
 /// An open checkpoint: its files stay mapped, tensors borrow their bytes from the maps
@@ -103,7 +125,34 @@ impl Checkpoint {
 
     /// [`Checkpoint::open`] with options.
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Checkpoint> {
-        let path = path.as_ref();
+        let ckpt = Checkpoint::open_unchecked(path.as_ref(), opts)?;
+        if !opts.allow_expand {
+            ckpt.check_expansion()?;
+        }
+        Ok(ckpt)
+    }
+
+    /// Refuses a tensor whose bytes exceed its storage's by more than the size policy
+    /// allows ([`MAX_EXPANSION`], [`EXPANSION_FLOOR`]).
+    fn check_expansion(&self) -> Result<()> {
+        for t in &self.tensors {
+            let bytes = t.bytes() as u64;
+            let storage = self.storages.get(t.storage).map_or(0, |s| s.end - s.start) as u64;
+            let limit = storage.saturating_mul(MAX_EXPANSION).max(EXPANSION_FLOOR);
+            if bytes > limit {
+                return Err(Error::BadTensor {
+                    path: self.file_of(t).to_path_buf(),
+                    tensor: t.name.clone(),
+                    detail: format!(
+                        "a view of {bytes} bytes over a storage of {storage} bytes (repeated through stride-0 axes), more than {MAX_EXPANSION}× its storage and {EXPANSION_FLOOR} bytes; pass --allow-expand to convert it anyway"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn open_unchecked(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
             // An index, or the folder's one unsharded checkpoint file.
@@ -114,7 +163,7 @@ impl Checkpoint {
                     detail: "is a folder".to_string(),
                 });
             }
-            return Checkpoint::open_with(found, opts);
+            return Checkpoint::open_unchecked(&found, opts);
         }
         let file = map_file(path)?;
         if looks_like_index(path, &file.map) {
@@ -271,6 +320,32 @@ impl Checkpoint {
         )
     }
 
+    /// Fails when a read of one of the checkpoint's files faulted because the file
+    /// shrank while mapped (the bytes read from there were zeros, not the file's).
+    /// Cheap: no system call.
+    pub fn check_reads(&self) -> Result<()> {
+        for f in &self.files {
+            if f.watch.faulted() {
+                return Err(Error::InputChanged {
+                    path: f.path.clone(),
+                    detail: "it shrank while being read".to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails when any file of the checkpoint changed since it was opened: a read faulted
+    /// ([`Checkpoint::check_reads`]), or its size, inode or modification time differ. The
+    /// converter calls it before committing an output, so a mixed output never appears.
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.check_reads()?;
+        for f in &self.files {
+            f.identity.check(&f.path)?;
+        }
+        Ok(())
+    }
+
     /// Hints that the maps will be read front to back.
     pub fn advise_sequential(&self) {
         for f in &self.files {
@@ -329,9 +404,12 @@ fn check_tensor(path: &Path, t: &TensorInfo, s: &StorageRange) -> Result<()> {
         .ok()
         .and_then(|e| e.checked_mul(t.dtype.size()))
         .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
-    layout::checked_numel(&t.shape)
-        .and_then(|n| n.checked_mul(t.dtype.size()))
-        .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
+    layout::checked_bytes(&t.shape, t.dtype.size()).ok_or_else(|| {
+        bad(format!(
+            "shape {:?} of {} overflows 2^63 bytes",
+            t.shape, t.dtype
+        ))
+    })?;
     let have = s.end - s.start;
     if extent > have {
         return Err(bad(format!(
@@ -352,7 +430,8 @@ pub(crate) fn map_file(path: &Path) -> Result<MappedFile> {
         });
     }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let opened = file.metadata().map_err(|e| Error::io(path, e))?;
+    let len = opened.len();
     if len == 0 {
         return Err(Error::UnknownFormat {
             path: path.to_path_buf(),
@@ -360,12 +439,15 @@ pub(crate) fn map_file(path: &Path) -> Result<MappedFile> {
         });
     }
     // SAFETY: the map is read-only. Another process truncating the file while it is
-    // mapped would fault reads (SIGBUS); that is the documented contract of reading
-    // checkpoints through a map and cannot be prevented without copying them.
+    // mapped faults reads past the new end (SIGBUS): the watch below turns that into
+    // zeros and a mark the converter checks (`guard`); a file written in place is
+    // caught by its identity before anything is committed.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     Ok(MappedFile {
         path: path.to_path_buf(),
+        watch: guard::Watch::new(map.as_ptr(), map.len()),
         map,
+        identity: guard::FileIdentity::of(&opened),
     })
 }
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{Parsed, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::layout::{checked_numel, contiguous_strides};
+use crate::layout::{checked_bytes, contiguous_strides};
 
 /// Largest header relayout accepts (the `safetensors` crate uses the same bound).
 pub(crate) const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -59,7 +59,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let data_start = 8 + n;
     let data_len = bytes.len() - data_start;
     let header = std::str::from_utf8(header).map_err(|e| header_err(format!("not UTF-8: {e}")))?;
-    let json: serde_json::Map<String, Value> = match serde_json::from_str(header.trim_end()) {
+    let json: serde_json::Map<String, Value> = match strict_json(header.trim_end()) {
         Ok(Value::Object(m)) => m,
         Ok(_) => return Err(header_err("the header is not a JSON object".to_string())),
         Err(e) => return Err(header_err(format!("invalid JSON: {e}"))),
@@ -103,9 +103,8 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
                 bad("'data_offsets' is not a pair of non-negative integers".to_string())
             })?;
         let (start, end) = (offsets[0], offsets[1]);
-        let size = checked_numel(&shape)
-            .and_then(|n| n.checked_mul(dtype.size()))
-            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+        let size = checked_bytes(&shape, dtype.size())
+            .ok_or_else(|| bad(format!("shape {shape:?} of {dtype} overflows 2^63 bytes")))?;
         if end < start || end - start != size {
             return Err(bad(format!(
                 "data_offsets [{start}, {end}] do not span the {size} bytes of a {dtype} tensor of shape {shape:?}"
@@ -134,16 +133,37 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         });
     }
     ranges.sort_unstable();
-    for pair in ranges.windows(2) {
-        if let [a, b] = pair {
-            if b.0 < a.1 {
-                return Err(Error::BadTensor {
-                    path: path.to_path_buf(),
-                    tensor: b.2.to_string(),
-                    detail: format!("its bytes overlap those of '{}'", a.2),
-                });
-            }
+    // The data section is the tensors, back to back: no overlap, no hole, nothing after
+    // (as the reference implementation requires; bytes nobody owns could hide anything).
+    let mut at = 0usize;
+    let mut previous: Option<&str> = None;
+    for &(start, end, name) in &ranges {
+        let bad = |detail: String| Error::BadTensor {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            detail,
+        };
+        if start < at {
+            return Err(bad(format!(
+                "its bytes overlap those of '{}'",
+                previous.unwrap_or("?")
+            )));
         }
+        if start > at {
+            return Err(bad(format!(
+                "it starts at data byte {start}, leaving a hole of {} bytes after {}",
+                start - at,
+                previous.map_or("the header".to_string(), |p| format!("'{p}'"))
+            )));
+        }
+        at = end;
+        previous = Some(name);
+    }
+    if at != data_len {
+        return Err(header_err(format!(
+            "{} bytes follow the last tensor's data",
+            data_len - at
+        )));
     }
     // Tensors in file order, as every other reader of the format lists them.
     let mut order: Vec<usize> = (0..parsed.tensors.len()).collect();
@@ -157,6 +177,76 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         parsed.storages.push(storages[i].clone());
     }
     Ok(parsed)
+}
+
+/// Parses JSON like `serde_json`, but refuses an object with the same key twice (at any
+/// depth): the reference implementations refuse such headers, and taking either entry
+/// would let two readers see different tensors in one file.
+pub(crate) fn strict_json(text: &str) -> std::result::Result<Value, serde_json::Error> {
+    use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+
+    struct Strict;
+
+    impl<'de> DeserializeSeed<'de> for Strict {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+            d.deserialize_any(Strict)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Strict {
+        type Value = Value;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+            Ok(Value::from(v))
+        }
+        fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+            Ok(Value::from(v))
+        }
+        fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+            Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+        }
+        fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+            Ok(Value::String(v.to_string()))
+        }
+        fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+            Ok(Value::String(v))
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_none<E>(self) -> std::result::Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(v) = seq.next_element_seed(Strict)? {
+                out.push(v);
+            }
+            Ok(Value::Array(out))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let value = map.next_value_seed(Strict)?;
+                if out.contains_key(&key) {
+                    return Err(A::Error::custom(format!("the key '{key}' appears twice")));
+                }
+                out.insert(key, value);
+            }
+            Ok(Value::Object(out))
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = Strict.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
 }
 
 fn usize_list(v: Option<&Value>) -> Option<Vec<usize>> {

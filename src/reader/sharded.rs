@@ -102,7 +102,8 @@ pub(crate) fn open(index: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
             "the index grew over the limit of {MAX_INDEX_BYTES} bytes while being read"
         )));
     }
-    let json: Value = serde_json::from_str(&text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    let json: Value =
+        super::safetensors::strict_json(&text).map_err(|e| err(format!("invalid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(Value::as_object)

@@ -540,6 +540,15 @@ impl RuleSet {
                 part: "",
             };
             for entry in rule.entries(action, index, info, &names, opts)? {
+                if entry.target == "__metadata__" || entry.target.is_empty() {
+                    return Err(Error::Rules {
+                        origin: format!("'{}'", rule.name),
+                        detail: format!(
+                            "maps '{}' to the target name '{}', which a safetensors file cannot hold as a tensor",
+                            info.name, entry.target
+                        ),
+                    });
+                }
                 if let Some(first) = taken.get(entry.target.as_str()) {
                     return Err(Error::TargetCollision {
                         first: first.clone(),

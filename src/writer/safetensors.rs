@@ -22,9 +22,16 @@ pub struct HeaderEntry {
 }
 
 impl HeaderEntry {
-    /// Bytes of the tensor's data.
+    /// Bytes of the tensor's data; saturates at `usize::MAX` for a shape that overflows,
+    /// which the writer refuses ([`HeaderEntry::checked_bytes`]).
     pub fn bytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
+        self.checked_bytes().unwrap_or(usize::MAX)
+    }
+
+    /// Bytes of the tensor's data, `None` when its shape overflows
+    /// ([`crate::layout::checked_bytes`]).
+    pub fn checked_bytes(&self) -> Option<usize> {
+        crate::layout::checked_bytes(&self.shape, self.dtype.size())
     }
 }
 
@@ -69,7 +76,7 @@ impl SafetensorsWriter {
         force: bool,
         capacity: usize,
     ) -> Result<SafetensorsWriter> {
-        let header = header_bytes(entries, metadata);
+        let header = header_bytes(entries, metadata)?;
         let mut out = AtomicFile::create(path, force)?;
         let direct = out.try_direct();
         let file = out.file()?.try_clone().map_err(|e| Error::io(path, e))?;
@@ -101,7 +108,7 @@ impl SafetensorsWriter {
         force: bool,
     ) -> Result<()> {
         self.check_complete()?;
-        let header = header_bytes(entries, metadata);
+        let header = header_bytes(entries, metadata)?;
         let mut out = AtomicFile::create(path, force)?;
         let direct = out.try_direct();
         let file = out.file()?.try_clone().map_err(|e| Error::io(path, e))?;
@@ -239,11 +246,16 @@ impl SafetensorsWriter {
     }
 }
 
-/// The JSON header, padded with spaces to the data alignment.
+/// The JSON header, padded with spaces to the data alignment. Refuses what no reader
+/// could read back: a tensor named `__metadata__` or twice, a shape whose size
+/// overflows, a data section over 2^63 bytes.
 pub(crate) fn header_bytes(
     entries: &[HeaderEntry],
     metadata: &BTreeMap<String, String>,
-) -> Vec<u8> {
+) -> Result<Vec<u8>> {
+    let bad = |name: &str, detail: &str| Error::Layout {
+        detail: format!("output tensor '{name}': {detail}"),
+    };
     let mut map = Map::new();
     if !metadata.is_empty() {
         let meta: Map<String, Value> = metadata
@@ -254,15 +266,28 @@ pub(crate) fn header_bytes(
     }
     let mut offset = 0usize;
     for e in entries {
-        let end = offset + e.bytes();
-        map.insert(
+        if e.name == "__metadata__" {
+            return Err(bad(
+                &e.name,
+                "the name is reserved for the header's metadata",
+            ));
+        }
+        let end = e
+            .checked_bytes()
+            .and_then(|b| offset.checked_add(b))
+            .filter(|&end| end as u64 <= crate::layout::MAX_TENSOR_BYTES)
+            .ok_or_else(|| bad(&e.name, "the data section would exceed 2^63 bytes"))?;
+        let previous = map.insert(
             e.name.clone(),
             json!({ "dtype": e.dtype.safetensors_name(), "shape": e.shape, "data_offsets": [offset, end] }),
         );
+        if previous.is_some() {
+            return Err(bad(&e.name, "the name is given twice"));
+        }
         offset = end;
     }
     let mut bytes = Value::Object(map).to_string().into_bytes();
     let pad = (HEADER_ALIGN - bytes.len() % HEADER_ALIGN) % HEADER_ALIGN;
     bytes.extend(std::iter::repeat_n(b' ', pad));
-    bytes
+    Ok(bytes)
 }

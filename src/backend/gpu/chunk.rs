@@ -118,7 +118,7 @@ fn box_sizes(
         *v = 1;
     }
     loop {
-        let out = m.iter().product::<usize>() * elem_size;
+        let out = crate::layout::checked_bytes(&m, elem_size).unwrap_or(usize::MAX);
         let span: usize = m.iter().zip(strides).map(|(&n, &s)| (n - 1) * s).sum();
         let window = (span + 1) * elem_size + WINDOW_SLACK;
         // The window first: cutting the axis that spans the most source shrinks the
