@@ -698,7 +698,7 @@ fn check_space(
 }
 
 /// Bytes an unprivileged process may still write on the file system holding `dir`.
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 fn free_space(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
@@ -712,7 +712,7 @@ fn free_space(dir: &Path) -> Option<u64> {
     Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-#[cfg(not(unix))]
+#[cfg(any(not(unix), relayout_portable))]
 fn free_space(_dir: &Path) -> Option<u64> {
     None
 }
@@ -802,7 +802,7 @@ fn check_not_input(ckpt: &Checkpoint, out: &Path) -> Result<()> {
     Ok(())
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
@@ -811,7 +811,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-#[cfg(not(unix))]
+#[cfg(any(not(unix), relayout_portable))]
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,

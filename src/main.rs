@@ -581,7 +581,7 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
 /// Routes SIGINT and SIGTERM to `interrupt`: the conversion stops at its next band,
 /// removes what it wrote, and the process exits 130 or 143. A second signal ends the
 /// process at once.
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 fn on_signals(interrupt: &Interrupt) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     use std::sync::atomic::AtomicBool;
@@ -596,7 +596,7 @@ fn on_signals(interrupt: &Interrupt) -> Result<()> {
     Ok(())
 }
 
-#[cfg(not(unix))]
+#[cfg(any(not(unix), relayout_portable))]
 fn on_signals(_interrupt: &Interrupt) -> Result<()> {
     Ok(())
 }

@@ -305,23 +305,6 @@ mod binary {
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
 
-    /// Waits until a temporary output file exists in `dir`: the state the test needs,
-    /// observed, not waited for by time.
-    fn until_writing(dir: &Path) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        loop {
-            let writing = std::fs::read_dir(dir)
-                .unwrap()
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"));
-            if writing {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "no temporary file");
-            std::thread::yield_now();
-        }
-    }
-
     fn convert_cmd(input: &Path, out: &Path) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayout"));
         let rules = out.parent().unwrap().join("t.toml");
@@ -351,7 +334,7 @@ mod binary {
         let child = convert_cmd(&input, &out_dir.join("out.safetensors"))
             .spawn()
             .unwrap();
-        until_writing(&out_dir);
+        wait_until_writing(child.id(), &out_dir);
         std::fs::OpenOptions::new()
             .write(true)
             .open(&input)
@@ -364,6 +347,43 @@ mod binary {
         assert_eq!(done.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains("input changed while reading"), "{stderr}");
         assert_eq!(listing(&out_dir), ["t.toml"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sigkill_mid_write_leaves_nothing_visible() {
+        let dir = scratch("bin-kill");
+        let input = dir.join("in.safetensors");
+        big_input(&input, 48);
+        for out in ["out.safetensors", "shards"] {
+            let out_dir = dir.join("out");
+            std::fs::create_dir_all(&out_dir).unwrap();
+            let out = out_dir.join(out);
+            let mut cmd = convert_cmd(&input, &out);
+            if out.extension().is_none() {
+                // Into the existing folder (so the test can watch it) as 40 MB shards.
+                cmd.args(["--max-shard-size", "40MB"]);
+                std::fs::create_dir_all(&out).unwrap();
+            }
+            let mut child = cmd.spawn().unwrap();
+            let watched = if out.is_dir() {
+                out.clone()
+            } else {
+                out_dir.clone()
+            };
+            wait_until_writing(child.id(), &watched);
+            child.kill().unwrap();
+            child.wait().unwrap();
+            let left: Vec<String> = listing(&out_dir)
+                .into_iter()
+                .filter(|n| n != "t.toml" && n != "shards")
+                .collect();
+            assert!(left.is_empty(), "{out:?}: {left:?}");
+            if out.is_dir() {
+                assert!(listing(&out).is_empty(), "{:?}", listing(&out));
+            }
+            std::fs::remove_dir_all(&out_dir).unwrap();
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

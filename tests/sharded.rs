@@ -832,23 +832,18 @@ fn ctrl_c_and_sigterm_stop_the_binary_cleanly() {
             cmd.args(["--max-shard-size", "100MiB"]);
         }
         let child = cmd.spawn().unwrap();
-        // Wait for the state to be observed (a temporary file exists), not for a time.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        let writing = |d: &Path| {
-            std::fs::read_dir(d)
-                .map(|r| {
-                    r.flatten()
-                        .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-                })
-                .unwrap_or(false)
+        // The run creates the shard folder; until then, it writes nowhere.
+        let watched = if out.to_string_lossy().ends_with(".safetensors") {
+            dir.clone()
+        } else {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !out.is_dir() {
+                assert!(std::time::Instant::now() < deadline, "no output folder");
+                std::thread::yield_now();
+            }
+            out.clone()
         };
-        while !(writing(&dir) || writing(&out)) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no temporary file appeared"
-            );
-            std::thread::yield_now();
-        }
+        wait_until_writing(child.id(), &watched);
         // SAFETY: signalling our own child.
         assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
         let done = child.wait_with_output().unwrap();

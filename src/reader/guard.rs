@@ -14,7 +14,7 @@
 //! before an output is committed.
 
 use std::path::Path;
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
@@ -25,22 +25,22 @@ use crate::error::{Error, Result};
 pub(crate) struct FileIdentity {
     len: u64,
     modified: Option<std::time::SystemTime>,
-    #[cfg(unix)]
+    #[cfg(all(unix, not(relayout_portable)))]
     dev: u64,
-    #[cfg(unix)]
+    #[cfg(all(unix, not(relayout_portable)))]
     ino: u64,
 }
 
 impl FileIdentity {
     pub(crate) fn of(meta: &std::fs::Metadata) -> FileIdentity {
-        #[cfg(unix)]
+        #[cfg(all(unix, not(relayout_portable)))]
         use std::os::unix::fs::MetadataExt;
         FileIdentity {
             len: meta.len(),
             modified: meta.modified().ok(),
-            #[cfg(unix)]
+            #[cfg(all(unix, not(relayout_portable)))]
             dev: meta.dev(),
-            #[cfg(unix)]
+            #[cfg(all(unix, not(relayout_portable)))]
             ino: meta.ino(),
         }
     }
@@ -60,7 +60,7 @@ impl FileIdentity {
                 self.len, now.len
             )));
         }
-        #[cfg(unix)]
+        #[cfg(all(unix, not(relayout_portable)))]
         if (now.dev, now.ino) != (self.dev, self.ino) {
             return Err(changed("it was replaced by another file".to_string()));
         }
@@ -73,25 +73,25 @@ impl FileIdentity {
 
 /// Registered maps: start address and length (0 = free slot), and whether a read of it
 /// faulted. A fixed table: the signal handler may not allocate or lock.
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 const SLOTS: usize = 4096;
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 #[allow(clippy::declare_interior_mutable_const)]
 const FREE: AtomicUsize = AtomicUsize::new(0);
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 #[allow(clippy::declare_interior_mutable_const)]
 const CLEAN: AtomicBool = AtomicBool::new(false);
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 static STARTS: [AtomicUsize; SLOTS] = [FREE; SLOTS];
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 static LENS: [AtomicUsize; SLOTS] = [FREE; SLOTS];
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 static FAULTED: [AtomicBool; SLOTS] = [CLEAN; SLOTS];
 
 /// A map watched for faults while it lives; dropping it stops watching.
 #[derive(Debug)]
 pub(crate) struct Watch {
-    #[cfg(unix)]
+    #[cfg(all(unix, not(relayout_portable)))]
     slot: Option<usize>,
 }
 
@@ -99,7 +99,7 @@ impl Watch {
     /// Watches `len` bytes at `start`. Without a free slot (thousands of maps open) or
     /// off unix, the map is simply not watched: a fault then ends the process as before.
     pub(crate) fn new(start: *const u8, len: usize) -> Watch {
-        #[cfg(unix)]
+        #[cfg(all(unix, not(relayout_portable)))]
         {
             install();
             for slot in 0..SLOTS {
@@ -116,7 +116,7 @@ impl Watch {
             }
             Watch { slot: None }
         }
-        #[cfg(not(unix))]
+        #[cfg(any(not(unix), relayout_portable))]
         {
             let _ = (start, len);
             Watch {}
@@ -125,19 +125,19 @@ impl Watch {
 
     /// True when a read of the map faulted (its file shrank) since it was watched.
     pub(crate) fn faulted(&self) -> bool {
-        #[cfg(unix)]
+        #[cfg(all(unix, not(relayout_portable)))]
         {
             self.slot
                 .is_some_and(|s| FAULTED[s].load(Ordering::Acquire))
         }
-        #[cfg(not(unix))]
+        #[cfg(any(not(unix), relayout_portable))]
         false
     }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        #[cfg(unix)]
+        #[cfg(all(unix, not(relayout_portable)))]
         if let Some(slot) = self.slot {
             LENS[slot].store(usize::MAX, Ordering::Release);
             STARTS[slot].store(0, Ordering::Release);
@@ -147,12 +147,12 @@ impl Drop for Watch {
 }
 
 /// The SIGBUS action before ours, to hand foreign faults back to.
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 static mut PREVIOUS: std::mem::MaybeUninit<libc::sigaction> = std::mem::MaybeUninit::uninit();
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 static INSTALL: std::sync::Once = std::sync::Once::new();
 
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 fn install() {
     INSTALL.call_once(|| {
         // SAFETY: a zeroed sigaction is valid; the handler only touches atomics and
@@ -169,7 +169,7 @@ fn install() {
     });
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel hands a valid siginfo to an SA_SIGINFO handler.
     let addr = unsafe { fault_address(info) };
@@ -214,12 +214,12 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
 }
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(relayout_portable)))]
 unsafe fn fault_address(info: *mut libc::siginfo_t) -> usize {
     (*info).si_addr() as usize
 }
 
-#[cfg(all(unix, not(target_os = "linux")))]
+#[cfg(all(unix, not(target_os = "linux"), not(relayout_portable)))]
 unsafe fn fault_address(info: *mut libc::siginfo_t) -> usize {
     (*info).si_addr as usize
 }

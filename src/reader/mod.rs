@@ -346,8 +346,9 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Hints that the maps will be read front to back.
+    /// Hints that the maps will be read front to back (unix; elsewhere a no-op).
     pub fn advise_sequential(&self) {
+        #[cfg(all(unix, not(relayout_portable)))]
         for f in &self.files {
             // Advice is a hint; failing to give it changes nothing but speed.
             let _ = f.map.advise(memmap2::Advice::Sequential);
@@ -357,7 +358,17 @@ impl Checkpoint {
     /// Drops the pages of `t`'s storage from this process's resident set once a tensor is
     /// done, so memory does not grow with the checkpoint. The file is unchanged; pages
     /// are read again from the page cache if needed.
+    /// Unix only: elsewhere the pages stay until the map is dropped (the OS still
+    /// reclaims clean file pages under pressure).
     pub fn release(&self, t: &TensorInfo) {
+        #[cfg(all(unix, not(relayout_portable)))]
+        self.release_pages(t);
+        #[cfg(any(not(unix), relayout_portable))]
+        let _ = t;
+    }
+
+    #[cfg(all(unix, not(relayout_portable)))]
+    fn release_pages(&self, t: &TensorInfo) {
         let Some(s) = self.storages.get(t.storage) else {
             return;
         };
@@ -380,6 +391,7 @@ impl Checkpoint {
     }
 }
 
+#[cfg(all(unix, not(relayout_portable)))]
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -453,7 +465,7 @@ pub(crate) fn map_file(path: &Path) -> Result<MappedFile> {
 
 /// Why a path that is not a regular file cannot be read as one.
 pub(crate) fn not_regular(meta: &std::fs::Metadata) -> String {
-    #[cfg(unix)]
+    #[cfg(all(unix, not(relayout_portable)))]
     {
         use std::os::unix::fs::FileTypeExt;
         let t = meta.file_type();
@@ -470,7 +482,7 @@ pub(crate) fn not_regular(meta: &std::fs::Metadata) -> String {
         };
         format!("{kind}, not a regular file; relayout reads only regular files")
     }
-    #[cfg(not(unix))]
+    #[cfg(any(not(unix), relayout_portable))]
     {
         let _ = meta;
         "not a regular file; relayout reads only regular files".to_string()

@@ -133,7 +133,7 @@ impl SafetensorsWriter {
         let mut still = Vec::with_capacity(self.closing.len());
         for (id, mut f) in self.closing.drain(..) {
             if closed.contains(&id) {
-                f.assume_synced();
+                f.assume_synced()?;
                 ready.push(f);
             } else {
                 still.push((id, f));
@@ -150,13 +150,11 @@ impl SafetensorsWriter {
         let closing = std::mem::take(&mut self.closing);
         let last = self.finish_uncommitted()?;
         // The stream finished: its thread closed every earlier file.
-        let mut all: Vec<AtomicFile> = closing
-            .into_iter()
-            .map(|(_, mut f)| {
-                f.assume_synced();
-                f
-            })
-            .collect();
+        let mut all = Vec::with_capacity(closing.len() + 1);
+        for (_, mut f) in closing {
+            f.assume_synced()?;
+            all.push(f);
+        }
         all.push(last);
         Ok(all)
     }

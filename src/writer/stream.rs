@@ -361,13 +361,13 @@ impl Drop for BlockStream {
     }
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(relayout_portable)))]
 fn write_at(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     file.write_all_at(bytes, offset)
 }
 
-#[cfg(not(unix))]
+#[cfg(any(not(unix), relayout_portable))]
 fn write_at(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
     use std::io::{Seek, SeekFrom, Write};
     let mut f = file;
@@ -485,7 +485,7 @@ mod tests {
                 let mut rest = Vec::new();
                 for (i, (target, mut out, len)) in outs.into_iter().enumerate() {
                     if i + 1 < lengths.len() {
-                        out.assume_synced();
+                        out.assume_synced().unwrap();
                     }
                     out.commit().unwrap();
                     let got = std::fs::read(&target).unwrap();

@@ -173,3 +173,39 @@ pub fn all_backends() -> Vec<Box<dyn Backend>> {
     }
     list
 }
+
+/// Waits until process `pid` is writing an output in `dir`: a named temporary file
+/// (`*.tmp`) exists there, or (Linux) the process holds an unnamed one (`O_TMPFILE`,
+/// shown by /proc as `DIR/#INODE (deleted)`). The state is observed, not waited for by
+/// time; panics after two minutes.
+pub fn wait_until_writing(pid: u32, dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    loop {
+        let named = std::fs::read_dir(dir)
+            .map(|r| {
+                r.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            })
+            .unwrap_or(false);
+        let unnamed = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|r| {
+                r.flatten().any(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|t| {
+                        let t = t.to_string_lossy();
+                        t.starts_with(&*canonical.to_string_lossy()) && t.ends_with(" (deleted)")
+                    })
+                })
+            })
+            .unwrap_or(false);
+        if named || unnamed {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} never started writing in {}",
+            dir.display()
+        );
+        std::thread::yield_now();
+    }
+}
