@@ -19,11 +19,8 @@ pub enum Error {
     #[error("{}: not a checkpoint relayout can read: {detail}", path.display())]
     UnknownFormat { path: PathBuf, detail: String },
 
-    #[error(
-        "{}: legacy torch.save format (written before PyTorch 1.6, not a zip archive) is not supported; re-save it with torch.save(torch.load(path), path) on PyTorch 1.6 or newer",
-        path.display()
-    )]
-    LegacyTorchFormat { path: PathBuf },
+    #[error("{}: malformed legacy torch.save file (written before PyTorch 1.6): {detail}", path.display())]
+    LegacyTorchFormat { path: PathBuf, detail: String },
 
     #[error("{}: header of {size} bytes exceeds the limit of {limit} bytes", path.display())]
     HeaderTooLarge {
@@ -114,7 +111,7 @@ pub enum Error {
     #[error("{}: input changed while reading: {detail}", path.display())]
     InputChanged { path: PathBuf, detail: String },
 
-    #[error("{}: the output needs {}, {} free there", path.display(), human_bytes(*needed), human_bytes(*available))]
+    #[error("not enough space: the output needs {}, {} free on {}", human_bytes(*needed), human_bytes(*available), path.display())]
     NoSpace {
         path: PathBuf,
         needed: u64,

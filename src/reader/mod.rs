@@ -12,6 +12,8 @@ pub enum Format {
     Safetensors,
     ShardedSafetensors,
     PyTorchZip,
+    /// `torch.save` before PyTorch 1.6 (a pickle stream followed by the storages).
+    PyTorchLegacy,
     ShardedPyTorch,
 }
 
@@ -509,9 +511,10 @@ pub(crate) fn parse_single(file: &MappedFile, opts: &OpenOptions) -> Result<(For
         return Ok((Format::PyTorchZip, parsed));
     }
     if pytorch::is_legacy(&file.map) {
-        return Err(Error::LegacyTorchFormat {
-            path: file.path.clone(),
-        });
+        // One format for both torch.save layouts: past the parser, nothing reads them
+        // differently.
+        let parsed = pytorch::parse_legacy(&file.path, &file.map, opts.key.as_deref())?;
+        return Ok((Format::PyTorchLegacy, parsed));
     }
     if safetensors::sniff(&file.map) {
         return Ok((

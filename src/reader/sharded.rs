@@ -143,7 +143,7 @@ pub(crate) fn open(index: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
     for (file_name, _) in &shards {
         let file = map_file(&dir.join(file_name))?;
         let (shard_format, parsed) = parse_single(&file, opts)?;
-        if shard_format == Format::PyTorchZip {
+        if matches!(shard_format, Format::PyTorchZip | Format::PyTorchLegacy) {
             format = Format::ShardedPyTorch;
         }
         parts.push((file, parsed));

@@ -1,24 +1,30 @@
-//! torch.save checkpoints in the zip format (PyTorch 1.6 and newer): `.pt`, `.pth`, `.bin`.
+//! torch.save checkpoints (`.pt`, `.pth`, `.bin`): the zip format of PyTorch 1.6 and
+//! newer, and the [`legacy`] stream before it.
 //!
 //! The archive holds `<prefix>/data.pkl` (a pickle describing the object saved) and one
 //! entry `<prefix>/data/<key>` per storage, stored uncompressed. The pickle is run by a
 //! restricted VM ([`pickle`]) that only knows the few globals a state dict needs; the
 //! storages are handed back as byte ranges of the mapped file, never copied.
 
-mod pickle;
-mod zip;
+mod legacy;
+pub(crate) mod pickle;
+pub(crate) mod zip;
+
+pub(crate) use self::legacy::parse as parse_legacy;
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use self::pickle::{Unpickled, Value};
+use self::pickle::{DictItem, Span, StorageRef, Unpickled, Value};
 use self::zip::Archive;
 use super::{Parsed, TensorInfo};
 use crate::error::{Error, Result};
 
 /// How many keys an error message lists before it elides the rest.
 const MAX_LISTED_KEYS: usize = 20;
+/// Characters of a key an error message shows before it elides the rest.
+const MAX_SHOWN_KEY_CHARS: usize = 80;
 
 /// Parses a torch.save zip held in `map` (the whole mmapped file). Storages come back as
 /// byte ranges of `map` (stored zip entries are mapped, never copied); tensors index into
@@ -34,13 +40,11 @@ pub(crate) fn parse(path: &Path, map: &[u8], key: Option<&str>) -> Result<Parsed
         detail: format!("zip archive without a '{pkl_name}' entry"),
     })?;
     let pkl = entry_bytes(map, archive.data(pkl_entry)?);
-    let un = pickle::load(path, pkl)?;
-    let root = un.root.as_ref().ok_or_else(|| Error::Pickle {
-        path: path.to_path_buf(),
-        detail: "no object".into(),
-    })?;
-    let state = select_state_dict(path, &un, root, key)?;
-    build(path, &archive, &prefix, &un, state)
+    let (un, root) = pickle::load(path, pkl)?;
+    let state = select_state_dict(path, &un, &root, key)?;
+    build(path, &un, state, |_, sref| {
+        storage_range(path, &archive, &prefix, sref)
+    })
 }
 
 /// True when `bytes` start like the legacy (pre-1.6, non-zip) torch.save format: a pickle
@@ -120,28 +124,34 @@ fn is_tensor_dict(un: &Unpickled, v: &Value) -> bool {
         !items.is_empty()
             && items
                 .iter()
-                .all(|(k, v)| matches!((k, v), (Value::Str(_), Value::Tensor(_))))
+                .all(|e| matches!((e.key, e.value), (Value::Str(_), Value::Tensor(_))))
     })
 }
 
-fn key_display(k: &Value) -> String {
+fn key_display(un: &Unpickled, k: &Value) -> String {
     match k {
-        Value::Str(s) => s.to_string(),
+        Value::Str(_) => {
+            let s = un.str(k).unwrap_or_default();
+            match s.char_indices().nth(MAX_SHOWN_KEY_CHARS) {
+                Some((cut, _)) => format!("{}…", s.get(..cut).unwrap_or_default()),
+                None => s.to_owned(),
+            }
+        }
         Value::Int(i) => i.to_string(),
         other => format!("<{}>", other.kind()),
     }
 }
 
-fn list_keys<'v>(keys: impl Iterator<Item = &'v Value>) -> String {
-    let keys: Vec<String> = keys.map(key_display).collect();
+/// The first keys, quoted, and how many more there are: only what is shown is formatted.
+fn list_keys<'v>(un: &Unpickled, keys: impl ExactSizeIterator<Item = &'v Value>) -> String {
+    let total = keys.len();
     let mut s = keys
-        .iter()
         .take(MAX_LISTED_KEYS)
-        .map(|k| format!("'{k}'"))
+        .map(|k| format!("'{}'", key_display(un, k)))
         .collect::<Vec<_>>()
         .join(", ");
-    if keys.len() > MAX_LISTED_KEYS {
-        s.push_str(&format!(" and {} more", keys.len() - MAX_LISTED_KEYS));
+    if total > MAX_LISTED_KEYS {
+        s.push_str(&format!(" and {} more", total - MAX_LISTED_KEYS));
     }
     if s.is_empty() {
         s.push_str("none");
@@ -155,7 +165,7 @@ fn select_state_dict<'u>(
     un: &'u Unpickled,
     root: &Value,
     key: Option<&str>,
-) -> Result<&'u [(Value, Value)]> {
+) -> Result<&'u [DictItem]> {
     let no_state = |detail: String| Error::NoStateDict {
         path: path.to_path_buf(),
         detail,
@@ -166,111 +176,124 @@ fn select_state_dict<'u>(
             root.kind()
         ))
     })?;
+    let top_keys = || list_keys(un, top.iter().map(|e| &e.key));
     if let Some(key) = key {
         // The last occurrence wins, as in the dict Python would build.
-        let found = top
-            .iter()
-            .rev()
-            .find(|(k, _)| matches!(k, Value::Str(s) if &**s == key));
-        let Some((_, v)) = found else {
+        let found = top.iter().rev().find(|e| un.str_is(&e.key, key));
+        let Some(entry) = found else {
             return Err(no_state(format!(
                 "no key '{key}' in the saved dict; available keys: {}",
-                list_keys(top.iter().map(|(k, _)| k))
+                top_keys()
             )));
         };
-        let keys = || list_keys(top.iter().map(|(k, _)| k));
+        let v = &entry.value;
         let items = un.dict(v).ok_or_else(|| {
             no_state(format!(
                 "'{key}' is a {}, not a dict of tensors; available keys: {}",
                 v.kind(),
-                keys()
+                top_keys()
             ))
         })?;
-        if let Some((k, v)) = items.iter().find(|(_, v)| !matches!(v, Value::Tensor(_))) {
+        if let Some(e) = items.iter().find(|e| !matches!(e.value, Value::Tensor(_))) {
             return Err(no_state(format!(
                 "'{key}' is not a dict of tensors: its entry '{}' is a {}; available keys: {}",
-                key_display(k),
-                v.kind(),
-                keys()
+                key_display(un, &e.key),
+                e.value.kind(),
+                top_keys()
             )));
         }
         return Ok(items);
     }
-    if top.iter().all(|(_, v)| matches!(v, Value::Tensor(_))) {
+    if top.iter().all(|e| matches!(e.value, Value::Tensor(_))) {
         return Ok(top);
     }
-    let candidates: Vec<&(Value, Value)> =
-        top.iter().filter(|(_, v)| is_tensor_dict(un, v)).collect();
+    // Each dict is checked once, however many entries refer to it through the memo.
+    let mut checked: HashMap<u32, bool> = HashMap::new();
+    let candidates: Vec<&DictItem> = top
+        .iter()
+        .filter(|e| match e.value {
+            Value::Dict(id) => *checked
+                .entry(id)
+                .or_insert_with(|| is_tensor_dict(un, &e.value)),
+            _ => false,
+        })
+        .collect();
     match candidates.as_slice() {
-        [(_, v)] => un
-            .dict(v)
+        [e] => un
+            .dict(&e.value)
             .ok_or_else(|| no_state("the state dict vanished".into())),
         [] => Err(no_state(format!(
             "the saved dict holds values that are not tensors and no entry is a dict of tensors; top-level keys: {}",
-            list_keys(top.iter().map(|(k, _)| k))
+            top_keys()
         ))),
         many => Err(no_state(format!(
             "several entries are dicts of tensors ({}); choose one with a key",
-            list_keys(many.iter().map(|(k, _)| k))
+            list_keys(un, many.iter().map(|e| &e.key))
         ))),
     }
 }
 
-/// Turns the state dict's items into tensors over the storages they use.
+/// Turns the state dict's items into tensors over the storages they use. `range_of`
+/// gives the byte range of a storage of the pickle (its index in `un.storages`), checked
+/// to hold all of its elements; it is asked once per storage used.
 fn build(
     path: &Path,
-    archive: &Archive,
-    prefix: &str,
     un: &Unpickled,
-    state: &[(Value, Value)],
+    state: &[DictItem],
+    mut range_of: impl FnMut(usize, &StorageRef) -> Result<Range<usize>>,
 ) -> Result<Parsed> {
     let mut parsed = Parsed::default();
     // Storage of the pickle → index in `parsed.storages`, only for storages used.
     let mut storage_index: HashMap<usize, usize> = HashMap::new();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
-    for (k, v) in state {
-        let name = match k {
-            Value::Str(s) => s.to_string(),
-            other => {
-                return Err(Error::NoStateDict {
-                    path: path.to_path_buf(),
-                    detail: format!(
-                        "the state dict has a {} key '{}'",
-                        other.kind(),
-                        key_display(other)
-                    ),
-                })
-            }
+    // Names are looked up by their span of the pickle first: a name the memo repeats is
+    // read and hashed once, not once per entry, so a long name repeated costs no more
+    // than its bytes in the pickle.
+    let mut by_span: HashMap<Span, usize> = HashMap::new();
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    for item in state {
+        let Value::Str(span) = item.key else {
+            return Err(Error::NoStateDict {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "the state dict has a {} key '{}'",
+                    item.key.kind(),
+                    key_display(un, &item.key)
+                ),
+            });
         };
         let bad = |detail: String| Error::BadTensor {
             path: path.to_path_buf(),
-            tensor: name.clone(),
+            tensor: un.str(&item.key).unwrap_or_default().to_owned(),
             detail,
         };
-        let Value::Tensor(t) = v else {
+        let Value::Tensor(t) = item.value else {
             return Err(bad(format!(
                 "is a {}, not a tensor (nested containers inside a state dict are not supported)",
-                v.kind()
+                item.value.kind()
             )));
         };
         let raw = un
             .tensors
-            .get(*t)
+            .get(t as usize)
             .ok_or_else(|| bad("dangling tensor".into()))?;
+        let view = un
+            .views
+            .get(raw.storage)
+            .ok_or_else(|| bad("dangling storage".into()))?;
         let sref = un
             .storages
-            .get(raw.storage)
+            .get(view.root)
             .ok_or_else(|| bad("dangling storage".into()))?;
         let to_usize = |x: i64, what: &str| {
             usize::try_from(x).map_err(|_| bad(format!("{what} {x} is negative")))
         };
-        let shape = raw
-            .shape
+        let shape = un
+            .shape(raw)
             .iter()
             .map(|&n| to_usize(n, "size"))
             .collect::<Result<Vec<_>>>()?;
-        let strides = raw
-            .strides
+        let strides = un
+            .strides(raw)
             .iter()
             .map(|&s| to_usize(s, "stride"))
             .collect::<Result<Vec<_>>>()?;
@@ -283,24 +306,27 @@ fn build(
                 "shape {shape:?} with strides {strides:?} overflows"
             ))
         })?;
-        if extent > sref.numel {
+        if extent > view.numel {
             return Err(bad(format!(
                 "shape {shape:?} with strides {strides:?} at offset {offset} reaches element {extent} of a storage of {} elements",
-                sref.numel
+                view.numel
             )));
         }
-        let storage = match storage_index.get(&raw.storage) {
+        // A view of a legacy storage starts inside its root.
+        let offset = offset
+            .checked_add(view.offset)
+            .ok_or_else(|| bad(format!("storage offset {offset} overflows")))?;
+        let storage = match storage_index.get(&view.root) {
             Some(&i) => i,
             None => {
-                let range = storage_range(path, archive, prefix, sref)?;
-                parsed.storages.push(range);
+                parsed.storages.push(range_of(view.root, sref)?);
                 let i = parsed.storages.len() - 1;
-                storage_index.insert(raw.storage, i);
+                storage_index.insert(view.root, i);
                 i
             }
         };
         let info = TensorInfo {
-            name: name.clone(),
+            name: String::new(),
             dtype: sref.dtype,
             shape,
             strides,
@@ -308,16 +334,27 @@ fn build(
             storage,
         };
         // A repeated key replaces the value in place, as in the dict Python would build.
-        match by_name.get(&name) {
-            Some(&i) => {
+        let known = match by_span.get(&span) {
+            Some(&i) => Some(i),
+            None => {
+                let name = un.str(&item.key).unwrap_or_default();
+                let known = by_name.get(name).copied();
+                let i = *by_name.entry(name).or_insert(parsed.tensors.len());
+                by_span.insert(span, i);
+                known
+            }
+        };
+        match known {
+            Some(i) => {
                 if let Some(slot) = parsed.tensors.get_mut(i) {
-                    *slot = info;
+                    let name = std::mem::take(&mut slot.name);
+                    *slot = TensorInfo { name, ..info };
                 }
             }
-            None => {
-                by_name.insert(name, parsed.tensors.len());
-                parsed.tensors.push(info);
-            }
+            None => parsed.tensors.push(TensorInfo {
+                name: un.str(&item.key).unwrap_or_default().to_owned(),
+                ..info
+            }),
         }
     }
     Ok(parsed)
@@ -328,7 +365,7 @@ fn storage_range(
     path: &Path,
     archive: &Archive,
     prefix: &str,
-    sref: &pickle::StorageRef,
+    sref: &StorageRef,
 ) -> Result<Range<usize>> {
     let name = format!("{prefix}data/{}", sref.key);
     let entry = archive.get(&name).ok_or_else(|| Error::Zip {

@@ -15,6 +15,19 @@ fn parse_bytes(bytes: &[u8], key: Option<&str>) -> Result<Parsed> {
     parse(Path::new(PATH), bytes, key)
 }
 
+fn parse_legacy_bytes(bytes: &[u8], key: Option<&str>) -> Result<Parsed> {
+    parse_legacy(Path::new(PATH), bytes, key)
+}
+
+/// The parser `reader::parse_single` would pick for `bytes`.
+fn parse_either(bytes: &[u8], key: Option<&str>) -> Result<Parsed> {
+    if is_legacy(bytes) {
+        parse_legacy_bytes(bytes, key)
+    } else {
+        parse_bytes(bytes, key)
+    }
+}
+
 /// The naive oracle: walks `shape` row-major and reads element `offset + Σ i_k·stride_k`.
 fn gather(map: &[u8], parsed: &Parsed, t: &TensorInfo) -> Vec<u8> {
     let size = t.dtype.size();
@@ -37,7 +50,7 @@ fn gather(map: &[u8], parsed: &Parsed, t: &TensorInfo) -> Vec<u8> {
 /// the tensor names in file order.
 fn check_against_expected(pt: &str, expected: &str, key: Option<&str>) -> Vec<String> {
     let map = fixture(pt);
-    let parsed = parse_bytes(&map, key).unwrap_or_else(|e| panic!("{pt}: {e}"));
+    let parsed = parse_either(&map, key).unwrap_or_else(|e| panic!("{pt}: {e}"));
     let want_bytes = fixture(expected);
     let want = safetensors::SafeTensors::deserialize(&want_bytes).unwrap();
     let got_names: BTreeSet<&str> = parsed.tensors.iter().map(|t| t.name.as_str()).collect();
@@ -202,15 +215,92 @@ fn legacy_format_is_recognised_and_not_taken_for_zip() {
     let legacy = fixture("legacy_format.pt");
     assert!(is_legacy(&legacy));
     assert!(!is_zip(&legacy));
-    assert!(parse_bytes(&legacy, None).is_err());
+    assert!(matches!(parse_bytes(&legacy, None), Err(Error::Zip { .. })));
     let zip = fixture("small_cnn.pt");
     assert!(is_zip(&zip));
     assert!(!is_legacy(&zip));
+    assert!(matches!(
+        parse_legacy_bytes(&zip, None),
+        Err(Error::LegacyTorchFormat { .. })
+    ));
     // Protocol 4 opens with a FRAME before the magic number.
     let mut framed = vec![0x80, 4, 0x95, 30, 0, 0, 0, 0, 0, 0, 0];
     framed.extend_from_slice(&legacy[2..]);
     assert!(is_legacy(&framed));
     assert!(!is_legacy(&legacy[..8]));
+}
+
+#[test]
+fn legacy_format_matches_its_expected_twin() {
+    let names = check_against_expected(
+        "legacy_format.pt",
+        "legacy_format.expected.safetensors",
+        None,
+    );
+    assert_eq!(names, ["w", "b"]);
+}
+
+#[test]
+fn legacy_storages_are_mapped_in_place_in_key_list_order() {
+    let map = fixture("legacy_format.pt");
+    let p = parse_legacy_bytes(&map, None).unwrap();
+    // The key list names b's LongStorage first: its 8-byte count sits at 458, then 4
+    // i64; w's count follows, then 15 f32 up to the end of the file.
+    let range = |name: &str| {
+        let t = p.tensors.iter().find(|t| t.name == name).unwrap();
+        p.storages[t.storage].clone()
+    };
+    assert_eq!(range("b"), 466..498);
+    assert_eq!(range("w"), 506..566);
+    assert_eq!(map[458..466], 4u64.to_le_bytes());
+    assert_eq!(map[498..506], 15u64.to_le_bytes());
+}
+
+#[test]
+fn every_truncation_of_the_legacy_fixture_fails_without_panic() {
+    let map = fixture("legacy_format.pt");
+    // The last storage ends the file, so every shorter prefix lacks something.
+    for len in 0..map.len() {
+        assert!(
+            parse_legacy_bytes(&map[..len], None).is_err(),
+            "length {len}"
+        );
+    }
+    assert!(parse_legacy_bytes(&map, None).is_ok());
+}
+
+#[test]
+fn corruptions_of_the_legacy_fixture_never_panic() {
+    let map = fixture("legacy_format.pt");
+    let mut buf = map.clone();
+    let (mut ok, mut tried) = (0usize, 0usize);
+    for pos in 0..map.len() {
+        for v in [map[pos] ^ 0x01, map[pos] ^ 0x80, 0xff, 0x00] {
+            buf[pos] = v;
+            tried += 1;
+            if parse_legacy_bytes(&buf, None).is_ok() {
+                ok += 1;
+            }
+        }
+        buf[pos] = map[pos];
+    }
+    // Storage bytes and some names still parse; structural corruptions do not.
+    assert!(ok > 0 && ok < tried, "{ok} of {tried}");
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..5000 {
+        let mut buf = map.clone();
+        for _ in 0..1 + next() % 8 {
+            let pos = (next() % buf.len() as u64) as usize;
+            buf[pos] = next() as u8;
+        }
+        let _ = parse_legacy_bytes(&buf, None);
+    }
 }
 
 #[test]
@@ -394,6 +484,18 @@ struct Spec {
     offset: i64,
     shape: Vec<i64>,
     stride: Vec<i64>,
+    pid: Pid,
+}
+
+/// The persistent id [`Pickle::tensor`] writes for a storage.
+#[derive(Clone, Copy)]
+enum Pid {
+    /// `('storage', type, key, location, numel)`.
+    Zip,
+    /// `('storage', type, key, location, numel, None)`.
+    Legacy,
+    /// `('storage', type, key, location, numel, (view_key, offset, numel))`.
+    LegacyView(&'static str, i64, i64),
 }
 
 fn spec(name: &'static str, key: &'static str, shape: &[i64], stride: &[i64]) -> Spec {
@@ -405,6 +507,14 @@ fn spec(name: &'static str, key: &'static str, shape: &[i64], stride: &[i64]) ->
         offset: 0,
         shape: shape.into(),
         stride: stride.into(),
+        pid: Pid::Zip,
+    }
+}
+
+fn legacy_spec(name: &'static str, key: &'static str, shape: &[i64], stride: &[i64]) -> Spec {
+    Spec {
+        pid: Pid::Legacy,
+        ..spec(name, key, shape, stride)
     }
 }
 
@@ -472,7 +582,17 @@ impl Pickle {
     fn tensor(&mut self, t: &Spec) -> &mut Self {
         self.global("torch._utils", "_rebuild_tensor_v2").op(b'(');
         self.op(b'(').str("storage").global("torch", t.storage_type);
-        self.str(t.key).str("cpu").int(t.numel).op(b't').op(b'Q');
+        self.str(t.key).str("cpu").int(t.numel);
+        match t.pid {
+            Pid::Zip => {}
+            Pid::Legacy => {
+                self.op(b'N');
+            }
+            Pid::LegacyView(key, offset, numel) => {
+                self.str(key).int(offset).int(numel).op(0x87);
+            }
+        }
+        self.op(b't').op(b'Q');
         self.int(t.offset).ints(&t.shape).ints(&t.stride).op(0x89);
         self.global("collections", "OrderedDict").op(b')').op(b'R');
         self.op(b't').op(b'R')
@@ -921,4 +1041,509 @@ fn storage_referenced_with_two_dtypes_is_a_pickle_error() {
         .state_dict(&[spec("a", "0", &[4], &[1]), b])
         .finish();
     assert!(matches!(parse_pickle(pkl), Err(Error::Pickle { .. })));
+}
+
+// ---- synthetic legacy files -------------------------------------------------------------
+
+/// The magic number 0x1950a86a20f9469cfc6c as LONG1 writes it.
+const LEGACY_MAGIC: [u8; 12] = [
+    0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
+];
+
+/// One storage's data in a legacy file: its key in the key list, the element count
+/// written before it, its bytes.
+struct LegacyStorage {
+    key: &'static str,
+    count: u64,
+    data: Vec<u8>,
+}
+
+fn legacy_storage(key: &'static str, data: Vec<u8>, element_size: usize) -> LegacyStorage {
+    LegacyStorage {
+        key,
+        count: (data.len() / element_size) as u64,
+        data,
+    }
+}
+
+/// A legacy torch.save stream: magic number, protocol `version`, sys_info, `main`, the
+/// key list and the storages, in that order.
+fn legacy_file_with(
+    version: u16,
+    little_endian: bool,
+    main: Vec<u8>,
+    storages: &[LegacyStorage],
+) -> Vec<u8> {
+    let mut out = vec![0x80, 2];
+    out.extend_from_slice(&LEGACY_MAGIC);
+    out.extend_from_slice(&[b'.', 0x80, 2, b'M']);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.push(b'.');
+    let mut info = Pickle::new(false);
+    info.op(b'}').op(b'(').str("protocol_version").int(1001);
+    info.str("little_endian")
+        .op(if little_endian { 0x88 } else { 0x89 });
+    info.str("type_sizes").op(b'}').op(b'u');
+    out.extend(info.finish());
+    out.extend(main);
+    let mut keys = Pickle::new(false);
+    keys.op(b']').op(b'(');
+    for s in storages {
+        keys.str(s.key);
+    }
+    keys.op(b'e');
+    out.extend(keys.finish());
+    for s in storages {
+        out.extend_from_slice(&s.count.to_le_bytes());
+        out.extend_from_slice(&s.data);
+    }
+    out
+}
+
+fn legacy_file(main: Vec<u8>, storages: &[LegacyStorage]) -> Vec<u8> {
+    legacy_file_with(1001, true, main, storages)
+}
+
+fn longs(n: usize) -> Vec<u8> {
+    (0..n as i64)
+        .flat_map(|i| (100 + i).to_le_bytes())
+        .collect()
+}
+
+/// `a` (views of storage "1", 24 f32) and `n` (storage "0", 3 i64), whose data the key
+/// list puts in the order "0", "1".
+fn two_storage_legacy() -> Vec<u8> {
+    let mut b = legacy_spec("b", "1", &[2, 3], &[1, 4]);
+    b.offset = 1;
+    let mut n = legacy_spec("n", "0", &[3], &[1]);
+    n.storage_type = "LongStorage";
+    n.numel = 3;
+    let main = Pickle::new(false)
+        .state_dict(&[legacy_spec("a", "1", &[4, 6], &[6, 1]), b, n])
+        .finish();
+    legacy_file(
+        main,
+        &[
+            legacy_storage("0", longs(3), 8),
+            legacy_storage("1", floats(24), 4),
+        ],
+    )
+}
+
+fn legacy_err(map: &[u8]) -> Error {
+    match parse_legacy_bytes(map, None) {
+        Err(e) => e,
+        Ok(p) => panic!("parsed: {p:?}"),
+    }
+}
+
+fn legacy_detail(map: &[u8]) -> String {
+    match legacy_err(map) {
+        Error::LegacyTorchFormat { detail, .. } => detail,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn synthetic_legacy_file_reads_views_and_dtypes_from_its_ranges() {
+    let map = two_storage_legacy();
+    let p = parse_legacy_bytes(&map, None).unwrap();
+    assert_eq!(p.storages.len(), 2);
+    let got = values(&map, &p);
+    assert_eq!(got[0], ("a".to_string(), floats(24)));
+    let b: Vec<u8> = [1, 5, 9, 2, 6, 10]
+        .iter()
+        .flat_map(|&i| (i as f32).to_le_bytes())
+        .collect();
+    assert_eq!(got[1], ("b".to_string(), b));
+    assert_eq!(got[2], ("n".to_string(), longs(3)));
+    assert_eq!(p.tensors[2].dtype, DType::I64);
+    // Both ranges lie in the file, one after the other, after their counts.
+    let [first, second] = [&p.storages[p.tensors[2].storage], &p.storages[0]];
+    assert_eq!(first.end + 8, second.start);
+    assert_eq!(second.end, map.len());
+}
+
+#[test]
+fn legacy_protocol_4_and_python_2_strings_read_alike() {
+    let want = parse_legacy_bytes(&two_storage_legacy(), None).unwrap();
+    let main = Pickle::new(true)
+        .state_dict(&[Spec {
+            pid: Pid::Legacy,
+            ..spec("a", "0", &[4, 6], &[6, 1])
+        }])
+        .finish();
+    let map = legacy_file(main, &[legacy_storage("0", floats(24), 4)]);
+    let p4 = parse_legacy_bytes(&map, None).unwrap();
+    assert_eq!(p4.tensors[0], want.tensors[0]);
+    // Python 2 pickled str keys as SHORT_BINSTRING; torch.load reads them as UTF-8.
+    let mut p = Pickle::new(false);
+    p.op(b'}').op(b'U').op(1).op(b'a');
+    p.tensor(&legacy_spec("a", "0", &[4, 6], &[6, 1])).op(b's');
+    let map = legacy_file(p.finish(), &[legacy_storage("0", floats(24), 4)]);
+    assert_eq!(parse_legacy_bytes(&map, None).unwrap().tensors[0].name, "a");
+}
+
+#[test]
+fn legacy_storage_views_start_at_their_offset_inside_the_root() {
+    // A view of elements 4..16 of a 24-element storage; the tensor reads its 3x4 rows.
+    let mut t = legacy_spec("v", "0", &[3, 4], &[4, 1]);
+    t.pid = Pid::LegacyView("9", 4, 12);
+    let mut whole = legacy_spec("w", "0", &[24], &[1]);
+    whole.pid = Pid::Legacy;
+    let main = Pickle::new(false).state_dict(&[t.clone(), whole]).finish();
+    let map = legacy_file(main, &[legacy_storage("0", floats(24), 4)]);
+    let p = parse_legacy_bytes(&map, None).unwrap();
+    assert_eq!(p.storages.len(), 1);
+    assert_eq!(p.tensors[0].offset, 4);
+    assert_eq!(p.tensors[0].storage, p.tensors[1].storage);
+    let want: Vec<u8> = (4..16).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    assert_eq!(values(&map, &p)[0].1, want);
+
+    // A tensor reaching past its view is refused though the root is larger.
+    let mut over = t.clone();
+    over.shape = vec![4, 4];
+    let main = Pickle::new(false).state_dict(&[over]).finish();
+    let map = legacy_file(main, &[legacy_storage("0", floats(24), 4)]);
+    match legacy_err(&map) {
+        Error::BadTensor { detail, .. } => assert!(detail.contains("of 12 elements"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    // A view reaching past its root is refused in the pickle.
+    let mut outside = t;
+    outside.pid = Pid::LegacyView("9", 20, 12);
+    let main = Pickle::new(false).state_dict(&[outside]).finish();
+    let map = legacy_file(main, &[legacy_storage("0", floats(24), 4)]);
+    match legacy_err(&map) {
+        Error::Pickle { detail, .. } => assert!(detail.contains("view '9'"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn legacy_storage_keys_listed_twice_missing_or_unknown_name_the_key() {
+    let main = || {
+        Pickle::new(false)
+            .state_dict(&[legacy_spec("a", "k0", &[4], &[1])])
+            .finish()
+    };
+    let s = |key| legacy_storage(key, floats(24), 4);
+    let twice = legacy_file(main(), &[s("k0"), s("k0")]);
+    assert!(legacy_detail(&twice).contains("'k0' is listed twice"));
+    let missing = legacy_file(main(), &[]);
+    assert!(legacy_detail(&missing).contains("'k0' is missing"));
+    let unknown = legacy_file(main(), &[s("k0"), s("k9")]);
+    assert!(legacy_detail(&unknown).contains("'k9' is listed"));
+    let err = legacy_err(&twice).to_string();
+    assert!(err.starts_with(PATH), "{err}");
+}
+
+#[test]
+fn legacy_storage_counts_must_match_the_pickle_and_fit_in_the_file() {
+    let main = |numel: i64| {
+        let mut t = legacy_spec("a", "0", &[4], &[1]);
+        t.numel = numel;
+        Pickle::new(false).state_dict(&[t]).finish()
+    };
+    let mut wrong = legacy_storage("0", floats(24), 4);
+    wrong.count = 23;
+    let map = legacy_file(main(24), &[wrong]);
+    assert!(legacy_detail(&map).contains("holds 23 elements"));
+    // Counts the file cannot hold, up to ones whose byte size overflows.
+    for numel in [25, 1 << 40, i64::MAX] {
+        let mut s = legacy_storage("0", floats(24), 4);
+        s.count = numel as u64;
+        match legacy_err(&legacy_file(main(numel), &[s])) {
+            Error::Truncated { detail, .. } => assert!(detail.contains("'0'"), "{detail}"),
+            other => panic!("{numel}: {other:?}"),
+        }
+    }
+    // The count itself cut off.
+    let mut map = legacy_file(main(24), &[legacy_storage("0", floats(24), 4)]);
+    map.truncate(map.len() - 24 * 4 - 3);
+    assert!(matches!(legacy_err(&map), Error::Truncated { .. }));
+}
+
+#[test]
+fn big_endian_legacy_files_are_refused_clearly() {
+    let main = Pickle::new(false)
+        .state_dict(&[legacy_spec("a", "0", &[4], &[1])])
+        .finish();
+    let map = legacy_file_with(1001, false, main, &[legacy_storage("0", floats(24), 4)]);
+    match legacy_err(&map) {
+        Error::UnknownFormat { detail, .. } => assert!(detail.contains("big-endian"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn legacy_header_pickles_are_checked() {
+    let main = || {
+        Pickle::new(false)
+            .state_dict(&[legacy_spec("a", "0", &[4], &[1])])
+            .finish()
+    };
+    let data = || [legacy_storage("0", floats(24), 4)];
+    let map = legacy_file_with(1000, true, main(), &data());
+    assert!(legacy_detail(&map).contains("protocol version 1000"));
+    // A zip-style persistent id (no view metadata) is not the legacy one.
+    let zip_pid = Pickle::new(false)
+        .state_dict(&[spec("a", "0", &[4], &[1])])
+        .finish();
+    match legacy_err(&legacy_file(zip_pid, &data())) {
+        Error::Pickle { detail, .. } => assert!(detail.contains("view_metadata"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    // ... and the legacy one is not the zip one.
+    let legacy_pid = Pickle::new(false)
+        .state_dict(&[legacy_spec("a", "0", &[4], &[1])])
+        .finish();
+    assert!(matches!(
+        parse_pickle(legacy_pid),
+        Err(Error::Pickle { .. })
+    ));
+    // The main pickle has the zip format's allowlist.
+    let mut p = Pickle::new(false);
+    p.op(b'}').str("x").global("posix", "system");
+    assert!(matches!(
+        legacy_err(&legacy_file(p.finish(), &data())),
+        Error::ForbiddenGlobal { .. }
+    ));
+}
+
+// ---- VM memory --------------------------------------------------------------------------
+
+/// Runs `pkl` as a data.pkl; returns the object and the bytes the VM counted.
+fn vm_bytes(pkl: &[u8]) -> Result<usize> {
+    let mut vm = pickle::Unpickler::new(Path::new(PATH), pkl, pickle::PersistentIds::Zip);
+    vm.load_next()?;
+    Ok(vm.vm_bytes())
+}
+
+fn over_budget(pkl: &[u8]) -> String {
+    match vm_bytes(pkl) {
+        Err(Error::Pickle { detail, .. }) => {
+            assert!(detail.contains("exceed its limit of"), "{detail}");
+            detail
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `n` repetitions of `unit` between a protocol 2 header and `tail`.
+fn repeated(unit: &[u8], n: usize, tail: &[u8]) -> Vec<u8> {
+    [&[0x80, 2][..], &unit.repeat(n), tail].concat()
+}
+
+#[test]
+fn empty_dict_bomb_costs_the_vm_nothing_per_dict() {
+    // 4 MiB of EMPTY_DICT, POP: each dict is a number, not an allocation.
+    let bomb = repeated(b"}0", 2 << 20, b"N.");
+    let used = vm_bytes(&bomb).unwrap();
+    assert!(used < 1024, "{used} bytes for {} dicts", 2 << 20);
+    // The same with lists and tuples.
+    assert!(vm_bytes(&repeated(b"]0)0", 1 << 20, b"N.")).unwrap() < 1024);
+}
+
+#[test]
+fn dict_items_are_counted_and_bounded_by_the_pickle_read() {
+    // `}NNs0`: five bytes, one item, 40 bytes of VM: counted...
+    let n = 1 << 16;
+    let used = vm_bytes(&repeated(b"}NNs0", n, b"N.")).unwrap();
+    assert!((40 * n..=2 * 40 * n + 4096).contains(&used), "{used}");
+    // ...so enough of them hit the floor: 4M items want 160 MiB.
+    let detail = over_budget(&repeated(b"}NNs0", 4 << 20, b"N."));
+    assert!(
+        detail.contains("128 MiB plus one byte per 4 bytes of pickle read, at most 1024 MiB"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn tuple_chains_and_huge_memos_hit_the_budget_not_the_allocator() {
+    // TUPLE1 wraps the top in a tuple: one byte of pickle, one 16-byte item.
+    let chain = [
+        &[0x80, 2, b'N'][..],
+        &repeated(b"\x85", 10 << 20, b".")[2..],
+    ]
+    .concat();
+    over_budget(&chain);
+    // MEMOIZE: one byte, one 16-byte memo entry (up to the memo's own limit).
+    let memo = [
+        &[0x80, 2, b'N'][..],
+        &repeated(b"\x94", 10 << 20, b".")[2..],
+    ]
+    .concat();
+    over_budget(&memo);
+    // Below the floor both are fine and counted.
+    let small = [&[0x80, 2, b'N'][..], &repeated(b"\x94", 1 << 20, b".")[2..]].concat();
+    let used = vm_bytes(&small).unwrap();
+    assert!(((16 << 20)..=(33 << 20)).contains(&used), "{used}");
+}
+
+#[test]
+fn deep_nesting_neither_recurses_nor_escapes_the_budget() {
+    // 500 000 lists, each appended into the one below: nesting that deep, built without
+    // a single MARK, then dropped with the VM.
+    let depth = 500_000;
+    let mut pkl = repeated(b"]", depth, b"");
+    pkl.extend(std::iter::repeat_n(b'a', depth - 1));
+    pkl.push(b'.');
+    let mut vm = pickle::Unpickler::new(Path::new(PATH), &pkl, pickle::PersistentIds::Zip);
+    let root = vm.load_next().unwrap();
+    assert_eq!(root.kind(), "list");
+    assert!(vm.vm_bytes() <= 64 * depth, "{}", vm.vm_bytes());
+    let un = vm.finish();
+    assert_eq!(un.list(&root).unwrap().count(), 1);
+    // Tuples nest as deep through TUPLE1, and MARKs stop at their limit.
+    let tuples = [&[0x80, 2, b'N'][..], &repeated(b"\x85", depth, b".")[2..]].concat();
+    assert!(vm_bytes(&tuples).is_ok());
+    let marks = repeated(b"(", 257, b"");
+    assert!(
+        matches!(vm_bytes(&marks), Err(Error::Pickle { detail, .. }) if detail.contains("MARK"))
+    );
+}
+
+#[test]
+fn huge_strings_are_spans_of_the_pickle_and_never_copied() {
+    // One 32 MiB string, memoized and pushed 100 000 times into a tuple.
+    let text = vec![b'x'; 32 << 20];
+    let mut pkl = vec![0x80, 2, b'X'];
+    pkl.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    pkl.extend_from_slice(&text);
+    pkl.extend_from_slice(&[b'q', 0, b'(']);
+    pkl.extend(std::iter::repeat_n([b'h', 0], 100_000).flatten());
+    pkl.extend_from_slice(b"t.");
+    let used = vm_bytes(&pkl).unwrap();
+    assert!(used < 8 << 20, "{used}");
+    // Past the string limit, or past the end, it is an error before anything is read.
+    for (n, want) in [
+        ((64u64 << 20) + 1, "exceeds"),
+        (1 << 62, "exceeds"),
+        (1000, "runs past the end"),
+    ] {
+        let mut pkl = vec![0x80, 4, 0x8d];
+        pkl.extend_from_slice(&n.to_le_bytes());
+        match vm_bytes(&pkl) {
+            Err(Error::Pickle { detail, .. }) => assert!(detail.contains(want), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// The data.pkl torch.save writes for `n` (64, 64) f32 tensors, memo and all: shared
+/// values memoized once and fetched with LONG_BINGET, six LONG_BINPUTs per tensor.
+fn torch_shaped_pickle(n: usize) -> Vec<u8> {
+    let mut p = vec![0x80, 2];
+    let mut memo = 0u32;
+    let mut put = |p: &mut Vec<u8>| {
+        p.push(b'r');
+        p.extend_from_slice(&memo.to_le_bytes());
+        memo += 1;
+    };
+    let get = |p: &mut Vec<u8>, i: u32| {
+        p.push(b'j');
+        p.extend_from_slice(&i.to_le_bytes());
+    };
+    let text = |p: &mut Vec<u8>, s: &str| {
+        p.push(b'X');
+        p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        p.extend_from_slice(s.as_bytes());
+    };
+    // Memo 0..=6: the values every tensor shares.
+    let shared: [&[u8]; 7] = [
+        b"ctorch._utils\n_rebuild_tensor_v2\n",
+        b"X\x07\0\0\0storage",
+        b"ctorch\nFloatStorage\n",
+        b"X\x03\0\0\0cpu",
+        b"(K@K@t",
+        b"(K@K\x01t",
+        b"ccollections\nOrderedDict\n",
+    ];
+    for v in shared {
+        p.extend_from_slice(v);
+        put(&mut p);
+        p.push(b'0');
+    }
+    p.push(b'}');
+    put(&mut p);
+    p.push(b'(');
+    for i in 0..n {
+        if i > 0 && i % 1000 == 0 {
+            p.extend_from_slice(b"u(");
+        }
+        text(
+            &mut p,
+            &format!("model.layers.{}.block.sub_{}.weight", i / 10, i % 10),
+        );
+        put(&mut p);
+        get(&mut p, 0);
+        p.extend_from_slice(b"((");
+        get(&mut p, 1);
+        get(&mut p, 2);
+        text(&mut p, &i.to_string());
+        put(&mut p);
+        get(&mut p, 3);
+        p.extend_from_slice(b"M\x00\x10t");
+        put(&mut p);
+        p.extend_from_slice(b"QK\x00");
+        get(&mut p, 4);
+        get(&mut p, 5);
+        p.push(0x89);
+        get(&mut p, 6);
+        p.extend_from_slice(b")R");
+        put(&mut p);
+        p.push(b't');
+        put(&mut p);
+        p.push(b'R');
+        put(&mut p);
+    }
+    p.extend_from_slice(b"u.");
+    p
+}
+
+#[test]
+fn torch_shaped_state_dicts_fit_the_floor_up_to_150_000_tensors() {
+    // What the budget's floor is sized by: a torch state dict costs the VM 6 to 7 bytes
+    // per byte of pickle.
+    let pkl = torch_shaped_pickle(150_000);
+    let used = vm_bytes(&pkl).unwrap();
+    assert!(used <= 7 * pkl.len(), "{used} for {}", pkl.len());
+    let (un, root) = pickle::load(Path::new(PATH), &pkl).unwrap();
+    assert_eq!(un.dict(&root).unwrap().len(), 150_000);
+    assert_eq!(un.storages.len(), 150_000);
+}
+
+#[test]
+fn a_long_name_repeated_by_the_memo_is_read_once() {
+    // 200 000 entries naming one 4 MiB string: reading it per entry would be 800 GB.
+    let name = "n".repeat(4 << 20);
+    let mut p = Pickle::new(false);
+    p.op(b'}').op(b'(').str(&name).op(b'q').op(0);
+    p.tensor(&spec("t", "0", &[24], &[1])).op(b'q').op(1);
+    for _ in 1..200_000 {
+        p.op(b'h').op(0).op(b'h').op(1);
+    }
+    p.op(b'u');
+    let parsed = parse_pickle(p.finish()).unwrap();
+    assert_eq!(parsed.tensors.len(), 1);
+    assert_eq!(parsed.tensors[0].name.len(), 4 << 20);
+}
+
+#[test]
+fn long_storage_keys_and_global_names_are_pickle_errors() {
+    let key: &'static str = "7".repeat(257).leak();
+    let pkl = Pickle::new(false)
+        .state_dict(&[spec("a", key, &[4], &[1])])
+        .finish();
+    match parse_pickle(pkl) {
+        Err(Error::Pickle { detail, .. }) => assert!(detail.contains("exceeds 256"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    let mut p = Pickle::new(true);
+    p.str(&"m".repeat(300)).str("x").op(0x93);
+    match parse_pickle(p.finish()) {
+        Err(Error::Pickle { detail, .. }) => assert!(detail.contains("STACK_GLOBAL"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
 }
