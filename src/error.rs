@@ -146,8 +146,8 @@ pub enum Error {
     },
 }
 
-/// `7.4 GiB`, `512 B`: sizes in messages.
-pub(crate) fn human_bytes(bytes: u64) -> String {
+/// `7.4 GiB`, `512 B`: sizes as messages (and the CLI) show them.
+pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut unit = 0;

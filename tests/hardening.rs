@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::Path;
 
 use common::*;
 use relayout::backend::cpu::Cpu;
-use relayout::writer::{HeaderEntry, SafetensorsWriter};
-use relayout::{Checkpoint, Converter, DType, Error, OpenOptions, RuleSet, WriteOptions};
+use relayout::{Checkpoint, Converter, Error, OpenOptions, RuleSet, WriteOptions};
 
 fn hostile(name: &str) -> std::path::PathBuf {
     fixture(&format!("hostile/{name}"))
@@ -152,23 +150,6 @@ fn an_index_that_is_a_link_to_a_device_is_refused_without_reading_it() {
         assert!(err.to_string().contains("not a regular file"), "{err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// A safetensors input of `n` f32 (1024, 1024) matrices of random bytes.
-fn big_input(path: &Path, n: usize) {
-    let header: Vec<HeaderEntry> = (0..n)
-        .map(|i| HeaderEntry {
-            name: format!("layer{i}.weight"),
-            dtype: DType::F32,
-            shape: vec![1024, 1024],
-        })
-        .collect();
-    let mut w = SafetensorsWriter::create(path, &header, &BTreeMap::new(), false).unwrap();
-    let mut rng = Rng::new(5);
-    for _ in &header {
-        w.write(&rng.bytes(4 << 20)).unwrap();
-    }
-    w.finish().unwrap();
 }
 
 fn transposing_plan(ckpt: &Checkpoint) -> relayout::Plan {

@@ -268,6 +268,23 @@ fn shards_hold_exactly_what_one_file_holds_split_greedily_and_aligned() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `relayout convert IN OUT -r RULES --max-shard-size SIZE --device cpu -q`, which must
+/// succeed.
+fn convert_sharded(input: &Path, out: &Path, rules: &Path, size: &str) {
+    run_ok(&[
+        os("convert"),
+        os(input),
+        os(out),
+        os("-r"),
+        os(rules),
+        os("--max-shard-size"),
+        os(size),
+        os("--device"),
+        os("cpu"),
+        os("-q"),
+    ]);
+}
+
 fn run_ok(args: &[&OsStr]) -> String {
     let out = relayout(args);
     assert!(
@@ -290,18 +307,7 @@ fn the_cli_writes_shards_that_plan_predicts_and_reads_them_back() {
     write_sharded_input(&input, &generated(5, 40), 2);
     let rules = rules_file(&dir);
     let out = dir.join("out");
-    run_ok(&[
-        os("convert"),
-        os(&input),
-        os(&out),
-        os("-r"),
-        os(&rules),
-        os("--max-shard-size"),
-        os("4KB"),
-        os("--device"),
-        os("cpu"),
-        os("-q"),
-    ]);
+    convert_sharded(&input, &out, &rules, "4KB");
     let plan: Value = serde_json::from_str(&run_ok(&[
         os("plan"),
         os(&input),
@@ -522,18 +528,7 @@ fn worker_fixture(test: &str) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     write_sharded_input(&input, &generated(23, 90), 4);
     let rules = rules_file(&dir);
     let single = dir.join("single");
-    run_ok(&[
-        os("convert"),
-        os(&input),
-        os(&single),
-        os("-r"),
-        os(&rules),
-        os("--max-shard-size"),
-        os("3KB"),
-        os("--device"),
-        os("cpu"),
-        os("-q"),
-    ]);
+    convert_sharded(&input, &single, &rules, "3KB");
     let n = listing(&single).len() - 1;
     assert!(n >= 14, "{n} shards: the test needs two per worker");
     (dir, input, rules, single)
@@ -558,27 +553,6 @@ fn workers_in_parallel_produce_the_single_machine_bytes() {
         assert_same_files(&out, &single, &format!("{n} workers, merged again"));
     }
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length.
-    assert_eq!(
-        unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) },
-        0
-    );
-    let end = buf.iter().position(|&b| b == 0).unwrap();
-    String::from_utf8_lossy(&buf[..end])
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect()
 }
 
 /// The PID of a process that has exited.
@@ -609,8 +583,8 @@ fn a_killed_worker_run_again_gives_the_same_result_and_no_debris() {
     let lost = shard_name(3, listing(&single).len() - 1);
     std::fs::remove_file(out.join(&lost)).unwrap();
     std::fs::remove_file(out.join(INDEX_NAME)).unwrap();
-    let debris = format!(".{lost}.relayout-{}@{}.tmp", dead_pid(), host_name());
-    std::fs::write(out.join(&debris), b"half a shard").unwrap();
+    let debris = relayout::writer::AtomicFile::temp_name(&out.join(&lost), dead_pid());
+    std::fs::write(&debris, b"half a shard").unwrap();
     let foreign = format!(".{lost}.relayout-1@another-host.tmp");
     std::fs::write(out.join(&foreign), b"someone else's").unwrap();
     let err = relayout(&[os("merge-index"), os(&out)]);
@@ -677,18 +651,7 @@ fn merge_index_refuses_missing_foreign_stale_and_damaged_shards() {
     let other = dir.join("other");
     let other_rules = dir.join("other.toml");
     std::fs::write(&other_rules, RULES.replace("perm = \"O,I -> I,O\"", "")).unwrap();
-    run_ok(&[
-        os("convert"),
-        os(&input),
-        os(&other),
-        os("-r"),
-        os(&other_rules),
-        os("--max-shard-size"),
-        os("3KB"),
-        os("--device"),
-        os("cpu"),
-        os("-q"),
-    ]);
+    convert_sharded(&input, &other, &other_rules, "3KB");
     assert_eq!(listing(&other).len() - 1, n);
     let out = fresh("stale");
     let swapped = shard_name(1, n);
@@ -789,29 +752,12 @@ fn an_interrupt_or_failure_at_any_point_leaves_nothing() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Writes an f32 checkpoint of `mib` MiB of (1024, 1024) matrices.
-fn big_input(path: &Path, mib: usize) {
-    let header: Vec<HeaderEntry> = (0..mib / 4)
-        .map(|i| HeaderEntry {
-            name: format!("layer{i}.weight"),
-            dtype: DType::F32,
-            shape: vec![1024, 1024],
-        })
-        .collect();
-    let mut w = SafetensorsWriter::create(path, &header, &BTreeMap::new(), false).unwrap();
-    let block = Rng::new(9).bytes(4 << 20);
-    for _ in &header {
-        w.write(&block).unwrap();
-    }
-    w.finish().unwrap();
-}
-
 #[cfg(unix)]
 #[test]
 fn ctrl_c_and_sigterm_stop_the_binary_cleanly() {
     let dir = scratch("signals");
     let input = dir.join("in.safetensors");
-    big_input(&input, 256);
+    big_input(&input, 64);
     let rules = rules_file(&dir);
     for (signal, code, out) in [
         (libc::SIGINT, 130, "out.safetensors"),

@@ -74,15 +74,8 @@ impl AtomicFile {
         // `.NAME.relayout-PID@HOST.tmp`: the host keeps processes of the same PID on
         // machines sharing the folder apart; a taken name still gets a counter.
         let host = host_name();
-        let named = |attempt: u32| {
-            let mut temp_name = temp_prefix(name);
-            temp_name.push(std::process::id().to_string());
-            if attempt > 0 {
-                temp_name.push(format!("-{attempt}"));
-            }
-            temp_name.push(format!("@{host}.tmp"));
-            dir.join(temp_name)
-        };
+        let named =
+            |attempt: u32| dir.join(temp_file_name(name, std::process::id(), attempt, &host));
         if let Some(file) = open_unnamed(&dir).filter(|_| unnamed) {
             return Ok(AtomicFile {
                 target: target.to_path_buf(),
@@ -114,6 +107,15 @@ impl AtomicFile {
             unnamed: false,
             force,
         })
+    }
+
+    /// The name process `pid` of this machine gives its temporary file for `target`
+    /// where it cannot leave it unnamed: `.NAME.relayout-PID@HOST.tmp` beside it (a
+    /// taken name gets `-N` after the PID). Such a file of a process that is gone is
+    /// removed by the next [`AtomicFile::create`] for the same target.
+    pub fn temp_name(target: &Path, pid: u32) -> PathBuf {
+        let name = target.file_name().unwrap_or_default();
+        target.with_file_name(temp_file_name(name, pid, 0, &host_name()))
     }
 
     /// Whether the temporary file has no name (`O_TMPFILE`).
@@ -360,6 +362,22 @@ fn open_unnamed(dir: &Path) -> Option<File> {
 #[cfg(any(not(target_os = "linux"), relayout_portable))]
 fn open_unnamed(_dir: &Path) -> Option<File> {
     None
+}
+
+/// `.NAME.relayout-PID[-ATTEMPT]@HOST.tmp`.
+fn temp_file_name(
+    name: &std::ffi::OsStr,
+    pid: u32,
+    attempt: u32,
+    host: &str,
+) -> std::ffi::OsString {
+    let mut temp_name = temp_prefix(name);
+    temp_name.push(pid.to_string());
+    if attempt > 0 {
+        temp_name.push(format!("-{attempt}"));
+    }
+    temp_name.push(format!("@{host}.tmp"));
+    temp_name
 }
 
 /// `.NAME.relayout-`, how every temporary file for target NAME begins.

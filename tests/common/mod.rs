@@ -209,3 +209,23 @@ pub fn wait_until_writing(pid: u32, dir: &Path) {
         std::thread::yield_now();
     }
 }
+
+/// Writes a safetensors checkpoint of `n` f32 (1024, 1024) matrices (4 MiB each) of
+/// random bytes, generated and written one matrix at a time.
+pub fn big_input(path: &Path, n: usize) {
+    use relayout::writer::{HeaderEntry, SafetensorsWriter};
+    let header: Vec<HeaderEntry> = (0..n)
+        .map(|i| HeaderEntry {
+            name: format!("layer{i}.weight"),
+            dtype: DType::F32,
+            shape: vec![1024, 1024],
+        })
+        .collect();
+    let mut w =
+        SafetensorsWriter::create(path, &header, &BTreeMap::new(), false).expect("create input");
+    let mut rng = Rng::new(5);
+    for _ in &header {
+        w.write(&rng.bytes(4 << 20)).expect("write input");
+    }
+    w.finish().expect("finish input");
+}
