@@ -46,6 +46,8 @@ pub mod backend;
 pub mod convert;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod layout;
 pub mod plan;
 pub mod reader;
