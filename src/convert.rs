@@ -488,10 +488,15 @@ impl<'a> Converter<'a> {
                 let _ = std::fs::remove_file(path);
             }
             report.index = Some(index);
-        } else if crate::shard::shards_present(dir, &layout) == layout.files.len() {
-            report.index = Some(crate::shard::merge_index(dir)?.index);
+            report.shards_present = layout.files.len();
+        } else {
+            // Shards appear only complete, and a merge writes nothing new but the index,
+            // so one look at the folder serves both.
+            report.shards_present = crate::shard::shards_present(dir, &layout);
+            if report.shards_present == layout.files.len() {
+                report.index = Some(crate::shard::merge_index(dir)?.index);
+            }
         }
-        report.shards_present = crate::shard::shards_present(dir, &layout);
         folder.keep();
         Ok(report)
     }
