@@ -49,7 +49,7 @@ fn group(c: &mut Criterion, name: &str, backend: &dyn Backend, cases: &[(&str, G
     for (label, g) in cases {
         let n = g.out_bytes();
         grp.throughput(Throughput::Bytes(n as u64));
-        let src = &src[..g.src_extent() * g.elem_size];
+        let src = &src[..g.src_extent() * g.elem_size()];
         let dst = &mut dst[..n];
         grp.bench_function(*label, |b| {
             b.iter(|| backend.gather(black_box(g), black_box(src), dst));

@@ -109,7 +109,7 @@ fn kernel_and_copy<'g>(
     kind: Option<KernelKind>,
 ) -> Option<(KernelKind, Resident<'g>, Resident<'g>)> {
     let kind = kind.unwrap_or_else(|| Gpu::kernel_for(g));
-    let copy = Gather::from_parts(g.elem_size, vec![g.len()], vec![1], 0);
+    let copy = Gather::from_parts(g.elem_size(), vec![g.len()], vec![1], 0);
     let k = gpu.resident(g, src, kind).ok()?;
     let base = gpu.resident(&copy, src, KernelKind::Copy).ok()?;
     Some((kind, k, base))

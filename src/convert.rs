@@ -28,6 +28,7 @@ pub const DEFAULT_BAND_BYTES: usize = 32 << 20;
 
 /// How far a conversion has got; handed to the progress callback after every band.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Progress {
     pub tensors_done: usize,
     pub tensors_total: usize,
@@ -37,6 +38,7 @@ pub struct Progress {
 
 /// What a finished conversion did.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct ConvertReport {
     /// Tensors this run wrote.
     pub tensors: usize,
@@ -176,6 +178,7 @@ pub struct Converter<'a> {
     plan: &'a Plan,
     backend: &'a dyn Backend,
     band_bytes: usize,
+    interrupt: Option<Interrupt>,
 }
 
 impl<'a> Converter<'a> {
@@ -185,7 +188,16 @@ impl<'a> Converter<'a> {
             plan,
             backend,
             band_bytes: DEFAULT_BAND_BYTES,
+            interrupt: None,
         }
+    }
+
+    /// Stops [`Converter::convert_into`], [`Converter::fill`] and [`Converter::for_each`]
+    /// with [`Error::Interrupted`] at the next band once `interrupt` is raised (the
+    /// writers take theirs from [`WriteOptions::interrupt`]).
+    pub fn with_interrupt(mut self, interrupt: Interrupt) -> Converter<'a> {
+        self.interrupt = Some(interrupt);
+        self
     }
 
     /// Sets the band size (bytes of output per backend call); at least one element.
@@ -253,9 +265,72 @@ impl<'a> Converter<'a> {
                 ),
             });
         }
-        self.run_entry(&g, cast, src, &mut &mut *dst, None, &mut |_| {})?;
+        self.run_entry(
+            &g,
+            cast,
+            src,
+            &mut &mut *dst,
+            self.interrupt.as_ref(),
+            &mut |_| {},
+        )?;
         // Alone, a split part cannot know whether its siblings are still to come.
         self.release(entry, entry.slice.is_none());
+        Ok(())
+    }
+
+    /// Converts every tensor of the plan into the caller's buffers, `dsts[i]` holding
+    /// exactly the bytes of `plan.entries[i]` (see [`Converter::entry_bytes`]): the way
+    /// loaders fill arrays they allocated, with no copy in between. Every length is
+    /// checked before any work; `progress` hears about every band and every tensor.
+    pub fn fill(&self, dsts: &mut [&mut [u8]], progress: &mut dyn FnMut(Progress)) -> Result<()> {
+        let entries = &self.plan.entries;
+        if dsts.len() != entries.len() {
+            return Err(Error::Layout {
+                detail: format!(
+                    "{} buffers for a plan of {} tensors",
+                    dsts.len(),
+                    entries.len()
+                ),
+            });
+        }
+        let mut ops = Vec::with_capacity(entries.len());
+        for (entry, dst) in entries.iter().zip(dsts.iter()) {
+            let (g, cast) = self.op(entry)?;
+            let want = out_bytes(&g, cast);
+            if dst.len() != want {
+                return Err(Error::Layout {
+                    detail: format!(
+                        "buffer of {} bytes for '{}', which needs {want}",
+                        dst.len(),
+                        entry.target,
+                    ),
+                });
+            }
+            ops.push((g, cast));
+        }
+        let mut run = Run::for_entries(self.plan, ops.iter().map(|(g, c)| out_bytes(g, *c)));
+        progress(run.state);
+        for ((entry, dst), (g, cast)) in entries.iter().zip(dsts.iter_mut()).zip(&ops) {
+            Interrupt::check(self.interrupt.as_ref())?;
+            let src = self.source_bytes(entry);
+            let state = &mut run.state;
+            self.run_entry(
+                g,
+                *cast,
+                src,
+                &mut &mut **dst,
+                self.interrupt.as_ref(),
+                &mut |len| {
+                    state.bytes_done += len as u64;
+                    progress(*state);
+                },
+            )?;
+            if run.finish_source(entry.source) {
+                self.release(entry, true);
+            }
+            run.state.tensors_done += 1;
+            progress(run.state);
+        }
         Ok(())
     }
 
@@ -656,6 +731,23 @@ impl Run {
                     *readers_left.entry(e.source).or_default() += 1;
                 }
             }
+        }
+        Run {
+            state,
+            readers_left,
+        }
+    }
+
+    /// A run over every entry of `plan`, whose outputs have the given byte sizes.
+    fn for_entries(plan: &Plan, bytes: impl Iterator<Item = usize>) -> Run {
+        let mut state = Progress {
+            tensors_total: plan.entries.len(),
+            ..Progress::default()
+        };
+        let mut readers_left: HashMap<usize, usize> = HashMap::new();
+        for (e, b) in plan.entries.iter().zip(bytes) {
+            state.bytes_total += b as u64;
+            *readers_left.entry(e.source).or_default() += 1;
         }
         Run {
             state,

@@ -42,30 +42,49 @@
 //! # Ok::<(), relayout::Error>(())
 //! ```
 
+/// Declares an item public with the `internals` feature (this crate's tests and benches
+/// turn it on) and crate-private otherwise: tuning knobs and test hooks stay out of the
+/// library's API.
+macro_rules! internal {
+    ($(#[$meta:meta])* pub $($item:tt)*) => {
+        #[cfg(feature = "internals")]
+        #[doc(hidden)]
+        $(#[$meta])*
+        pub $($item)*
+
+        #[cfg(not(feature = "internals"))]
+        $(#[$meta])*
+        #[allow(dead_code)]
+        pub(crate) $($item)*
+    };
+}
+
 pub mod backend;
-pub mod convert;
-pub mod dtype;
-pub mod error;
+mod convert;
+mod dtype;
+mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod layout;
-pub mod plan;
-pub mod reader;
-pub mod rules;
+mod plan;
+mod reader;
+mod rules;
 pub mod shard;
-pub mod verify;
+mod verify;
 pub mod writer;
 
 pub use backend::{Backend, BackendOptions, Device};
 pub use convert::{
-    convert, plan_checkpoint, rule_set, ConvertReport, ConvertSpec, Converter, Interrupt,
-    OutputKind, Progress, ShardOptions, WriteOptions,
+    convert, plan_checkpoint, provenance, rule_set, ConvertReport, ConvertSpec, Converter,
+    Interrupt, OutputKind, Progress, ShardOptions, WriteOptions, DEFAULT_BAND_BYTES,
 };
 pub use dtype::DType;
-pub use error::{Error, Result};
+pub use error::{human_bytes, Error, Result};
 pub use layout::{Gather, LayoutOp};
-pub use plan::{Plan, PlanEntry, Slice};
-pub use reader::{Checkpoint, Format, OpenOptions, TensorInfo};
-pub use rules::{ModuleTypes, PlanOptions, RuleSet};
+pub use plan::{Plan, PlanEntry, Skipped, Slice};
+pub use reader::{
+    Checkpoint, Format, OpenOptions, StorageRange, TensorInfo, EXPANSION_FLOOR, MAX_EXPANSION,
+};
+pub use rules::{ModuleTypes, PlanOptions, Rule, RuleSet};
 pub use shard::{merge_index, MergeReport, OutputLayout, Worker};
-pub use verify::{verify_file, Expectation, VerifyReport};
+pub use verify::{verify_file, Expectation, Mismatch, VerifyReport};

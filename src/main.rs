@@ -356,7 +356,7 @@ fn plan(
                 v
             })
             .collect();
-        let skipped = |list: &[relayout::plan::Skipped]| -> Vec<serde_json::Value> {
+        let skipped = |list: &[relayout::Skipped]| -> Vec<serde_json::Value> {
             list.iter()
                 .map(|s| json!({"name": s.name, "reason": s.reason}))
                 .collect()
@@ -676,5 +676,5 @@ fn devices(out: &mut String) -> Result<()> {
 }
 
 fn human(bytes: u64) -> String {
-    relayout::error::human_bytes(bytes)
+    relayout::human_bytes(bytes)
 }

@@ -7,6 +7,7 @@ use crate::dtype::DType;
 /// the source along one axis, a permutation of the axes, a reshape of the (contiguous)
 /// result, and an element conversion.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PlanEntry {
     /// Index of the source tensor in the checkpoint's tensor list.
     pub source: usize,
@@ -33,6 +34,7 @@ pub struct PlanEntry {
 
 /// Indices `start..start + len` of source axis `axis`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Slice {
     pub axis: usize,
     pub start: usize,
@@ -95,6 +97,7 @@ impl PlanEntry {
 
 /// A source tensor left out of the output, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Skipped {
     pub source: usize,
     pub name: String,
@@ -103,6 +106,7 @@ pub struct Skipped {
 
 /// The whole mapping of a checkpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Plan {
     /// Output tensors, in source order.
     pub entries: Vec<PlanEntry>,

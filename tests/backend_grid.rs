@@ -56,13 +56,13 @@ fn assert_matches_reference(backend: &dyn Backend, g: &Gather, src: &[u8], what:
         .gather(g, src, &mut got)
         .unwrap_or_else(|e| panic!("{what}: {} failed on {g:?}: {e}", backend.name()));
     if let Some(i) = want.iter().zip(&got).position(|(a, b)| a != b) {
-        let es = g.elem_size;
+        let es = g.elem_size();
         let e = i / es;
         let range = e * es..e * es + es;
         panic!(
             "{what}: {} differs from reference at output index {:?} (element {e}, byte {}) of {g:?}: got {:02x?}, want {:02x?}",
             backend.name(),
-            multi_index(&g.shape, e),
+            multi_index(g.shape(), e),
             i % es,
             &got[range.clone()],
             &want[range],
@@ -72,7 +72,7 @@ fn assert_matches_reference(backend: &dyn Backend, g: &Gather, src: &[u8], what:
 
 /// A source storage holding `g` with `slack` extra elements, filled with seeded bytes.
 fn storage_for(g: &Gather, slack: usize, seed: u64) -> Vec<u8> {
-    random_bytes((g.src_extent() + slack) * g.elem_size, seed)
+    random_bytes((g.src_extent() + slack) * g.elem_size(), seed)
 }
 
 /// The op evaluated directly, without simplifying: output multi-index `o` reads source
@@ -80,13 +80,13 @@ fn storage_for(g: &Gather, slack: usize, seed: u64) -> Vec<u8> {
 fn naive_op(op: &LayoutOp, src: &[u8]) -> Vec<u8> {
     let out_shape = op.out_shape();
     let n: usize = out_shape.iter().product();
-    let es = op.elem_size;
+    let es = op.elem_size();
     let mut out = Vec::with_capacity(n * es);
     for i in 0..n {
         let o = multi_index(&out_shape, i);
-        let mut s = op.offset;
-        for (k, &p) in op.perm.iter().enumerate() {
-            s += o[k] * op.strides[p];
+        let mut s = op.offset();
+        for (k, &p) in op.perm().iter().enumerate() {
+            s += o[k] * op.strides()[p];
         }
         out.extend_from_slice(&src[s * es..s * es + es]);
     }
@@ -182,8 +182,13 @@ fn batched_and_run_grid(backend: &dyn Backend) {
                     LayoutOp::contiguous(es, vec![b, c, r, run], vec![0, 2, 1, 3]).expect("op");
                 let src = random_bytes((op.src_extent().expect("extent") + 3) * es, seed);
                 for offset in [0, 1, 2] {
-                    let mut g = op.simplify();
-                    g.offset = offset;
+                    let s = op.simplify();
+                    let g = Gather::raw(
+                        s.elem_size(),
+                        s.shape().to_vec(),
+                        s.strides().to_vec(),
+                        offset,
+                    );
                     let what = format!("batched {b}x{r}x{c} run {run} es {es} offset {offset}");
                     assert_matches_reference(backend, &g, &src, &what);
                 }
@@ -307,12 +312,12 @@ fn permutation_grid(backend: &dyn Backend) {
                     let simplified = op.simplify();
                     assert_matches_reference(backend, &simplified, &src, &what);
                     // The same walk, unnormalised (size-1 axes, mergeable axes kept).
-                    let raw = Gather {
-                        elem_size: es,
-                        shape: op.out_shape(),
-                        strides: perm.iter().map(|&p| op.strides[p]).collect(),
+                    let raw = Gather::raw(
+                        es,
+                        op.out_shape(),
+                        perm.iter().map(|&p| op.strides()[p]).collect(),
                         offset,
-                    };
+                    );
                     assert_matches_reference(backend, &raw, &src, &format!("raw {what}"));
                 }
             }
@@ -362,30 +367,10 @@ fn rejects_bad_buffers(backend: &dyn Backend) {
     let mut long = vec![0u8; g.out_bytes() + 1];
     assert!(backend.gather(&g, &src, &mut long).is_err());
     let bad = [
-        Gather {
-            elem_size: 3,
-            shape: vec![2],
-            strides: vec![1],
-            offset: 0,
-        },
-        Gather {
-            elem_size: 4,
-            shape: vec![2, 2],
-            strides: vec![1],
-            offset: 0,
-        },
-        Gather {
-            elem_size: 4,
-            shape: vec![usize::MAX / 2, 3],
-            strides: vec![1, 1],
-            offset: 0,
-        },
-        Gather {
-            elem_size: 8,
-            shape: vec![2],
-            strides: vec![usize::MAX / 4],
-            offset: 0,
-        },
+        Gather::raw(3, vec![2], vec![1], 0),
+        Gather::raw(4, vec![2, 2], vec![1], 0),
+        Gather::raw(4, vec![usize::MAX / 2, 3], vec![1, 1], 0),
+        Gather::raw(8, vec![2], vec![usize::MAX / 4], 0),
     ];
     for g in &bad {
         let mut dst = vec![0u8; 16];
@@ -485,7 +470,7 @@ fn assert_cast_matches_reference(
             backend.name(),
             cast.from(),
             cast.to(),
-            multi_index(&g.shape, e),
+            multi_index(g.shape(), e),
             &gathered[e * from..e * from + from],
             &got[e * to..e * to + to],
             &want[e * to..e * to + to],

@@ -41,15 +41,15 @@ fn open_with(max_chunk_bytes: Option<usize>, staged: Option<bool>) -> Option<Gpu
 
 /// The oracle: walks the op's own output coordinates, independent of `simplify`.
 fn naive(op: &LayoutOp, src: &[u8]) -> Vec<u8> {
-    let es = op.elem_size;
+    let es = op.elem_size();
     let out_shape = op.out_shape();
     let n: usize = out_shape.iter().product();
     let mut out = Vec::with_capacity(n * es);
     for i in 0..n {
         let mut rem = i;
-        let mut idx = op.offset;
+        let mut idx = op.offset();
         for k in (0..out_shape.len()).rev() {
-            idx += (rem % out_shape[k]) * op.strides[op.perm[k]];
+            idx += (rem % out_shape[k]) * op.strides()[op.perm()[k]];
             rem /= out_shape[k];
         }
         out.extend_from_slice(&src[idx * es..(idx + 1) * es]);
@@ -60,7 +60,7 @@ fn naive(op: &LayoutOp, src: &[u8]) -> Vec<u8> {
 /// Runs `op` on the GPU over garbage-filled output and compares with the oracle,
 /// naming the first differing output coordinate.
 fn check(gpu: &Gpu, op: &LayoutOp, rng: &mut Rng) {
-    let es = op.elem_size;
+    let es = op.elem_size();
     let extent = op.src_extent().unwrap_or(0);
     // Trailing bytes past the extent must never be read into the output.
     let extra = rng.below(5);
@@ -228,7 +228,7 @@ fn gathers_above_rank_eight_are_run_in_rank_eight_pieces() {
     for es in ELEM_SIZES {
         let shape = vec![2; 10];
         let op = strided_op(es, &shape, &identity(10), 1, 1, (0..10).rev().collect());
-        assert_eq!(op.simplify().shape.len(), 10);
+        assert_eq!(op.simplify().shape().len(), 10);
         check(&gpu, &op, &mut rng);
     }
 }

@@ -499,13 +499,8 @@ fn readme_rule_file_example_works_as_written() {
     assert_eq!(blocks.len(), 1, "README toml blocks: {blocks:?}");
     let user = RuleSet::from_toml(&blocks[0], "README.md").unwrap();
     let rules = RuleSet::preset("flax").unwrap().layered(user);
-    let info = |name: &str, shape: &[usize]| relayout::TensorInfo {
-        name: name.to_string(),
-        dtype: DType::F32,
-        shape: shape.to_vec(),
-        strides: relayout::layout::contiguous_strides(shape),
-        offset: 0,
-        storage: 0,
+    let info = |name: &str, shape: &[usize]| {
+        relayout::TensorInfo::contiguous(name, DType::F32, shape.to_vec())
     };
     let tensors = [
         info("lm_head.weight", &[100, 16]),

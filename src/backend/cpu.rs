@@ -16,28 +16,39 @@ use crate::backend::{check_buffers, gather_then_cast_in, Backend, Staging, CAST_
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 
+internal! {
 /// Output bytes below which a gather runs on the calling thread: a rayon task costs a
 /// few microseconds, about what copying this much costs.
 pub const PAR_THRESHOLD: usize = 256 * 1024;
+}
 
+internal! {
 /// Output bytes per parallel task: large enough to amortise scheduling, small enough to
 /// balance load over many cores.
 pub const PAR_CHUNK: usize = 512 * 1024;
+}
 
+internal! {
 /// Side of a transpose cache tile in bytes: 1 KiB source runs keep DRAM streams long
 /// (measured best of 256 B to 4 KiB on 64 MiB f32/bf16 transposes); micro-blocks move
 /// whole lines, so the tile need not fit L1.
 pub const TILE_BYTES: usize = 1024;
+}
 
+internal! {
 /// Output bytes from which a transpose writes with non-temporal stores: larger outputs
 /// do not stay in the last-level cache anyway, and streaming them skips the read for
 /// ownership of every output line (a third of the DRAM traffic).
 pub const STREAM_THRESHOLD: usize = 16 * 1024 * 1024;
+}
 
+internal! {
 /// How many micro-blocks ahead a transpose prefetches its source runs: two hides DRAM
 /// latency on 64 MiB transposes (one and four measured lower).
 pub const PREFETCH_BLOCKS: usize = 2;
+}
 
+internal! {
 /// Knobs of the CPU backend; tests shrink them so small tensors cross every threshold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
@@ -49,6 +60,7 @@ pub struct Tuning {
     pub tile_bytes: usize,
     /// Output bytes from which transposes use non-temporal stores where they can.
     pub stream_threshold: usize,
+}
 }
 
 impl Tuning {
@@ -71,6 +83,7 @@ impl Default for Tuning {
     }
 }
 
+internal! {
 /// Side of the micro-block of the transpose kernel for each element size: one block
 /// row or column is a 64-byte cache line, so a block reads and writes whole lines and
 /// needs no line to survive in L1 until the next block, even when power-of-two strides
@@ -82,6 +95,7 @@ pub const fn micro_block(elem_size: usize) -> usize {
         4 => 16,
         _ => 8,
     }
+}
 }
 
 /// The CPU backend.
@@ -113,15 +127,19 @@ impl Cpu {
         })
     }
 
+    internal! {
     /// The same backend with other knobs.
     pub fn with_tuning(mut self, tuning: Tuning) -> Cpu {
         self.tuning = tuning;
         self
     }
+    }
 
+    internal! {
     /// The knobs in use.
     pub fn tuning(&self) -> Tuning {
         self.tuning
+    }
     }
 
     fn threads(&self) -> usize {

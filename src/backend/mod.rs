@@ -54,9 +54,11 @@ pub fn check_cast_buffers(g: &Gather, cast: Cast, src: &[u8], dst: &[u8]) -> Res
     check_source(g, src)
 }
 
+internal! {
 /// Source bytes gathered per step of [`gather_then_cast_in`]: small enough to stay in the
 /// L2 cache between the gather and the cast, large enough to amortise the calls.
 pub const CAST_STAGE_BYTES: usize = 256 << 10;
+}
 
 /// How [`gather_then_cast_in`] stages a gather.
 #[derive(Clone, Copy, Debug)]

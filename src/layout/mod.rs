@@ -20,15 +20,15 @@ pub const ELEM_SIZES: [usize; 4] = [1, 2, 4, 8];
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayoutOp {
     /// Bytes per element: 1, 2, 4 or 8.
-    pub elem_size: usize,
+    pub(crate) elem_size: usize,
     /// Logical shape of the source tensor.
-    pub shape: Vec<usize>,
+    pub(crate) shape: Vec<usize>,
     /// Element stride of each source axis inside its storage.
-    pub strides: Vec<usize>,
+    pub(crate) strides: Vec<usize>,
     /// Element offset of the first element inside its storage.
-    pub offset: usize,
+    pub(crate) offset: usize,
     /// Output axis `k` is source axis `perm[k]`.
-    pub perm: Vec<usize>,
+    pub(crate) perm: Vec<usize>,
 }
 
 impl LayoutOp {
@@ -65,6 +65,31 @@ impl LayoutOp {
         op.out_bytes()?;
         op.src_extent()?;
         Ok(op)
+    }
+
+    /// Bytes per element: 1, 2, 4 or 8.
+    pub fn elem_size(&self) -> usize {
+        self.elem_size
+    }
+
+    /// Logical shape of the source tensor.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Element stride of each source axis inside its storage.
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+
+    /// Element offset of the first element inside its storage.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Output axis `k` is source axis `perm[k]`.
+    pub fn perm(&self) -> &[usize] {
+        &self.perm
     }
 
     /// A contiguous (row-major) source permuted by `perm`.
@@ -131,16 +156,74 @@ impl LayoutOp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gather {
     /// Bytes per element: 1, 2, 4 or 8.
-    pub elem_size: usize,
+    pub(crate) elem_size: usize,
     /// Output shape (row-major, contiguous).
-    pub shape: Vec<usize>,
+    pub(crate) shape: Vec<usize>,
     /// Source element stride of each output axis.
-    pub strides: Vec<usize>,
+    pub(crate) strides: Vec<usize>,
     /// Source element offset of output element 0.
-    pub offset: usize,
+    pub(crate) offset: usize,
 }
 
 impl Gather {
+    /// A checked gather: a supported element size, one stride per axis, and output and
+    /// source byte sizes that fit in memory arithmetic; normalised like every gather
+    /// (size-1 axes dropped, neighbours that stay adjacent merged).
+    pub fn new(
+        elem_size: usize,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        offset: usize,
+    ) -> Result<Gather> {
+        let raw = Gather {
+            elem_size,
+            shape,
+            strides,
+            offset,
+        };
+        raw.validate()?;
+        Ok(Gather::from_parts(
+            raw.elem_size,
+            raw.shape,
+            raw.strides,
+            raw.offset,
+        ))
+    }
+
+    internal! {
+    /// Test hook: a gather exactly as given, unnormalised and unchecked, to prove the
+    /// backends refuse or handle what [`Gather::new`] never builds.
+    pub fn raw(elem_size: usize, shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Gather {
+        Gather {
+            elem_size,
+            shape,
+            strides,
+            offset,
+        }
+    }
+    }
+
+    /// Bytes per element: 1, 2, 4 or 8.
+    pub fn elem_size(&self) -> usize {
+        self.elem_size
+    }
+
+    /// Output shape (row-major, contiguous).
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Source element stride of each output axis.
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+
+    /// Source element offset of output element 0.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    internal! {
     /// Normalises a gather: drops size-1 axes and merges neighbours that stay adjacent.
     pub fn from_parts(
         elem_size: usize,
@@ -181,6 +264,7 @@ impl Gather {
             offset,
         }
     }
+    }
 
     /// Number of elements written (saturating, so a hand-built gather whose shape
     /// overflows fails [`Gather::validate`] and the buffer checks instead of panicking).
@@ -198,9 +282,9 @@ impl Gather {
         self.len().saturating_mul(self.elem_size)
     }
 
-    /// Checks what [`LayoutOp::new`] guarantees, for gathers built by hand (the fields
-    /// are public): a supported element size, one stride per axis, and output and source
-    /// byte sizes that fit in `usize`. Backends call it before trusting any field.
+    /// Checks what [`LayoutOp::new`] and [`Gather::new`] guarantee: a supported element
+    /// size, one stride per axis, and output and source byte sizes that fit in `usize`.
+    /// Backends call it before trusting any field.
     pub fn validate(&self) -> Result<()> {
         if !ELEM_SIZES.contains(&self.elem_size) {
             return Err(layout_err(format!(

@@ -19,6 +19,7 @@ pub enum Format {
 
 /// One tensor of a checkpoint, as stored: a strided view into a storage.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TensorInfo {
     pub name: String,
     pub dtype: DType,
@@ -32,6 +33,19 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// A contiguous tensor known by name, dtype and shape only: what rules need to plan
+    /// a checkpoint from its metadata (e.g. a header fetched without the data).
+    pub fn contiguous(name: impl Into<String>, dtype: DType, shape: Vec<usize>) -> TensorInfo {
+        TensorInfo {
+            name: name.into(),
+            dtype,
+            strides: layout::contiguous_strides(&shape),
+            shape,
+            offset: 0,
+            storage: 0,
+        }
+    }
+
     /// Bytes of the tensor (contiguous); readers refuse shapes whose size overflows
     /// ([`layout::checked_bytes`]), so this is exact for every tensor of a checkpoint.
     pub fn bytes(&self) -> usize {
@@ -41,6 +55,7 @@ impl TensorInfo {
 
 /// A byte range of one mapped file that tensors index into.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StorageRange {
     /// Index of the mapped file.
     pub file: usize,

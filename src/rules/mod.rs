@@ -124,7 +124,7 @@ const PRESET_NAMES: [&str; 3] = [PRESETS[0].0, PRESETS[1].0, PRESETS[2].0];
 /// An ordered list of rules, from one or more presets and rule files.
 ///
 /// ```
-/// use relayout::{layout::contiguous_strides, reader::TensorInfo, rules::RuleSet, DType};
+/// use relayout::{DType, RuleSet, TensorInfo};
 ///
 /// let user = RuleSet::from_toml(
 ///     r#"
@@ -137,14 +137,7 @@ const PRESET_NAMES: [&str; 3] = [PRESETS[0].0, PRESETS[1].0, PRESETS[2].0];
 ///     "my-rules.toml",
 /// )?;
 /// let rules = RuleSet::preset("flax")?.layered(user);
-/// let tensor = |name: &str, shape: &[usize]| TensorInfo {
-///     name: name.into(),
-///     dtype: DType::F32,
-///     shape: shape.to_vec(),
-///     strides: contiguous_strides(shape),
-///     offset: 0,
-///     storage: 0,
-/// };
+/// let tensor = |name: &str, shape: &[usize]| TensorInfo::contiguous(name, DType::F32, shape.to_vec());
 /// let plan = rules.plan(&[tensor("shared.weight", &[100, 16]), tensor("fc.weight", &[10, 16])])?;
 /// assert_eq!(plan.entries[0].target, "params.shared.embedding");
 /// assert_eq!(plan.entries[1].target, "params.fc.kernel");

@@ -43,6 +43,7 @@ pub enum KernelKind {
     /// transpose2d.wgsl does not take.
     Transpose { axis: usize },
     /// copy.wgsl (benchmarks only).
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     Copy,
     /// cast.wgsl over contiguous elements: the second pass of a converting gather.
     Cast(Cast),

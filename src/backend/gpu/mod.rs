@@ -10,7 +10,9 @@
 mod chunk;
 mod device;
 mod kernel;
+internal! {
 pub mod source;
+}
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -19,8 +21,9 @@ use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 
 pub use device::{list_adapters, AdapterReport, GpuOptions, ADAPTER_ENV};
-#[doc(hidden)]
+internal! {
 pub use kernel::KernelKind;
+}
 
 /// Pieces in flight: one uploading, one computing/reading back.
 const PIPELINE_DEPTH: usize = 2;
@@ -105,12 +108,13 @@ impl Gpu {
         Gpu::build(device, queue, opts, staged)
     }
 
+    internal! {
     /// Test hook: [`Gpu::new`] with transpose2d.wgsl's staging forced on or off, so both
     /// variants are checked on any adapter.
-    #[doc(hidden)]
     pub fn with_staging(opts: &GpuOptions, staged: bool) -> Result<Gpu> {
         let (device, queue) = device::open(opts)?;
         Gpu::build(device, queue, opts, staged)
+    }
     }
 
     fn build(
@@ -567,7 +571,7 @@ impl Gpu {
 
 /// A gather kept on the device for benchmarks: source and output stay resident, so
 /// [`Resident::run`] times the kernel alone (dispatch plus the wait for the device).
-#[doc(hidden)]
+#[cfg(feature = "internals")]
 pub struct Resident<'a> {
     gpu: &'a Gpu,
     output: wgpu::Buffer,
@@ -578,15 +582,14 @@ pub struct Resident<'a> {
     out_bytes: u64,
 }
 
+#[cfg(feature = "internals")]
 impl Gpu {
     /// The kernel [`Backend::gather`] runs for a piece like `g`.
-    #[doc(hidden)]
     pub fn kernel_for(g: &Gather) -> KernelKind {
         kernel::choose(g)
     }
 
     /// Uploads `src` once and prepares `kind` over `g`, which must fit one binding.
-    #[doc(hidden)]
     pub fn resident(&self, g: &Gather, src: &[u8], kind: KernelKind) -> Result<Resident<'_>> {
         use wgpu::BufferUsages as U;
         let d = kernel::dispatch(g, kind, self.max_groups)?;
@@ -629,7 +632,6 @@ impl Gpu {
 
     /// Upload and readback of `src` into `dst` through the same pieces and slots as a
     /// gather, without a kernel: the transfer baseline of the round trip.
-    #[doc(hidden)]
     pub fn transfer(&self, src: &[u8], dst: &mut [u8]) -> Result<()> {
         if src.len() != dst.len() {
             return Err(gpu_err("transfer needs equal lengths"));
@@ -642,6 +644,7 @@ impl Gpu {
     }
 }
 
+#[cfg(feature = "internals")]
 impl Resident<'_> {
     /// One dispatch, waited for.
     pub fn run(&self) -> Result<()> {

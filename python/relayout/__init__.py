@@ -1,0 +1,528 @@
+"""relayout: PyTorch checkpoints loaded straight into JAX/Flax, MLX and NumPy layouts.
+
+The checkpoint (``.pt``/``.pth``/``.bin`` from ``torch.save``, safetensors, sharded
+folders and index files) is read through a memory map by relayout's Rust core, planned
+by its rules (the ``flax``, ``nnx`` and ``mlx`` presets, plus rule files) and converted
+tensor by tensor straight into the arrays it returns: one copy out of the map, on the
+CPU or the GPU, with the GIL released. Nothing in a checkpoint is ever executed.
+
+    import relayout
+    variables = relayout.load_flax("resnet.pt")       # {"params": ..., "batch_stats": ...}
+    y = model.apply(variables, x)
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from dataclasses import dataclass
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+import numpy as np
+
+from . import _native
+from ._errors import (
+    Error,
+    ForbiddenGlobalError,
+    FormatError,
+    GPUError,
+    InputChangedError,
+    IOError,
+    MissingDependencyError,
+    NoSpaceError,
+    OutputExistsError,
+    PlanError,
+    RulesError,
+    UnmatchedError,
+    VerifyError,
+)
+
+__version__: str = _native.__version__
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Progress(NamedTuple):
+    """How far a load or conversion has got; what a ``progress=`` callable receives."""
+
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+ProgressArg = Union[bool, Callable[[Progress], object], None]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint as stored (``inspect``)."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    strides: Tuple[int, ...]
+    offset: int
+    nbytes: int
+    contiguous: bool
+    file: str
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """What one output tensor is made of."""
+
+    source: str
+    target: str
+    source_shape: Tuple[int, ...]
+    target_shape: Tuple[int, ...]
+    source_dtype: str
+    dtype: str
+    op: str
+    rule: str
+    warning: Optional[str]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A source tensor left out of the output, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole mapping of a checkpoint (``plan``)."""
+
+    path: str
+    entries: List[PlanEntry]
+    dropped: List[Skipped]
+    unmatched: List[Skipped]
+    rules: List[str]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the converted tensors."""
+        return sum(e.nbytes for e in self.entries)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a finished ``convert`` did."""
+
+    tensors: int
+    bytes: int
+    seconds: float
+    backend: str
+    dropped: int
+    unmatched: int
+    outputs: List[str]
+    reused: List[str]
+    index: Optional[str]
+    shards: int
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A device conversions can run on (``devices``)."""
+
+    kind: str
+    name: str
+    backend: str
+    software: bool
+    device_type: Optional[str] = None
+    driver: Optional[str] = None
+
+
+# safetensors dtype name -> NumPy dtype (or the ml_dtypes type name for the rest).
+_NUMPY_DTYPES: Dict[str, Any] = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a safetensors dtype name; bfloat16 and float8 come from
+    ``ml_dtypes`` (a clear error when it is not installed)."""
+    if name in _NUMPY_DTYPES:
+        return np.dtype(_NUMPY_DTYPES[name])
+    if name in _ML_DTYPES:
+        try:
+            import ml_dtypes
+        except ImportError as e:
+            raise MissingDependencyError(
+                f"{name} tensors are NumPy arrays of ml_dtypes.{_ML_DTYPES[name]}: "
+                "pip install ml_dtypes (or pass dtype='float32')"
+            ) from e
+        return np.dtype(getattr(ml_dtypes, _ML_DTYPES[name]))
+    raise Error(f"unknown dtype {name!r}")
+
+
+_DTYPE_ARGS = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "half": "f16", "float": "f32"}
+
+
+def _dtype_arg(dtype: Any) -> Optional[str]:
+    """``dtype=``: "bf16"/"f16"/"f32", their NumPy names, or a NumPy/ml_dtypes dtype."""
+    if dtype is None:
+        return None
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    return _DTYPE_ARGS.get(name.lower(), name)
+
+
+def _fspath(p: PathLike) -> str:
+    return os.fspath(p)
+
+
+def _paths(p: Union[PathLike, Sequence[PathLike], None]) -> List[str]:
+    if p is None:
+        return []
+    if isinstance(p, (str, os.PathLike)):
+        return [_fspath(p)]
+    return [_fspath(x) for x in p]
+
+
+def _vars(v: Optional[Mapping[str, Any]]) -> Dict[str, str]:
+    return {str(k): str(x) for k, x in (v or {}).items()}
+
+
+def _opt_path(p: Optional[PathLike]) -> Optional[str]:
+    return None if p is None else _fspath(p)
+
+
+class _Bar:
+    """A progress callback for the native layer: a tqdm bar, a user callable, or both."""
+
+    def __init__(self, progress: ProgressArg, desc: str) -> None:
+        self.bar: Any = None
+        self.user: Optional[Callable[[Progress], object]] = None
+        if callable(progress):
+            self.user = progress
+        elif progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+    def __call__(self, td: int, tt: int, bd: int, bt: int) -> None:
+        if self.bar is not None:
+            if self.bar.total != bt:
+                self.bar.total = bt
+            self.bar.update(bd - self.bar.n)
+            self.bar.set_postfix_str(f"{td}/{tt} tensors", refresh=False)
+        if self.user is not None:
+            self.user(Progress(td, tt, bd, bt))
+
+    def native(self) -> Optional[Callable[[int, int, int, int], None]]:
+        return self if (self.bar is not None or self.user is not None) else None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _session(
+    src: PathLike,
+    preset: Optional[str],
+    rules: Union[PathLike, Sequence[PathLike], None],
+    set: Optional[Mapping[str, Any]],
+    dtype: Any,
+    device: str,
+    adapter: Optional[str],
+    key: Optional[str],
+    allow_unmatched: bool,
+    allow_expand: bool,
+    module_types: Optional[PathLike],
+    expect: Optional[PathLike],
+) -> Any:
+    return _native.Session(
+        _fspath(src),
+        preset,
+        _paths(rules),
+        _vars(set),
+        _dtype_arg(dtype),
+        device,
+        adapter,
+        key,
+        allow_unmatched,
+        allow_expand,
+        _opt_path(module_types),
+        _opt_path(expect),
+    )
+
+
+def load(
+    src: PathLike,
+    preset: Optional[str],
+    *,
+    rules: Union[PathLike, Sequence[PathLike], None] = None,
+    set: Optional[Mapping[str, Any]] = None,
+    dtype: Any = None,
+    device: str = "auto",
+    adapter: Optional[str] = None,
+    key: Optional[str] = None,
+    allow_unmatched: bool = False,
+    allow_expand: bool = False,
+    module_types: Optional[PathLike] = None,
+    expect: Optional[PathLike] = None,
+    progress: ProgressArg = False,
+) -> Dict[str, np.ndarray]:
+    """Loads ``src`` converted by ``preset`` (and/or ``rules`` files) as
+    ``{target name: numpy.ndarray}``.
+
+    Every array is C-contiguous, writable and of the target dtype (bfloat16 and float8
+    as ``ml_dtypes`` types); each tensor is converted straight into its array's buffer.
+    ``set`` gives rule variables (``--set``), ``dtype`` the output dtype of every
+    floating tensor (``--dtype``), ``key`` the state dict inside a training checkpoint,
+    ``module_types`` and ``expect`` the CLI's files of those names. ``device`` is
+    ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"reference"``. ``progress=True`` shows a tqdm
+    bar (when tqdm is installed); a callable receives :class:`Progress` after every band.
+    The GIL is released while converting; Ctrl-C stops the load within one band.
+    """
+    session = _session(
+        src, preset, rules, set, dtype, device, adapter, key, allow_unmatched, allow_expand,
+        module_types, expect,
+    )
+    targets = session.targets()
+    dtypes = {name: numpy_dtype(name) for name in builtins.set(t[2] for t in targets)}
+    arrays = [np.empty(shape, dtype=dtypes[dt]) for _, shape, dt in targets]
+    bar = _Bar(progress, "relayout load")
+    try:
+        session.fill(arrays, bar.native())
+    finally:
+        bar.close()
+    return {name: a for (name, _, _), a in zip(targets, arrays)}
+
+
+def _nest(flat: Mapping[str, Any], int_keys: bool) -> Dict[Any, Any]:
+    tree: Dict[Any, Any] = {}
+    for name, value in flat.items():
+        parts: List[Any] = name.split(".")
+        if int_keys:
+            parts = [int(p) if p.isdigit() else p for p in parts]
+        node = tree
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise PlanError(f"'{name}' nests under '{p}', which is also a tensor")
+            node = child
+        if parts[-1] in node:
+            raise PlanError(f"'{name}' is both a tensor and a module")
+        node[parts[-1]] = value
+    return tree
+
+
+def load_flax(
+    src: PathLike,
+    preset: str = "flax",
+    *,
+    as_jax: bool = True,
+    rules: Union[PathLike, Sequence[PathLike], None] = None,
+    set: Optional[Mapping[str, Any]] = None,
+    dtype: Any = None,
+    device: str = "auto",
+    adapter: Optional[str] = None,
+    key: Optional[str] = None,
+    allow_unmatched: bool = False,
+    allow_expand: bool = False,
+    module_types: Optional[PathLike] = None,
+    expect: Optional[PathLike] = None,
+    progress: ProgressArg = False,
+) -> Dict[Any, Any]:
+    """Loads ``src`` as a nested Flax variables dict, e.g. ``{"params": {...},
+    "batch_stats": {...}}`` for ``model.apply(variables, x)`` (linen, preset ``flax``),
+    or the pure-dict state of an NNX model (preset ``nnx``: list indices become ints,
+    for ``nnx.update(model, state)``). Leaves are ``jax.Array``\\ s, or NumPy arrays
+    with ``as_jax=False``. The other keywords are :func:`load`'s.
+    """
+    flat = load(
+        src, preset, rules=rules, set=set, dtype=dtype, device=device, adapter=adapter,
+        key=key, allow_unmatched=allow_unmatched, allow_expand=allow_expand,
+        module_types=module_types, expect=expect, progress=progress,
+    )
+    if as_jax:
+        try:
+            import jax.numpy as jnp
+        except ImportError as e:
+            raise MissingDependencyError("as_jax=True needs jax: pip install jax") from e
+        flat = {k: jnp.asarray(v) for k, v in flat.items()}
+    return _nest(flat, int_keys=preset == "nnx")
+
+
+def load_mlx(
+    src: PathLike,
+    preset: str = "mlx",
+    *,
+    rules: Union[PathLike, Sequence[PathLike], None] = None,
+    set: Optional[Mapping[str, Any]] = None,
+    dtype: Any = None,
+    device: str = "auto",
+    adapter: Optional[str] = None,
+    key: Optional[str] = None,
+    allow_unmatched: bool = False,
+    allow_expand: bool = False,
+    module_types: Optional[PathLike] = None,
+    expect: Optional[PathLike] = None,
+    progress: ProgressArg = False,
+) -> Dict[str, Any]:
+    """Loads ``src`` as ``{name: mlx.core.array}``, ready for
+    ``model.load_weights(list(weights.items()))``. The keywords are :func:`load`'s."""
+    try:
+        import mlx.core as mx
+    except ImportError as e:
+        raise MissingDependencyError("load_mlx needs mlx: pip install mlx") from e
+    flat = load(
+        src, preset, rules=rules, set=set, dtype=dtype, device=device, adapter=adapter,
+        key=key, allow_unmatched=allow_unmatched, allow_expand=allow_expand,
+        module_types=module_types, expect=expect, progress=progress,
+    )
+    out: Dict[str, Any] = {}
+    for name, a in flat.items():
+        kind = a.dtype.name
+        if kind == "bfloat16":
+            # MLX takes the bits: same width, reinterpreted on its side.
+            out[name] = mx.array(a.view(np.uint16)).view(mx.bfloat16)
+        elif kind.startswith("float8"):
+            raise Error(
+                f"'{name}' is {kind}, which MLX arrays do not hold: pass dtype='bfloat16' "
+                "or 'float16' to convert it"
+            )
+        else:
+            out[name] = mx.array(a)
+    return out
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    preset: Optional[str],
+    *,
+    rules: Union[PathLike, Sequence[PathLike], None] = None,
+    set: Optional[Mapping[str, Any]] = None,
+    dtype: Any = None,
+    device: str = "auto",
+    adapter: Optional[str] = None,
+    key: Optional[str] = None,
+    allow_unmatched: bool = False,
+    allow_expand: bool = False,
+    module_types: Optional[PathLike] = None,
+    expect: Optional[PathLike] = None,
+    force: bool = False,
+    max_shard_size: Union[int, str, None] = None,
+    progress: ProgressArg = False,
+) -> Report:
+    """``relayout convert``: writes ``src`` converted to ``dst``, atomically (a failed or
+    interrupted run leaves nothing). ``dst`` ending in ``.safetensors`` is one file;
+    any other path is a folder of ``model-0000k-of-0000N.safetensors`` shards of at most
+    ``max_shard_size`` (bytes, or ``"5GB"``, ``"512MiB"``) with its index. The other
+    keywords are :func:`load`'s; ``force`` replaces an existing output."""
+    if isinstance(max_shard_size, str):
+        max_shard_size = _native.parse_size(max_shard_size)
+    bar = _Bar(progress, "relayout convert")
+    try:
+        r = _native.convert(
+            _fspath(src), _fspath(dst), preset, _paths(rules), _vars(set), _dtype_arg(dtype),
+            device, adapter, key, allow_unmatched, allow_expand, _opt_path(module_types),
+            _opt_path(expect), force, max_shard_size, bar.native(),
+        )
+    finally:
+        bar.close()
+    return Report(**r)
+
+
+def plan(
+    src: PathLike,
+    preset: Optional[str],
+    *,
+    rules: Union[PathLike, Sequence[PathLike], None] = None,
+    set: Optional[Mapping[str, Any]] = None,
+    dtype: Any = None,
+    key: Optional[str] = None,
+    allow_unmatched: bool = False,
+    allow_expand: bool = False,
+    module_types: Optional[PathLike] = None,
+    expect: Optional[PathLike] = None,
+) -> Plan:
+    """What ``load``/``convert`` would do, nothing converted: every entry's source,
+    target, shapes, dtypes, op and rule; the dropped and unmatched tensors."""
+    p = _native.plan(
+        _fspath(src), preset, _paths(rules), _vars(set), _dtype_arg(dtype), key, allow_unmatched,
+        allow_expand, _opt_path(module_types), _opt_path(expect),
+    )
+    return Plan(
+        path=p["path"],
+        entries=[PlanEntry(**e) for e in p["entries"]],
+        dropped=[Skipped(*s) for s in p["dropped"]],
+        unmatched=[Skipped(*s) for s in p["unmatched"]],
+        rules=list(p["rules"]),
+    )
+
+
+def inspect(src: PathLike, *, key: Optional[str] = None, allow_expand: bool = False) -> List[TensorInfo]:
+    """The tensors of a checkpoint as stored: name, dtype, shape, strides, offset."""
+    return [TensorInfo(**t) for t in _native.inspect(_fspath(src), key, allow_expand)]
+
+
+def devices() -> List[DeviceInfo]:
+    """The CPU, then every GPU adapter found (Vulkan, Metal, DX12)."""
+    return [DeviceInfo(**d) for d in _native.devices()]
+
+
+def presets() -> List[str]:
+    """The built-in preset names."""
+    return list(_native.presets())
+
+
+__all__ = [
+    "load",
+    "load_flax",
+    "load_mlx",
+    "convert",
+    "plan",
+    "inspect",
+    "devices",
+    "presets",
+    "numpy_dtype",
+    "Progress",
+    "TensorInfo",
+    "PlanEntry",
+    "Skipped",
+    "Plan",
+    "Report",
+    "DeviceInfo",
+    "Error",
+    "FormatError",
+    "ForbiddenGlobalError",
+    "RulesError",
+    "PlanError",
+    "UnmatchedError",
+    "VerifyError",
+    "IOError",
+    "OutputExistsError",
+    "NoSpaceError",
+    "InputChangedError",
+    "GPUError",
+    "MissingDependencyError",
+]

@@ -1,0 +1,642 @@
+//! `relayout._native`: the Rust half of the Python package.
+//!
+//! The Python half (`relayout/__init__.py`) allocates the NumPy arrays and shapes the
+//! results; this half opens, plans and converts through the `relayout` crate. Every
+//! long call runs on a worker thread while the calling thread waits with the GIL
+//! released, waking every few milliseconds to hand progress to Python and to check for
+//! signals: Ctrl-C raises the conversion's [`Interrupt`], the worker stops at its next
+//! band, and the call raises `KeyboardInterrupt`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use relayout::{
+    Backend, BackendOptions, Checkpoint, ConvertReport, ConvertSpec, Converter, DType, Device,
+    Error, Interrupt, OpenOptions, Plan, PlanOptions, Progress,
+};
+
+/// How often the waiting thread wakes to check for signals and report progress.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The options every entry point shares, as Python passes them (keywords of
+/// `relayout.load`, `convert` and `plan`).
+#[derive(Default)]
+struct Options {
+    preset: Option<String>,
+    rules: Vec<PathBuf>,
+    vars: BTreeMap<String, String>,
+    dtype: Option<DType>,
+    device: Device,
+    adapter: Option<String>,
+    key: Option<String>,
+    allow_unmatched: bool,
+    allow_expand: bool,
+    module_types: Option<PathBuf>,
+    expect: Option<PathBuf>,
+}
+
+impl Options {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        preset: Option<String>,
+        rules: Vec<PathBuf>,
+        vars: BTreeMap<String, String>,
+        dtype: Option<&str>,
+        device: &str,
+        adapter: Option<String>,
+        key: Option<String>,
+        allow_unmatched: bool,
+        allow_expand: bool,
+        module_types: Option<PathBuf>,
+        expect: Option<PathBuf>,
+    ) -> PyResult<Options> {
+        let dtype = dtype
+            .map(|d| PlanOptions::parse_dtype(d).map_err(|e| PyValueError::new_err(e.to_string())))
+            .transpose()?;
+        let device = match device {
+            "auto" => Device::Auto,
+            "cpu" => Device::Cpu,
+            "gpu" => Device::Gpu,
+            "reference" => Device::Reference,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "device must be 'auto', 'cpu', 'gpu' or 'reference', not {other:?}"
+                )))
+            }
+        };
+        Ok(Options {
+            preset,
+            rules,
+            vars,
+            dtype,
+            device,
+            adapter,
+            key,
+            allow_unmatched,
+            allow_expand,
+            module_types,
+            expect,
+        })
+    }
+
+    fn spec(&self) -> ConvertSpec {
+        ConvertSpec {
+            preset: self.preset.clone(),
+            rules: self.rules.clone(),
+            key: self.key.clone(),
+            backend: BackendOptions {
+                device: self.device,
+                adapter: self.adapter.clone(),
+                // Asking for the GPU by name means any GPU, a software one included.
+                allow_software_gpu: self.device == Device::Gpu,
+            },
+            allow_unmatched: self.allow_unmatched,
+            allow_expand: self.allow_expand,
+            vars: self.vars.clone(),
+            module_types: self.module_types.clone(),
+            dtype: self.dtype,
+            expect: self.expect.clone(),
+            ..ConvertSpec::default()
+        }
+    }
+}
+
+/// Opens and plans `src` the way `relayout convert` would, checking `expect`.
+fn open_and_plan(src: &PathBuf, spec: &ConvertSpec) -> relayout::Result<(Checkpoint, Plan)> {
+    let rules = relayout::rule_set(spec.preset.as_deref(), &spec.rules)?;
+    let ckpt = Checkpoint::open_with(src, &spec.open_options())?;
+    let plan =
+        relayout::plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
+    spec.check_expectation(&plan)?;
+    Ok((ckpt, plan))
+}
+
+/// Turns a library error into the matching `relayout.Error` subclass (defined in
+/// `relayout/_errors.py`), carrying the message, the Rust variant name and the path.
+fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    if let Error::Interrupted { .. } = e {
+        return PyKeyboardInterrupt::new_err("relayout: interrupted; nothing was left behind");
+    }
+    let (class, kind, path, errno) = classify(&e);
+    let message = e.to_string();
+    let made = (|| -> PyResult<PyErr> {
+        let module = py.import("relayout._errors")?;
+        let cls = module.getattr(class)?;
+        let value = cls.call1((message.clone(),))?;
+        value.setattr("kind", kind)?;
+        value.setattr("path", path.map(|p| p.to_string_lossy().into_owned()))?;
+        if let Some(n) = errno {
+            // OSError's own fields: `str(e)` reads "[Errno 2] <message>".
+            value.setattr("errno", n)?;
+            value.setattr("strerror", message.as_str())?;
+        }
+        Ok(PyErr::from_value(value))
+    })();
+    made.unwrap_or_else(|_| PyRuntimeError::new_err(message))
+}
+
+/// The Python class, variant name, file and OS error number of an error.
+fn classify(
+    e: &Error,
+) -> (
+    &'static str,
+    &'static str,
+    Option<&std::path::Path>,
+    Option<i32>,
+) {
+    use Error as E;
+    match e {
+        E::Io { path, source } => ("IOError", "Io", Some(path), source.raw_os_error()),
+        E::UnknownFormat { path, .. } => ("FormatError", "UnknownFormat", Some(path), None),
+        E::LegacyTorchFormat { path, .. } => ("FormatError", "LegacyTorchFormat", Some(path), None),
+        E::HeaderTooLarge { path, .. } => ("FormatError", "HeaderTooLarge", Some(path), None),
+        E::Truncated { path, .. } => ("FormatError", "Truncated", Some(path), None),
+        E::SafetensorsHeader { path, .. } => ("FormatError", "SafetensorsHeader", Some(path), None),
+        E::BadTensor { path, .. } => ("FormatError", "BadTensor", Some(path), None),
+        E::UnsupportedDType { path, .. } => ("FormatError", "UnsupportedDType", Some(path), None),
+        E::Zip { path, .. } => ("FormatError", "Zip", Some(path), None),
+        E::Pickle { path, .. } => ("FormatError", "Pickle", Some(path), None),
+        E::ForbiddenGlobal { path, .. } => {
+            ("ForbiddenGlobalError", "ForbiddenGlobal", Some(path), None)
+        }
+        E::UnsupportedTensor { path, .. } => ("FormatError", "UnsupportedTensor", Some(path), None),
+        E::NoStateDict { path, .. } => ("FormatError", "NoStateDict", Some(path), None),
+        E::Shard { path, .. } => ("FormatError", "Shard", Some(path), None),
+        E::Rules { .. } => ("RulesError", "Rules", None, None),
+        E::MissingVariable { .. } => ("RulesError", "MissingVariable", None, None),
+        E::ModuleTypes { path, .. } => ("RulesError", "ModuleTypes", Some(path), None),
+        E::UnknownPreset { .. } => ("RulesError", "UnknownPreset", None, None),
+        E::TargetCollision { .. } => ("PlanError", "TargetCollision", None, None),
+        E::Unmatched { .. } => ("UnmatchedError", "Unmatched", None, None),
+        E::Layout { .. } => ("PlanError", "Layout", None, None),
+        E::Expectation { path, .. } => ("VerifyError", "Expectation", Some(path), None),
+        E::Verify { file, .. } => ("VerifyError", "Verify", Some(file), None),
+        E::OutputExists { path } => ("OutputExistsError", "OutputExists", Some(path), None),
+        E::OutputIsInput { path } => ("IOError", "OutputIsInput", Some(path), None),
+        E::NoSpace { path, .. } => ("NoSpaceError", "NoSpace", Some(path), Some(28)),
+        E::InputChanged { path, .. } => ("InputChangedError", "InputChanged", Some(path), None),
+        E::DeviceUnavailable { .. } => ("GPUError", "DeviceUnavailable", None, None),
+        E::Gpu { .. } => ("GPUError", "Gpu", None, None),
+        _ => ("Error", "Other", None, None),
+    }
+}
+
+/// What the worker thread shares with the waiting one: the latest progress, the result.
+struct Shared<T> {
+    state: Mutex<(Option<Progress>, Option<T>)>,
+    wake: Condvar,
+}
+
+impl<T> Shared<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<Progress>, Option<T>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs `work` on a worker thread with the GIL released. The calling thread wakes every
+/// [`POLL`] to pass the latest progress to `progress` (with the GIL) and to check for
+/// signals; a pending signal (Ctrl-C) raises `interrupt`, waits for the worker to stop
+/// and re-raises the signal's exception.
+fn run_detached<T: Send>(
+    py: Python<'_>,
+    interrupt: &Interrupt,
+    progress: Option<&Bound<'_, PyAny>>,
+    work: impl FnOnce(&mut dyn FnMut(Progress)) -> relayout::Result<T> + Send,
+) -> PyResult<T> {
+    let shared: Shared<relayout::Result<T>> = Shared {
+        state: Mutex::new((None, None)),
+        wake: Condvar::new(),
+    };
+    std::thread::scope(|scope| {
+        let shared = &shared;
+        scope.spawn(move || {
+            let mut report = |p: Progress| {
+                shared.lock().0 = Some(p);
+                shared.wake.notify_one();
+            };
+            let result = work(&mut report);
+            shared.lock().1 = Some(result);
+            shared.wake.notify_one();
+        });
+        let mut signal: Option<PyErr> = None;
+        loop {
+            let (seen, done) = py.detach(|| {
+                let mut g = shared.lock();
+                if g.0.is_none() && g.1.is_none() {
+                    g = shared
+                        .wake
+                        .wait_timeout(g, POLL)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                let seen = g.0.take();
+                (seen, g.1.take())
+            });
+            if let (Some(p), Some(cb), None) = (seen, progress, &signal) {
+                if let Err(e) =
+                    cb.call1((p.tensors_done, p.tensors_total, p.bytes_done, p.bytes_total))
+                {
+                    // A failing callback stops the work like a signal does.
+                    interrupt.raise(1);
+                    signal = Some(e);
+                }
+            }
+            if let Some(result) = done {
+                return match (signal, result) {
+                    (Some(e), _) => Err(e),
+                    (None, r) => r.map_err(|e| to_py(py, e)),
+                };
+            }
+            if signal.is_none() {
+                if let Err(e) = py.check_signals() {
+                    interrupt.raise(2);
+                    signal = Some(e);
+                }
+            }
+        }
+    })
+}
+
+/// An opened and planned checkpoint with its backend: what `relayout.load` fills arrays
+/// from.
+#[pyclass(frozen, module = "relayout._native")]
+struct Session {
+    ckpt: Checkpoint,
+    plan: Plan,
+    backend: Box<dyn relayout::Backend>,
+}
+
+#[pymethods]
+impl Session {
+    #[new]
+    #[pyo3(signature = (src, preset, rules, vars, dtype, device, adapter, key, allow_unmatched, allow_expand, module_types, expect))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        src: PathBuf,
+        preset: Option<String>,
+        rules: Vec<PathBuf>,
+        vars: BTreeMap<String, String>,
+        dtype: Option<&str>,
+        device: &str,
+        adapter: Option<String>,
+        key: Option<String>,
+        allow_unmatched: bool,
+        allow_expand: bool,
+        module_types: Option<PathBuf>,
+        expect: Option<PathBuf>,
+    ) -> PyResult<Session> {
+        let opts = Options::new(
+            preset,
+            rules,
+            vars,
+            dtype,
+            device,
+            adapter,
+            key,
+            allow_unmatched,
+            allow_expand,
+            module_types,
+            expect,
+        )?;
+        let spec = opts.spec();
+        let built = py.detach(|| -> relayout::Result<Session> {
+            let (ckpt, plan) = open_and_plan(&src, &spec)?;
+            let backend = relayout::backend::select(&spec.backend)?;
+            Ok(Session {
+                ckpt,
+                plan,
+                backend,
+            })
+        });
+        built.map_err(|e| to_py(py, e))
+    }
+
+    /// `(target, shape, dtype)` of every output tensor, in plan order.
+    fn targets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for e in &self.plan.entries {
+            let shape = PyTuple::new(py, &e.target_shape)?;
+            list.append((e.target.as_str(), shape, e.dtype.safetensors_name()))?;
+        }
+        Ok(list)
+    }
+
+    /// The plan as dictionaries (entries, dropped, unmatched, rule sources).
+    fn plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        plan_dict(py, &self.ckpt, &self.plan)
+    }
+
+    /// The backend's name, e.g. `cpu (2 threads)` or `gpu (llvmpipe, Vulkan)`.
+    #[getter]
+    fn backend(&self) -> String {
+        self.backend.name()
+    }
+
+    /// Converts every tensor into `arrays` (NumPy arrays the caller allocated, one per
+    /// target in plan order, C-contiguous, writable, of exactly the target's bytes).
+    #[pyo3(signature = (arrays, progress=None))]
+    fn fill(
+        &self,
+        py: Python<'_>,
+        arrays: Vec<Bound<'_, PyAny>>,
+        progress: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        if arrays.len() != self.plan.entries.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} arrays for {} tensors",
+                arrays.len(),
+                self.plan.entries.len()
+            )));
+        }
+        let mut raw: Vec<(usize, usize)> = Vec::with_capacity(arrays.len());
+        for (a, e) in arrays.iter().zip(&self.plan.entries) {
+            raw.push(writable_buffer(a, &e.target)?);
+        }
+        // Two arrays sharing memory would be written twice over.
+        let mut sorted: Vec<(usize, usize)> = raw.iter().copied().filter(|r| r.1 > 0).collect();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(PyValueError::new_err("arrays overlap in memory"));
+        }
+        let interrupt = Interrupt::new();
+        let converter = Converter::new(&self.ckpt, &self.plan, self.backend.as_ref())
+            .with_interrupt(interrupt.clone());
+        run_detached(py, &interrupt, progress.as_ref(), move |report| {
+            // SAFETY: each (address, length) is the data of a distinct, live, writable,
+            // C-contiguous array: checked above, non-overlapping, and kept alive by
+            // `arrays`, which this call holds until the worker has finished.
+            let mut dsts: Vec<&mut [u8]> = raw
+                .iter()
+                .map(|&(ptr, len)| unsafe { slice_at(ptr, len) })
+                .collect();
+            converter.fill(&mut dsts, report)
+        })?;
+        drop(arrays);
+        Ok(())
+    }
+}
+
+/// `len` bytes at address `ptr` (dangling but valid when empty).
+///
+/// # Safety
+/// `ptr..ptr + len` must be memory no one else reads or writes while the slice lives.
+unsafe fn slice_at<'a>(ptr: usize, len: usize) -> &'a mut [u8] {
+    if len == 0 {
+        return &mut [];
+    }
+    // SAFETY: upheld by the caller.
+    unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }
+}
+
+/// The data address and byte length of a NumPy array we may write, checked through its
+/// `__array_interface__` (no NumPy C API, so one abi3 wheel serves every version).
+fn writable_buffer(a: &Bound<'_, PyAny>, target: &str) -> PyResult<(usize, usize)> {
+    let iface = a.getattr("__array_interface__").map_err(|_| {
+        PyValueError::new_err(format!("the buffer for '{target}' is not a NumPy array"))
+    })?;
+    let (ptr, readonly): (usize, bool) = iface.get_item("data")?.extract()?;
+    let flags = a.getattr("flags")?;
+    let contiguous: bool = flags.getattr("c_contiguous")?.extract()?;
+    let writeable: bool = flags.getattr("writeable")?.extract()?;
+    if readonly || !writeable || !contiguous {
+        return Err(PyValueError::new_err(format!(
+            "the array for '{target}' must be C-contiguous and writable"
+        )));
+    }
+    let len: usize = a.getattr("nbytes")?.extract()?;
+    if ptr == 0 && len > 0 {
+        return Err(PyValueError::new_err(format!(
+            "the array for '{target}' has no data"
+        )));
+    }
+    Ok((ptr, len))
+}
+
+fn plan_dict<'py>(py: Python<'py>, ckpt: &Checkpoint, plan: &Plan) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    let entries = PyList::empty(py);
+    for e in &plan.entries {
+        let d = PyDict::new(py);
+        d.set_item("source", e.source_name.as_str())?;
+        d.set_item("target", e.target.as_str())?;
+        d.set_item("source_shape", PyTuple::new(py, &e.source_shape)?)?;
+        d.set_item("target_shape", PyTuple::new(py, &e.target_shape)?)?;
+        d.set_item("source_dtype", e.source_dtype.safetensors_name())?;
+        d.set_item("dtype", e.dtype.safetensors_name())?;
+        d.set_item("op", e.describe_op())?;
+        d.set_item("rule", e.rule.as_str())?;
+        d.set_item("warning", e.warning.as_deref())?;
+        d.set_item(
+            "nbytes",
+            Converter::entry_bytes(e).map_err(|e| to_py(py, e))?,
+        )?;
+        entries.append(d)?;
+    }
+    out.set_item("entries", entries)?;
+    for (key, list) in [("dropped", &plan.dropped), ("unmatched", &plan.unmatched)] {
+        let l = PyList::empty(py);
+        for s in list {
+            l.append((s.name.as_str(), s.reason.as_str()))?;
+        }
+        out.set_item(key, l)?;
+    }
+    out.set_item("rules", PyList::new(py, &plan.sources)?)?;
+    out.set_item("path", ckpt.path().to_string_lossy().into_owned())?;
+    Ok(out)
+}
+
+/// Plans `src` without converting anything.
+#[pyfunction]
+#[pyo3(signature = (src, preset, rules, vars, dtype, key, allow_unmatched, allow_expand, module_types, expect))]
+#[allow(clippy::too_many_arguments)]
+fn plan<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    preset: Option<String>,
+    rules: Vec<PathBuf>,
+    vars: BTreeMap<String, String>,
+    dtype: Option<&str>,
+    key: Option<String>,
+    allow_unmatched: bool,
+    allow_expand: bool,
+    module_types: Option<PathBuf>,
+    expect: Option<PathBuf>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let opts = Options::new(
+        preset,
+        rules,
+        vars,
+        dtype,
+        "cpu",
+        None,
+        key,
+        allow_unmatched,
+        allow_expand,
+        module_types,
+        expect,
+    )?;
+    let spec = opts.spec();
+    let (ckpt, plan) = py
+        .detach(|| open_and_plan(&src, &spec))
+        .map_err(|e| to_py(py, e))?;
+    plan_dict(py, &ckpt, &plan)
+}
+
+/// The tensors of a checkpoint as stored.
+#[pyfunction]
+#[pyo3(signature = (src, key=None, allow_expand=false))]
+fn inspect<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    key: Option<String>,
+    allow_expand: bool,
+) -> PyResult<Bound<'py, PyList>> {
+    let opts = OpenOptions { key, allow_expand };
+    let ckpt = py
+        .detach(|| Checkpoint::open_with(&src, &opts))
+        .map_err(|e| to_py(py, e))?;
+    let list = PyList::empty(py);
+    for t in ckpt.tensors() {
+        let d = PyDict::new(py);
+        d.set_item("name", t.name.as_str())?;
+        d.set_item("dtype", t.dtype.safetensors_name())?;
+        d.set_item("shape", PyTuple::new(py, &t.shape)?)?;
+        d.set_item("strides", PyTuple::new(py, &t.strides)?)?;
+        d.set_item("offset", t.offset)?;
+        d.set_item("nbytes", t.bytes())?;
+        d.set_item("contiguous", ckpt.is_contiguous(t))?;
+        d.set_item("file", ckpt.file_of(t).to_string_lossy().into_owned())?;
+        list.append(d)?;
+    }
+    Ok(list)
+}
+
+/// Converts `src` into `dst` (one safetensors file, or a folder of shards), atomically.
+#[pyfunction]
+#[pyo3(signature = (src, dst, preset, rules, vars, dtype, device, adapter, key, allow_unmatched, allow_expand, module_types, expect, force, max_shard_size, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn convert<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dst: PathBuf,
+    preset: Option<String>,
+    rules: Vec<PathBuf>,
+    vars: BTreeMap<String, String>,
+    dtype: Option<&str>,
+    device: &str,
+    adapter: Option<String>,
+    key: Option<String>,
+    allow_unmatched: bool,
+    allow_expand: bool,
+    module_types: Option<PathBuf>,
+    expect: Option<PathBuf>,
+    force: bool,
+    max_shard_size: Option<u64>,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let opts = Options::new(
+        preset,
+        rules,
+        vars,
+        dtype,
+        device,
+        adapter,
+        key,
+        allow_unmatched,
+        allow_expand,
+        module_types,
+        expect,
+    )?;
+    let interrupt = Interrupt::new();
+    let spec = ConvertSpec {
+        force,
+        max_shard_size,
+        interrupt: Some(interrupt.clone()),
+        ..opts.spec()
+    };
+    let report = run_detached(py, &interrupt, progress.as_ref(), |report| {
+        relayout::convert(&src, &dst, &spec, report)
+    })?;
+    report_dict(py, &report)
+}
+
+fn report_dict<'py>(py: Python<'py>, r: &ConvertReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let paths = |ps: &[PathBuf]| -> Vec<String> {
+        ps.iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect()
+    };
+    d.set_item("tensors", r.tensors)?;
+    d.set_item("bytes", r.bytes)?;
+    d.set_item("seconds", r.seconds)?;
+    d.set_item("backend", r.backend.as_str())?;
+    d.set_item("dropped", r.dropped)?;
+    d.set_item("unmatched", r.unmatched)?;
+    d.set_item("outputs", paths(&r.outputs))?;
+    d.set_item("reused", paths(&r.reused))?;
+    d.set_item(
+        "index",
+        r.index.as_ref().map(|p| p.to_string_lossy().into_owned()),
+    )?;
+    d.set_item("shards", r.shards)?;
+    Ok(d)
+}
+
+/// The devices a conversion can run on: the CPU, then every GPU adapter wgpu finds.
+#[pyfunction]
+fn devices(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    let list = PyList::empty(py);
+    let cpu = PyDict::new(py);
+    cpu.set_item("kind", "cpu")?;
+    cpu.set_item("name", relayout::backend::cpu::Cpu::new().name())?;
+    cpu.set_item("backend", "cpu")?;
+    cpu.set_item("software", false)?;
+    list.append(cpu)?;
+    for a in py.detach(relayout::backend::gpu::list_adapters) {
+        let d = PyDict::new(py);
+        d.set_item("kind", "gpu")?;
+        d.set_item("name", a.name.as_str())?;
+        d.set_item("backend", a.backend.as_str())?;
+        d.set_item("device_type", a.device_type.as_str())?;
+        d.set_item("driver", a.driver.as_str())?;
+        d.set_item("software", a.software)?;
+        list.append(d)?;
+    }
+    Ok(list)
+}
+
+/// `"5GB"`, `"512MiB"` or `"1.5 GB"` in bytes (10^3 and 2^10 units).
+#[pyfunction]
+fn parse_size(text: &str) -> PyResult<u64> {
+    relayout::shard::parse_size(text).map_err(PyValueError::new_err)
+}
+
+/// The built-in preset names.
+#[pyfunction]
+fn presets() -> Vec<String> {
+    relayout::RuleSet::preset_names()
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Session>()?;
+    m.add_function(wrap_pyfunction!(plan, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(devices, m)?)?;
+    m.add_function(wrap_pyfunction!(presets, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
