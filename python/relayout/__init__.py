@@ -81,7 +81,9 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class PlanEntry:
-    """What one output tensor is made of."""
+    """What one output tensor is made of: ``source`` sliced along ``slice`` (axis, start,
+    length) when set, its axes permuted by ``perm`` (output axis k is source axis
+    ``perm[k]``), reshaped to ``target_shape`` and converted to ``dtype``."""
 
     source: str
     target: str
@@ -90,6 +92,8 @@ class PlanEntry:
     source_dtype: str
     dtype: str
     op: str
+    perm: Tuple[int, ...]
+    slice: Optional[Tuple[int, int, int]]
     rule: str
     warning: Optional[str]
     nbytes: int

@@ -431,6 +431,8 @@ fn plan_dict<'py>(py: Python<'py>, ckpt: &Checkpoint, plan: &Plan) -> PyResult<B
         d.set_item("source_dtype", e.source_dtype.safetensors_name())?;
         d.set_item("dtype", e.dtype.safetensors_name())?;
         d.set_item("op", e.describe_op())?;
+        d.set_item("perm", PyTuple::new(py, &e.perm)?)?;
+        d.set_item("slice", e.slice.map(|s| (s.axis, s.start, s.len)))?;
         d.set_item("rule", e.rule.as_str())?;
         d.set_item("warning", e.warning.as_deref())?;
         d.set_item(
