@@ -255,16 +255,7 @@ impl<'a> Converter<'a> {
     pub fn convert_into(&self, entry: &PlanEntry, dst: &mut [u8]) -> Result<()> {
         let (g, cast) = self.op(entry)?;
         let src = self.source_bytes(entry);
-        let want = out_bytes(&g, cast);
-        if dst.len() != want {
-            return Err(Error::Layout {
-                detail: format!(
-                    "buffer of {} bytes for '{}', which needs {want}",
-                    dst.len(),
-                    entry.target,
-                ),
-            });
-        }
+        check_buffer(entry, dst.len(), out_bytes(&g, cast))?;
         self.run_entry(
             &g,
             cast,
@@ -296,16 +287,7 @@ impl<'a> Converter<'a> {
         let mut ops = Vec::with_capacity(entries.len());
         for (entry, dst) in entries.iter().zip(dsts.iter()) {
             let (g, cast) = self.op(entry)?;
-            let want = out_bytes(&g, cast);
-            if dst.len() != want {
-                return Err(Error::Layout {
-                    detail: format!(
-                        "buffer of {} bytes for '{}', which needs {want}",
-                        dst.len(),
-                        entry.target,
-                    ),
-                });
-            }
+            check_buffer(entry, dst.len(), out_bytes(&g, cast))?;
             ops.push((g, cast));
         }
         let mut run = Run::for_entries(self.plan, ops.iter().map(|(g, c)| out_bytes(g, *c)));
@@ -690,6 +672,19 @@ impl<'a> Converter<'a> {
             }
         }
     }
+}
+
+/// A caller's buffer for `entry` must hold exactly its `want` bytes.
+fn check_buffer(entry: &PlanEntry, len: usize, want: usize) -> Result<()> {
+    if len == want {
+        return Ok(());
+    }
+    Err(Error::Layout {
+        detail: format!(
+            "buffer of {len} bytes for '{}', which needs {want}",
+            entry.target
+        ),
+    })
 }
 
 /// Where the bands of a tensor go.

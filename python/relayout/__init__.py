@@ -17,6 +17,7 @@ import builtins
 import os
 from dataclasses import dataclass
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Dict,
@@ -26,12 +27,16 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    TypedDict,
     Union,
 )
 
 import numpy as np
 
 from . import _native
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 from ._errors import (
     Error,
     ForbiddenGlobalError,
@@ -63,6 +68,23 @@ class Progress(NamedTuple):
 
 
 ProgressArg = Union[bool, Callable[[Progress], object], None]
+Rules = Union[PathLike, Sequence[PathLike], None]
+
+
+class LoadOptions(TypedDict, total=False):
+    """The keywords :func:`load_flax` and :func:`load_mlx` pass on to :func:`load`."""
+
+    rules: Rules
+    set: Optional[Mapping[str, Any]]
+    dtype: Any
+    device: str
+    adapter: Optional[str]
+    key: Optional[str]
+    allow_unmatched: bool
+    allow_expand: bool
+    module_types: Optional[PathLike]
+    expect: Optional[PathLike]
+    progress: ProgressArg
 
 
 @dataclass(frozen=True)
@@ -166,11 +188,13 @@ _NUMPY_DTYPES: Dict[str, Any] = {
 _ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def numpy_dtype(name: str) -> np.dtype:
+def numpy_dtype(name: str) -> "np.dtype[Any]":
     """The NumPy dtype of a safetensors dtype name; bfloat16 and float8 come from
     ``ml_dtypes`` (a clear error when it is not installed)."""
+    dt: "np.dtype[Any]"
     if name in _NUMPY_DTYPES:
-        return np.dtype(_NUMPY_DTYPES[name])
+        dt = np.dtype(_NUMPY_DTYPES[name])
+        return dt
     if name in _ML_DTYPES:
         try:
             import ml_dtypes
@@ -179,7 +203,8 @@ def numpy_dtype(name: str) -> np.dtype:
                 f"{name} tensors are NumPy arrays of ml_dtypes.{_ML_DTYPES[name]}: "
                 "pip install ml_dtypes (or pass dtype='float32')"
             ) from e
-        return np.dtype(getattr(ml_dtypes, _ML_DTYPES[name]))
+        dt = np.dtype(getattr(ml_dtypes, _ML_DTYPES[name]))
+        return dt
     raise Error(f"unknown dtype {name!r}")
 
 
@@ -224,7 +249,7 @@ class _Bar:
             self.user = progress
         elif progress:
             try:
-                from tqdm.auto import tqdm
+                from tqdm.auto import tqdm  # type: ignore[import-untyped, unused-ignore]
             except ImportError:
                 tqdm = None
             if tqdm is not None:
@@ -247,10 +272,9 @@ class _Bar:
             self.bar.close()
 
 
-def _session(
-    src: PathLike,
+def _options(
     preset: Optional[str],
-    rules: Union[PathLike, Sequence[PathLike], None],
+    rules: Rules,
     set: Optional[Mapping[str, Any]],
     dtype: Any,
     device: str,
@@ -260,28 +284,28 @@ def _session(
     allow_expand: bool,
     module_types: Optional[PathLike],
     expect: Optional[PathLike],
-) -> Any:
-    return _native.Session(
-        _fspath(src),
-        preset,
-        _paths(rules),
-        _vars(set),
-        _dtype_arg(dtype),
-        device,
-        adapter,
-        key,
-        allow_unmatched,
-        allow_expand,
-        _opt_path(module_types),
-        _opt_path(expect),
-    )
+) -> "_native._Options":
+    """The keywords as the native layer takes them: one dict, paths as str."""
+    return {
+        "preset": preset,
+        "rules": _paths(rules),
+        "set": _vars(set),
+        "dtype": _dtype_arg(dtype),
+        "device": device,
+        "adapter": adapter,
+        "key": key,
+        "allow_unmatched": allow_unmatched,
+        "allow_expand": allow_expand,
+        "module_types": _opt_path(module_types),
+        "expect": _opt_path(expect),
+    }
 
 
 def load(
     src: PathLike,
     preset: Optional[str],
     *,
-    rules: Union[PathLike, Sequence[PathLike], None] = None,
+    rules: Rules = None,
     set: Optional[Mapping[str, Any]] = None,
     dtype: Any = None,
     device: str = "auto",
@@ -305,10 +329,11 @@ def load(
     bar (when tqdm is installed); a callable receives :class:`Progress` after every band.
     The GIL is released while converting; Ctrl-C stops the load within one band.
     """
-    session = _session(
-        src, preset, rules, set, dtype, device, adapter, key, allow_unmatched, allow_expand,
+    options = _options(
+        preset, rules, set, dtype, device, adapter, key, allow_unmatched, allow_expand,
         module_types, expect,
     )
+    session = _native.Session(_fspath(src), options)
     targets = session.targets()
     dtypes = {name: numpy_dtype(name) for name in builtins.set(t[2] for t in targets)}
     arrays = [np.empty(shape, dtype=dtypes[dt]) for _, shape, dt in targets]
@@ -343,17 +368,7 @@ def load_flax(
     preset: str = "flax",
     *,
     as_jax: bool = True,
-    rules: Union[PathLike, Sequence[PathLike], None] = None,
-    set: Optional[Mapping[str, Any]] = None,
-    dtype: Any = None,
-    device: str = "auto",
-    adapter: Optional[str] = None,
-    key: Optional[str] = None,
-    allow_unmatched: bool = False,
-    allow_expand: bool = False,
-    module_types: Optional[PathLike] = None,
-    expect: Optional[PathLike] = None,
-    progress: ProgressArg = False,
+    **options: "Unpack[LoadOptions]",
 ) -> Dict[Any, Any]:
     """Loads ``src`` as a nested Flax variables dict, e.g. ``{"params": {...},
     "batch_stats": {...}}`` for ``model.apply(variables, x)`` (linen, preset ``flax``),
@@ -361,11 +376,7 @@ def load_flax(
     for ``nnx.update(model, state)``). Leaves are ``jax.Array``\\ s, or NumPy arrays
     with ``as_jax=False``. The other keywords are :func:`load`'s.
     """
-    flat = load(
-        src, preset, rules=rules, set=set, dtype=dtype, device=device, adapter=adapter,
-        key=key, allow_unmatched=allow_unmatched, allow_expand=allow_expand,
-        module_types=module_types, expect=expect, progress=progress,
-    )
+    flat: Dict[str, Any] = load(src, preset, **options)
     if as_jax:
         try:
             import jax.numpy as jnp
@@ -378,18 +389,7 @@ def load_flax(
 def load_mlx(
     src: PathLike,
     preset: str = "mlx",
-    *,
-    rules: Union[PathLike, Sequence[PathLike], None] = None,
-    set: Optional[Mapping[str, Any]] = None,
-    dtype: Any = None,
-    device: str = "auto",
-    adapter: Optional[str] = None,
-    key: Optional[str] = None,
-    allow_unmatched: bool = False,
-    allow_expand: bool = False,
-    module_types: Optional[PathLike] = None,
-    expect: Optional[PathLike] = None,
-    progress: ProgressArg = False,
+    **options: "Unpack[LoadOptions]",
 ) -> Dict[str, Any]:
     """Loads ``src`` as ``{name: mlx.core.array}``, ready for
     ``model.load_weights(list(weights.items()))``. The keywords are :func:`load`'s."""
@@ -397,11 +397,7 @@ def load_mlx(
         import mlx.core as mx
     except ImportError as e:
         raise MissingDependencyError("load_mlx needs mlx: pip install mlx") from e
-    flat = load(
-        src, preset, rules=rules, set=set, dtype=dtype, device=device, adapter=adapter,
-        key=key, allow_unmatched=allow_unmatched, allow_expand=allow_expand,
-        module_types=module_types, expect=expect, progress=progress,
-    )
+    flat = load(src, preset, **options)
     out: Dict[str, Any] = {}
     for name, a in flat.items():
         kind = a.dtype.name
@@ -423,7 +419,7 @@ def convert(
     dst: PathLike,
     preset: Optional[str],
     *,
-    rules: Union[PathLike, Sequence[PathLike], None] = None,
+    rules: Rules = None,
     set: Optional[Mapping[str, Any]] = None,
     dtype: Any = None,
     device: str = "auto",
@@ -446,11 +442,11 @@ def convert(
         max_shard_size = _native.parse_size(max_shard_size)
     bar = _Bar(progress, "relayout convert")
     try:
-        r = _native.convert(
-            _fspath(src), _fspath(dst), preset, _paths(rules), _vars(set), _dtype_arg(dtype),
-            device, adapter, key, allow_unmatched, allow_expand, _opt_path(module_types),
-            _opt_path(expect), force, max_shard_size, bar.native(),
+        options = _options(
+            preset, rules, set, dtype, device, adapter, key, allow_unmatched, allow_expand,
+            module_types, expect,
         )
+        r = _native.convert(_fspath(src), _fspath(dst), options, force, max_shard_size, bar.native())
     finally:
         bar.close()
     return Report(**r)
@@ -460,7 +456,7 @@ def plan(
     src: PathLike,
     preset: Optional[str],
     *,
-    rules: Union[PathLike, Sequence[PathLike], None] = None,
+    rules: Rules = None,
     set: Optional[Mapping[str, Any]] = None,
     dtype: Any = None,
     key: Optional[str] = None,
@@ -471,10 +467,11 @@ def plan(
 ) -> Plan:
     """What ``load``/``convert`` would do, nothing converted: every entry's source,
     target, shapes, dtypes, op and rule; the dropped and unmatched tensors."""
-    p = _native.plan(
-        _fspath(src), preset, _paths(rules), _vars(set), _dtype_arg(dtype), key, allow_unmatched,
-        allow_expand, _opt_path(module_types), _opt_path(expect),
+    options = _options(
+        preset, rules, set, dtype, "cpu", None, key, allow_unmatched, allow_expand,
+        module_types, expect,
     )
+    p = _native.plan(_fspath(src), options)
     return Plan(
         path=p["path"],
         entries=[PlanEntry(**e) for e in p["entries"]],
@@ -510,6 +507,7 @@ __all__ = [
     "presets",
     "numpy_dtype",
     "Progress",
+    "LoadOptions",
     "TensorInfo",
     "PlanEntry",
     "Skipped",

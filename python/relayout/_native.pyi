@@ -1,60 +1,38 @@
 """Type stubs of the Rust extension (python/src/lib.rs); use the `relayout` functions."""
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypedDict
 
 __version__: str
 
 _Progress = Optional[Callable[[int, int, int, int], object]]
 
+class _Options(TypedDict):
+    preset: Optional[str]
+    rules: List[str]
+    set: Dict[str, str]
+    dtype: Optional[str]
+    device: str
+    adapter: Optional[str]
+    key: Optional[str]
+    allow_unmatched: bool
+    allow_expand: bool
+    module_types: Optional[str]
+    expect: Optional[str]
+
 class Session:
-    def __init__(
-        self,
-        src: str,
-        preset: Optional[str],
-        rules: List[str],
-        vars: Dict[str, str],
-        dtype: Optional[str],
-        device: str,
-        adapter: Optional[str],
-        key: Optional[str],
-        allow_unmatched: bool,
-        allow_expand: bool,
-        module_types: Optional[str],
-        expect: Optional[str],
-    ) -> None: ...
+    def __init__(self, src: str, options: _Options) -> None: ...
     def targets(self) -> List[Tuple[str, Tuple[int, ...], str]]: ...
     def plan(self) -> Dict[str, Any]: ...
     @property
     def backend(self) -> str: ...
     def fill(self, arrays: Sequence[Any], progress: _Progress = None) -> None: ...
 
-def plan(
-    src: str,
-    preset: Optional[str],
-    rules: List[str],
-    vars: Dict[str, str],
-    dtype: Optional[str],
-    key: Optional[str],
-    allow_unmatched: bool,
-    allow_expand: bool,
-    module_types: Optional[str],
-    expect: Optional[str],
-) -> Dict[str, Any]: ...
+def plan(src: str, options: _Options) -> Dict[str, Any]: ...
 def inspect(src: str, key: Optional[str] = None, allow_expand: bool = False) -> List[Dict[str, Any]]: ...
 def convert(
     src: str,
     dst: str,
-    preset: Optional[str],
-    rules: List[str],
-    vars: Dict[str, str],
-    dtype: Optional[str],
-    device: str,
-    adapter: Optional[str],
-    key: Optional[str],
-    allow_unmatched: bool,
-    allow_expand: bool,
-    module_types: Optional[str],
-    expect: Optional[str],
+    options: _Options,
     force: bool,
     max_shard_size: Optional[int],
     progress: _Progress = None,

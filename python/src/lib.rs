@@ -17,22 +17,24 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use relayout::{
-    Backend, BackendOptions, Checkpoint, ConvertReport, ConvertSpec, Converter, DType, Device,
-    Error, Interrupt, OpenOptions, Plan, PlanOptions, Progress,
+    Backend, BackendOptions, Checkpoint, ConvertReport, ConvertSpec, Converter, Device, Error,
+    Interrupt, OpenOptions, Plan, PlanOptions, Progress,
 };
 
 /// How often the waiting thread wakes to check for signals and report progress.
 const POLL: Duration = Duration::from_millis(20);
 
-/// The options every entry point shares, as Python passes them (keywords of
-/// `relayout.load`, `convert` and `plan`).
-#[derive(Default)]
+/// The options every entry point shares, as `relayout/__init__.py` passes them: one
+/// dict whose keys are the keywords of `relayout.load`, `convert` and `plan`.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
 struct Options {
     preset: Option<String>,
     rules: Vec<PathBuf>,
+    #[pyo3(item("set"))]
     vars: BTreeMap<String, String>,
-    dtype: Option<DType>,
-    device: Device,
+    dtype: Option<String>,
+    device: String,
     adapter: Option<String>,
     key: Option<String>,
     allow_unmatched: bool,
@@ -42,24 +44,13 @@ struct Options {
 }
 
 impl Options {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        preset: Option<String>,
-        rules: Vec<PathBuf>,
-        vars: BTreeMap<String, String>,
-        dtype: Option<&str>,
-        device: &str,
-        adapter: Option<String>,
-        key: Option<String>,
-        allow_unmatched: bool,
-        allow_expand: bool,
-        module_types: Option<PathBuf>,
-        expect: Option<PathBuf>,
-    ) -> PyResult<Options> {
-        let dtype = dtype
+    fn spec(&self) -> PyResult<ConvertSpec> {
+        let dtype = self
+            .dtype
+            .as_deref()
             .map(|d| PlanOptions::parse_dtype(d).map_err(|e| PyValueError::new_err(e.to_string())))
             .transpose()?;
-        let device = match device {
+        let device = match self.device.as_str() {
             "auto" => Device::Auto,
             "cpu" => Device::Cpu,
             "gpu" => Device::Gpu,
@@ -70,40 +61,24 @@ impl Options {
                 )))
             }
         };
-        Ok(Options {
-            preset,
-            rules,
-            vars,
-            dtype,
-            device,
-            adapter,
-            key,
-            allow_unmatched,
-            allow_expand,
-            module_types,
-            expect,
-        })
-    }
-
-    fn spec(&self) -> ConvertSpec {
-        ConvertSpec {
+        Ok(ConvertSpec {
             preset: self.preset.clone(),
             rules: self.rules.clone(),
             key: self.key.clone(),
             backend: BackendOptions {
-                device: self.device,
+                device,
                 adapter: self.adapter.clone(),
                 // Asking for the GPU by name means any GPU, a software one included.
-                allow_software_gpu: self.device == Device::Gpu,
+                allow_software_gpu: device == Device::Gpu,
             },
             allow_unmatched: self.allow_unmatched,
             allow_expand: self.allow_expand,
             vars: self.vars.clone(),
             module_types: self.module_types.clone(),
-            dtype: self.dtype,
+            dtype,
             expect: self.expect.clone(),
             ..ConvertSpec::default()
-        }
+        })
     }
 }
 
@@ -275,37 +250,8 @@ struct Session {
 #[pymethods]
 impl Session {
     #[new]
-    #[pyo3(signature = (src, preset, rules, vars, dtype, device, adapter, key, allow_unmatched, allow_expand, module_types, expect))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
-        src: PathBuf,
-        preset: Option<String>,
-        rules: Vec<PathBuf>,
-        vars: BTreeMap<String, String>,
-        dtype: Option<&str>,
-        device: &str,
-        adapter: Option<String>,
-        key: Option<String>,
-        allow_unmatched: bool,
-        allow_expand: bool,
-        module_types: Option<PathBuf>,
-        expect: Option<PathBuf>,
-    ) -> PyResult<Session> {
-        let opts = Options::new(
-            preset,
-            rules,
-            vars,
-            dtype,
-            device,
-            adapter,
-            key,
-            allow_unmatched,
-            allow_expand,
-            module_types,
-            expect,
-        )?;
-        let spec = opts.spec();
+    fn new(py: Python<'_>, src: PathBuf, options: Options) -> PyResult<Session> {
+        let spec = options.spec()?;
         let built = py.detach(|| -> relayout::Result<Session> {
             let (ckpt, plan) = open_and_plan(&src, &spec)?;
             let backend = relayout::backend::select(&spec.backend)?;
@@ -456,35 +402,8 @@ fn plan_dict<'py>(py: Python<'py>, ckpt: &Checkpoint, plan: &Plan) -> PyResult<B
 
 /// Plans `src` without converting anything.
 #[pyfunction]
-#[pyo3(signature = (src, preset, rules, vars, dtype, key, allow_unmatched, allow_expand, module_types, expect))]
-#[allow(clippy::too_many_arguments)]
-fn plan<'py>(
-    py: Python<'py>,
-    src: PathBuf,
-    preset: Option<String>,
-    rules: Vec<PathBuf>,
-    vars: BTreeMap<String, String>,
-    dtype: Option<&str>,
-    key: Option<String>,
-    allow_unmatched: bool,
-    allow_expand: bool,
-    module_types: Option<PathBuf>,
-    expect: Option<PathBuf>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let opts = Options::new(
-        preset,
-        rules,
-        vars,
-        dtype,
-        "cpu",
-        None,
-        key,
-        allow_unmatched,
-        allow_expand,
-        module_types,
-        expect,
-    )?;
-    let spec = opts.spec();
+fn plan<'py>(py: Python<'py>, src: PathBuf, options: Options) -> PyResult<Bound<'py, PyDict>> {
+    let spec = options.spec()?;
     let (ckpt, plan) = py
         .detach(|| open_and_plan(&src, &spec))
         .map_err(|e| to_py(py, e))?;
@@ -522,46 +441,22 @@ fn inspect<'py>(
 
 /// Converts `src` into `dst` (one safetensors file, or a folder of shards), atomically.
 #[pyfunction]
-#[pyo3(signature = (src, dst, preset, rules, vars, dtype, device, adapter, key, allow_unmatched, allow_expand, module_types, expect, force, max_shard_size, progress=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (src, dst, options, force, max_shard_size, progress=None))]
 fn convert<'py>(
     py: Python<'py>,
     src: PathBuf,
     dst: PathBuf,
-    preset: Option<String>,
-    rules: Vec<PathBuf>,
-    vars: BTreeMap<String, String>,
-    dtype: Option<&str>,
-    device: &str,
-    adapter: Option<String>,
-    key: Option<String>,
-    allow_unmatched: bool,
-    allow_expand: bool,
-    module_types: Option<PathBuf>,
-    expect: Option<PathBuf>,
+    options: Options,
     force: bool,
     max_shard_size: Option<u64>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = Options::new(
-        preset,
-        rules,
-        vars,
-        dtype,
-        device,
-        adapter,
-        key,
-        allow_unmatched,
-        allow_expand,
-        module_types,
-        expect,
-    )?;
     let interrupt = Interrupt::new();
     let spec = ConvertSpec {
         force,
         max_shard_size,
         interrupt: Some(interrupt.clone()),
-        ..opts.spec()
+        ..options.spec()?
     };
     let report = run_detached(py, &interrupt, progress.as_ref(), |report| {
         relayout::convert(&src, &dst, &spec, report)

@@ -564,6 +564,14 @@ def test_stubs_type_check(tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    # The package's own sources (with the extension's stub) pass too.
+    run = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path), "-p", "relayout"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT / "python",
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
     # And a wrong call is caught.
     bad = tmp_path / "bad.py"
     bad.write_text("import relayout\nx: int = relayout.load('a.pt', 'flax')\n")
