@@ -46,6 +46,7 @@ from ._errors import (
     IOError,
     MissingDependencyError,
     NoSpaceError,
+    OutOfMemoryError,
     OutputExistsError,
     PlanError,
     RulesError,
@@ -336,6 +337,7 @@ def load(
     session = _native.Session(_fspath(src), options)
     targets = session.targets()
     dtypes = {name: numpy_dtype(name) for name in builtins.set(t[2] for t in targets)}
+    _check_memory(sum(int(np.prod(shape)) * dtypes[dt].itemsize for _, shape, dt in targets), src)
     arrays = [np.empty(shape, dtype=dtypes[dt]) for _, shape, dt in targets]
     bar = _Bar(progress, "relayout load")
     try:
@@ -343,6 +345,24 @@ def load(
     finally:
         bar.close()
     return {name: a for (name, _, _), a in zip(targets, arrays)}
+
+
+def _physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_memory(nbytes: int, src: PathLike) -> None:
+    """Refuses, before any array exists, a load larger than the machine's memory: with
+    overcommit the arrays would be handed out and the process killed half way."""
+    physical = _physical_memory()
+    if physical is not None and nbytes > physical:
+        raise OutOfMemoryError(
+            f"{_fspath(src)}: the converted tensors need {nbytes / 2**30:.1f} GiB, more than "
+            f"this machine's {physical / 2**30:.1f} GiB of memory (convert to a file instead)"
+        )
 
 
 def _nest(flat: Mapping[str, Any], int_keys: bool) -> Dict[Any, Any]:
@@ -526,5 +546,6 @@ __all__ = [
     "NoSpaceError",
     "InputChangedError",
     "GPUError",
+    "OutOfMemoryError",
     "MissingDependencyError",
 ]

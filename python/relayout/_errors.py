@@ -63,6 +63,10 @@ class GPUError(Error):
     """The GPU asked for is not available, or it failed."""
 
 
+class OutOfMemoryError(Error, MemoryError):
+    """The arrays a load would return do not fit in this machine's memory."""
+
+
 class MissingDependencyError(Error, ImportError):
     """An optional package a call needs (ml_dtypes, jax, mlx) is not installed."""
 
@@ -80,5 +84,6 @@ __all__ = [
     "NoSpaceError",
     "InputChangedError",
     "GPUError",
+    "OutOfMemoryError",
     "MissingDependencyError",
 ]

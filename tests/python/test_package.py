@@ -435,6 +435,17 @@ def test_rule_plan_and_device_errors_have_their_classes(tmp_path):
             relayout.load(src, "flax", device="gpu")
 
 
+def test_a_load_larger_than_memory_is_refused_before_any_array_exists(tmp_path):
+    # The 4 TiB stride-0 bomb, expansion allowed: planned, then refused by size.
+    rules = write_identity_rules(tmp_path)
+    bomb = FIXTURES / "hostile" / "expand_bomb.pt"
+    with pytest.raises(relayout.FormatError, match="allow-expand"):
+        relayout.load(bomb, None, rules=rules)
+    with pytest.raises(relayout.OutOfMemoryError, match="4096.0 GiB") as e:
+        relayout.load(bomb, None, rules=rules, allow_expand=True)
+    assert isinstance(e.value, MemoryError) and str(bomb) in str(e.value)
+
+
 def test_bfloat16_without_ml_dtypes_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # `import ml_dtypes` now fails
     with pytest.raises(relayout.MissingDependencyError, match="ml_dtypes"):
