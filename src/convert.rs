@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Backend, BackendOptions};
+use crate::backend::{Backend, BackendOptions, DeviceTraffic};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
@@ -57,6 +57,9 @@ pub struct ConvertReport {
     /// Shards in the whole set (0 for a single file), and how many exist now.
     pub shards: usize,
     pub shards_present: usize,
+    /// Bytes this run uploaded to the GPU and read back from it (0 on the CPU).
+    pub device_upload_bytes: u64,
+    pub device_readback_bytes: u64,
 }
 
 impl ConvertReport {
@@ -327,6 +330,22 @@ impl<'a> Converter<'a> {
         interrupt: Option<&Interrupt>,
         done: &mut dyn FnMut(usize),
     ) -> Result<()> {
+        // The bands share one source: a device backend uploads it once for all of them.
+        self.backend.begin_tensor(g, src)?;
+        let result = self.run_bands(g, cast, src, sink, interrupt, done);
+        self.backend.end_tensor();
+        result
+    }
+
+    fn run_bands(
+        &self,
+        g: &Gather,
+        cast: Option<Cast>,
+        src: &[u8],
+        sink: &mut dyn BandSink,
+        interrupt: Option<&Interrupt>,
+        done: &mut dyn FnMut(usize),
+    ) -> Result<()> {
         let Some(cast) = cast else {
             for (at, piece) in g.split(self.band_bytes) {
                 Interrupt::check(interrupt)?;
@@ -388,7 +407,7 @@ impl<'a> Converter<'a> {
         opts: &WriteOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ConvertReport> {
-        let started = Instant::now();
+        let started = self.start();
         check_not_input(self.ckpt, out)?;
         let name = out
             .file_name()
@@ -442,7 +461,7 @@ impl<'a> Converter<'a> {
         opts: &WriteOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ConvertReport> {
-        let started = Instant::now();
+        let started = self.start();
         let layout = OutputLayout::sharded(self.plan, shard.max_shard_bytes)?;
         let metadata = layout.metadata_of(&self.base_metadata(opts));
         let index = dir.join(INDEX_NAME);
@@ -637,11 +656,24 @@ impl<'a> Converter<'a> {
         metadata
     }
 
-    fn report(&self, started: Instant, run: &Run, outputs: Vec<PathBuf>) -> ConvertReport {
+    /// The clock and the device counters at the start of a run.
+    fn start(&self) -> (Instant, DeviceTraffic) {
+        (Instant::now(), self.backend.traffic())
+    }
+
+    fn report(
+        &self,
+        (started, traffic): (Instant, DeviceTraffic),
+        run: &Run,
+        outputs: Vec<PathBuf>,
+    ) -> ConvertReport {
+        let moved = self.backend.traffic().since(traffic);
         ConvertReport {
             tensors: run.state.tensors_total,
             bytes: run.state.bytes_total,
             seconds: started.elapsed().as_secs_f64(),
+            device_upload_bytes: moved.upload_bytes,
+            device_readback_bytes: moved.readback_bytes,
             backend: self.backend.name(),
             dropped: self.plan.dropped.len(),
             unmatched: self.plan.unmatched.len(),

@@ -104,6 +104,10 @@ struct ConvertArgs {
     /// No progress bar and no summary
     #[arg(long, short)]
     quiet: bool,
+    /// Print the report as one JSON object on stdout (tensors, bytes, seconds, backend,
+    /// dropped, unmatched, outputs, device traffic), no progress bar
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     shards: ShardArgs,
     /// Convert only the shards of worker i of N (0 <= i < N); each worker writes its
@@ -479,6 +483,7 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
         adapter,
         force,
         quiet,
+        json,
         shards,
         shard,
         shard_from_env,
@@ -507,7 +512,7 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
         interrupt: Some(interrupt),
         ..args.spec()?
     };
-    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+    let bar = (!quiet && !json && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
             ProgressStyle::with_template(
@@ -529,6 +534,29 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
         bar.finish_and_clear();
     }
     let report = report?;
+    if json {
+        let path = |p: &std::path::Path| p.display().to_string();
+        let value = serde_json::json!({
+            "input": path(&input),
+            "output": path(&output),
+            "tensors": report.tensors,
+            "bytes": report.bytes,
+            "seconds": report.seconds,
+            "gb_per_s": report.gb_per_s(),
+            "backend": report.backend,
+            "dropped": report.dropped,
+            "unmatched": report.unmatched,
+            "outputs": report.outputs.iter().map(|p| path(p)).collect::<Vec<_>>(),
+            "reused": report.reused.iter().map(|p| path(p)).collect::<Vec<_>>(),
+            "index": report.index.as_deref().map(path),
+            "shards": report.shards,
+            "shards_present": report.shards_present,
+            "device_upload_bytes": report.device_upload_bytes,
+            "device_readback_bytes": report.device_readback_bytes,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        return Ok(());
+    }
     if quiet {
         return Ok(());
     }
@@ -559,6 +587,17 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
         report.dropped,
         report.unmatched
     )?;
+    if report.device_upload_bytes + report.device_readback_bytes > 0 {
+        let ratio = |n: u64| n as f64 / report.bytes.max(1) as f64;
+        writeln!(
+            out,
+            "device traffic: {} uploaded ({:.2}x the output), {} read back ({:.2}x)",
+            human(report.device_upload_bytes),
+            ratio(report.device_upload_bytes),
+            human(report.device_readback_bytes),
+            ratio(report.device_readback_bytes)
+        )?;
+    }
     match (&report.index, worker) {
         (Some(index), Some(w)) => writeln!(
             out,

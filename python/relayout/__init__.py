@@ -160,6 +160,8 @@ class Report:
     reused: List[str]
     index: Optional[str]
     shards: int
+    device_upload_bytes: int
+    device_readback_bytes: int
 
 
 @dataclass(frozen=True)

@@ -484,6 +484,8 @@ fn report_dict<'py>(py: Python<'py>, r: &ConvertReport) -> PyResult<Bound<'py, P
         r.index.as_ref().map(|p| p.to_string_lossy().into_owned()),
     )?;
     d.set_item("shards", r.shards)?;
+    d.set_item("device_upload_bytes", r.device_upload_bytes)?;
+    d.set_item("device_readback_bytes", r.device_readback_bytes)?;
     Ok(d)
 }
 

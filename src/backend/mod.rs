@@ -22,6 +22,42 @@ pub trait Backend: Send + Sync {
     /// size of `cast.from()`, and `dst` receives exactly `g.len()` elements of
     /// `cast.to()`. Every backend gives the same bytes.
     fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()>;
+
+    /// Announces that the calls until [`Backend::end_tensor`] run pieces of `g` (bands
+    /// of one tensor) over this same `src`, unchanged meanwhile: a device backend uploads
+    /// the source once for all of them. Only a hint; calls without it stay correct.
+    fn begin_tensor(&self, g: &Gather, src: &[u8]) -> Result<()> {
+        let _ = (g, src);
+        Ok(())
+    }
+
+    /// Ends what [`Backend::begin_tensor`] started, releasing what it holds.
+    fn end_tensor(&self) {}
+
+    /// Bytes this backend has moved to and from a device since it was made (zero for the
+    /// host backends): what a conversion's report counts as device traffic.
+    fn traffic(&self) -> DeviceTraffic {
+        DeviceTraffic::default()
+    }
+}
+
+/// Bytes moved between the host and a device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceTraffic {
+    /// Host to device: source windows and packed sources uploaded.
+    pub upload_bytes: u64,
+    /// Device to host: results mapped and read back.
+    pub readback_bytes: u64,
+}
+
+impl DeviceTraffic {
+    /// What was moved since `earlier`, a snapshot of the same backend.
+    pub fn since(self, earlier: DeviceTraffic) -> DeviceTraffic {
+        DeviceTraffic {
+            upload_bytes: self.upload_bytes.saturating_sub(earlier.upload_bytes),
+            readback_bytes: self.readback_bytes.saturating_sub(earlier.readback_bytes),
+        }
+    }
 }
 
 /// Output bytes of `g` converted by `cast` (saturating, as [`Gather::out_bytes`]).

@@ -90,6 +90,108 @@ pub fn plan(g: &Gather, max_out: usize, max_window: usize) -> Vec<Piece> {
     pieces
 }
 
+/// The source byte ranges a tensor's gather `g` keeps on the device while its bands
+/// run: one range when its whole source window fits `limit` bytes (one binding),
+/// otherwise ranges of whole slices along its largest-stride axis, each at most `limit`
+/// (rounded up to a word). `None` when the window exceeds `budget` or one slice alone
+/// exceeds `limit`: the tensor then streams band by band.
+pub fn held_windows(g: &Gather, limit: usize, budget: usize) -> Option<Vec<(usize, usize)>> {
+    let es = g.elem_size;
+    let lo = g.offset.checked_mul(es)?;
+    let hi = g.src_extent().checked_mul(es)?;
+    let fits = |a: usize, b: usize| (b - a).next_multiple_of(4) <= limit;
+    if hi <= lo || hi - lo > budget {
+        return None;
+    }
+    if fits(lo, hi) {
+        return Some(vec![(lo, hi)]);
+    }
+    let (shape, strides) = rank_at_least_one(g);
+    let a = (0..shape.len())
+        .filter(|&k| shape[k] > 1)
+        .max_by_key(|&k| strides[k])?;
+    let rest: usize = (0..shape.len())
+        .filter(|&k| k != a)
+        .map(|k| (shape[k] - 1) * strides[k])
+        .sum();
+    let slice = |j: usize| {
+        let first = (g.offset + j * strides[a]) * es;
+        (first, first + (rest + 1) * es)
+    };
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for j in 0..shape[a] {
+        let (start, end) = slice(j);
+        if !fits(start, end) {
+            return None;
+        }
+        match out.last_mut() {
+            Some(w) if fits(w.0, end.max(w.1)) => w.1 = end.max(w.1),
+            _ => out.push((start, end)),
+        }
+    }
+    Some(out)
+}
+
+/// The pieces of `band` (one band of the tensor whose source is held in `windows`, as
+/// [`held_windows`] made them), each with the index of the window it reads: the band is
+/// cut along its largest-stride axis where its slices move from one window to the next,
+/// then into boxes of at most `max_out` output bytes. A piece's gather offset is relative
+/// to its window's start; its origin is in the band's output index space. `None` when a
+/// slice of the band lies in no single window (then it streams instead).
+pub fn held_pieces(
+    band: &Gather,
+    windows: &[(usize, usize, impl Sized)],
+    max_out: usize,
+) -> Option<Vec<(usize, Piece)>> {
+    let es = band.elem_size;
+    let (shape, strides) = rank_at_least_one(band);
+    let b = (0..shape.len())
+        .filter(|&k| shape[k] > 1)
+        .max_by_key(|&k| strides[k])
+        .unwrap_or(0);
+    let rest: usize = (0..shape.len())
+        .filter(|&k| k != b)
+        .map(|k| (shape[k] - 1) * strides[k])
+        .sum();
+    // Runs of consecutive slices j along axis b that one window holds: (window, j0, j1).
+    let mut groups: Vec<(usize, usize, usize)> = Vec::new();
+    let mut w = 0;
+    for j in 0..shape[b] {
+        let first = (band.offset + j * strides[b]) * es;
+        let end = first + (rest + 1) * es;
+        let inside = |k: usize| windows[k].0 <= first && end <= windows[k].1;
+        if w >= windows.len() || !inside(w) {
+            w = (0..windows.len()).find(|&k| inside(k))?;
+        }
+        match groups.last_mut() {
+            Some(grp) if grp.0 == w && grp.2 == j => grp.2 = j + 1,
+            _ => groups.push((w, j, j + 1)),
+        }
+    }
+    let mut out = Vec::new();
+    for (w, j0, j1) in groups {
+        let mut sub_shape = shape.clone();
+        sub_shape[b] = j1 - j0;
+        let first = (band.offset + j0 * strides[b]) * es;
+        let sub = Gather {
+            elem_size: es,
+            shape: sub_shape,
+            strides: strides.clone(),
+            offset: 0,
+        };
+        for mut p in plan(&sub, max_out, usize::MAX) {
+            let at = first + p.window_start - windows[w].0;
+            if at % es != 0 {
+                return None;
+            }
+            p.gather.offset = at / es;
+            p.origin[b] += j0;
+            out.push((w, p));
+        }
+    }
+    Some(out)
+}
+
 /// Shape and strides with rank 0 (a scalar) written as one axis of one element.
 fn rank_at_least_one(g: &Gather) -> (Vec<usize>, Vec<usize>) {
     if g.shape.is_empty() {
@@ -281,5 +383,90 @@ mod tests {
         let g = Gather::from_parts(2, vec![6, 8], vec![1, 6], 3);
         check_plan(&g, 16, 16);
         check_plan(&g, 40, 40);
+    }
+
+    /// Holds `g`'s source in windows of at most `limit` bytes, runs every band of
+    /// `band_bytes` piece by piece from the windows alone (a naive gather over each
+    /// window's bytes) and scatters: each band must equal the naive gather of that band.
+    /// Returns the held bytes.
+    fn check_held(g: &Gather, limit: usize, band_bytes: usize, max_out: usize) -> Option<usize> {
+        let es = g.elem_size;
+        let src: Vec<u8> = (0..g.src_extent() * es + 5)
+            .map(|i| (i * 13 + 7) as u8)
+            .collect();
+        let windows = held_windows(g, limit, usize::MAX)?;
+        let mut held = 0;
+        for (a, b) in &windows {
+            assert!(
+                (b - a).next_multiple_of(4) <= limit,
+                "{g:?}: window {a}..{b}"
+            );
+            held += b - a;
+        }
+        let copies: Vec<(usize, usize, Vec<u8>)> = windows
+            .iter()
+            .map(|&(a, b)| (a, b, src[a..b].to_vec()))
+            .collect();
+        for (_, band) in g.split(band_bytes) {
+            let want = naive(&band, &src);
+            let mut got = vec![0xAAu8; band.out_bytes()];
+            let pieces = held_pieces(&band, &copies, max_out).expect("every slice in a window");
+            for (w, p) in pieces {
+                assert!(p.gather.out_bytes() <= max_out.max(MIN_CHUNK));
+                let part = naive(&p.gather, &copies[w].2);
+                for (d, s, n) in runs(es, &band.shape, &p) {
+                    got[d..d + n].copy_from_slice(&part[s..s + n]);
+                }
+            }
+            assert_eq!(got, want, "{g:?} limit {limit} band {band:?}");
+        }
+        Some(held)
+    }
+
+    #[test]
+    fn held_windows_serve_every_band_of_transposes_and_convs() {
+        // (O, I) -> (I, O); (O, I, 3, 3) -> (3*3, I, O); a batched strided gather.
+        let cases = [
+            Gather::from_parts(4, vec![37, 29], vec![1, 37], 0),
+            Gather::from_parts(2, vec![9, 6, 11], vec![1, 9, 54], 0),
+            Gather::from_parts(1, vec![3, 4, 5], vec![50, 1, 7], 2),
+            Gather::from_parts(8, vec![5, 7], vec![1, 5], 3),
+        ];
+        for g in &cases {
+            let source = (g.src_extent() - g.offset) * g.elem_size;
+            for limit in [64, 100, 256, 1000, 1 << 20] {
+                for band in [1, 24, 100, 4096] {
+                    for max_out in [16, 64, 1 << 20] {
+                        let Some(held) = check_held(g, limit, band, max_out) else {
+                            // Only when one slice alone is larger than the limit.
+                            assert!(limit < 1000, "{g:?} limit {limit}");
+                            continue;
+                        };
+                        // Disjoint slices: no source byte is held twice (holes between
+                        // slices are not held at all).
+                        assert!(held <= source, "{g:?} limit {limit}: {held} > {source}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_source_over_the_budget_is_not_held() {
+        let g = Gather::from_parts(4, vec![64, 64], vec![1, 64], 0);
+        assert!(held_windows(&g, 1 << 20, 64 * 64 * 4 - 1).is_none());
+        assert_eq!(
+            held_windows(&g, 1 << 20, 64 * 64 * 4),
+            Some(vec![(0, 64 * 64 * 4)])
+        );
+        // A slice larger than one binding cannot be held either.
+        assert!(held_windows(&g, 255, 1 << 20).is_none());
+    }
+
+    #[test]
+    fn a_band_with_a_slice_in_no_window_is_refused() {
+        let g = Gather::from_parts(4, vec![8, 8], vec![1, 8], 0);
+        let windows = [(0usize, 64usize, ()), (128, 256, ())];
+        assert!(held_pieces(&g, &windows, 1 << 20).is_none());
     }
 }

@@ -14,6 +14,7 @@ internal! {
 pub mod source;
 }
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{check_buffers, check_cast_buffers, Backend};
@@ -48,11 +49,31 @@ pub struct Gpu {
     window: usize,
     /// Largest buffer one binding may see, in bytes.
     binding: usize,
+    /// Largest held source window: one binding, or the window under the test hook so
+    /// small tensors are held in many windows.
+    held_limit: usize,
     max_groups: u32,
     /// Validation or out-of-memory errors raised outside an error scope, and device loss.
     faults: Arc<Mutex<Vec<String>>>,
     slots: Mutex<Vec<Slot>>,
+    /// Bytes written into upload buffers and mapped back, since the device was opened.
+    uploaded: AtomicU64,
+    read_back: AtomicU64,
+    /// The source of the tensor being converted, kept on the device between
+    /// [`Backend::begin_tensor`] and [`Backend::end_tensor`] so its bands upload nothing.
+    held: Mutex<Option<Held>>,
 }
+
+/// A tensor's source windows, uploaded once for all its bands.
+struct Held {
+    /// Address and length of the source slice they were uploaded from.
+    src: (usize, usize),
+    /// Byte ranges of the source (start, end) and their device copies, by start.
+    windows: Vec<(usize, usize, wgpu::Buffer)>,
+}
+
+/// Largest source kept on the device for one tensor; larger ones stream per band.
+const HELD_BUDGET: usize = 1 << 30;
 
 /// One stage of the pipeline: its buffers and, while in flight, the piece it carries.
 struct Slot {
@@ -159,9 +180,17 @@ impl Gpu {
             chunk,
             window,
             binding,
+            held_limit: if opts.max_chunk_bytes.is_some() {
+                window
+            } else {
+                binding
+            },
             max_groups: limits.max_compute_workgroups_per_dimension,
             faults,
             slots: Mutex::new(Vec::new()),
+            uploaded: AtomicU64::new(0),
+            read_back: AtomicU64::new(0),
+            held: Mutex::new(None),
             kernels,
             device,
             queue,
@@ -244,6 +273,22 @@ impl Gpu {
         })
     }
 
+    /// Writes `bytes` into `buffer` at `at` (the last partial word zero-padded), counted
+    /// as upload traffic.
+    fn upload(&self, buffer: &wgpu::Buffer, at: u64, bytes: &[u8]) {
+        let whole = bytes.len() & !3;
+        self.uploaded
+            .fetch_add(bytes.len().next_multiple_of(4) as u64, Ordering::Relaxed);
+        if whole > 0 {
+            self.queue.write_buffer(buffer, at, &bytes[..whole]);
+        }
+        if whole < bytes.len() {
+            let mut tail = [0u8; 4];
+            tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
+            self.queue.write_buffer(buffer, at + whole as u64, &tail);
+        }
+    }
+
     /// Grows a slot's buffers to hold `input` and `output` bytes; sizes round up to a
     /// power of two (capped at the chunk size) so a sequence of tensors settles quickly.
     fn ensure(&self, slot: &mut Slot, input: u64, output: u64) {
@@ -315,10 +360,24 @@ impl Gpu {
         cast: Option<Cast>,
     ) -> Result<()> {
         self.check_faults()?;
+        let held = lock(&self.held);
+        let held_pieces = match (&*held, kernel) {
+            (Some(h), Some(_)) if h.src == (src.as_ptr() as usize, src.len()) => {
+                chunk::held_pieces(g, &h.windows, self.chunk_for(cast))
+            }
+            _ => None,
+        };
         let mut slots = lock(&self.slots);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let result = self.stream_pieces(&mut slots, g, src, dst, kernel, cast);
+        let result = match (held_pieces, &*held) {
+            (Some(pieces), Some(h)) => {
+                self.run_pieces(&mut slots, g, pieces, dst, kernel, cast, |w| {
+                    Input::Held(&h.windows[w].2)
+                })
+            }
+            _ => self.stream_pieces(&mut slots, g, src, dst, kernel, cast),
+        };
         // Whatever happened, leave no slot mapped or in flight for the next call.
         let drained = self.drain(&mut slots, None, g);
         let oom = pollster::block_on(oom.pop());
@@ -340,22 +399,44 @@ impl Gpu {
         kernel: Option<fn(&Gather) -> KernelKind>,
         cast: Option<Cast>,
     ) -> Result<()> {
-        // A widening cast's output is larger than the gathered piece: shrink the pieces
-        // so the converted output of each still fits one chunk.
-        let max_out = match cast {
+        let pieces = chunk::plan(g, self.chunk_for(cast), self.window)
+            .into_iter()
+            .map(|p| (usize::MAX, p))
+            .collect();
+        self.run_pieces(slots, g, pieces, dst, kernel, cast, |_| Input::Upload(src))
+    }
+
+    /// Most gathered bytes per piece: a widening cast's output is larger than the
+    /// gathered piece, so its pieces shrink until the converted output fits one chunk.
+    fn chunk_for(&self, cast: Option<Cast>) -> usize {
+        match cast {
             Some(c) if c.to().size() > c.from().size() => {
                 (self.chunk / c.to().size() * c.from().size()).max(chunk::MIN_CHUNK)
             }
             _ => self.chunk,
-        };
-        let pieces = chunk::plan(g, max_out, self.window);
+        }
+    }
+
+    /// Runs `pieces` (each with the held window it reads, if any) through the ring of
+    /// slots, results scattered into `dst`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_pieces<'i>(
+        &self,
+        slots: &mut [Slot],
+        g: &Gather,
+        pieces: Vec<(usize, chunk::Piece)>,
+        dst: &mut [u8],
+        kernel: Option<fn(&Gather) -> KernelKind>,
+        cast: Option<Cast>,
+        input: impl Fn(usize) -> Input<'i>,
+    ) -> Result<()> {
         let depth = slots.len();
-        for (i, piece) in pieces.into_iter().enumerate() {
+        for (i, (window, piece)) in pieces.into_iter().enumerate() {
             let Some(slot) = slots.get_mut(i % depth) else {
                 return Err(gpu_err("no pipeline slot"));
             };
             self.finish(slot, Some(&mut *dst), g)?;
-            self.submit(slot, piece, src, kernel, cast)?;
+            self.submit(slot, piece, input(window), kernel, cast)?;
         }
         self.drain(slots, Some(dst), g)
     }
@@ -385,38 +466,39 @@ impl Gpu {
         &self,
         slot: &mut Slot,
         piece: chunk::Piece,
-        src: &[u8],
+        input: Input<'_>,
         kernel: Option<fn(&Gather) -> KernelKind>,
         cast: Option<Cast>,
     ) -> Result<()> {
         let g = &piece.gather;
         // A contiguous piece is cast straight from its upload: no gather kernel, and no
         // gathered buffer to grow.
-        let direct = kernel.is_some() && cast.is_some() && g.is_copy();
+        let direct =
+            matches!(input, Input::Upload(_)) && kernel.is_some() && cast.is_some() && g.is_copy();
         let window_words = (piece.window_len as u64).next_multiple_of(4).max(4);
         let out_words = if direct {
             4
         } else {
             (g.out_bytes() as u64).next_multiple_of(4).max(4)
         };
-        self.ensure(slot, window_words, out_words);
-
-        let end = piece
-            .window_start
-            .checked_add(piece.window_len)
-            .ok_or_else(|| gpu_err("source window overflows"))?;
-        let window = src
-            .get(piece.window_start..end)
-            .ok_or_else(|| gpu_err("source window outside the source"))?;
-        let whole = window.len() & !3;
-        if whole > 0 {
-            self.queue.write_buffer(&slot.input, 0, &window[..whole]);
-        }
-        if whole < window.len() {
-            let mut tail = [0u8; 4];
-            tail[..window.len() - whole].copy_from_slice(&window[whole..]);
-            self.queue.write_buffer(&slot.input, whole as u64, &tail);
-        }
+        let held_group = match input {
+            Input::Upload(src) => {
+                self.ensure(slot, window_words, out_words);
+                let end = piece
+                    .window_start
+                    .checked_add(piece.window_len)
+                    .ok_or_else(|| gpu_err("source window overflows"))?;
+                let window = src
+                    .get(piece.window_start..end)
+                    .ok_or_else(|| gpu_err("source window outside the source"))?;
+                self.upload(&slot.input, 0, window);
+                None
+            }
+            Input::Held(buffer) => {
+                self.ensure(slot, 4, out_words);
+                Some(self.bind_group(&slot.params, buffer, &slot.output))
+            }
+        };
 
         let mut encoder = self
             .device
@@ -432,7 +514,8 @@ impl Gpu {
                 let d = kernel::dispatch(g, kind, self.max_groups)?;
                 self.queue
                     .write_buffer(&slot.params, 0, bytemuck::cast_slice(&d.params));
-                self.record(&mut encoder, &slot.bind_group, kind, g.elem_size, &d);
+                let group = held_group.as_ref().unwrap_or(&slot.bind_group);
+                self.record(&mut encoder, group, kind, g.elem_size, &d);
                 match cast {
                     None => {
                         encoder.copy_buffer_to_buffer(
@@ -447,10 +530,11 @@ impl Gpu {
                     Some(c) => self.record_cast(slot, &mut encoder, c, g.len(), false)?,
                 }
             }
-            (None, _) => {
+            (None, _) if held_group.is_none() => {
                 encoder.copy_buffer_to_buffer(&slot.input, 0, &slot.readback, 0, window_words);
                 window_words
             }
+            (None, _) => return Err(gpu_err("a held source needs a kernel")),
         };
         let submission = self.queue.submit([encoder.finish()]);
         let mapped_ok = Arc::new(Mutex::new(None));
@@ -530,7 +614,10 @@ impl Gpu {
         let result = match (polled, &state) {
             (Err(e), _) => Err(gpu_err(format!("waiting for the device: {e}"))),
             (Ok(_), Some(Ok(()))) => match dst {
-                Some(dst) => self.scatter(&slot.readback, p.mapped, &p.piece, p.out_elem, g, dst),
+                Some(dst) => {
+                    self.read_back.fetch_add(p.mapped, Ordering::Relaxed);
+                    self.scatter(&slot.readback, p.mapped, &p.piece, p.out_elem, g, dst)
+                }
                 None => Ok(()),
             },
             (Ok(_), Some(Err(e))) => Err(gpu_err(format!("mapping the readback buffer: {e}"))),
@@ -708,9 +795,25 @@ impl Resident<'_> {
     }
 }
 
+/// Where a piece's source comes from.
+#[derive(Clone, Copy)]
+enum Input<'s> {
+    /// The piece's window of this source, uploaded into the slot's input buffer.
+    Upload(&'s [u8]),
+    /// A window already on the device; the piece's offset is relative to its start.
+    Held(&'s wgpu::Buffer),
+}
+
 impl Backend for Gpu {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn traffic(&self) -> crate::backend::DeviceTraffic {
+        crate::backend::DeviceTraffic {
+            upload_bytes: self.uploaded.load(Ordering::Relaxed),
+            readback_bytes: self.read_back.load(Ordering::Relaxed),
+        }
     }
 
     fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
@@ -720,6 +823,37 @@ impl Backend for Gpu {
         }
         // Gather and cast run back to back on the device: one upload, one readback.
         self.stream(g, src, dst, Some(kernel::choose), Some(cast))
+    }
+
+    fn begin_tensor(&self, g: &Gather, src: &[u8]) -> Result<()> {
+        let mut held = lock(&self.held);
+        *held = None;
+        if g.is_empty() || g.is_copy() || g.validate().is_err() {
+            return Ok(());
+        }
+        let Some(ranges) = chunk::held_windows(g, self.held_limit, HELD_BUDGET) else {
+            return Ok(());
+        };
+        if ranges.last().is_some_and(|&(_, end)| end > src.len()) {
+            return Err(gpu_err("tensor source outside the source"));
+        }
+        use wgpu::BufferUsages as U;
+        let mut windows = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            let size = ((end - start) as u64).next_multiple_of(4).max(4);
+            let buffer = self.buffer("held source", size, U::STORAGE | U::COPY_DST);
+            self.upload(&buffer, 0, &src[start..end]);
+            windows.push((start, end, buffer));
+        }
+        *held = Some(Held {
+            src: (src.as_ptr() as usize, src.len()),
+            windows,
+        });
+        Ok(())
+    }
+
+    fn end_tensor(&self) {
+        *lock(&self.held) = None;
     }
 
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {

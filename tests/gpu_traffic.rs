@@ -1,0 +1,159 @@
+//! Device traffic of the GPU path, counted: converting Linear (out, in) and Conv
+//! (O, I, kH, kW) weights of 16-256 MiB in f32 and bf16 uploads each source byte about
+//! once and reads each output byte back about once (both ≤ 1.10× the output), and writes
+//! exactly the CPU path's bytes.
+
+#![cfg(feature = "gpu")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+use relayout::backend::cpu::Cpu;
+use relayout::backend::gpu::{Gpu, GpuOptions};
+use relayout::writer::{HeaderEntry, SafetensorsWriter};
+use relayout::{Backend, Checkpoint, Converter, DType, RuleSet, WriteOptions};
+
+fn gpu() -> Option<Gpu> {
+    match Gpu::new(&GpuOptions {
+        allow_software: true,
+        ..Default::default()
+    }) {
+        Ok(g) => Some(g),
+        Err(e) if std::env::var_os("RELAYOUT_REQUIRE_GPU").is_some() => {
+            panic!("RELAYOUT_REQUIRE_GPU is set but no GPU adapter opened: {e}")
+        }
+        Err(_) => None,
+    }
+}
+
+/// A checkpoint of one tensor `name` of `shape`, filled with a pattern.
+fn checkpoint(path: &Path, name: &str, dtype: DType, shape: &[usize]) {
+    let entry = HeaderEntry {
+        name: name.to_string(),
+        dtype,
+        shape: shape.to_vec(),
+    };
+    let bytes = entry.bytes();
+    let mut w = SafetensorsWriter::create(path, &[entry], &BTreeMap::new(), true).unwrap();
+    let mut rng = Rng::new(bytes as u64);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(8 << 20);
+        w.write(&rng.bytes(n)).unwrap();
+        left -= n;
+    }
+    w.finish().unwrap();
+}
+
+fn convert(ckpt: &Checkpoint, backend: &dyn Backend, out: &Path) -> relayout::ConvertReport {
+    let plan = RuleSet::preset("flax")
+        .unwrap()
+        .plan(ckpt.tensors())
+        .unwrap();
+    let opts = WriteOptions {
+        force: true,
+        ..Default::default()
+    };
+    Converter::new(ckpt, &plan, backend)
+        .write_safetensors(out, &opts, &mut |_| {})
+        .unwrap()
+}
+
+#[test]
+fn linear_and_conv_weights_cross_the_bus_about_once() {
+    let Some(gpu) = gpu() else { return };
+    let dir = scratch("gpu-traffic");
+    let mib = 1usize << 20;
+    let cases: Vec<(&str, DType, Vec<usize>)> = vec![
+        // Linear (out, in) -> (in, out).
+        ("fc.weight", DType::F32, vec![2048, 2048]),
+        ("fc.weight", DType::BF16, vec![4096, 2048]),
+        ("fc.weight", DType::F32, vec![4096, 4096]),
+        ("fc.weight", DType::BF16, vec![16384, 8192]),
+        ("fc.weight", DType::F32, vec![8192, 8192]),
+        // Conv (O, I, kH, kW) -> (kH, kW, I, O), 3x3 and 1x1.
+        ("conv.weight", DType::F32, vec![512, 1024, 3, 3]),
+        ("conv.weight", DType::BF16, vec![1024, 1024, 3, 3]),
+        ("conv.weight", DType::F32, vec![2048, 2048, 1, 1]),
+        ("conv.weight", DType::BF16, vec![2048, 7280, 3, 3]),
+    ];
+    for (name, dtype, shape) in cases {
+        let bytes: usize = shape.iter().product::<usize>() * dtype.size();
+        assert!((16 * mib..=256 * mib).contains(&bytes), "{shape:?}");
+        let src = dir.join("in.safetensors");
+        checkpoint(&src, name, dtype, &shape);
+        let ckpt = Checkpoint::open(&src).unwrap();
+        let on_gpu = convert(&ckpt, &gpu, &dir.join("gpu.safetensors"));
+        let on_cpu = convert(&ckpt, &Cpu::new(), &dir.join("cpu.safetensors"));
+        let what = format!("{name} {dtype} {shape:?}");
+        assert_eq!(on_cpu.device_upload_bytes, 0);
+        assert_eq!(on_gpu.bytes, bytes as u64);
+        let up = on_gpu.device_upload_bytes as f64 / bytes as f64;
+        let back = on_gpu.device_readback_bytes as f64 / bytes as f64;
+        eprintln!("{what}: upload {up:.3}x, readback {back:.3}x of the output");
+        assert!(up <= 1.10, "{what}: uploaded {up:.2}x the output");
+        assert!(back <= 1.10, "{what}: read back {back:.2}x the output");
+        assert!(
+            std::fs::read(dir.join("gpu.safetensors")).unwrap()
+                == std::fs::read(dir.join("cpu.safetensors")).unwrap(),
+            "{what}: GPU and CPU outputs differ"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn convert_json_reports_the_run_and_its_device_traffic() {
+    let dir = scratch("convert-json");
+    let src = dir.join("in.safetensors");
+    checkpoint(&src, "fc.weight", DType::F32, &[384, 256]);
+    let mut devices = vec!["cpu"];
+    if gpu().is_some() {
+        devices.push("gpu");
+    }
+    for device in devices {
+        let out = dir.join(format!("{device}.safetensors"));
+        let run = relayout(&[
+            "convert".as_ref(),
+            src.as_os_str(),
+            out.as_os_str(),
+            "--preset".as_ref(),
+            "flax".as_ref(),
+            "--device".as_ref(),
+            device.as_ref(),
+            "--json".as_ref(),
+        ]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&run.stdout).expect("one JSON object");
+        let bytes = 384 * 256 * 4;
+        assert_eq!(report["tensors"], 1);
+        assert_eq!(report["bytes"], bytes);
+        assert_eq!(report["dropped"], 0);
+        assert_eq!(report["unmatched"], 0);
+        assert_eq!(report["outputs"][0], out.display().to_string());
+        assert!(report["seconds"].as_f64().unwrap() > 0.0);
+        let backend = report["backend"].as_str().unwrap();
+        assert!(backend.starts_with(device), "{backend}");
+        let (up, back) = (
+            &report["device_upload_bytes"],
+            &report["device_readback_bytes"],
+        );
+        if device == "cpu" {
+            assert_eq!((up, back), (&serde_json::json!(0), &serde_json::json!(0)));
+        } else {
+            assert_eq!(
+                (up, back),
+                (&serde_json::json!(bytes), &serde_json::json!(bytes))
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
