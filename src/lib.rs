@@ -60,6 +60,7 @@ macro_rules! internal {
 }
 
 pub mod backend;
+pub mod bench;
 mod convert;
 mod dtype;
 mod error;

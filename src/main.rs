@@ -171,6 +171,25 @@ enum Command {
     },
     /// List the GPU adapters relayout can use, with their limits
     Devices,
+    /// Measure this machine: GPU upload/readback and kernels against the WGSL copy
+    /// kernel, CPU kernels against memcpy, a whole conversion against a file copy
+    Bench {
+        /// gpu (any adapter, software included), cpu, or auto (a hardware GPU if found)
+        #[arg(long, default_value = "auto")]
+        device: Device,
+        /// GPU adapter to use (a substring of its name)
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Bytes per kernel case and of the generated checkpoint (e.g. 64MiB, 1GiB)
+        #[arg(long, default_value = "256MiB", value_parser = parse_size_arg)]
+        size: u64,
+        /// Folder for the generated checkpoint (default: the temporary folder)
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print one JSON object instead of the table
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a folder of shards written by `convert --shard i/N` workers and write its
     /// model.safetensors.index.json (run once, after all workers)
     MergeIndex {
@@ -227,6 +246,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(args) => convert(&mut out, args),
         Command::Presets { show } => presets(&mut out, show),
         Command::Devices => devices(&mut out),
+        Command::Bench {
+            device,
+            adapter,
+            size,
+            dir,
+            json,
+        } => bench(&mut out, device, adapter, size, dir, json),
         Command::Verify { path, expect } => verify(&mut out, path, expect),
         Command::MergeIndex { dir } => merge_index(&mut out, dir),
     };
@@ -646,6 +672,96 @@ fn signal_name(code: usize) -> String {
         15 => "SIGTERM".to_string(),
         c => format!("signal {c}"),
     }
+}
+
+fn bench(
+    out: &mut String,
+    device: Device,
+    adapter: Option<String>,
+    size: u64,
+    dir: Option<PathBuf>,
+    as_json: bool,
+) -> Result<()> {
+    let opts = relayout::bench::BenchOptions {
+        device,
+        adapter,
+        size: usize::try_from(size)?,
+        dir,
+        ..Default::default()
+    };
+    let quiet = as_json || !std::io::stderr().is_terminal();
+    let report = relayout::bench::run(&opts, &mut |what| {
+        if !quiet {
+            eprint!("\r\x1b[2Kmeasuring {what}");
+        }
+    })?;
+    if !quiet {
+        eprint!("\r\x1b[2K");
+    }
+    if as_json {
+        let rows: Vec<_> = report
+            .rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "group": r.group,
+                    "name": r.name,
+                    "gb_per_s": r.gb_per_s,
+                    "ratio": r.ratio,
+                    "baseline": r.baseline,
+                })
+            })
+            .collect();
+        let adapter = report.adapter.as_ref().map(|a| {
+            json!({"name": a.name, "driver": a.driver, "backend": a.backend, "software": a.software})
+        });
+        let doc = json!({
+            "relayout": env!("CARGO_PKG_VERSION"),
+            "adapter": adapter,
+            "cpu_threads": report.cpu_threads,
+            "size_bytes": report.size,
+            "results": rows,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "relayout {} bench, {} per case",
+        env!("CARGO_PKG_VERSION"),
+        human(report.size as u64)
+    )?;
+    match &report.adapter {
+        Some(a) => writeln!(
+            out,
+            "adapter: {} | driver: {} | API: {}{}",
+            a.name,
+            a.driver,
+            a.backend,
+            if a.software {
+                " | software rasteriser: GPU rows are ratios, not GPU speed"
+            } else {
+                ""
+            }
+        )?,
+        None => writeln!(out, "adapter: none (CPU only)")?,
+    }
+    writeln!(out, "cpu: {} threads", report.cpu_threads)?;
+    writeln!(out)?;
+    writeln!(out, "| group | case | GB/s | ratio | against |")?;
+    writeln!(out, "| --- | --- | ---: | ---: | --- |")?;
+    for r in &report.rows {
+        writeln!(
+            out,
+            "| {} | {} | {:.2} | {} | {} |",
+            r.group,
+            r.name,
+            r.gb_per_s,
+            r.ratio.map(|x| format!("{x:.2}")).unwrap_or_default(),
+            r.baseline.as_deref().unwrap_or("")
+        )?;
+    }
+    Ok(())
 }
 
 fn merge_index(out: &mut String, dir: PathBuf) -> Result<()> {

@@ -205,6 +205,11 @@ impl Gpu {
         self.chunk
     }
 
+    /// The largest buffer one shader binding may see on this device, in bytes.
+    pub fn binding_bytes(&self) -> usize {
+        self.binding
+    }
+
     fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
@@ -656,9 +661,9 @@ impl Gpu {
     }
 }
 
+internal! {
 /// A gather kept on the device for benchmarks: source and output stay resident, so
 /// [`Resident::run`] times the kernel alone (dispatch plus the wait for the device).
-#[cfg(feature = "internals")]
 pub struct Resident<'a> {
     gpu: &'a Gpu,
     output: wgpu::Buffer,
@@ -668,14 +673,88 @@ pub struct Resident<'a> {
     dispatch: kernel::Dispatch,
     out_bytes: u64,
 }
+}
 
-#[cfg(feature = "internals")]
 impl Gpu {
+    /// The adapter behind this device: (name, driver, backend API, software?).
+    pub fn adapter(&self) -> (String, String, String, bool) {
+        let info = self.device.adapter_info();
+        let driver = format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string();
+        (
+            info.name.clone(),
+            driver,
+            format!("{:?}", info.backend),
+            info.device_type == wgpu::DeviceType::Cpu,
+        )
+    }
+
+    /// Time to upload `bytes` into a device buffer, waited for (benchmarks).
+    pub(crate) fn time_upload(&self, bytes: &[u8]) -> Result<std::time::Duration> {
+        let size = (bytes.len() as u64).next_multiple_of(4).max(4);
+        let buffer = self.buffer("bench upload", size, wgpu::BufferUsages::COPY_DST);
+        let started = std::time::Instant::now();
+        self.queue
+            .write_buffer(&buffer, 0, &bytes[..bytes.len() & !3]);
+        let index = self.queue.submit([]);
+        self.wait(index)?;
+        Ok(started.elapsed())
+    }
+
+    /// Time to copy `len` bytes of a device buffer into host memory: copy to a mapped
+    /// buffer, map, read (benchmarks).
+    pub(crate) fn time_readback(&self, len: usize) -> Result<std::time::Duration> {
+        use wgpu::BufferUsages as U;
+        let size = (len as u64).next_multiple_of(4).max(4);
+        let source = self.buffer("bench source", size, U::COPY_SRC | U::COPY_DST);
+        let staging = self.buffer("bench readback", size, U::MAP_READ | U::COPY_DST);
+        let mut host = vec![0u8; size as usize];
+        let started = std::time::Instant::now();
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        encoder.copy_buffer_to_buffer(&source, 0, &staging, 0, size);
+        self.queue.submit([encoder.finish()]);
+        let done = Arc::new(Mutex::new(None));
+        let flag = done.clone();
+        staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| *lock(&flag) = Some(r));
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| gpu_err(format!("waiting for the device: {e}")))?;
+        if !matches!(lock(&done).take(), Some(Ok(()))) {
+            return Err(gpu_err("mapping the benchmark readback failed"));
+        }
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| gpu_err(format!("reading the benchmark readback: {e}")))?;
+        host.copy_from_slice(&view);
+        drop(view);
+        staging.unmap();
+        Ok(started.elapsed())
+    }
+
+    fn wait(&self, index: wgpu::SubmissionIndex) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| gpu_err(format!("waiting for the device: {e}")))?;
+        Ok(())
+    }
+
+    internal! {
     /// The kernel [`Backend::gather`] runs for a piece like `g`.
     pub fn kernel_for(g: &Gather) -> KernelKind {
         kernel::choose(g)
     }
+    }
 
+    internal! {
     /// Uploads `src` once and prepares `kind` over `g`, which must fit one binding.
     pub fn resident(&self, g: &Gather, src: &[u8], kind: KernelKind) -> Result<Resident<'_>> {
         use wgpu::BufferUsages as U;
@@ -716,7 +795,9 @@ impl Gpu {
             out_bytes,
         })
     }
+    }
 
+    internal! {
     /// Upload and readback of `src` into `dst` through the same pieces and slots as a
     /// gather, without a kernel: the transfer baseline of the round trip.
     pub fn transfer(&self, src: &[u8], dst: &mut [u8]) -> Result<()> {
@@ -729,9 +810,9 @@ impl Gpu {
         let g = Gather::from_parts(1, vec![src.len()], vec![1], 0);
         self.stream(&g, src, dst, None, None)
     }
+    }
 }
 
-#[cfg(feature = "internals")]
 impl Resident<'_> {
     /// One dispatch, waited for.
     pub fn run(&self) -> Result<()> {
