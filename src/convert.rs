@@ -386,6 +386,38 @@ impl<'a> Converter<'a> {
         Ok(())
     }
 
+    /// Hands every converted tensor to `f` as a buffer on the caller's wgpu `device`, in
+    /// plan order, for engines that run on wgpu: each source is uploaded once, converted
+    /// by the same kernels as the GPU backend, and nothing is read back (a tensor larger
+    /// than one binding is converted through the host, then uploaded). The buffer holds
+    /// `entry`'s bytes, row-major, padded to a whole word, with `STORAGE | COPY_SRC |
+    /// COPY_DST` usage; it is the caller's to keep. The converter's own backend is not
+    /// used.
+    #[cfg(feature = "gpu")]
+    pub fn for_each_on_device<F>(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        mut f: F,
+    ) -> Result<()>
+    where
+        F: FnMut(&PlanEntry, wgpu::Buffer) -> Result<()>,
+    {
+        let gpu = crate::backend::gpu::Gpu::with_device(
+            device.clone(),
+            queue.clone(),
+            &crate::backend::gpu::GpuOptions::default(),
+        )?;
+        for entry in &self.plan.entries {
+            Interrupt::check(self.interrupt.as_ref())?;
+            let (g, cast) = self.op(entry)?;
+            let buffer = gpu.gather_to_buffer(&g, cast, self.source_bytes(entry))?;
+            self.ckpt.check_reads()?;
+            f(entry, buffer)?;
+        }
+        Ok(())
+    }
+
     /// Writes the converted checkpoint to `out`: one file or a folder of shards.
     pub fn write(
         &self,

@@ -89,3 +89,6 @@ pub use reader::{
 pub use rules::{ModuleTypes, PlanOptions, Rule, RuleSet};
 pub use shard::{merge_index, MergeReport, OutputLayout, Worker};
 pub use verify::{verify_file, Expectation, Mismatch, VerifyReport};
+/// The wgpu this crate is built with, for [`Converter::for_each_on_device`] callers.
+#[cfg(feature = "gpu")]
+pub use wgpu;

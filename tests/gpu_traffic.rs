@@ -157,3 +157,93 @@ fn convert_json_reports_the_run_and_its_device_traffic() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The bytes of a device buffer, read back by the test.
+fn read_buffer(
+    device: &relayout::wgpu::Device,
+    queue: &relayout::wgpu::Queue,
+    buffer: &relayout::wgpu::Buffer,
+) -> Vec<u8> {
+    use relayout::wgpu;
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test readback"),
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder =
+        device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    queue.submit([encoder.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, move |r| tx.send(r).unwrap());
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    rx.recv().unwrap().unwrap();
+    let bytes = staging.slice(..).get_mapped_range().unwrap().to_vec();
+    staging.unmap();
+    bytes
+}
+
+#[test]
+fn for_each_on_device_hands_out_buffers_holding_the_cpu_bytes() {
+    if gpu().is_none() {
+        return;
+    }
+    let (device, queue) = relayout::backend::gpu::open_device(&GpuOptions {
+        allow_software: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let cpu = Cpu::new();
+    for (name, preset, dtype) in [
+        ("small_cnn.pt", "flax", None),
+        ("mixed.pt", "mlx", None),
+        ("mixed.pt", "flax", Some(DType::BF16)),
+        ("dtypes_views.pt", "flax", None),
+        ("dtypes_views.pt", "nnx", Some(DType::F16)),
+        (
+            "frameworks/transformer_encoder.pt",
+            "flax",
+            Some(DType::BF16),
+        ),
+    ] {
+        let ckpt = Checkpoint::open(fixture(name)).unwrap();
+        let mut opts = relayout::PlanOptions::default();
+        opts.dtype = dtype;
+        opts.vars.insert("heads".into(), "4".into());
+        let plan = RuleSet::preset(preset)
+            .unwrap()
+            .plan_with(ckpt.tensors(), &opts)
+            .unwrap();
+        let mut want = Vec::new();
+        Converter::new(&ckpt, &plan, &cpu)
+            .for_each(|_, bytes| {
+                want.push(bytes.to_vec());
+                Ok(())
+            })
+            .unwrap();
+        let mut seen = 0;
+        Converter::new(&ckpt, &plan, &cpu)
+            .for_each_on_device(&device, &queue, |entry, buffer| {
+                let bytes = read_buffer(&device, &queue, &buffer);
+                let w = &want[seen];
+                assert_eq!(
+                    buffer.size() as usize,
+                    w.len().next_multiple_of(4).max(4),
+                    "{name} {}",
+                    entry.target
+                );
+                assert!(
+                    bytes[..w.len()] == w[..],
+                    "{name} {preset} {dtype:?}: '{}' differs",
+                    entry.target
+                );
+                seen += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, plan.entries.len());
+    }
+}

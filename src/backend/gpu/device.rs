@@ -117,7 +117,8 @@ fn unavailable(detail: String) -> Error {
 }
 
 /// Chooses an adapter (primary backends first, GL as the last resort) and opens a device
-/// with the adapter's own limits.
+/// with the adapter's own limits: how [`super::Gpu::new`] gets its device, and a way for
+/// an engine to open one the same way for [`crate::Converter::for_each_on_device`].
 pub fn open(opts: &GpuOptions) -> Result<(wgpu::Device, wgpu::Queue)> {
     let adapter = match pick(adapters(PRIMARY), opts) {
         Some(a) => a,

@@ -21,7 +21,7 @@ use crate::backend::{check_buffers, check_cast_buffers, Backend};
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 
-pub use device::{list_adapters, AdapterReport, GpuOptions, ADAPTER_ENV};
+pub use device::{list_adapters, open as open_device, AdapterReport, GpuOptions, ADAPTER_ENV};
 internal! {
 pub use kernel::KernelKind;
 }
@@ -203,6 +203,132 @@ impl Gpu {
     /// The largest output or source window one piece may have, in bytes.
     pub fn chunk_bytes(&self) -> usize {
         self.chunk
+    }
+
+    /// Runs `g` (then `cast`, if any) over `src` into a new device buffer holding exactly
+    /// the converted tensor (padded to a whole word), usable as `STORAGE`, `COPY_SRC` and
+    /// `COPY_DST`: nothing is read back. The source window is uploaded once. A tensor
+    /// whose window or output exceeds one binding is computed piece by piece through the
+    /// host and uploaded (counted as traffic either way).
+    pub fn gather_to_buffer(
+        &self,
+        g: &Gather,
+        cast: Option<Cast>,
+        src: &[u8],
+    ) -> Result<wgpu::Buffer> {
+        use wgpu::BufferUsages as U;
+        g.validate()?;
+        let out_len = match cast {
+            Some(c) => crate::backend::cast_out_bytes(g, c),
+            None => g.out_bytes(),
+        };
+        let words = |n: usize| (n as u64).next_multiple_of(4).max(4);
+        let out = self.buffer(
+            "tensor",
+            words(out_len),
+            U::STORAGE | U::COPY_SRC | U::COPY_DST,
+        );
+        if g.is_empty() {
+            return Ok(out);
+        }
+        let es = g.elem_size;
+        let (lo, hi) = (g.offset * es, g.src_extent() * es);
+        let window = src
+            .get(lo..hi)
+            .ok_or_else(|| gpu_err("tensor source outside the source"))?;
+        let mut local = g.clone();
+        local.offset = 0;
+        let fits = words(window.len()) as usize <= self.binding
+            && words(g.out_bytes().max(out_len)) as usize <= self.binding
+            && local.shape.len() <= chunk::MAX_RANK;
+        if !fits {
+            let mut host = vec![0u8; out_len];
+            match cast {
+                Some(c) => self.gather_cast(g, c, src, &mut host)?,
+                None => self.gather(g, src, &mut host)?,
+            }
+            self.upload(&out, 0, &host);
+            return Ok(out);
+        }
+        if cast.is_none() && local.is_copy() {
+            self.upload(&out, 0, window);
+            return Ok(out);
+        }
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let result = self.gather_on_device(&local, cast, window, &out);
+        let oom = pollster::block_on(oom.pop());
+        let validation = pollster::block_on(validation.pop());
+        if let Some(e) = oom.or(validation) {
+            return Err(gpu_err(e.to_string()));
+        }
+        result?;
+        self.check_faults()?;
+        Ok(out)
+    }
+
+    fn gather_on_device(
+        &self,
+        g: &Gather,
+        cast: Option<Cast>,
+        window: &[u8],
+        out: &wgpu::Buffer,
+    ) -> Result<()> {
+        use wgpu::BufferUsages as U;
+        let words = |n: usize| (n as u64).next_multiple_of(4).max(4);
+        let input = self.buffer(
+            "tensor source",
+            words(window.len()),
+            U::STORAGE | U::COPY_DST,
+        );
+        self.upload(&input, 0, window);
+        let params = |d: &kernel::Dispatch| {
+            let b = self.buffer(
+                "params",
+                (kernel::PARAMS_WORDS * 4) as u64,
+                U::UNIFORM | U::COPY_DST,
+            );
+            self.queue
+                .write_buffer(&b, 0, bytemuck::cast_slice(&d.params));
+            b
+        };
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("tensor"),
+            });
+        // The gather writes the output, or the intermediate the cast then reads; a
+        // contiguous tensor is cast straight from its upload.
+        let gathered = match cast {
+            Some(_) if g.is_copy() => None,
+            Some(_) => Some(self.buffer("gathered", words(g.out_bytes()), U::STORAGE)),
+            None => None,
+        };
+        let mut keep = Vec::new();
+        if cast.is_none() || gathered.is_some() {
+            let kind = kernel::choose(g);
+            let d = kernel::dispatch(g, kind, self.max_groups)?;
+            let p = params(&d);
+            let target = gathered.as_ref().unwrap_or(out);
+            let group = self.bind_group(&p, &input, target);
+            self.record(&mut encoder, &group, kind, g.elem_size, &d);
+            keep.push(p);
+        }
+        if let Some(c) = cast {
+            let d = kernel::cast_dispatch(g.len(), c.to(), self.max_groups)?;
+            let p = params(&d);
+            let group = self.bind_group(&p, gathered.as_ref().unwrap_or(&input), out);
+            self.record(
+                &mut encoder,
+                &group,
+                KernelKind::Cast(c),
+                c.from().size(),
+                &d,
+            );
+            keep.push(p);
+        }
+        let index = self.queue.submit([encoder.finish()]);
+        self.wait(index)
     }
 
     /// The largest buffer one shader binding may see on this device, in bytes.
