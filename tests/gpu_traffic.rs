@@ -210,9 +210,11 @@ fn for_each_on_device_hands_out_buffers_holding_the_cpu_bytes() {
         ),
     ] {
         let ckpt = Checkpoint::open(fixture(name)).unwrap();
-        let mut opts = relayout::PlanOptions::default();
-        opts.dtype = dtype;
-        opts.vars.insert("heads".into(), "4".into());
+        let opts = relayout::PlanOptions {
+            dtype,
+            vars: [("heads".to_string(), "4".to_string())].into(),
+            ..Default::default()
+        };
         let plan = RuleSet::preset(preset)
             .unwrap()
             .plan_with(ckpt.tensors(), &opts)
