@@ -50,6 +50,11 @@ override STAGED: bool = true;
 override SHIFTED: bool = false;
 // The partial tiles, with bounds checks (see the header).
 override EDGE: bool = false;
+// One plane whose output rows are permuted: source column c goes to output row
+// (c % hw) * inner + c / hw. OIHW -> HWIO is then one O x (I * H * W) transpose, source
+// column i * HW + s landing on output row s * I + i, rather than I batches of H * W
+// columns each (which leave most of a 32-column tile idle when H * W is 9 or 1).
+override REMAP: bool = false;
 
 struct Params {
     // Block rows (rows of r divided by K) and source word columns of one batch.
@@ -73,6 +78,9 @@ struct Params {
     full_x: u32,
     full_y: u32,
     edge_bottom: u32,
+    // REMAP: the period and the rows of the output row permutation.
+    hw: u32,
+    inner: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -113,6 +121,19 @@ fn out_row(c: u32, p: u32) -> u32 {
     return select(c * PLANES + p, c, ESIZE == 8u);
 }
 
+// Output word offset of plane p of word column col (block row 0 of batch 0).
+fn dst_col(col: u32, p: u32) -> u32 {
+    if !REMAP {
+        return col * params.d_col + p * params.d_plane;
+    }
+    let c = out_row(col, p);
+    let row = (c % params.hw) * params.inner + c / params.hw;
+    if ESIZE == 8u {
+        return row * params.d_col + p * params.d_plane;
+    }
+    return row * params.d_plane;
+}
+
 // The PLANES source words of the block at source word s.
 fn load_block(s: u32, sh: u32) -> vec4<u32> {
     var w = vec4<u32>(0u);
@@ -127,13 +148,13 @@ fn direct_interior(t: vec2<u32>, z: u32, tx: u32, ty: u32, e: u32, sh: u32) {
     let col = t.x * TILE + tx;
     let row = t.y * TILE + ty;
     var s = (e >> KSHIFT) + col * params.s_col + row * params.s_row;
-    var d = z * params.d_batch + col * params.d_col + row * params.d_row;
+    var d = z * params.d_batch + row * params.d_row;
     let s_step = 8u * params.s_row;
     let d_step = 8u * params.d_row;
     for (var m = 0u; m < 4u; m = m + 1u) {
         let w = load_block(s, sh);
         for (var p = 0u; p < PLANES; p = p + 1u) {
-            dst[d + p * params.d_plane] = shuffle(w, p);
+            dst[d + dst_col(col, p)] = shuffle(w, p);
         }
         s = s + s_step;
         d = d + d_step;
@@ -148,7 +169,7 @@ fn direct_edge(t: vec2<u32>, z: u32, tx: u32, ty: u32, e: u32, sh: u32) {
     }
     let row0 = t.y * TILE + ty;
     var s = (e >> KSHIFT) + col * params.s_col + row0 * params.s_row;
-    var d = z * params.d_batch + col * params.d_col + row0 * params.d_row;
+    var d = z * params.d_batch + row0 * params.d_row;
     let s_step = 8u * params.s_row;
     let d_step = 8u * params.d_row;
     for (var m = 0u; m < 4u; m = m + 1u) {
@@ -156,7 +177,7 @@ fn direct_edge(t: vec2<u32>, z: u32, tx: u32, ty: u32, e: u32, sh: u32) {
             let w = load_block(s, sh);
             for (var p = 0u; p < PLANES; p = p + 1u) {
                 if out_row(col, p) < params.cols_elems {
-                    dst[d + p * params.d_plane] = shuffle(w, p);
+                    dst[d + dst_col(col, p)] = shuffle(w, p);
                 }
             }
         }
@@ -187,17 +208,15 @@ fn staged(t: vec2<u32>, z: u32, tx: u32, ty: u32, e: u32, sh: u32) {
     workgroupBarrier();
     let row = row0 + tx;
     if row < params.rows {
-        var d = z * params.d_batch + (col0 + ty) * params.d_col + row * params.d_row;
-        let step = 8u * params.d_col;
+        let d = z * params.d_batch + row * params.d_row;
         for (var m = 0u; m < 4u; m = m + 1u) {
             let c = col0 + ty + 8u * m;
             let slot = tx * PITCH + ty + 8u * m;
             for (var p = 0u; p < PLANES; p = p + 1u) {
                 if out_row(c, p) < params.cols_elems {
-                    dst[d + p * params.d_plane] = tile[p * PLANE_WORDS + slot];
+                    dst[d + dst_col(c, p)] = tile[p * PLANE_WORDS + slot];
                 }
             }
-            d = d + step;
         }
     }
 }

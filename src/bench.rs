@@ -124,8 +124,8 @@ fn layout_cases(size: usize) -> Vec<(String, Gather)> {
     }
     for (dtype, es) in [(DType::F32, 4), (DType::BF16, 2), (DType::U8, 1)] {
         for k in [3usize, 1] {
-            // O = I, as in a ResNet stage.
-            let c = (((size / es / (k * k)) as f64).sqrt() as usize).max(1);
+            // O = I, a multiple of 64 as in a ResNet stage.
+            let c = ((((size / es / (k * k)) as f64).sqrt() as usize) / 64 * 64).max(64);
             if let Ok(op) = LayoutOp::contiguous(es, vec![c, c, k, k], vec![2, 3, 1, 0]) {
                 out.push((format!("OIHW->HWIO {dtype} {c}x{c}x{k}x{k}"), op.simplify()));
             }

@@ -433,7 +433,10 @@ fn transpose2d_staged_and_direct_match_around_every_tile_edge() {
                     if r > 1 && c > 1 && r % k == 0 && c % k == 0 {
                         assert_eq!(
                             kernel_of(&op),
-                            KernelKind::Transpose2d { shifted: false },
+                            KernelKind::Transpose2d {
+                                shifted: false,
+                                remap: false
+                            },
                             "{r}x{c} es {es}"
                         );
                     }
@@ -463,16 +466,44 @@ fn batched_transposes_and_shifted_batches_match_in_both_variants() {
                 assert!(matches!(kernel_of(&op), KernelKind::Transpose2d { .. }));
                 check(&gpu, &op, &mut rng);
             }
-            // OIHW -> HWIO with odd H*W: sub-word batches start off the word grid.
-            // O and I * H * W multiples of 4, so even bytes take transpose2d.
-            for shape in [[4, 4, 3, 3], [68, 8, 3, 3], [132, 4, 1, 3], [8, 40, 5, 5]] {
+            // OIHW -> HWIO: one O x (I*H*W) plane with its output rows permuted, for
+            // any H*W (1, 3, 9, 25) and across tile and word edges. O and I * H * W
+            // multiples of 4, so even bytes take transpose2d.
+            for shape in [
+                [4, 4, 3, 3],
+                [68, 8, 3, 3],
+                [132, 4, 1, 3],
+                [8, 40, 5, 5],
+                [36, 12, 1, 1],
+                [4, 132, 3, 3],
+                [64, 36, 3, 3],
+            ] {
                 let op = strided_op(es, &shape, &identity(4), 0, 0, vec![2, 3, 1, 0]);
-                let shifted = es < 4 && (shape[2] * shape[3]) % (4 / es) != 0;
+                // 1x1 kernels simplify to a plain transpose.
+                let remapped = (2..32).contains(&(shape[2] * shape[3]));
                 assert_eq!(
                     kernel_of(&op),
-                    KernelKind::Transpose2d { shifted },
+                    KernelKind::Transpose2d {
+                        shifted: false,
+                        remap: remapped
+                    },
                     "{shape:?} es {es}"
                 );
+                check(&gpu, &op, &mut rng);
+            }
+            // A source starting off the word grid: I batches, sub-word ones shifted.
+            for shape in [[4, 4, 3, 3], [68, 8, 1, 3]] {
+                let op = strided_op(es, &shape, &identity(4), 0, 1, vec![2, 3, 1, 0]);
+                if es < 4 {
+                    assert_eq!(
+                        kernel_of(&op),
+                        KernelKind::Transpose2d {
+                            shifted: true,
+                            remap: false
+                        },
+                        "{shape:?} es {es}"
+                    );
+                }
                 check(&gpu, &op, &mut rng);
             }
         }
@@ -853,6 +884,15 @@ fn casts_fused_with_every_gather_kernel_over_strided_sources_match_the_reference
             0,
             vec![2, 3, 1, 0],
         ));
+        // OIHW starting off the word grid: I batches, shifted for sub-word elements.
+        ops.push(strided_op(
+            es,
+            &[4, 4, 3, 3],
+            &identity(4),
+            0,
+            1,
+            vec![2, 3, 1, 0],
+        ));
         ops.push(strided_op(
             es,
             &[68, 8, 3, 3],
@@ -908,9 +948,11 @@ fn casts_fused_with_every_gather_kernel_over_strided_sources_match_the_reference
             reached(|k| matches!(k, KernelKind::Transpose { .. })),
             "{es}-byte: no transpose: {kinds:?}"
         );
-        assert!(reached(|k| *k == KernelKind::Transpose2d { shifted: false }));
+        let t2d = |shifted, remap| KernelKind::Transpose2d { shifted, remap };
+        assert!(kinds.contains(&t2d(false, false)), "{kinds:?}");
+        assert!(kinds.contains(&t2d(false, true)), "{kinds:?}");
         if es < 4 {
-            assert!(reached(|k| *k == KernelKind::Transpose2d { shifted: true }));
+            assert!(kinds.contains(&t2d(true, false)), "{kinds:?}");
         }
     }
 }

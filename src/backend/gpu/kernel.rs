@@ -38,7 +38,7 @@ pub enum KernelKind {
     Gather,
     /// transpose2d.wgsl: a batched 2-D transpose ([`Plane2d`]); `shifted` when some
     /// batch of sub-word elements starts off the word grid.
-    Transpose2d { shifted: bool },
+    Transpose2d { shifted: bool, remap: bool },
     /// transpose.wgsl around the stride-1 axis `axis`, for the rank-4+ transposes
     /// transpose2d.wgsl does not take.
     Transpose { axis: usize },
@@ -66,6 +66,10 @@ pub struct Plane2d {
     pub ob: usize,
     pub oc: usize,
     pub offset: usize,
+    /// Output row permutation (transpose2d.wgsl's REMAP): source column `c` goes to output
+    /// row `(c % hw) * inner + c / hw`; `hw == 0` for none.
+    pub hw: usize,
+    pub inner: usize,
 }
 
 impl Plane2d {
@@ -84,6 +88,8 @@ impl Plane2d {
                 ob: 0,
                 oc: r,
                 offset: g.offset,
+                hw: 0,
+                inner: 0,
             },
             (&[b, c, r], &[sb, 1, sr]) => Plane2d {
                 batch: b,
@@ -94,7 +100,27 @@ impl Plane2d {
                 ob: c.checked_mul(r)?,
                 oc: r,
                 offset: g.offset,
+                hw: 0,
+                inner: 0,
             },
+            // Narrow batches that tile the source rows (sb == c, OIHW -> HWIO): one plane
+            // of c * b columns whose output rows are permuted, so whole tiles do work.
+            (&[c, b, r], &[1, sb, sr])
+                if sb == c && c < TILE2D && g.offset % per_word(g.elem_size) == 0 =>
+            {
+                Plane2d {
+                    batch: 1,
+                    rows: r,
+                    cols: c.checked_mul(b)?,
+                    sb: 0,
+                    sr,
+                    ob: 0,
+                    oc: r,
+                    offset: g.offset,
+                    hw: c,
+                    inner: b,
+                }
+            }
             (&[c, b, r], &[1, sb, sr]) => Plane2d {
                 batch: b,
                 rows: r,
@@ -104,6 +130,8 @@ impl Plane2d {
                 ob: r,
                 oc: b.checked_mul(r)?,
                 offset: g.offset,
+                hw: 0,
+                inner: 0,
             },
             _ => return None,
         };
@@ -143,7 +171,10 @@ pub fn choose(g: &Gather) -> KernelKind {
     if let Some(p) = Plane2d::of(g) {
         let k = per_word(g.elem_size);
         let shifted = p.offset % k != 0 || (p.batch > 1 && p.sb % k != 0);
-        return KernelKind::Transpose2d { shifted };
+        return KernelKind::Transpose2d {
+            shifted,
+            remap: p.hw > 0,
+        };
     }
     let Some(axis) = (0..rank - 1).rev().find(|&k| g.strides[k] == 1) else {
         return KernelKind::Gather;
@@ -295,6 +326,8 @@ fn dispatch_2d(g: &Gather) -> Result<Dispatch> {
         (full_x, "full tile columns"),
         (full_y, "full tile rows"),
         (edge_bottom, "bottom edge tiles"),
+        (t.hw.max(1), "remap period"),
+        (t.inner, "remap rows"),
     ];
     let mut p = [0u32; PARAMS_WORDS];
     for (slot, (v, what)) in p.iter_mut().zip(values) {
@@ -340,7 +373,7 @@ pub struct Kernels {
     gather: [wgpu::ComputePipeline; 4],
     transpose: [wgpu::ComputePipeline; 4],
     /// Indexed by shifted, edge, element size.
-    transpose_2d: [[[wgpu::ComputePipeline; 4]; 2]; 2],
+    transpose_2d: [[[wgpu::ComputePipeline; 4]; 2]; 3],
     copy: [wgpu::ComputePipeline; 4],
     /// cast.wgsl, indexed by [`cast_index`].
     cast: [wgpu::ComputePipeline; CASTS],
@@ -460,7 +493,8 @@ impl Kernels {
         Kernels {
             gather: per_size(&gather_module, "gather"),
             transpose: per_size(&transpose_module, "transpose"),
-            transpose_2d: [0.0, 1.0].map(|shifted| {
+            // Plain, shifted, remapped (a remapped plane is one batch on the word grid).
+            transpose_2d: [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)].map(|(shifted, remap)| {
                 [0.0, 1.0].map(|edge| {
                     [1.0, 2.0, 4.0, 8.0].map(|es| {
                         let constants = [
@@ -468,6 +502,7 @@ impl Kernels {
                             ("STAGED", if staged { 1.0 } else { 0.0 }),
                             ("SHIFTED", shifted),
                             ("EDGE", edge),
+                            ("REMAP", remap),
                         ];
                         pipeline(&transpose_2d_module, "transpose2d", &constants)
                     })
@@ -497,8 +532,9 @@ impl Kernels {
         match kind {
             KernelKind::Gather => &self.gather[i],
             KernelKind::Transpose { .. } => &self.transpose[i],
-            KernelKind::Transpose2d { shifted } => {
-                &self.transpose_2d[usize::from(shifted)][usize::from(part == Part::Edge)][i]
+            KernelKind::Transpose2d { shifted, remap } => {
+                let variant = if remap { 2 } else { usize::from(shifted) };
+                &self.transpose_2d[variant][usize::from(part == Part::Edge)][i]
             }
             KernelKind::Copy => &self.copy[i],
             KernelKind::Cast(c) => &self.cast[cast_index(c)],
@@ -513,39 +549,79 @@ mod tests {
     #[test]
     fn batched_2d_transposes_pick_transpose2d_and_the_rest_fall_back() {
         let t = Gather::from_parts(4, vec![5, 7], vec![1, 5], 0);
-        assert_eq!(choose(&t), KernelKind::Transpose2d { shifted: false });
+        assert_eq!(
+            choose(&t),
+            KernelKind::Transpose2d {
+                shifted: false,
+                remap: false
+            }
+        );
         let rows = Gather::from_parts(4, vec![5, 7], vec![9, 1], 0);
         assert_eq!(choose(&rows), KernelKind::Gather);
         // Odd rows of bytes would share output words between blocks.
         let odd = Gather::from_parts(1, vec![5, 7], vec![1, 5], 0);
         assert_eq!(choose(&odd), KernelKind::Gather);
         let even = Gather::from_parts(1, vec![5, 8], vec![1, 8], 0);
-        assert_eq!(choose(&even), KernelKind::Transpose2d { shifted: false });
+        assert_eq!(
+            choose(&even),
+            KernelKind::Transpose2d {
+                shifted: false,
+                remap: false
+            }
+        );
         // A source row pitch off the word grid: the general tiled kernel.
         let pitch = Gather::from_parts(2, vec![5, 8], vec![1, 7], 0);
         assert_eq!(choose(&pitch), KernelKind::Transpose { axis: 0 });
         // An offset off the word grid is a shifted batch.
         let offset = Gather::from_parts(2, vec![5, 8], vec![1, 8], 1);
-        assert_eq!(choose(&offset), KernelKind::Transpose2d { shifted: true });
-        // OIHW -> HWIO: [HW, I, O] with strides [1, HW, I*HW].
+        assert_eq!(
+            choose(&offset),
+            KernelKind::Transpose2d {
+                shifted: true,
+                remap: false
+            }
+        );
+        // OIHW -> HWIO: [HW, I, O] with strides [1, HW, I*HW] is one O x (I*HW) plane
+        // with its output rows permuted, on the word grid even for an odd H*W.
         let conv = Gather::from_parts(2, vec![9, 4, 6], vec![1, 9, 36], 0);
-        assert_eq!(choose(&conv), KernelKind::Transpose2d { shifted: true });
+        let remapped = KernelKind::Transpose2d {
+            shifted: false,
+            remap: true,
+        };
+        assert_eq!(choose(&conv), remapped);
         assert_eq!(
             Plane2d::of(&conv),
             Some(Plane2d {
-                batch: 4,
+                batch: 1,
                 rows: 6,
-                cols: 9,
-                sb: 9,
+                cols: 36,
+                sb: 0,
                 sr: 36,
-                ob: 6,
-                oc: 24,
-                offset: 0
+                ob: 0,
+                oc: 6,
+                offset: 0,
+                hw: 9,
+                inner: 4,
             })
         );
+        // Off the word grid, or batches that do not tile the rows: I batches, shifted.
+        let shifted = KernelKind::Transpose2d {
+            shifted: true,
+            remap: false,
+        };
+        let off = Gather::from_parts(2, vec![9, 4, 6], vec![1, 9, 36], 1);
+        assert_eq!(choose(&off), shifted);
+        let gaps = Gather::from_parts(2, vec![9, 4, 6], vec![1, 11, 44], 0);
+        assert_eq!(choose(&gaps), shifted);
         // Batch outermost: [B, C, R] with strides [sB, 1, sR].
         let batched = Gather::from_parts(8, vec![3, 5, 7], vec![40, 1, 5], 0);
-        assert_eq!(choose(&batched), KernelKind::Transpose2d { shifted: false });
+        assert_eq!(
+            choose(&batched),
+            KernelKind::Transpose2d {
+                shifted: false,
+                remap: false
+            }
+        );
         // Two batch axes: the general tiled kernel.
         let rank4 = Gather::from_parts(4, vec![2, 3, 5, 7], vec![200, 40, 1, 5], 0);
         assert_eq!(choose(&rank4), KernelKind::Transpose { axis: 2 });
