@@ -73,11 +73,16 @@ def main():
     def copy(src):
         return run(["sh", "-c", f'cp "{src}" "{out}" && sync "{out}"'])
 
+    def raw_write(src):
+        # The disk's floor: the same byte count written with O_DIRECT, nothing read.
+        mib = os.path.getsize(src) // 2**20
+        return run(["dd", "if=/dev/zero", f"of={out}", "bs=1M", f"count={mib}", "oflag=direct", "status=none"])
+
     src = os.path.join(a.dir, f"ck{a.time_mib}m-{a.dtype}.safetensors")
     make(src, a.time_mib, a.dtype)
     size = os.path.getsize(src)
-    cp_t, rl_t, rl_rss, sh_t, sh_rss = [], [], [], [], []
-    commands = [(copy, cp_t, []), (convert, rl_t, rl_rss)]
+    cp_t, rl_t, rl_rss, sh_t, sh_rss, dd_t = [], [], [], [], [], []
+    commands = [(raw_write, dd_t, []), (copy, cp_t, []), (convert, rl_t, rl_rss)]
     if a.shard_size:
         commands.append((convert_sharded, sh_t, sh_rss))
     for _ in range(a.runs):
@@ -97,7 +102,10 @@ def main():
     print(f"checkpoint: {size / 2**30:.2f} GiB {a.dtype}{cast}, {a.runs} alternating runs, device {a.device}")
     print(f"cp + sync        median {cp_m:6.2f} s  ({size / cp_m / 1e9:5.2f} GB/s)  runs {' '.join(f'{t:.2f}' for t in cp_t)}")
     print(f"relayout convert median {rl_m:6.2f} s  ({size / rl_m / 1e9:5.2f} GB/s)  runs {' '.join(f'{t:.2f}' for t in rl_t)}")
+    dd_m = statistics.median(dd_t)
+    print(f"dd O_DIRECT write median {dd_m:6.2f} s  ({size / dd_m / 1e9:5.2f} GB/s)  runs {' '.join(f'{t:.2f}' for t in dd_t)}")
     print(f"ratio convert / cp: {rl_m / cp_m:.2f}  (target <= 1.3)")
+    print(f"ratio convert / raw O_DIRECT write of the same bytes: {rl_m / dd_m:.2f}  (target <= 1.1)")
     print(f"peak RSS at {a.time_mib} MiB: {max(rl_rss):.0f} MiB")
     if a.shard_size:
         sh_m = statistics.median(sh_t)
