@@ -5,7 +5,7 @@
 
 mod common;
 use common::Rng;
-use relayout::backend::cpu::{micro_block, Cpu, Tuning};
+use relayout::backend::cpu::{micro_block, Cpu, Simd, Tuning};
 use relayout::backend::reference::Reference;
 use relayout::backend::{Backend, CAST_STAGE_BYTES};
 use relayout::layout::{contiguous_strides, Cast, Gather, LayoutOp, ELEM_SIZES};
@@ -18,7 +18,14 @@ const SMALL: Tuning = Tuning {
     tile_bytes: 64,
     // Every transpose that can stream does, so the grid covers the streaming path.
     stream_threshold: 0,
+    // The instantiations below pick each vector level this CPU has.
+    simd: Simd::Portable,
 };
+
+/// SMALL with the vector level `simd`.
+fn small(simd: Simd) -> Tuning {
+    Tuning { simd, ..SMALL }
+}
 
 /// Byte an output buffer starts as, so unwritten bytes show (the oracle starts as its
 /// complement, so a byte both leave unwritten cannot match).
@@ -655,15 +662,47 @@ macro_rules! backend_grid {
 
 backend_grid!(reference, Reference);
 backend_grid!(cpu, Cpu::new());
-backend_grid!(cpu_small_knobs, Cpu::new().with_tuning(SMALL));
+backend_grid!(
+    cpu_small_knobs,
+    Cpu::new().with_tuning(small(Simd::detect()))
+);
 backend_grid!(
     cpu_one_thread_small_knobs,
-    Cpu::with_threads(1).expect("pool").with_tuning(SMALL)
+    Cpu::with_threads(1)
+        .expect("pool")
+        .with_tuning(small(Simd::detect()))
 );
 backend_grid!(
     cpu_three_threads_small_knobs,
-    Cpu::with_threads(3).expect("pool").with_tuning(SMALL)
+    Cpu::with_threads(3)
+        .expect("pool")
+        .with_tuning(small(Simd::detect()))
 );
+// Every vector level on the same grid (a level the CPU lacks falls back to the best it
+// has, so these never run code the CPU cannot).
+backend_grid!(
+    cpu_portable_small_knobs,
+    Cpu::new().with_tuning(small(Simd::Portable))
+);
+backend_grid!(
+    cpu_sse2_small_knobs,
+    Cpu::new().with_tuning(small(Simd::Sse2))
+);
+backend_grid!(
+    cpu_avx2_small_knobs,
+    Cpu::new().with_tuning(small(Simd::Avx2))
+);
+
+#[test]
+fn this_cpu_runs_its_best_vector_level() {
+    let best = Simd::detect();
+    assert_eq!(Cpu::new().tuning().simd, best);
+    assert_eq!(Simd::available().last(), Some(&best));
+    assert_eq!(
+        Cpu::new().with_tuning(small(Simd::Avx2)).tuning().simd,
+        best
+    );
+}
 
 /// Default knobs: tensors just past the real parallel threshold and tile sides.
 #[test]
@@ -696,7 +735,12 @@ fn cpu_default_knobs_match_reference_past_real_thresholds() {
 /// micro-block and widths of one and several lines, against the reference.
 #[test]
 fn cpu_streaming_transposes_match_reference_at_every_output_alignment() {
-    let cpu = Cpu::new().with_tuning(SMALL);
+    for simd in Simd::available() {
+        streaming_transposes_match_reference(&Cpu::new().with_tuning(small(simd)));
+    }
+}
+
+fn streaming_transposes_match_reference(cpu: &Cpu) {
     let mut seed = 9500;
     for es in ELEM_SIZES {
         let b = micro_block(es);

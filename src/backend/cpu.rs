@@ -60,7 +60,52 @@ pub struct Tuning {
     pub tile_bytes: usize,
     /// Output bytes from which transposes use non-temporal stores where they can.
     pub stream_threshold: usize,
+    /// The vector code of the transposes (the best the CPU has, detected at run time).
+    pub simd: Simd,
 }
+}
+
+internal! {
+/// Which vector code the CPU transposes run; every level gives the same bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    /// Plain Rust, one element per move (any CPU).
+    Portable,
+    /// 16-byte squares (every x86_64 CPU).
+    Sse2,
+    /// 32-byte squares (x86_64 CPUs with AVX2, detected at run time).
+    Avx2,
+}
+}
+
+impl Simd {
+    /// The best level this CPU runs.
+    pub fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Simd::Avx2;
+            }
+            Simd::Sse2
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Simd::Portable
+    }
+
+    /// Every level this CPU runs, the detected one last.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
+    pub fn available() -> Vec<Simd> {
+        [Simd::Portable, Simd::Sse2, Simd::Avx2]
+            .into_iter()
+            .filter(|&s| s <= Simd::detect())
+            .collect()
+    }
+}
+
+impl PartialOrd for Simd {
+    fn partial_cmp(&self, other: &Simd) -> Option<std::cmp::Ordering> {
+        Some((*self as u8).cmp(&(*other as u8)))
+    }
 }
 
 impl Tuning {
@@ -79,6 +124,7 @@ impl Default for Tuning {
             par_chunk: PAR_CHUNK,
             tile_bytes: TILE_BYTES,
             stream_threshold: STREAM_THRESHOLD,
+            simd: Simd::detect(),
         }
     }
 }
@@ -128,9 +174,14 @@ impl Cpu {
     }
 
     internal! {
-    /// The same backend with other knobs.
+    /// The same backend with other knobs (a vector level the CPU lacks is lowered to
+    /// the best it has).
     pub fn with_tuning(mut self, tuning: Tuning) -> Cpu {
-        self.tuning = tuning;
+        let best = Simd::detect();
+        self.tuning = Tuning {
+            simd: if tuning.simd <= best { tuning.simd } else { best },
+            ..tuning
+        };
         self
     }
     }
@@ -354,12 +405,12 @@ fn transpose<const N: usize, const B: usize>(
             head: 0,
         };
         if stream && misalign % N == 0 && head < cols {
-            tiles::<N, B, true, true>(src, out, &Plane { head, ..p }, tile);
+            tiles::<N, B, true, true>(src, out, &Plane { head, ..p }, tile, t.simd);
             fence();
         } else if sr == 1 {
-            tiles::<N, B, true, false>(src, out, &p, tile);
+            tiles::<N, B, true, false>(src, out, &p, tile, t.simd);
         } else {
-            tiles::<N, B, false, false>(src, out, &p, tile);
+            tiles::<N, B, false, false>(src, out, &p, tile, t.simd);
         }
     };
     if parallel {
@@ -460,10 +511,10 @@ fn remap<const N: usize, const B: usize>(
     let band = |c0: usize, rows: &mut [&mut [[u8; N]]]| {
         let base = g.offset + c0;
         if stream {
-            remap_tiles::<N, B, true>(src, rows, base, sc, cols, tile);
+            remap_tiles::<N, B, true>(src, rows, base, sc, cols, tile, t.simd);
             fence();
         } else {
-            remap_tiles::<N, B, false>(src, rows, base, sc, cols, tile);
+            remap_tiles::<N, B, false>(src, rows, base, sc, cols, tile, t.simd);
         }
     };
     if parallel {
@@ -483,6 +534,7 @@ fn remap_tiles<const N: usize, const B: usize, const STREAM: bool>(
     sc: usize,
     cols: usize,
     tile: usize,
+    simd: Simd,
 ) {
     let n = rows.len();
     for ct in (0..n).step_by(tile) {
@@ -496,8 +548,13 @@ fn remap_tiles<const N: usize, const B: usize, const STREAM: bool>(
                     let s0 = base + c + o * sc;
                     let blk = &mut rows[c..c + bh];
                     #[cfg(target_arch = "x86_64")]
-                    if bw == B && bh == B {
-                        sse2::block_rows::<N, B, STREAM>(src, blk, s0, sc, o);
+                    if bw == B && bh == B && simd != Simd::Portable {
+                        if simd == Simd::Avx2 {
+                            // SAFETY: `Simd::Avx2` is only chosen when the CPU has AVX2.
+                            unsafe { avx2::block_rows::<N, B, STREAM>(src, blk, s0, sc, o) };
+                        } else {
+                            sse2::block_rows::<N, B, STREAM>(src, blk, s0, sc, o);
+                        }
                         continue;
                     }
                     for (i, row) in blk.iter_mut().enumerate() {
@@ -538,6 +595,7 @@ fn tiles<const N: usize, const B: usize, const UNIT_ROWS: bool, const STREAM: bo
     out: &mut [[u8; N]],
     p: &Plane,
     tile: usize,
+    simd: Simd,
 ) {
     let cols = p.cols;
     let rows = out.len() / cols;
@@ -554,7 +612,13 @@ fn tiles<const N: usize, const B: usize, const UNIT_ROWS: bool, const STREAM: bo
             let blk = |r: usize, c: usize, bh: usize, bw: usize, out: &mut [[u8; N]]| {
                 let s0 = p.base + r * sr + c * p.sc;
                 if bw == B && bh == B {
-                    micro::<N, B, UNIT_ROWS, STREAM>(src, out, s0, sr, p.sc, r * cols + c, cols);
+                    micro::<N, B, UNIT_ROWS, STREAM>(
+                        src,
+                        out,
+                        (s0, sr, p.sc),
+                        (r * cols + c, cols),
+                        simd,
+                    );
                 } else {
                     for i in 0..bh {
                         for j in 0..bw {
@@ -578,17 +642,21 @@ fn tiles<const N: usize, const B: usize, const UNIT_ROWS: bool, const STREAM: bo
 fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool, const STREAM: bool>(
     src: &[[u8; N]],
     out: &mut [[u8; N]],
-    s0: usize,
-    sr: usize,
-    sc: usize,
-    d0: usize,
-    cols: usize,
+    (s0, sr, sc): (usize, usize, usize),
+    (d0, cols): (usize, usize),
+    simd: Simd,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if UNIT_ROWS {
-        sse2::block::<N, B, STREAM>(src, out, s0, sc, d0, cols);
+    if UNIT_ROWS && simd != Simd::Portable {
+        if simd == Simd::Avx2 {
+            // SAFETY: `Simd::Avx2` is only chosen when the CPU has AVX2.
+            unsafe { avx2::block::<N, B, STREAM>(src, out, s0, sc, d0, cols) };
+        } else {
+            sse2::block::<N, B, STREAM>(src, out, s0, sc, d0, cols);
+        }
         return;
     }
+    let _ = simd;
     let mut blk = [[[0u8; N]; B]; B];
     for (j, col) in blk.iter_mut().enumerate() {
         let s = s0 + j * sc;
@@ -805,5 +873,231 @@ mod sse2 {
             h *= 2;
         }
         v
+    }
+}
+
+/// AVX2 transposes of 32-byte squares (runtime-detected): `32 / N` source runs of
+/// `32 / N` elements become as many output rows. The unpack rounds of [`sse2`] run
+/// within each 16-byte lane, then one round exchanges lanes between rows `K / 2` apart.
+/// Every function carries the `avx2` feature so the intrinsics inline; callers must
+/// have checked that the CPU has it.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256i, _mm256_loadu_si256, _mm256_permute2x128_si256, _mm256_setzero_si256,
+        _mm256_storeu_si256, _mm256_stream_si256, _mm256_unpackhi_epi16, _mm256_unpackhi_epi32,
+        _mm256_unpackhi_epi64, _mm256_unpackhi_epi8, _mm256_unpacklo_epi16, _mm256_unpacklo_epi32,
+        _mm256_unpacklo_epi64, _mm256_unpacklo_epi8, _mm_prefetch, _MM_HINT_NTA,
+    };
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load<const N: usize>(s: &[[u8; N]], at: usize) -> __m256i {
+        let run = &s[at..at + 32 / N];
+        // SAFETY: `run` is a bounds-checked slice of exactly 32 bytes; unaligned load.
+        unsafe { _mm256_loadu_si256(run.as_ptr().cast()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store<const N: usize, const STREAM: bool>(d: &mut [[u8; N]], at: usize, v: __m256i) {
+        let run = &mut d[at..at + 32 / N];
+        let ptr: *mut __m256i = run.as_mut_ptr().cast();
+        if STREAM && ptr as usize % 32 == 0 {
+            // SAFETY: `run` is a bounds-checked, exclusively borrowed slice of exactly
+            // 32 bytes, and the pointer was just checked to be 32-byte aligned.
+            unsafe { _mm256_stream_si256(ptr, v) }
+        } else {
+            // SAFETY: as above; the unaligned store has no alignment requirement.
+            unsafe { _mm256_storeu_si256(ptr, v) }
+        }
+    }
+
+    /// Interleaves the low (or high) halves of each lane of `a` and `b`, in units of
+    /// `width` bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn unpack(hi: bool, width: usize, a: __m256i, b: __m256i) -> __m256i {
+        match (hi, width) {
+            (false, 1) => _mm256_unpacklo_epi8(a, b),
+            (true, 1) => _mm256_unpackhi_epi8(a, b),
+            (false, 2) => _mm256_unpacklo_epi16(a, b),
+            (true, 2) => _mm256_unpackhi_epi16(a, b),
+            (false, 4) => _mm256_unpacklo_epi32(a, b),
+            (true, 4) => _mm256_unpackhi_epi32(a, b),
+            (false, _) => _mm256_unpacklo_epi64(a, b),
+            (true, _) => _mm256_unpackhi_epi64(a, b),
+        }
+    }
+
+    /// Where the rows of a block go.
+    trait Out<const N: usize> {
+        /// Stores 32 bytes at element `j` of block row `i`.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2.
+        unsafe fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m256i);
+    }
+
+    /// Rows `cols` apart in one slice, starting at `d0`.
+    struct Flat<'a, const N: usize> {
+        out: &'a mut [[u8; N]],
+        d0: usize,
+        cols: usize,
+    }
+
+    impl<const N: usize> Out<N> for Flat<'_, N> {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m256i) {
+            // SAFETY: the caller has AVX2.
+            unsafe { store::<N, STREAM>(self.out, self.d0 + i * self.cols + j, v) }
+        }
+    }
+
+    /// One slice per row, starting at `col`.
+    struct Rows<'a, 'b, const N: usize> {
+        rows: &'a mut [&'b mut [[u8; N]]],
+        col: usize,
+    }
+
+    impl<const N: usize> Out<N> for Rows<'_, '_, N> {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m256i) {
+            // SAFETY: the caller has AVX2.
+            unsafe { store::<N, STREAM>(self.rows[i], self.col + j, v) }
+        }
+    }
+
+    /// A `B × B` block (`B` elements = one cache line) as squares of `K = 32 / N`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn block<const N: usize, const B: usize, const STREAM: bool>(
+        src: &[[u8; N]],
+        out: &mut [[u8; N]],
+        s0: usize,
+        sc: usize,
+        d0: usize,
+        cols: usize,
+    ) {
+        let mut o = Flat { out, d0, cols };
+        // SAFETY: the caller has AVX2.
+        unsafe {
+            match N {
+                1 => squares::<N, B, 32, STREAM>(src, &mut o, s0, sc),
+                2 => squares::<N, B, 16, STREAM>(src, &mut o, s0, sc),
+                4 => squares::<N, B, 8, STREAM>(src, &mut o, s0, sc),
+                _ => squares::<N, B, 4, STREAM>(src, &mut o, s0, sc),
+            }
+        }
+    }
+
+    /// As [`block`], writing block row `i` to `rows[i][col..col + B]`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn block_rows<const N: usize, const B: usize, const STREAM: bool>(
+        src: &[[u8; N]],
+        rows: &mut [&mut [[u8; N]]],
+        s0: usize,
+        sc: usize,
+        col: usize,
+    ) {
+        let mut o = Rows { rows, col };
+        // SAFETY: the caller has AVX2.
+        unsafe {
+            match N {
+                1 => squares::<N, B, 32, STREAM>(src, &mut o, s0, sc),
+                2 => squares::<N, B, 16, STREAM>(src, &mut o, s0, sc),
+                4 => squares::<N, B, 8, STREAM>(src, &mut o, s0, sc),
+                _ => squares::<N, B, 4, STREAM>(src, &mut o, s0, sc),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn squares<const N: usize, const B: usize, const K: usize, const STREAM: bool>(
+        src: &[[u8; N]],
+        out: &mut impl Out<N>,
+        s0: usize,
+        sc: usize,
+    ) {
+        // As sse2::squares: a block row is one cache line, here of 2 squares.
+        const SQUARES: usize = super::LINE / 32;
+        debug_assert_eq!(B, SQUARES * K);
+        for j in 0..B {
+            let ahead = src
+                .as_ptr()
+                .wrapping_add(s0 + j * sc + super::PREFETCH_BLOCKS * B);
+            // SAFETY: prefetching never faults, whatever the address. (Safe to call in
+            // an AVX2 function on newer compilers, hence the allow.)
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_NTA>(ahead.cast())
+            }
+        }
+        let zero = _mm256_setzero_si256();
+        let mut runs = [[zero; SQUARES]; B];
+        for (j, run) in runs.iter_mut().enumerate() {
+            for (q, v) in run.iter_mut().enumerate() {
+                // SAFETY: the caller has AVX2.
+                *v = unsafe { load(src, s0 + j * sc + q * K) };
+            }
+        }
+        for (rq, rg) in (0..B).step_by(K).enumerate() {
+            let mut line = [[zero; K]; SQUARES];
+            for (q, sq) in line.iter_mut().enumerate() {
+                let mut v = [zero; K];
+                for (j, x) in v.iter_mut().enumerate() {
+                    *x = runs[q * K + j][rq];
+                }
+                // SAFETY: the caller has AVX2.
+                *sq = unsafe { square::<N, K>(v) };
+            }
+            for i in 0..K {
+                for (q, sq) in line.iter().enumerate() {
+                    // SAFETY: the caller has AVX2.
+                    unsafe { out.put::<STREAM>(rg + i, q * K, sq[i]) };
+                }
+            }
+        }
+    }
+
+    /// Transposes a `K × K` square of `N`-byte elements held one row per vector: the
+    /// in-lane rounds transpose each half's lanes, then lanes cross between the halves.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn square<const N: usize, const K: usize>(mut v: [__m256i; K]) -> [__m256i; K] {
+        let mut width = N;
+        let mut h = 1;
+        while h < K / 2 {
+            let mut w = v;
+            for g in (0..K).step_by(2 * h) {
+                for j in 0..h {
+                    let (a, b) = (v[g + j], v[g + j + h]);
+                    // SAFETY: the caller has AVX2.
+                    unsafe {
+                        w[g + 2 * j] = unpack(false, width, a, b);
+                        w[g + 2 * j + 1] = unpack(true, width, a, b);
+                    }
+                }
+            }
+            v = w;
+            width *= 2;
+            h *= 2;
+        }
+        let half = K / 2;
+        let mut w = v;
+        for i in 0..half {
+            let (a, b) = (v[i], v[i + half]);
+            w[i] = _mm256_permute2x128_si256::<0x20>(a, b);
+            w[i + half] = _mm256_permute2x128_si256::<0x31>(a, b);
+        }
+        w
     }
 }
