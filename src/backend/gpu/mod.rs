@@ -494,7 +494,10 @@ impl Gpu {
         let held = lock(&self.held);
         let held_pieces = match (&*held, kernel) {
             (Some(h), Some(_)) if h.src == (src.as_ptr() as usize, src.len()) => {
-                chunk::held_pieces(g, &h.windows, self.chunk_for(cast))
+                // Quarter chunks: with nothing to upload, a band still streams through
+                // both slots, one piece's readback overlapping the next one's kernel.
+                let quarter = (self.chunk_for(cast) / 4).max(chunk::MIN_CHUNK);
+                chunk::held_pieces(g, &h.windows, quarter)
             }
             _ => None,
         };
