@@ -242,7 +242,11 @@ fn gpu_rows(
     for (name, g, kind) in cases {
         status(&format!("gpu {name}"));
         let es = g.elem_size();
-        let bytes = g.out_bytes();
+        // Bytes produced: a cast writes its target's width.
+        let bytes = match kind {
+            KernelKind::Cast(c) => crate::backend::cast_out_bytes(&g, c),
+            _ => g.out_bytes(),
+        };
         let r = match gpu.resident(&g, &src[..g.src_extent() * es], kind) {
             Ok(r) => r,
             // Larger than one binding on this adapter: not measured.
@@ -258,12 +262,12 @@ fn gpu_rows(
         let input = &src[..g.src_extent() * es];
         let want = match kind {
             KernelKind::Cast(c) => {
-                let mut out = vec![0u8; crate::backend::cast_out_bytes(&g, c)];
+                let mut out = vec![0u8; bytes];
                 cpu.gather_cast(&g, c, input, &mut out)?;
                 out
             }
             _ => {
-                let mut out = vec![0u8; bytes];
+                let mut out = vec![0u8; g.out_bytes()];
                 cpu.gather(&g, input, &mut out)?;
                 out
             }

@@ -824,3 +824,41 @@ backend_grid!(gpu, optional gpu(None));
 // Chunks of 4 KiB force every grid case through the chunked, pipelined path.
 #[cfg(feature = "gpu")]
 backend_grid!(gpu_small_chunks, optional gpu(Some(4096)));
+
+/// A backend run the way the converter runs it: every gather announced as a tensor
+/// first (`begin_tensor`), so a device backend holds the source and serves the gather
+/// from its held windows.
+#[cfg(feature = "gpu")]
+struct AsTensor<B: Backend>(B);
+
+#[cfg(feature = "gpu")]
+impl<B: Backend> Backend for AsTensor<B> {
+    fn name(&self) -> String {
+        format!("{} (held source)", self.0.name())
+    }
+
+    fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> relayout::Result<()> {
+        // An invalid gather is the gather's error to report, not begin_tensor's.
+        let _ = self.0.begin_tensor(g, src);
+        let r = self.0.gather(g, src, dst);
+        self.0.end_tensor();
+        r
+    }
+
+    fn gather_cast(
+        &self,
+        g: &Gather,
+        cast: Cast,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> relayout::Result<()> {
+        let _ = self.0.begin_tensor(g, src);
+        let r = self.0.gather_cast(g, cast, src, dst);
+        self.0.end_tensor();
+        r
+    }
+}
+
+// The held-source planner over the whole grid, in windows and pieces of 4 KiB.
+#[cfg(feature = "gpu")]
+backend_grid!(gpu_held_small_chunks, optional gpu(Some(4096)).map(AsTensor));
