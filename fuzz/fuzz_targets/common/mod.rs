@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use relayout::backend::cpu::{Cpu, Tuning};
+use relayout::backend::cpu::{Cpu, Simd, Tuning};
 use relayout::backend::reference::Reference;
 use relayout::{Backend, Checkpoint, Converter, Plan, PlanOptions, RuleSet};
 
@@ -24,6 +24,8 @@ const SMALL: Tuning = Tuning {
     par_chunk: 256,
     tile_bytes: 64,
     stream_threshold: 0,
+    // The best level this CPU has (`with_tuning` lowers it to that).
+    simd: Simd::Avx2,
 };
 
 /// Rule variables the presets' attention rules need.
