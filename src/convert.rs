@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Backend, BackendOptions, DeviceTraffic};
+use crate::backend::{Backend, BackendOptions, BandSink, DeviceTraffic};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
@@ -346,28 +346,21 @@ impl<'a> Converter<'a> {
         interrupt: Option<&Interrupt>,
         done: &mut dyn FnMut(usize),
     ) -> Result<()> {
-        let Some(cast) = cast else {
-            for (at, piece) in g.split(self.band_bytes) {
-                Interrupt::check(interrupt)?;
-                let len = piece.out_bytes();
-                self.backend.gather(&piece, src, sink.band(at, len)?)?;
+        // Bands count output bytes; with a cast the gather splits by source elements.
+        let bands = match cast {
+            None => g.split(self.band_bytes),
+            Some(c) => {
+                let (from, to) = (c.from().size(), c.to().size());
+                g.split((self.band_bytes / to).max(1).saturating_mul(from))
+            }
+        };
+        Interrupt::check(interrupt)?;
+        self.backend
+            .gather_bands(&bands, cast, src, sink, &mut |len| {
                 self.ckpt.check_reads()?;
                 done(len);
-            }
-            return Ok(());
-        };
-        // Bands count output bytes; the gather splits by source elements.
-        let (from, to) = (cast.from().size(), cast.to().size());
-        let per_band = (self.band_bytes / to).max(1).saturating_mul(from);
-        for (at, piece) in g.split(per_band) {
-            Interrupt::check(interrupt)?;
-            let len = piece.len() * to;
-            let band = sink.band(at / from * to, len)?;
-            self.backend.gather_cast(&piece, cast, src, band)?;
-            self.ckpt.check_reads()?;
-            done(len);
-        }
-        Ok(())
+                Interrupt::check(interrupt)
+            })
     }
 
     /// Hands every converted tensor to `f` as soon as it is ready, in plan order; the
@@ -749,12 +742,6 @@ fn check_buffer(entry: &PlanEntry, len: usize, want: usize) -> Result<()> {
             entry.target
         ),
     })
-}
-
-/// Where the bands of a tensor go.
-trait BandSink {
-    /// The slice for the band of `len` bytes at byte `at` of the tensor.
-    fn band(&mut self, at: usize, len: usize) -> Result<&mut [u8]>;
 }
 
 impl BandSink for SafetensorsWriter {

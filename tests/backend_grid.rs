@@ -826,23 +826,56 @@ backend_grid!(gpu, optional gpu(None));
 backend_grid!(gpu_small_chunks, optional gpu(Some(4096)));
 
 /// A backend run the way the converter runs it: every gather announced as a tensor
-/// first (`begin_tensor`), so a device backend holds the source and serves the gather
-/// from its held windows.
+/// first (`begin_tensor`), then run as bands of 8191 output bytes through
+/// `gather_bands`, so a device backend holds the source and streams the bands from its
+/// held windows without draining between them.
 #[cfg(feature = "gpu")]
 struct AsTensor<B: Backend>(B);
 
 #[cfg(feature = "gpu")]
+impl<B: Backend> AsTensor<B> {
+    fn run(
+        &self,
+        g: &Gather,
+        cast: Option<Cast>,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> relayout::Result<()> {
+        // Buffer sizes are checked by the plain call, which reports them as the grid expects.
+        let want = match cast {
+            None => g.out_bytes(),
+            Some(c) => g.len() * c.to().size(),
+        };
+        if dst.len() != want || g.validate().is_err() {
+            return match cast {
+                None => self.0.gather(g, src, dst),
+                Some(c) => self.0.gather_cast(g, c, src, dst),
+            };
+        }
+        let per_band = match cast {
+            None => 8191,
+            Some(c) => (8191 / c.to().size()).max(1) * c.from().size(),
+        };
+        let bands = g.split(per_band);
+        // An invalid source is the gather's error to report, not begin_tensor's.
+        let _ = self.0.begin_tensor(g, src);
+        let mut sink: &mut [u8] = dst;
+        let r = self
+            .0
+            .gather_bands(&bands, cast, src, &mut sink, &mut |_| Ok(()));
+        self.0.end_tensor();
+        r
+    }
+}
+
+#[cfg(feature = "gpu")]
 impl<B: Backend> Backend for AsTensor<B> {
     fn name(&self) -> String {
-        format!("{} (held source)", self.0.name())
+        format!("{} (held source, bands)", self.0.name())
     }
 
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> relayout::Result<()> {
-        // An invalid gather is the gather's error to report, not begin_tensor's.
-        let _ = self.0.begin_tensor(g, src);
-        let r = self.0.gather(g, src, dst);
-        self.0.end_tensor();
-        r
+        self.run(g, None, src, dst)
     }
 
     fn gather_cast(
@@ -852,10 +885,7 @@ impl<B: Backend> Backend for AsTensor<B> {
         src: &[u8],
         dst: &mut [u8],
     ) -> relayout::Result<()> {
-        let _ = self.0.begin_tensor(g, src);
-        let r = self.0.gather_cast(g, cast, src, dst);
-        self.0.end_tensor();
-        r
+        self.run(g, Some(cast), src, dst)
     }
 }
 

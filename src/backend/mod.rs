@@ -34,11 +34,66 @@ pub trait Backend: Send + Sync {
     /// Ends what [`Backend::begin_tensor`] started, releasing what it holds.
     fn end_tensor(&self) {}
 
+    /// Runs the bands of one tensor in order: `bands` are `(byte offset, gather)` pairs
+    /// as [`Gather::split`] cuts the tensor's gather (offsets in its source elements),
+    /// each computed (and converted by `cast`) into the slice `sink` hands out for it;
+    /// `after` hears each band's output bytes once the band is complete, and stops the
+    /// run by returning an error. The default runs them one by one; a device backend
+    /// keeps its pipeline full across band boundaries.
+    fn gather_bands(
+        &self,
+        bands: &[(usize, Gather)],
+        cast: Option<Cast>,
+        src: &[u8],
+        sink: &mut dyn BandSink,
+        after: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        bands_one_by_one(self, bands, cast, src, sink, after)
+    }
+
     /// Bytes this backend has moved to and from a device since it was made (zero for the
     /// host backends): what a conversion's report counts as device traffic.
     fn traffic(&self) -> DeviceTraffic {
         DeviceTraffic::default()
     }
+}
+
+/// Where the bands of a tensor go, in order.
+pub trait BandSink {
+    /// The slice for the band of `len` output bytes at output byte `at` of the tensor.
+    fn band(&mut self, at: usize, len: usize) -> Result<&mut [u8]>;
+}
+
+/// Output byte offset and length of band `(at, g)` of a tensor, converted by `cast`.
+pub fn band_extent(at: usize, g: &Gather, cast: Option<Cast>) -> (usize, usize) {
+    match cast {
+        None => (at, g.out_bytes()),
+        Some(c) => {
+            let (from, to) = (c.from().size(), c.to().size());
+            (at / from * to, g.len().saturating_mul(to))
+        }
+    }
+}
+
+/// [`Backend::gather_bands`] one band after the other.
+pub fn bands_one_by_one<B: Backend + ?Sized>(
+    backend: &B,
+    bands: &[(usize, Gather)],
+    cast: Option<Cast>,
+    src: &[u8],
+    sink: &mut dyn BandSink,
+    after: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<()> {
+    for (at, g) in bands {
+        let (at_out, len) = band_extent(*at, g, cast);
+        let dst = sink.band(at_out, len)?;
+        match cast {
+            None => backend.gather(g, src, dst)?,
+            Some(c) => backend.gather_cast(g, c, src, dst)?,
+        }
+        after(len)?;
+    }
+    Ok(())
 }
 
 /// Bytes moved between the host and a device.

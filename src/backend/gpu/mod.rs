@@ -540,6 +540,94 @@ impl Gpu {
         self.run_pieces(slots, g, pieces, dst, kernel, cast, |_| Input::Upload(src))
     }
 
+    /// Every band's pieces from the held windows, in order: (band, window, piece); `None`
+    /// when some band cannot be served from them (it then runs band by band).
+    fn band_pieces(
+        &self,
+        bands: &[(usize, Gather)],
+        windows: &[(usize, usize, wgpu::Buffer)],
+        cast: Option<Cast>,
+    ) -> Option<Vec<(usize, usize, chunk::Piece)>> {
+        let quarter = (self.chunk_for(cast) / 4).max(chunk::MIN_CHUNK);
+        let mut out = Vec::new();
+        for (b, (_, g)) in bands.iter().enumerate() {
+            if g.is_empty() || g.validate().is_err() {
+                return None;
+            }
+            for (w, p) in chunk::held_pieces(g, windows, quarter)? {
+                out.push((b, w, p));
+            }
+        }
+        Some(out)
+    }
+
+    /// Streams every band's pieces through the ring without a drain between bands: a
+    /// band's slice is asked of `sink` when its first piece comes back, and `after` hears
+    /// of it once its last piece has (pieces finish in the order they were submitted).
+    #[allow(clippy::too_many_arguments)]
+    fn run_bands(
+        &self,
+        slots: &mut [Slot],
+        bands: &[(usize, Gather)],
+        pieces: Vec<(usize, usize, chunk::Piece)>,
+        cast: Option<Cast>,
+        sink: &mut dyn crate::backend::BandSink,
+        after: &mut dyn FnMut(usize) -> Result<()>,
+        held: &Held,
+    ) -> Result<()> {
+        let depth = slots.len();
+        let extent = |b: usize| crate::backend::band_extent(bands[b].0, &bands[b].1, cast);
+        let mut in_flight: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+        let mut current: Option<usize> = None;
+        let mut dst: Option<&mut [u8]> = None;
+        let mut submitted = 0usize;
+        let total = pieces.len();
+        let mut pieces = pieces.into_iter();
+        loop {
+            // The oldest piece in flight sits in this slot.
+            let k = (submitted - in_flight.len()) % depth;
+            let must_finish =
+                in_flight.len() == depth || (submitted == total && !in_flight.is_empty());
+            if must_finish {
+                let b = in_flight
+                    .pop_front()
+                    .ok_or_else(|| gpu_err("no piece in flight"))?;
+                if current != Some(b) {
+                    if let Some(c) = current {
+                        after(extent(c).1)?;
+                    }
+                    let (at, len) = extent(b);
+                    dst = Some(sink.band(at, len)?);
+                    current = Some(b);
+                }
+                let slot = slots
+                    .get_mut(k)
+                    .ok_or_else(|| gpu_err("no pipeline slot"))?;
+                self.finish(slot, dst.as_deref_mut(), &bands[b].1)?;
+                continue;
+            }
+            let Some((b, w, piece)) = pieces.next() else {
+                break;
+            };
+            let k = submitted % depth;
+            let slot = slots
+                .get_mut(k)
+                .ok_or_else(|| gpu_err("no pipeline slot"))?;
+            let window = &held
+                .windows
+                .get(w)
+                .ok_or_else(|| gpu_err("no such window"))?
+                .2;
+            self.submit(slot, piece, Input::Held(window), Some(kernel::choose), cast)?;
+            in_flight.push_back(b);
+            submitted += 1;
+        }
+        if let Some(c) = current {
+            after(extent(c).1)?;
+        }
+        Ok(())
+    }
+
     /// Most gathered bytes per piece: a widening cast's output is larger than the
     /// gathered piece, so its pieces shrink until the converted output fits one chunk.
     fn chunk_for(&self, cast: Option<Cast>) -> usize {
@@ -1064,6 +1152,45 @@ impl Backend for Gpu {
 
     fn end_tensor(&self) {
         *lock(&self.held) = None;
+    }
+
+    fn gather_bands(
+        &self,
+        bands: &[(usize, Gather)],
+        cast: Option<Cast>,
+        src: &[u8],
+        sink: &mut dyn crate::backend::BandSink,
+        after: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        let held = lock(&self.held);
+        let pieces = match &*held {
+            Some(h) if h.src == (src.as_ptr() as usize, src.len()) => {
+                self.band_pieces(bands, &h.windows, cast)
+            }
+            _ => None,
+        };
+        let (Some(pieces), Some(h)) = (pieces, &*held) else {
+            drop(held);
+            return crate::backend::bands_one_by_one(self, bands, cast, src, sink, after);
+        };
+        self.check_faults()?;
+        let mut slots = lock(&self.slots);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let result = self.run_bands(&mut slots, bands, pieces, cast, sink, after, h);
+        // Whatever happened, leave no slot mapped or in flight for the next call.
+        let drained = match bands.first() {
+            Some((_, g)) => self.drain(&mut slots, None, g),
+            None => Ok(()),
+        };
+        let oom = pollster::block_on(oom.pop());
+        let validation = pollster::block_on(validation.pop());
+        if let Some(e) = oom.or(validation) {
+            return Err(gpu_err(e.to_string()));
+        }
+        result?;
+        drained?;
+        self.check_faults()
     }
 
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {
