@@ -494,10 +494,7 @@ impl Gpu {
         let held = lock(&self.held);
         let held_pieces = match (&*held, kernel) {
             (Some(h), Some(_)) if h.src == (src.as_ptr() as usize, src.len()) => {
-                // Quarter chunks: with nothing to upload, a band still streams through
-                // both slots, one piece's readback overlapping the next one's kernel.
-                let quarter = (self.chunk_for(cast) / 4).max(chunk::MIN_CHUNK);
-                chunk::held_pieces(g, &h.windows, quarter)
+                chunk::held_pieces(g, &h.windows, self.held_piece_bytes(cast))
             }
             _ => None,
         };
@@ -548,7 +545,7 @@ impl Gpu {
         windows: &[(usize, usize, wgpu::Buffer)],
         cast: Option<Cast>,
     ) -> Option<Vec<(usize, usize, chunk::Piece)>> {
-        let quarter = (self.chunk_for(cast) / 4).max(chunk::MIN_CHUNK);
+        let quarter = self.held_piece_bytes(cast);
         let mut out = Vec::new();
         for (b, (_, g)) in bands.iter().enumerate() {
             if g.is_empty() || g.validate().is_err() {
@@ -626,6 +623,13 @@ impl Gpu {
             after(extent(c).1)?;
         }
         Ok(())
+    }
+
+    /// Most gathered bytes per piece of a held source: quarter chunks, so with nothing to
+    /// upload a band still streams through both slots, one piece's readback overlapping
+    /// the next one's kernel.
+    fn held_piece_bytes(&self, cast: Option<Cast>) -> usize {
+        (self.chunk_for(cast) / 4).max(chunk::MIN_CHUNK)
     }
 
     /// Most gathered bytes per piece: a widening cast's output is larger than the
@@ -925,13 +929,28 @@ impl Gpu {
         use wgpu::BufferUsages as U;
         let size = (len as u64).next_multiple_of(4).max(4);
         let source = self.buffer("bench source", size, U::COPY_SRC | U::COPY_DST);
-        let staging = self.buffer("bench readback", size, U::MAP_READ | U::COPY_DST);
         let mut host = vec![0u8; size as usize];
         let started = std::time::Instant::now();
+        self.read_buffer(&source, &mut host, "the benchmark readback")?;
+        Ok(started.elapsed())
+    }
+
+    /// Fills `dst` (a whole number of words) with the first bytes of `buffer` (a
+    /// `COPY_SRC` buffer), copied through a mapped staging buffer; `what` names it in
+    /// errors.
+    fn read_buffer(&self, buffer: &wgpu::Buffer, dst: &mut [u8], what: &str) -> Result<()> {
+        let size = dst.len() as u64;
+        let staging = self.buffer(
+            "readback",
+            size,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
         let mut encoder = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        encoder.copy_buffer_to_buffer(&source, 0, &staging, 0, size);
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("read"),
+            });
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
         self.queue.submit([encoder.finish()]);
         let done = Arc::new(Mutex::new(None));
         let flag = done.clone();
@@ -942,16 +961,16 @@ impl Gpu {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| gpu_err(format!("waiting for the device: {e}")))?;
         if !matches!(lock(&done).take(), Some(Ok(()))) {
-            return Err(gpu_err("mapping the benchmark readback failed"));
+            return Err(gpu_err(format!("mapping {what} failed")));
         }
-        let view = staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| gpu_err(format!("reading the benchmark readback: {e}")))?;
-        host.copy_from_slice(&view);
-        drop(view);
+        dst.copy_from_slice(
+            &staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| gpu_err(format!("reading {what}: {e}")))?,
+        );
         staging.unmap();
-        Ok(started.elapsed())
+        Ok(())
     }
 
     fn wait(&self, index: wgpu::SubmissionIndex) -> Result<()> {
@@ -1047,48 +1066,15 @@ impl Resident<'_> {
             &self.dispatch,
         );
         let index = gpu.queue.submit([encoder.finish()]);
-        gpu.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| gpu_err(format!("waiting for the device: {e}")))?;
+        gpu.wait(index)?;
         gpu.check_faults()
     }
 
     /// The output bytes (word-padded), for checking a benchmark computes the right thing.
     pub fn read(&self) -> Result<Vec<u8>> {
-        let gpu = self.gpu;
-        let staging = gpu.buffer(
-            "resident readback",
-            self.out_bytes,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
-        let mut encoder = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("read"),
-            });
-        encoder.copy_buffer_to_buffer(&self.output, 0, &staging, 0, self.out_bytes);
-        gpu.queue.submit([encoder.finish()]);
-        let done = Arc::new(Mutex::new(None));
-        let flag = done.clone();
-        staging
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| *lock(&flag) = Some(r));
-        gpu.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| gpu_err(format!("waiting for the device: {e}")))?;
-        match lock(&done).take() {
-            Some(Ok(())) => {}
-            _ => return Err(gpu_err("mapping the resident output failed")),
-        }
-        let out = staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| gpu_err(format!("reading the resident output: {e}")))?
-            .to_vec();
-        staging.unmap();
+        let mut out = vec![0u8; self.out_bytes as usize];
+        self.gpu
+            .read_buffer(&self.output, &mut out, "the resident output")?;
         Ok(out)
     }
 }
