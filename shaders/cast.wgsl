@@ -1,7 +1,18 @@
-// Element conversion between floating formats, on the bits: dst = convert(src) for
-// params.count elements, with integer operations only. WGSL fixes no rounding mode for
-// f16 and lets implementations assume there are no NaNs or infinities, so no float
+// Element conversion between floating formats, on the bits. WGSL fixes no rounding mode
+// for f16 and lets implementations assume there are no NaNs or infinities, so no float
 // arithmetic is used anywhere; every backend thus writes the same bytes.
+//
+// Two entry points share the conversions:
+//   main:      dst = convert(src) for params.count contiguous elements (the second pass
+//              after a gather kernel, or a contiguous tensor cast straight from its upload)
+//   transpose: a batched 2-D transpose fused with the conversion, so a tensor that is both
+//              transposed and cast crosses device memory once:
+//              dst[b * ob + row(c) * oc + r] = convert(src[s_base + b * sb + r * sr + c])
+//              for b < batch, c < cols, r < rows, every stride in elements; row(c) is c, or
+//              (c % hw) * inner + c / hw for OIHW -> HWIO as one remapped plane (as
+//              transpose2d.wgsl's REMAP). Source elements are read one by one, so the source
+//              needs no word alignment; the host picks it only when output rows are whole
+//              words (rows, oc and ob multiples of the target's elements per word).
 //
 // Semantics are PyTorch's tensor.to(): round to nearest, ties to even; subnormals kept
 // and rounded, never flushed; overflow to +-inf; f64 to f16/bf16 through f32 (two
@@ -9,26 +20,56 @@
 // source sign (bf16 0x7FC0, f16 0x7E00, f32 0x7FC00000); widening keeps every bit.
 //
 // Bindings (group 0), identical to the other shaders:
-//   0: uniform Params (only `count`, in elements, is read)
-//   1: storage, read       src: array<u32>, the gathered elements
+//   0: uniform Params (main reads `count`, in elements; transpose the rest)
+//   1: storage, read       src: array<u32>, the gathered (main) or source (transpose) elements
 //   2: storage, read_write dst: array<u32>, the converted elements
-// Workgroup size: 256 x 1 x 1, WORDS (4) output words per invocation, 256 words apart,
-// linear workgroup id x + nx * (y + ny * z) (dispatches over 65535 groups spread over y
-// and z).
+// Workgroup size: main 256 x 1 x 1, WORDS (4) output words per invocation, 256 words
+// apart, linear workgroup id x + nx * (y + ny * z) (dispatches over 65535 groups spread
+// over y and z). transpose 32 x 8 x 1: one workgroup per tile of 32 columns x 32 output
+// words of batch z (interior and edge tiles in two dispatches, see EDGE); invocation
+// (tx, ty) converts column tx of output words ty + 8m, m < 4, and stores them straight
+// (CPU adapters) or, STAGED, through workgroup memory (32 x 33 words) so that the
+// stores of neighbouring invocations are neighbouring words too (GPUs).
 // Word packing: little-endian. 16-bit elements two per word (element 2w in the low half
 // of word w), f32 one per word, f64 as a word pair (low word first). An invocation owns
 // its output word, so 16-bit outputs never race; the high half of a last odd word is 0.
-// Overrides: FROM (0 f64, 1 f32, 2 f16, 3 bf16) and TO (1 f32, 2 f16, 3 bf16).
-
+// Overrides: FROM (0 f64, 1 f32, 2 f16, 3 bf16), TO (1 f32, 2 f16, 3 bf16), STAGED, EDGE.
 override FROM: u32 = 1u;
 override TO: u32 = 3u;
+// transpose: stage tiles through workgroup memory (see the header).
+override STAGED: bool = true;
+// transpose: the partial tiles, with bounds checks, as transpose2d.wgsl's EDGE: the
+// interior tiles run as grid (full_x, full_y, batch) without a single check, then the
+// bottom strip (tile row full_y) and the right strip (tile column full_x) as grid
+// (edge tiles, 1, batch).
+override EDGE: bool = false;
+// Target elements per output word.
+override PER_WORD: u32 = select(2u, 1u, TO == 1u);
 
 // Output words per invocation: fewer, busier invocations (as copy.wgsl has).
 const WORDS: u32 = 4u;
 
 struct Params {
     rank: u32,
+    // main: elements to convert.
     count: u32,
+    // transpose: output words per output row (rows / PER_WORD), and columns.
+    row_words: u32,
+    cols: u32,
+    // Source element of (b, r = 0, c = 0) for b = 0, and its steps per batch and row.
+    s_base: u32,
+    s_batch: u32,
+    s_row: u32,
+    // Output words per batch and per output row.
+    d_batch: u32,
+    d_row: u32,
+    // The output row permutation: period (1 for none) and rows per period.
+    hw: u32,
+    inner: u32,
+    // Tiles wholly inside the plane along x and y, and tiles in the bottom edge strip.
+    full_x: u32,
+    full_y: u32,
+    edge_bottom: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -218,5 +259,103 @@ fn main(
     let base = group * (256u * WORDS) + lid;
     for (var k = 0u; k < WORDS; k = k + 1u) {
         convert_word(base + k * 256u);
+    }
+}
+
+// Source element i converted to the target's bits.
+fn convert_one(i: u32) -> u32 {
+    let x = load_f32(i);
+    if (TO == F32) {
+        return x;
+    }
+    if (TO == F16) {
+        return f32_to_f16(x);
+    }
+    return f32_to_bf16(x);
+}
+
+// Output word w of column c, whose batch starts at source element e: rows w * PER_WORD
+// and up.
+fn transposed_word(e: u32, c: u32, w: u32) -> u32 {
+    let i = e + w * PER_WORD * params.s_row + c;
+    var word = convert_one(i);
+    if (PER_WORD == 2u) {
+        word = word | (convert_one(i + params.s_row) << 16u);
+    }
+    return word;
+}
+
+// Output word offset of word w of column c in batch b.
+fn transposed_at(b: u32, c: u32, w: u32) -> u32 {
+    var row = c;
+    if (params.hw != 1u) {
+        row = (c % params.hw) * params.inner + c / params.hw;
+    }
+    return b * params.d_batch + row * params.d_row + w;
+}
+
+const TILE: u32 = 32u;
+const PITCH: u32 = 33u;
+var<workgroup> tile: array<u32, 1056>;
+
+@compute @workgroup_size(32, 8, 1)
+fn transpose(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    var t = wid.xy;
+    if (EDGE) {
+        // Workgroup-uniform: the bottom strip first, then the right strip.
+        let right = wid.x >= params.edge_bottom;
+        t = select(vec2<u32>(wid.x, params.full_y),
+                   vec2<u32>(params.full_x, wid.x - params.edge_bottom), right);
+    }
+    let c0 = t.x * TILE;
+    let w0 = t.y * TILE;
+    let b = wid.z;
+    let e = params.s_base + b * params.s_batch;
+    if (STAGED) {
+        transpose_staged(b, e, c0, w0, lid.x, lid.y);
+    } else if (EDGE) {
+        let c = c0 + lid.x;
+        if (c < params.cols) {
+            for (var m = 0u; m < 4u; m = m + 1u) {
+                let w = w0 + lid.y + 8u * m;
+                if (w < params.row_words) {
+                    dst[transposed_at(b, c, w)] = transposed_word(e, c, w);
+                }
+            }
+        }
+    } else {
+        // An interior tile: no bounds checks (each costs its masked path on CPU adapters).
+        let c = c0 + lid.x;
+        for (var m = 0u; m < 4u; m = m + 1u) {
+            let w = w0 + lid.y + 8u * m;
+            dst[transposed_at(b, c, w)] = transposed_word(e, c, w);
+        }
+    }
+}
+
+fn transpose_staged(b: u32, e: u32, c0: u32, w0: u32, tx: u32, ty: u32) {
+    let c = c0 + tx;
+    // Loads walk the source's stride-1 columns across the invocations.
+    if (c < params.cols) {
+        for (var m = 0u; m < 4u; m = m + 1u) {
+            let w = w0 + ty + 8u * m;
+            if (w < params.row_words) {
+                tile[(ty + 8u * m) * PITCH + tx] = transposed_word(e, c, w);
+            }
+        }
+    }
+    workgroupBarrier();
+    // Stores walk the output rows' words across the invocations.
+    let w = w0 + tx;
+    if (w < params.row_words) {
+        for (var m = 0u; m < 4u; m = m + 1u) {
+            let col = c0 + ty + 8u * m;
+            if (col < params.cols) {
+                dst[transposed_at(b, col, w)] = tile[tx * PITCH + ty + 8u * m];
+            }
+        }
     }
 }

@@ -239,12 +239,32 @@ fn gpu_rows(
             ));
         }
     }
+    // Transposed and cast in one pass (a Linear and a 3x3 conv kernel, f32 -> bf16), and
+    // the same as two passes (the transpose kernel, then cast.wgsl over its output).
+    let mut two_pass = Vec::new();
+    if let Ok(Some(c)) = Cast::new(DType::F32, DType::BF16) {
+        for (name, g) in layout_cases(ksize) {
+            let linear = name.starts_with("transpose F32");
+            let conv = name.starts_with("OIHW->HWIO F32") && name.ends_with("3x3");
+            if !(linear || conv) {
+                continue;
+            }
+            let Some(kind) = gpu.fused_kernel_for(&g, c) else {
+                continue;
+            };
+            let label = name.replacen(" F32", " + cast F32->BF16", 1);
+            two_pass.push((format!("{label} (two passes)"), g.clone(), c));
+            cases.push((format!("{label} (fused)"), g, kind));
+        }
+    }
     for (name, g, kind) in cases {
         status(&format!("gpu {name}"));
         let es = g.elem_size();
         // Bytes produced: a cast writes its target's width.
         let bytes = match kind {
-            KernelKind::Cast(c) => crate::backend::cast_out_bytes(&g, c),
+            KernelKind::Cast(c) | KernelKind::TransposeCast(c) => {
+                crate::backend::cast_out_bytes(&g, c)
+            }
             _ => g.out_bytes(),
         };
         let r = match gpu.resident(&g, &src[..g.src_extent() * es], kind) {
@@ -261,7 +281,7 @@ fn gpu_rows(
         let cpu = Cpu::new();
         let input = &src[..g.src_extent() * es];
         let want = match kind {
-            KernelKind::Cast(c) => {
+            KernelKind::Cast(c) | KernelKind::TransposeCast(c) => {
                 let mut out = vec![0u8; bytes];
                 cpu.gather_cast(&g, c, input, &mut out)?;
                 out
@@ -284,6 +304,35 @@ fn gpu_rows(
             name,
             gb_per_s: v,
             ratio: Some(v / base),
+            baseline: Some(format!("copy, {es}-byte elements")),
+        });
+    }
+    for (name, g, c) in two_pass {
+        status(&format!("gpu {name}"));
+        let es = g.elem_size();
+        let input = &src[..g.src_extent() * es];
+        let (Ok(first), Ok(second)) = (
+            gpu.resident(&g, input, Gpu::kernel_for(&g)),
+            gpu.resident(
+                &Gather::from_parts(es, vec![g.len()], vec![1], 0),
+                &src[..g.out_bytes()],
+                KernelKind::Cast(c),
+            ),
+        ) else {
+            continue;
+        };
+        let t = best(opts.min_time, || {
+            let started = Instant::now();
+            first.run()?;
+            second.run()?;
+            Ok(started.elapsed())
+        })?;
+        let v = gbps(crate::backend::cast_out_bytes(&g, c), t);
+        rows.push(BenchRow {
+            group: "gpu kernel",
+            name,
+            gb_per_s: v,
+            ratio: Some(v / copy_for(es, status)?),
             baseline: Some(format!("copy, {es}-byte elements")),
         });
     }

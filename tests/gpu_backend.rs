@@ -934,10 +934,20 @@ fn casts_fused_with_every_gather_kernel_over_strided_sources_match_the_reference
             }
         }
         ops.push(strided_op(es, &[9, 13], &[0, 1], 3, 1, identity(2)));
+        let mut fused = 0;
         for op in &ops {
             kinds.push(kernel_of(op));
+            if gpu.fused_kernel_for(&op.simplify(), cast).is_some() {
+                fused += 1;
+            }
             check_cast_op(&gpu, op, cast, &mut rng, "fused");
         }
+        // Planes ran transposed and cast in one pass; the rest in two.
+        assert!(
+            fused > 0 && fused < ops.len(),
+            "{fused} of {} fused",
+            ops.len()
+        );
         // Every gather kernel ran fused with this cast.
         let reached = |f: fn(&KernelKind) -> bool| kinds.iter().any(f);
         assert!(
@@ -953,6 +963,76 @@ fn casts_fused_with_every_gather_kernel_over_strided_sources_match_the_reference
         assert!(kinds.contains(&t2d(false, true)), "{kinds:?}");
         if es < 4 {
             assert!(kinds.contains(&t2d(true, false)), "{kinds:?}");
+        }
+    }
+}
+
+/// cast.wgsl's fused `transpose` (one pass) in both variants, staged through workgroup
+/// memory and straight from registers: every cast over planes whose columns and output
+/// words cross the 32 x 32 tile edges, from padded sources starting at any element (the
+/// fused kernel reads elements, so no source alignment is needed), batched planes and
+/// remapped OIHW -> HWIO planes; each is checked to run fused, and planes whose output
+/// rows are not whole target words to fall back to two passes.
+#[test]
+fn fused_transpose_casts_match_the_reference_around_every_tile_edge_in_both_variants() {
+    for staged in [false, true] {
+        let Some(gpu) = open_with(None, Some(staged)) else {
+            return;
+        };
+        let mut rng = Rng::new(0x5eed_0305);
+        for cast in all_casts() {
+            let (es, k) = (cast.from().size(), 4 / cast.to().size());
+            let mut ops = Vec::new();
+            // Output words per row around 32 (64 rows of 16-bit targets), columns
+            // around 32 and 64.
+            for &r in &[2, 30, 32 * k, 32 * k + 2, 64 * k - 2, 64 * k + 2] {
+                for &c in &[2, 31, 32, 33, 64, 65] {
+                    ops.push(strided_op(es, &[r, c], &[0, 1], 0, 0, vec![1, 0]));
+                }
+                ops.push(strided_op(es, &[r, 35], &[0, 1], 3, 1 + r % 3, vec![1, 0]));
+            }
+            // [B, R, C] -> [B, C, R] and OIHW -> HWIO (remapped planes of I*H*W columns;
+            // an offset source or 1x1 kernels too).
+            ops.push(strided_op(
+                es,
+                &[3, 66, 34],
+                &identity(3),
+                0,
+                1,
+                vec![0, 2, 1],
+            ));
+            for (shape, offset) in [
+                ([64, 8, 3, 3], 0),
+                ([6, 12, 5, 5], 0),
+                ([66, 4, 3, 3], 3),
+                ([34, 40, 1, 1], 1),
+            ] {
+                ops.push(strided_op(
+                    es,
+                    &shape,
+                    &identity(4),
+                    0,
+                    offset,
+                    vec![2, 3, 1, 0],
+                ));
+            }
+            for op in &ops {
+                let g = op.simplify();
+                let out_rows = *g.shape().last().unwrap_or(&0);
+                assert_eq!(
+                    gpu.fused_kernel_for(&g, cast),
+                    Some(KernelKind::TransposeCast(cast)),
+                    "{op:?} -> {g:?} staged {staged}"
+                );
+                assert_eq!(out_rows % k, 0, "{op:?}");
+                check_cast_op(&gpu, op, cast, &mut rng, &format!("fused staged {staged}"));
+            }
+            // Odd output rows of a 16-bit target would share words: two passes.
+            if k == 2 {
+                let op = strided_op(es, &[33, 64], &[0, 1], 0, 0, vec![1, 0]);
+                assert_eq!(gpu.fused_kernel_for(&op.simplify(), cast), None);
+                check_cast_op(&gpu, &op, cast, &mut rng, "odd rows, two passes");
+            }
         }
     }
 }

@@ -47,6 +47,9 @@ pub enum KernelKind {
     Copy,
     /// cast.wgsl over contiguous elements: the second pass of a converting gather.
     Cast(Cast),
+    /// cast.wgsl's `transpose` entry point: a batched 2-D transpose and the conversion in
+    /// one pass ([`Plane2d::for_cast`]).
+    TransposeCast(Cast),
 }
 
 /// The most workgroups per dispatch dimension every device offers (the WebGPU minimum);
@@ -77,6 +80,37 @@ impl Plane2d {
     /// (strides `[sb, 1, sr]`) and `[c, b, r]` (strides `[1, sb, sr]`, which is what
     /// OIHW -> HWIO simplifies to: `[HW, I, O]`).
     pub fn of(g: &Gather) -> Option<Plane2d> {
+        let k = per_word(g.elem_size);
+        let p = Plane2d::recognise(g, g.offset % k == 0)?;
+        // Sub-word elements: output rows must be whole words starting on words, so each
+        // output word is one block's, and source rows must keep their batch's alignment
+        // (the kernel shifts a batch that starts off the word grid).
+        let aligned = [p.rows, p.sr, p.oc, p.ob].iter().all(|v| v % k == 0);
+        // The edge pass lines up a bottom and a right strip along x.
+        let tiles_fit = p.batch <= MIN_GROUPS_PER_DIM
+            && (p.rows / k).div_ceil(TILE2D) + p.cols.div_ceil(k).div_ceil(TILE2D)
+                <= MIN_GROUPS_PER_DIM;
+        (aligned && tiles_fit).then_some(p)
+    }
+
+    /// The plane of a gather that cast.wgsl's `transpose` entry point runs fused with a
+    /// conversion into `to`: it reads source elements one by one, so only the output
+    /// rows must be whole words of the target (each word then belongs to one invocation),
+    /// and the tile grid must fit the device's dispatch limit.
+    pub fn for_cast(g: &Gather, to: DType, max_groups: u32) -> Option<Plane2d> {
+        let k = per_word(to.size());
+        let p = Plane2d::recognise(g, true)?;
+        let aligned = [p.rows, p.oc, p.ob].iter().all(|v| v % k == 0);
+        let max = (max_groups as usize).min(MIN_GROUPS_PER_DIM);
+        let fits = p.batch <= max
+            && p.cols.div_ceil(TILE2D) <= max
+            && (p.rows / k).div_ceil(TILE2D) <= max;
+        (aligned && fits).then_some(p)
+    }
+
+    /// The plane shapes, before any kernel's alignment rules; `remap_ok` allows the
+    /// remapped single plane for narrow batches.
+    fn recognise(g: &Gather, remap_ok: bool) -> Option<Plane2d> {
         let (s, t) = (&g.shape, &g.strides);
         let p = match (s.as_slice(), t.as_slice()) {
             (&[c, r], &[1, sr]) => Plane2d {
@@ -105,22 +139,18 @@ impl Plane2d {
             },
             // Narrow batches that tile the source rows (sb == c, OIHW -> HWIO): one plane
             // of c * b columns whose output rows are permuted, so whole tiles do work.
-            (&[c, b, r], &[1, sb, sr])
-                if sb == c && c < TILE2D && g.offset % per_word(g.elem_size) == 0 =>
-            {
-                Plane2d {
-                    batch: 1,
-                    rows: r,
-                    cols: c.checked_mul(b)?,
-                    sb: 0,
-                    sr,
-                    ob: 0,
-                    oc: r,
-                    offset: g.offset,
-                    hw: c,
-                    inner: b,
-                }
-            }
+            (&[c, b, r], &[1, sb, sr]) if sb == c && c < TILE2D && remap_ok => Plane2d {
+                batch: 1,
+                rows: r,
+                cols: c.checked_mul(b)?,
+                sb: 0,
+                sr,
+                ob: 0,
+                oc: r,
+                offset: g.offset,
+                hw: c,
+                inner: b,
+            },
             (&[c, b, r], &[1, sb, sr]) => Plane2d {
                 batch: b,
                 rows: r,
@@ -135,16 +165,7 @@ impl Plane2d {
             },
             _ => return None,
         };
-        // Sub-word elements: output rows must be whole words starting on words, so each
-        // output word is one block's, and source rows must keep their batch's alignment
-        // (the kernel shifts a batch that starts off the word grid).
-        let k = per_word(g.elem_size);
-        let aligned = [p.rows, p.sr, p.oc, p.ob].iter().all(|v| v % k == 0);
-        // The edge pass lines up a bottom and a right strip along x.
-        let tiles_fit = p.batch <= MIN_GROUPS_PER_DIM
-            && (p.rows / k).div_ceil(TILE2D) + p.cols.div_ceil(k).div_ceil(TILE2D)
-                <= MIN_GROUPS_PER_DIM;
-        (p.sr != 1 && aligned && tiles_fit).then_some(p)
+        (p.sr != 1).then_some(p)
     }
 }
 
@@ -224,6 +245,7 @@ pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatc
     match kind {
         KernelKind::Transpose2d { .. } => return dispatch_2d(g),
         KernelKind::Cast(c) => return cast_dispatch(g.len(), c.to(), max_groups),
+        KernelKind::TransposeCast(c) => return transpose_cast_dispatch(g, c, max_groups),
         _ => {}
     }
     let (shape, strides) = if g.shape.is_empty() {
@@ -273,7 +295,7 @@ pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatc
             p[1] = to_u32(words as usize, "word count")?;
             words.div_ceil(COPY_WORDS_PER_GROUP * planes(g.elem_size) as u64)
         }
-        KernelKind::Transpose2d { .. } | KernelKind::Cast(_) => 0,
+        KernelKind::Transpose2d { .. } | KernelKind::Cast(_) | KernelKind::TransposeCast(_) => 0,
     };
     Ok(Dispatch {
         params: p,
@@ -346,6 +368,63 @@ fn dispatch_2d(g: &Gather) -> Result<Dispatch> {
     })
 }
 
+/// The fused transpose-and-convert of `g` into `c.to()` (cast.wgsl's `transpose`), when
+/// `g` is a plane it takes on this device.
+pub fn fused_cast(g: &Gather, c: Cast, max_groups: u32) -> Option<KernelKind> {
+    Plane2d::for_cast(g, c.to(), max_groups).map(|_| KernelKind::TransposeCast(c))
+}
+
+/// cast.wgsl's `transpose` uniform block (see its `Params`): strides in source elements
+/// and output words, one workgroup per tile of 32 columns x 32 output words per batch.
+fn transpose_cast_dispatch(g: &Gather, c: Cast, max_groups: u32) -> Result<Dispatch> {
+    let Some(t) = Plane2d::for_cast(g, c.to(), max_groups) else {
+        return Err(Error::Gpu {
+            detail: format!("{g:?} is not a plane the fused transpose-cast takes"),
+        });
+    };
+    let k = per_word(c.to().size());
+    let row_words = t.rows / k;
+    let (tiles_x, tiles_y) = (t.cols.div_ceil(TILE2D), row_words.div_ceil(TILE2D));
+    let (full_x, full_y) = (t.cols / TILE2D, row_words / TILE2D);
+    let edge_bottom = if full_y < tiles_y { tiles_x } else { 0 };
+    let edge_right = if full_x < tiles_x { full_y } else { 0 };
+    let values = [
+        (row_words, "output row words"),
+        (t.cols, "columns"),
+        (t.offset, "window offset"),
+        (t.sb, "batch stride"),
+        (t.sr, "row stride"),
+        (t.ob / k, "output batch stride"),
+        (t.oc / k, "output row stride"),
+        (t.hw.max(1), "remap period"),
+        (t.inner, "remap rows"),
+        (full_x, "full tile columns"),
+        (full_y, "full tile rows"),
+        (edge_bottom, "bottom edge tiles"),
+    ];
+    let mut p = [0u32; PARAMS_WORDS];
+    for (slot, (v, what)) in p[2..].iter_mut().zip(values) {
+        *slot = to_u32(v, what)?;
+    }
+    // Every source element index, and for f64 its word index, must fit a u32.
+    let last = g
+        .src_extent()
+        .checked_mul(c.from().size() / 4)
+        .unwrap_or(usize::MAX);
+    to_u32(last.max(g.src_extent()), "source extent")?;
+    let batch = to_u32(t.batch, "batch")?;
+    let interior = (
+        to_u32(full_x, "tile columns")?,
+        to_u32(full_y, "tile rows")?,
+        batch,
+    );
+    let edge = (to_u32(edge_bottom + edge_right, "edge tiles")?, 1, batch);
+    Ok(Dispatch {
+        params: p,
+        passes: passes(&[(Part::Main, interior), (Part::Edge, edge)]),
+    })
+}
+
 /// Spreads `groups` workgroups over x, y and z, each at most `max_per_dim`; the shaders
 /// rebuild the linear id and skip the overshoot.
 pub fn split_groups(groups: u64, max_per_dim: u32) -> Result<(u32, u32, u32)> {
@@ -377,6 +456,8 @@ pub struct Kernels {
     copy: [wgpu::ComputePipeline; 4],
     /// cast.wgsl, indexed by [`cast_index`].
     cast: [wgpu::ComputePipeline; CASTS],
+    /// cast.wgsl's fused `transpose` entry point, indexed by edge, [`cast_index`].
+    transpose_cast: [[wgpu::ComputePipeline; CASTS]; 2],
 }
 
 /// Output words one cast.wgsl invocation converts (its `WORDS`).
@@ -472,21 +553,26 @@ impl Kernels {
         let transpose_2d_module = module("transpose2d.wgsl", source::TRANSPOSE_2D);
         let copy_module = module("copy.wgsl", source::COPY);
         let cast_module = module("cast.wgsl", source::CAST);
+        let entry =
+            |m: &wgpu::ShaderModule, label: &str, entry: &str, constants: &[(&str, f64)]| {
+                device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(label),
+                    layout: Some(&pipeline_layout),
+                    module: m,
+                    entry_point: Some(entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants,
+                        // Every tile slot is written before it is read (or not read at all);
+                        // zeroing cost ~20x on GL.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                })
+            };
         let pipeline = |m: &wgpu::ShaderModule, label: &str, constants: &[(&str, f64)]| {
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(label),
-                layout: Some(&pipeline_layout),
-                module: m,
-                entry_point: Some("main"),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants,
-                    // Every tile slot is written before it is read (or not read at all);
-                    // zeroing cost ~20x on GL.
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            })
+            entry(m, label, "main", constants)
         };
+        let staged = if staged { 1.0 } else { 0.0 };
         let per_size = |m: &wgpu::ShaderModule, label: &str| {
             [1.0, 2.0, 4.0, 8.0].map(|es| pipeline(m, label, &[("ESIZE", es)]))
         };
@@ -499,7 +585,7 @@ impl Kernels {
                     [1.0, 2.0, 4.0, 8.0].map(|es| {
                         let constants = [
                             ("ESIZE", es),
-                            ("STAGED", if staged { 1.0 } else { 0.0 }),
+                            ("STAGED", staged),
                             ("SHIFTED", shifted),
                             ("EDGE", edge),
                             ("REMAP", remap),
@@ -517,6 +603,18 @@ impl Kernels {
                     "cast",
                     &[("FROM", from as f64), ("TO", to as f64)],
                 )
+            }),
+            transpose_cast: [0.0, 1.0].map(|edge| {
+                std::array::from_fn(|i| {
+                    let (from, to) = (i / 3, i % 3 + 1);
+                    let constants = [
+                        ("FROM", from as f64),
+                        ("TO", to as f64),
+                        ("STAGED", staged),
+                        ("EDGE", edge),
+                    ];
+                    entry(&cast_module, "transpose cast", "transpose", &constants)
+                })
             }),
             layout,
         }
@@ -538,6 +636,9 @@ impl Kernels {
             }
             KernelKind::Copy => &self.copy[i],
             KernelKind::Cast(c) => &self.cast[cast_index(c)],
+            KernelKind::TransposeCast(c) => {
+                &self.transpose_cast[usize::from(part == Part::Edge)][cast_index(c)]
+            }
         }
     }
 }

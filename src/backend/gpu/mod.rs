@@ -298,34 +298,44 @@ impl Gpu {
                 label: Some("tensor"),
             });
         // The gather writes the output, or the intermediate the cast then reads; a
-        // contiguous tensor is cast straight from its upload.
+        // contiguous tensor is cast straight from its upload, and a plane the fused
+        // kernel takes is transposed and cast in one pass.
+        let fused = cast.and_then(|c| kernel::fused_cast(g, c, self.max_groups));
         let gathered = match cast {
-            Some(_) if g.is_copy() => None,
+            Some(_) if g.is_copy() || fused.is_some() => None,
             Some(_) => Some(self.buffer("gathered", words(g.out_bytes()), U::STORAGE)),
             None => None,
         };
         let mut keep = Vec::new();
-        if cast.is_none() || gathered.is_some() {
-            let kind = kernel::choose(g);
+        if let (Some(c), Some(kind)) = (cast, fused) {
             let d = kernel::dispatch(g, kind, self.max_groups)?;
             let p = params(&d);
-            let target = gathered.as_ref().unwrap_or(out);
-            let group = self.bind_group(&p, &input, target);
-            self.record(&mut encoder, &group, kind, g.elem_size, &d);
+            let group = self.bind_group(&p, &input, out);
+            self.record(&mut encoder, &group, kind, c.from().size(), &d);
             keep.push(p);
-        }
-        if let Some(c) = cast {
-            let d = kernel::cast_dispatch(g.len(), c.to(), self.max_groups)?;
-            let p = params(&d);
-            let group = self.bind_group(&p, gathered.as_ref().unwrap_or(&input), out);
-            self.record(
-                &mut encoder,
-                &group,
-                KernelKind::Cast(c),
-                c.from().size(),
-                &d,
-            );
-            keep.push(p);
+        } else {
+            if cast.is_none() || gathered.is_some() {
+                let kind = kernel::choose(g);
+                let d = kernel::dispatch(g, kind, self.max_groups)?;
+                let p = params(&d);
+                let target = gathered.as_ref().unwrap_or(out);
+                let group = self.bind_group(&p, &input, target);
+                self.record(&mut encoder, &group, kind, g.elem_size, &d);
+                keep.push(p);
+            }
+            if let Some(c) = cast {
+                let d = kernel::cast_dispatch(g.len(), c.to(), self.max_groups)?;
+                let p = params(&d);
+                let group = self.bind_group(&p, gathered.as_ref().unwrap_or(&input), out);
+                self.record(
+                    &mut encoder,
+                    &group,
+                    KernelKind::Cast(c),
+                    c.from().size(),
+                    &d,
+                );
+                keep.push(p);
+            }
         }
         let index = self.queue.submit([encoder.finish()]);
         self.wait(index)
@@ -701,13 +711,19 @@ impl Gpu {
         // gathered buffer to grow.
         let direct =
             matches!(input, Input::Upload(_)) && kernel.is_some() && cast.is_some() && g.is_copy();
+        // A transposed piece is transposed and converted in one pass where cast.wgsl's
+        // fused kernel takes its plane.
+        let fused = match (kernel, cast) {
+            (Some(_), Some(c)) if !direct => kernel::fused_cast(g, c, self.max_groups),
+            _ => None,
+        };
         let window_words = (piece.window_len as u64).next_multiple_of(4).max(4);
-        let out_words = if direct {
+        let out_words = if direct || fused.is_some() {
             4
         } else {
             (g.out_bytes() as u64).next_multiple_of(4).max(4)
         };
-        let held_group = match input {
+        let held = match input {
             Input::Upload(src) => {
                 self.ensure(slot, window_words, out_words);
                 let end = piece
@@ -722,7 +738,7 @@ impl Gpu {
             }
             Input::Held(buffer) => {
                 self.ensure(slot, 4, out_words);
-                Some(self.bind_group(&slot.params, buffer, &slot.output))
+                Some(buffer)
             }
         };
 
@@ -731,15 +747,19 @@ impl Gpu {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("piece"),
             });
-        let mapped = match (kernel, cast) {
-            (Some(_), Some(c)) if direct => {
+        let mapped = match (kernel, cast, fused) {
+            (Some(_), Some(c), _) if direct => {
                 self.record_cast(slot, &mut encoder, c, g.len(), true)?
             }
-            (Some(choose), _) => {
+            (Some(_), Some(c), Some(kind)) => {
+                self.record_fused(slot, &mut encoder, c, kind, g, held)?
+            }
+            (Some(choose), _, _) => {
                 let kind = choose(g);
                 let d = kernel::dispatch(g, kind, self.max_groups)?;
                 self.queue
                     .write_buffer(&slot.params, 0, bytemuck::cast_slice(&d.params));
+                let held_group = held.map(|b| self.bind_group(&slot.params, b, &slot.output));
                 let group = held_group.as_ref().unwrap_or(&slot.bind_group);
                 self.record(&mut encoder, group, kind, g.elem_size, &d);
                 match cast {
@@ -756,11 +776,11 @@ impl Gpu {
                     Some(c) => self.record_cast(slot, &mut encoder, c, g.len(), false)?,
                 }
             }
-            (None, _) if held_group.is_none() => {
+            (None, _, _) if held.is_none() => {
                 encoder.copy_buffer_to_buffer(&slot.input, 0, &slot.readback, 0, window_words);
                 window_words
             }
-            (None, _) => return Err(gpu_err("a held source needs a kernel")),
+            (None, _, _) => return Err(gpu_err("a held source needs a kernel")),
         };
         let submission = self.queue.submit([encoder.finish()]);
         let mapped_ok = Arc::new(Mutex::new(None));
@@ -803,6 +823,32 @@ impl Gpu {
             &slot.cast_group
         };
         self.record(encoder, group, KernelKind::Cast(c), from, &d);
+        encoder.copy_buffer_to_buffer(&slot.cast_out, 0, &slot.readback, 0, words);
+        Ok(words)
+    }
+
+    /// Records the fused transpose-and-convert of piece `g` from the slot's upload (or the
+    /// held window `held`) into its cast output, and the copy of that into the readback;
+    /// returns the bytes to map.
+    fn record_fused(
+        &self,
+        slot: &mut Slot,
+        encoder: &mut wgpu::CommandEncoder,
+        c: Cast,
+        kind: KernelKind,
+        g: &Gather,
+        held: Option<&wgpu::Buffer>,
+    ) -> Result<u64> {
+        let words = (g.len() as u64 * c.to().size() as u64)
+            .next_multiple_of(4)
+            .max(4);
+        self.ensure_cast(slot, words);
+        let d = kernel::dispatch(g, kind, self.max_groups)?;
+        self.queue
+            .write_buffer(&slot.cast_params, 0, bytemuck::cast_slice(&d.params));
+        let held_group = held.map(|b| self.bind_group(&slot.cast_params, b, &slot.cast_out));
+        let group = held_group.as_ref().unwrap_or(&slot.direct_group);
+        self.record(encoder, group, kind, c.from().size(), &d);
         encoder.copy_buffer_to_buffer(&slot.cast_out, 0, &slot.readback, 0, words);
         Ok(words)
     }
@@ -991,13 +1037,23 @@ impl Gpu {
     }
 
     internal! {
+    /// The kernel that transposes a piece like `g` while converting it with `cast` in one
+    /// pass on this device, if any (otherwise the gather kernel and cast.wgsl run in turn).
+    pub fn fused_kernel_for(&self, g: &Gather, cast: Cast) -> Option<KernelKind> {
+        kernel::fused_cast(g, cast, self.max_groups)
+    }
+    }
+
+    internal! {
     /// Uploads `src` once and prepares `kind` over `g`, which must fit one binding.
     pub fn resident(&self, g: &Gather, src: &[u8], kind: KernelKind) -> Result<Resident<'_>> {
         use wgpu::BufferUsages as U;
         let d = kernel::dispatch(g, kind, self.max_groups)?;
         let in_bytes = (src.len() as u64).next_multiple_of(4).max(4);
         let out_len = match kind {
-            KernelKind::Cast(c) => crate::backend::cast_out_bytes(g, c),
+            KernelKind::Cast(c) | KernelKind::TransposeCast(c) => {
+                crate::backend::cast_out_bytes(g, c)
+            }
             _ => g.out_bytes(),
         };
         let out_bytes = (out_len as u64).next_multiple_of(4).max(4);
