@@ -407,10 +407,7 @@ fn transpose_cast_dispatch(g: &Gather, c: Cast, max_groups: u32) -> Result<Dispa
         *slot = to_u32(v, what)?;
     }
     // Every source element index, and for f64 its word index, must fit a u32.
-    let last = g
-        .src_extent()
-        .checked_mul(c.from().size() / 4)
-        .unwrap_or(usize::MAX);
+    let last = g.src_extent().saturating_mul(c.from().size() / 4);
     to_u32(last.max(g.src_extent()), "source extent")?;
     let batch = to_u32(t.batch, "batch")?;
     let interior = (
