@@ -263,6 +263,7 @@ impl<'a> Converter<'a> {
             &g,
             cast,
             src,
+            None,
             &mut &mut *dst,
             self.interrupt.as_ref(),
             &mut |_| {},
@@ -295,14 +296,21 @@ impl<'a> Converter<'a> {
         }
         let mut run = Run::for_entries(self.plan, ops.iter().map(|(g, c)| out_bytes(g, *c)));
         progress(run.state);
-        for ((entry, dst), (g, cast)) in entries.iter().zip(dsts.iter_mut()).zip(&ops) {
+        for (i, ((entry, dst), (g, cast))) in
+            entries.iter().zip(dsts.iter_mut()).zip(&ops).enumerate()
+        {
             Interrupt::check(self.interrupt.as_ref())?;
             let src = self.source_bytes(entry);
+            let next = match (ops.get(i + 1), entries.get(i + 1)) {
+                (Some((g, _)), Some(e)) => Some((g, self.source_bytes(e))),
+                _ => None,
+            };
             let state = &mut run.state;
             self.run_entry(
                 g,
                 *cast,
                 src,
+                next,
                 &mut &mut **dst,
                 self.interrupt.as_ref(),
                 &mut |len| {
@@ -321,27 +329,33 @@ impl<'a> Converter<'a> {
 
     /// Runs one tensor band by band, each band computed in place into the slice `sink`
     /// hands out for it; `done` hears the bytes of every finished band.
+    /// `next`: the tensor that follows, whose upload a device backend queues behind
+    /// this one's last pieces.
+    #[allow(clippy::too_many_arguments)]
     fn run_entry(
         &self,
         g: &Gather,
         cast: Option<Cast>,
         src: &[u8],
+        next: Option<(&Gather, &[u8])>,
         sink: &mut dyn BandSink,
         interrupt: Option<&Interrupt>,
         done: &mut dyn FnMut(usize),
     ) -> Result<()> {
         // The bands share one source: a device backend uploads it once for all of them.
         self.backend.begin_tensor(g, src)?;
-        let result = self.run_bands(g, cast, src, sink, interrupt, done);
+        let result = self.run_bands(g, cast, src, next, sink, interrupt, done);
         self.backend.end_tensor();
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_bands(
         &self,
         g: &Gather,
         cast: Option<Cast>,
         src: &[u8],
+        next: Option<(&Gather, &[u8])>,
         sink: &mut dyn BandSink,
         interrupt: Option<&Interrupt>,
         done: &mut dyn FnMut(usize),
@@ -356,7 +370,7 @@ impl<'a> Converter<'a> {
         };
         Interrupt::check(interrupt)?;
         self.backend
-            .gather_bands(&bands, cast, src, sink, &mut |len| {
+            .gather_bands(&bands, cast, src, next, sink, &mut |len| {
                 self.ckpt.check_reads()?;
                 done(len);
                 Interrupt::check(interrupt)
@@ -619,6 +633,23 @@ impl<'a> Converter<'a> {
         let capacity = self.band_bytes.max(crate::layout::ELEM_SIZES[3]);
         let interrupt = opts.interrupt.as_ref();
         let mut writer: Option<SafetensorsWriter> = None;
+        // Every entry in the order written, so each tensor knows the one after it (across
+        // files too): the device uploads the next while this one finishes.
+        let mut order = Vec::new();
+        for (_, file) in files {
+            for &i in &file.entries {
+                let entry = self.plan.entries.get(i).ok_or_else(|| Error::Layout {
+                    detail: format!(
+                        "output file {} names plan entry {i}, which does not exist",
+                        file.name
+                    ),
+                })?;
+                order.push(entry);
+            }
+        }
+        let mut ops = order.iter().map(|e| self.op(e));
+        let mut upcoming = ops.next().transpose()?;
+        let mut position = 0;
         for (path, file) in files {
             Interrupt::check(interrupt)?;
             let w = match writer.as_mut() {
@@ -639,18 +670,25 @@ impl<'a> Converter<'a> {
             }
             // Each band is computed straight into the writer's block buffer; the
             // writer's thread writes full blocks while the backend fills the next one.
-            for &i in &file.entries {
+            for _ in &file.entries {
                 Interrupt::check(interrupt)?;
-                let entry = self.plan.entries.get(i).ok_or_else(|| Error::Layout {
-                    detail: format!(
-                        "output file {} names plan entry {i}, which does not exist",
-                        file.name
-                    ),
-                })?;
-                let (g, cast) = self.op(entry)?;
+                let (Some(entry), Some((g, cast))) = (order.get(position), upcoming.take()) else {
+                    return Err(Error::Layout {
+                        detail: format!(
+                            "output file {} lists more entries than planned",
+                            file.name
+                        ),
+                    });
+                };
+                position += 1;
+                upcoming = ops.next().transpose()?;
+                let next = match (&upcoming, order.get(position)) {
+                    (Some((g, _)), Some(e)) => Some((g, self.source_bytes(e))),
+                    _ => None,
+                };
                 let src = self.source_bytes(entry);
                 let state = &mut run.state;
-                self.run_entry(&g, cast, src, w, interrupt, &mut |len| {
+                self.run_entry(&g, cast, src, next, w, interrupt, &mut |len| {
                     state.bytes_done += len as u64;
                     progress(*state);
                 })?;

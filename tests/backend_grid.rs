@@ -862,7 +862,7 @@ impl<B: Backend> AsTensor<B> {
         let mut sink: &mut [u8] = dst;
         let r = self
             .0
-            .gather_bands(&bands, cast, src, &mut sink, &mut |_| Ok(()));
+            .gather_bands(&bands, cast, src, None, &mut sink, &mut |_| Ok(()));
         self.0.end_tensor();
         r
     }

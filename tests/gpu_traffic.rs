@@ -249,3 +249,108 @@ fn for_each_on_device_hands_out_buffers_holding_the_cpu_bytes() {
         assert_eq!(seen, plan.entries.len());
     }
 }
+
+/// A checkpoint of several tensors (name, dtype, shape), each filled with a pattern.
+fn multi_checkpoint(path: &Path, tensors: &[(&str, DType, Vec<usize>)]) {
+    let entries: Vec<HeaderEntry> = tensors
+        .iter()
+        .map(|(name, dtype, shape)| HeaderEntry {
+            name: name.to_string(),
+            dtype: *dtype,
+            shape: shape.clone(),
+        })
+        .collect();
+    let mut w = SafetensorsWriter::create(path, &entries, &BTreeMap::new(), true).unwrap();
+    for (k, e) in entries.iter().enumerate() {
+        w.write(&Rng::new(k as u64 + 1).bytes(e.bytes())).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// The converter names each tensor's successor, and the GPU queues that upload behind
+/// the current tensor's last pieces: every transposed tensor after the first begins
+/// with its source already on the device (the first too, when a copy precedes it). The
+/// bytes equal the CPU's, written or filled into buffers, cast or not, and each source
+/// still crosses once.
+#[test]
+fn each_tensor_uploads_behind_the_one_before_and_still_crosses_once() {
+    let Some(gpu) = gpu() else { return };
+    let dir = scratch("gpu-prefetch");
+    let src = dir.join("in.safetensors");
+    // Written in name order (one dtype): a.bias (a copy, on the host) first, then
+    // a.weight, b.bias, b.weight, ...: five transposed tensors, each preceded by a copy
+    // or another transposed tensor.
+    let tensors = vec![
+        ("a.bias", DType::F32, vec![1000]),
+        ("a.weight", DType::F32, vec![1000, 770]),
+        ("b.weight", DType::F32, vec![256, 1000]),
+        ("c.bias", DType::F32, vec![64]),
+        ("c.weight", DType::F32, vec![64, 256, 3, 3]),
+        ("d.weight", DType::F32, vec![130, 64]),
+        ("e.weight", DType::F32, vec![2048, 130]),
+    ];
+    let transposed = 5;
+    multi_checkpoint(&src, &tensors);
+    let ckpt = Checkpoint::open(&src).unwrap();
+    for dtype in [None, Some(DType::BF16)] {
+        let plan = RuleSet::preset("flax")
+            .unwrap()
+            .plan_with(
+                ckpt.tensors(),
+                &relayout::PlanOptions {
+                    dtype,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let opts = WriteOptions {
+            force: true,
+            ..Default::default()
+        };
+        let before = gpu.prefetched_tensors();
+        let on_gpu = Converter::new(&ckpt, &plan, &gpu)
+            .write_safetensors(&dir.join("gpu.safetensors"), &opts, &mut |_| {})
+            .unwrap();
+        assert_eq!(gpu.prefetched_tensors() - before, transposed, "{dtype:?}");
+        Converter::new(&ckpt, &plan, &Cpu::new())
+            .write_safetensors(&dir.join("cpu.safetensors"), &opts, &mut |_| {})
+            .unwrap();
+        assert!(
+            std::fs::read(dir.join("gpu.safetensors")).unwrap()
+                == std::fs::read(dir.join("cpu.safetensors")).unwrap(),
+            "{dtype:?}: GPU and CPU outputs differ"
+        );
+        let source: u64 = tensors
+            .iter()
+            .map(|(_, d, s)| (s.iter().product::<usize>() * d.size()) as u64)
+            .sum();
+        assert!(on_gpu.device_upload_bytes <= source, "{on_gpu:?}");
+        // Filled into the caller's buffers, in plan order: the same bytes.
+        let sizes: Vec<usize> = plan
+            .entries
+            .iter()
+            .map(|e| Converter::entry_bytes(e).unwrap())
+            .collect();
+        let mut want: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+        let mut got: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xA5u8; n]).collect();
+        let mut views: Vec<&mut [u8]> = want.iter_mut().map(|v| &mut v[..]).collect();
+        Converter::new(&ckpt, &plan, &Cpu::new())
+            .fill(&mut views, &mut |_| {})
+            .unwrap();
+        let before = gpu.prefetched_tensors();
+        let mut views: Vec<&mut [u8]> = got.iter_mut().map(|v| &mut v[..]).collect();
+        Converter::new(&ckpt, &plan, &gpu)
+            .fill(&mut views, &mut |_| {})
+            .unwrap();
+        assert!(want == got, "{dtype:?}: filled buffers differ");
+        // In plan order every transposed tensor but a first one has a predecessor.
+        let first_transposed = plan.entries[0].source_name.ends_with("weight");
+        let expected = transposed - u64::from(first_transposed);
+        assert_eq!(
+            gpu.prefetched_tensors() - before,
+            expected,
+            "{dtype:?} fill"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

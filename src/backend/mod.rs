@@ -38,16 +38,22 @@ pub trait Backend: Send + Sync {
     /// as [`Gather::split`] cuts the tensor's gather (offsets in its source elements),
     /// each computed (and converted by `cast`) into the slice `sink` hands out for it;
     /// `after` hears each band's output bytes once the band is complete, and stops the
-    /// run by returning an error. The default runs them one by one; a device backend
-    /// keeps its pipeline full across band boundaries.
+    /// run by returning an error. `next` is the tensor (gather and source) the caller
+    /// will [`Backend::begin_tensor`] after this one, if any: a device backend queues its
+    /// upload behind this tensor's last pieces, so the device has that to do while the
+    /// host finishes this tensor, and the next begins with its source in place. The
+    /// default runs the bands one by one; a device backend keeps its pipeline full
+    /// across band boundaries.
     fn gather_bands(
         &self,
         bands: &[(usize, Gather)],
         cast: Option<Cast>,
         src: &[u8],
+        next: Option<(&Gather, &[u8])>,
         sink: &mut dyn BandSink,
         after: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<()> {
+        let _ = next;
         bands_one_by_one(self, bands, cast, src, sink, after)
     }
 

@@ -62,6 +62,11 @@ pub struct Gpu {
     /// The source of the tensor being converted, kept on the device between
     /// [`Backend::begin_tensor`] and [`Backend::end_tensor`] so its bands upload nothing.
     held: Mutex<Option<Held>>,
+    /// The next tensor's windows, uploaded behind the current tensor's last pieces
+    /// (see [`Backend::gather_bands`]'s `next`), with the gather they were planned for.
+    next_held: Mutex<Option<(Gather, Held)>>,
+    /// Tensors whose source [`Backend::begin_tensor`] found already uploaded.
+    prefetched: AtomicU64,
 }
 
 /// A tensor's source windows, uploaded once for all its bands.
@@ -70,6 +75,13 @@ struct Held {
     src: (usize, usize),
     /// Byte ranges of the source (start, end) and their device copies, by start.
     windows: Vec<(usize, usize, wgpu::Buffer)>,
+}
+
+impl Held {
+    /// Device bytes its windows take.
+    fn bytes(&self) -> usize {
+        self.windows.iter().map(|w| w.1 - w.0).sum()
+    }
 }
 
 /// Largest source kept on the device for one tensor; larger ones stream per band.
@@ -191,6 +203,8 @@ impl Gpu {
             uploaded: AtomicU64::new(0),
             read_back: AtomicU64::new(0),
             held: Mutex::new(None),
+            next_held: Mutex::new(None),
+            prefetched: AtomicU64::new(0),
             kernels,
             device,
             queue,
@@ -198,6 +212,56 @@ impl Gpu {
         let slots = (0..PIPELINE_DEPTH).map(|_| gpu.slot(256, 256)).collect();
         gpu.slots = Mutex::new(slots);
         Ok(gpu)
+    }
+
+    /// Uploads the windows `g`'s bands will read, when its source fits `budget` bytes
+    /// (`None` for a copy, an invalid gather or a source too large: it then streams).
+    fn upload_held(&self, g: &Gather, src: &[u8], budget: usize) -> Result<Option<Held>> {
+        if g.is_empty() || g.is_copy() || g.validate().is_err() {
+            return Ok(None);
+        }
+        let Some(ranges) = chunk::held_windows(g, self.held_limit, budget) else {
+            return Ok(None);
+        };
+        if ranges.last().is_some_and(|&(_, end)| end > src.len()) {
+            return Err(gpu_err("tensor source outside the source"));
+        }
+        use wgpu::BufferUsages as U;
+        let mut windows = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            let size = ((end - start) as u64).next_multiple_of(4).max(4);
+            let buffer = self.buffer("held source", size, U::STORAGE | U::COPY_DST);
+            self.upload(&buffer, 0, &src[start..end]);
+            windows.push((start, end, buffer));
+        }
+        Ok(Some(Held {
+            src: (src.as_ptr() as usize, src.len()),
+            windows,
+        }))
+    }
+
+    /// Uploads the next tensor's windows (within `budget` bytes beside what is held) and
+    /// submits, so the copy is queued behind the work already submitted; its
+    /// `begin_tensor` then finds them in place.
+    fn prefetch(&self, next: Option<(&Gather, &[u8])>, budget: usize) -> Result<()> {
+        let mut slot = lock(&self.next_held);
+        *slot = None;
+        let Some((g, src)) = next else {
+            return Ok(());
+        };
+        if let Some(h) = self.upload_held(g, src, budget)? {
+            self.queue.submit([]);
+            *slot = Some((g.clone(), h));
+        }
+        Ok(())
+    }
+
+    internal! {
+    /// Tensors whose source was found already uploaded when they began (the converter
+    /// names each tensor's successor, whose upload is queued behind the current one).
+    pub fn prefetched_tensors(&self) -> u64 {
+        self.prefetched.load(Ordering::Relaxed)
+    }
     }
 
     /// The largest output or source window one piece may have, in bytes.
@@ -581,6 +645,7 @@ impl Gpu {
         sink: &mut dyn crate::backend::BandSink,
         after: &mut dyn FnMut(usize) -> Result<()>,
         held: &Held,
+        mut next: Option<((&Gather, &[u8]), usize)>,
     ) -> Result<()> {
         let depth = slots.len();
         let extent = |b: usize| crate::backend::band_extent(bands[b].0, &bands[b].1, cast);
@@ -628,6 +693,13 @@ impl Gpu {
             self.submit(slot, piece, Input::Held(window), Some(kernel::choose), cast)?;
             in_flight.push_back(b);
             submitted += 1;
+            if submitted == total {
+                // Queued behind this tensor's last kernels: the device uploads the next
+                // tensor while the host collects this one's last pieces.
+                if let Some((n, budget)) = next.take() {
+                    self.prefetch(Some(n), budget)?;
+                }
+            }
         }
         if let Some(c) = current {
             after(extent(c).1)?;
@@ -1168,27 +1240,15 @@ impl Backend for Gpu {
     fn begin_tensor(&self, g: &Gather, src: &[u8]) -> Result<()> {
         let mut held = lock(&self.held);
         *held = None;
-        if g.is_empty() || g.is_copy() || g.validate().is_err() {
-            return Ok(());
+        let ready = lock(&self.next_held).take();
+        if let Some((planned, h)) = ready {
+            if planned == *g && h.src == (src.as_ptr() as usize, src.len()) {
+                self.prefetched.fetch_add(1, Ordering::Relaxed);
+                *held = Some(h);
+                return Ok(());
+            }
         }
-        let Some(ranges) = chunk::held_windows(g, self.held_limit, HELD_BUDGET) else {
-            return Ok(());
-        };
-        if ranges.last().is_some_and(|&(_, end)| end > src.len()) {
-            return Err(gpu_err("tensor source outside the source"));
-        }
-        use wgpu::BufferUsages as U;
-        let mut windows = Vec::with_capacity(ranges.len());
-        for (start, end) in ranges {
-            let size = ((end - start) as u64).next_multiple_of(4).max(4);
-            let buffer = self.buffer("held source", size, U::STORAGE | U::COPY_DST);
-            self.upload(&buffer, 0, &src[start..end]);
-            windows.push((start, end, buffer));
-        }
-        *held = Some(Held {
-            src: (src.as_ptr() as usize, src.len()),
-            windows,
-        });
+        *held = self.upload_held(g, src, HELD_BUDGET)?;
         Ok(())
     }
 
@@ -1201,6 +1261,7 @@ impl Backend for Gpu {
         bands: &[(usize, Gather)],
         cast: Option<Cast>,
         src: &[u8],
+        next: Option<(&Gather, &[u8])>,
         sink: &mut dyn crate::backend::BandSink,
         after: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<()> {
@@ -1212,14 +1273,26 @@ impl Backend for Gpu {
             _ => None,
         };
         let (Some(pieces), Some(h)) = (pieces, &*held) else {
+            // Streamed or copied on the host: the device is free for the next upload now.
+            let budget = HELD_BUDGET.saturating_sub(held.as_ref().map_or(0, Held::bytes));
             drop(held);
-            return crate::backend::bands_one_by_one(self, bands, cast, src, sink, after);
+            self.prefetch(next, budget)?;
+            let result = crate::backend::bands_one_by_one(self, bands, cast, src, sink, after);
+            if result.is_err() {
+                // No next tensor follows a failed one.
+                *lock(&self.next_held) = None;
+            }
+            return result;
         };
+        let next = next.map(|n| (n, HELD_BUDGET.saturating_sub(h.bytes())));
         self.check_faults()?;
         let mut slots = lock(&self.slots);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let result = self.run_bands(&mut slots, bands, pieces, cast, sink, after, h);
+        let result = self.run_bands(&mut slots, bands, pieces, cast, sink, after, h, next);
+        if result.is_err() {
+            *lock(&self.next_held) = None;
+        }
         // Whatever happened, leave no slot mapped or in flight for the next call.
         let drained = match bands.first() {
             Some((_, g)) => self.drain(&mut slots, None, g),
