@@ -151,10 +151,16 @@ fn direct_interior(t: vec2<u32>, z: u32, tx: u32, ty: u32, e: u32, sh: u32) {
     var d = z * params.d_batch + row * params.d_row;
     let s_step = 8u * params.s_row;
     let d_step = 8u * params.d_row;
+    // The column's plane offsets once: the compiler cannot hoist them past the stores
+    // (it cannot tell the uniform block from the output), and REMAP's are divisions.
+    var at = vec4<u32>(0u);
+    for (var p = 0u; p < PLANES; p = p + 1u) {
+        at[p] = dst_col(col, p);
+    }
     for (var m = 0u; m < 4u; m = m + 1u) {
         let w = load_block(s, sh);
         for (var p = 0u; p < PLANES; p = p + 1u) {
-            dst[d + dst_col(col, p)] = shuffle(w, p);
+            dst[d + at[p]] = shuffle(w, p);
         }
         s = s + s_step;
         d = d + d_step;
