@@ -325,13 +325,9 @@ fn dispatch_2d(g: &Gather) -> Result<Dispatch> {
     let d_col = if g.elem_size == 8 { 2 * t.oc } else { t.oc };
     let rows = t.rows / k;
     let cols = t.cols.div_ceil(k);
-    let tiles_x = cols.div_ceil(TILE2D);
-    let tiles_y = rows.div_ceil(TILE2D);
     // A tile needs no guard when all its word columns hold only real columns.
-    let full_x = t.cols / k / TILE2D;
-    let full_y = rows / TILE2D;
-    let edge_bottom = if full_y < tiles_y { tiles_x } else { 0 };
-    let edge_right = if full_x < tiles_x { full_y } else { 0 };
+    let grid = TileGrid::new(cols, t.cols / k, rows);
+    let (full_x, full_y, edge_bottom) = (grid.full_x, grid.full_y, grid.edge_bottom);
     let values = [
         (rows, "block rows"),
         (cols, "word columns"),
@@ -355,17 +351,48 @@ fn dispatch_2d(g: &Gather) -> Result<Dispatch> {
     for (slot, (v, what)) in p.iter_mut().zip(values) {
         *slot = to_u32(v, what)?;
     }
-    let batch = to_u32(t.batch, "batch")?;
-    let interior = (
-        to_u32(full_x, "tile columns")?,
-        to_u32(full_y, "tile rows")?,
-        batch,
-    );
-    let edge = (to_u32(edge_bottom + edge_right, "edge tiles")?, 1, batch);
-    Ok(Dispatch {
-        params: p,
-        passes: passes(&[(Part::Main, interior), (Part::Edge, edge)]),
-    })
+    grid.dispatch(p, t.batch)
+}
+
+/// The tiles of a plane of 32 x 32 tiles (transpose2d.wgsl and cast.wgsl's `transpose`):
+/// the interior ones, wholly inside the plane, run without bounds checks as one
+/// dispatch; the bottom strip and then the right strip run checked as a second.
+struct TileGrid {
+    full_x: usize,
+    full_y: usize,
+    edge_bottom: usize,
+    edge_right: usize,
+}
+
+impl TileGrid {
+    /// `cols` columns (units of the x axis), of which the first `full_cols` need no
+    /// check, and `rows` rows.
+    fn new(cols: usize, full_cols: usize, rows: usize) -> TileGrid {
+        let (tiles_x, tiles_y) = (cols.div_ceil(TILE2D), rows.div_ceil(TILE2D));
+        let (full_x, full_y) = (full_cols / TILE2D, rows / TILE2D);
+        TileGrid {
+            full_x,
+            full_y,
+            edge_bottom: if full_y < tiles_y { tiles_x } else { 0 },
+            edge_right: if full_x < tiles_x { full_y } else { 0 },
+        }
+    }
+
+    /// Both passes over `batch` planes with the uniform block `params`.
+    fn dispatch(&self, params: [u32; PARAMS_WORDS], batch: usize) -> Result<Dispatch> {
+        let batch = to_u32(batch, "batch")?;
+        let interior = (
+            to_u32(self.full_x, "tile columns")?,
+            to_u32(self.full_y, "tile rows")?,
+            batch,
+        );
+        let edge_tiles = self.edge_bottom + self.edge_right;
+        let edge = (to_u32(edge_tiles, "edge tiles")?, 1, batch);
+        Ok(Dispatch {
+            params,
+            passes: passes(&[(Part::Main, interior), (Part::Edge, edge)]),
+        })
+    }
 }
 
 /// The fused transpose-and-convert of `g` into `c.to()` (cast.wgsl's `transpose`), when
@@ -384,10 +411,7 @@ fn transpose_cast_dispatch(g: &Gather, c: Cast, max_groups: u32) -> Result<Dispa
     };
     let k = per_word(c.to().size());
     let row_words = t.rows / k;
-    let (tiles_x, tiles_y) = (t.cols.div_ceil(TILE2D), row_words.div_ceil(TILE2D));
-    let (full_x, full_y) = (t.cols / TILE2D, row_words / TILE2D);
-    let edge_bottom = if full_y < tiles_y { tiles_x } else { 0 };
-    let edge_right = if full_x < tiles_x { full_y } else { 0 };
+    let grid = TileGrid::new(t.cols, t.cols, row_words);
     let values = [
         (row_words, "output row words"),
         (t.cols, "columns"),
@@ -398,9 +422,9 @@ fn transpose_cast_dispatch(g: &Gather, c: Cast, max_groups: u32) -> Result<Dispa
         (t.oc / k, "output row stride"),
         (t.hw.max(1), "remap period"),
         (t.inner, "remap rows"),
-        (full_x, "full tile columns"),
-        (full_y, "full tile rows"),
-        (edge_bottom, "bottom edge tiles"),
+        (grid.full_x, "full tile columns"),
+        (grid.full_y, "full tile rows"),
+        (grid.edge_bottom, "bottom edge tiles"),
     ];
     let mut p = [0u32; PARAMS_WORDS];
     for (slot, (v, what)) in p[2..].iter_mut().zip(values) {
@@ -409,17 +433,7 @@ fn transpose_cast_dispatch(g: &Gather, c: Cast, max_groups: u32) -> Result<Dispa
     // Every source element index, and for f64 its word index, must fit a u32.
     let last = g.src_extent().saturating_mul(c.from().size() / 4);
     to_u32(last.max(g.src_extent()), "source extent")?;
-    let batch = to_u32(t.batch, "batch")?;
-    let interior = (
-        to_u32(full_x, "tile columns")?,
-        to_u32(full_y, "tile rows")?,
-        batch,
-    );
-    let edge = (to_u32(edge_bottom + edge_right, "edge tiles")?, 1, batch);
-    Ok(Dispatch {
-        params: p,
-        passes: passes(&[(Part::Main, interior), (Part::Edge, edge)]),
-    })
+    grid.dispatch(p, t.batch)
 }
 
 /// Spreads `groups` workgroups over x, y and z, each at most `max_per_dim`; the shaders
