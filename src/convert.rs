@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Backend, BackendOptions, BandSink, DeviceTraffic};
+use crate::backend::{Backend, BackendOptions, BandSink, DeviceTraffic, NextTensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
@@ -302,7 +302,7 @@ impl<'a> Converter<'a> {
             Interrupt::check(self.interrupt.as_ref())?;
             let src = self.source_bytes(entry);
             let next = match (ops.get(i + 1), entries.get(i + 1)) {
-                (Some((g, _)), Some(e)) => Some((g, self.source_bytes(e))),
+                (Some((g, c)), Some(e)) => Some((g, *c, self.source_bytes(e))),
                 _ => None,
             };
             let state = &mut run.state;
@@ -337,7 +337,7 @@ impl<'a> Converter<'a> {
         g: &Gather,
         cast: Option<Cast>,
         src: &[u8],
-        next: Option<(&Gather, &[u8])>,
+        next: Option<(&Gather, Option<Cast>, &[u8])>,
         sink: &mut dyn BandSink,
         interrupt: Option<&Interrupt>,
         done: &mut dyn FnMut(usize),
@@ -355,18 +355,21 @@ impl<'a> Converter<'a> {
         g: &Gather,
         cast: Option<Cast>,
         src: &[u8],
-        next: Option<(&Gather, &[u8])>,
+        next: Option<(&Gather, Option<Cast>, &[u8])>,
         sink: &mut dyn BandSink,
         interrupt: Option<&Interrupt>,
         done: &mut dyn FnMut(usize),
     ) -> Result<()> {
-        // Bands count output bytes; with a cast the gather splits by source elements.
-        let bands = match cast {
-            None => g.split(self.band_bytes),
-            Some(c) => {
-                let (from, to) = (c.from().size(), c.to().size());
-                g.split((self.band_bytes / to).max(1).saturating_mul(from))
-            }
+        let bands = self.bands(g, cast);
+        let next_bands = next.map(|(g, c, _)| self.bands(g, c));
+        let next = match (next, &next_bands) {
+            (Some((gather, cast, src)), Some(bands)) => Some(NextTensor {
+                gather,
+                bands,
+                cast,
+                src,
+            }),
+            _ => None,
         };
         Interrupt::check(interrupt)?;
         self.backend
@@ -375,6 +378,18 @@ impl<'a> Converter<'a> {
                 done(len);
                 Interrupt::check(interrupt)
             })
+    }
+
+    /// A tensor's bands: bands count output bytes; with a cast the gather splits by
+    /// source elements.
+    fn bands(&self, g: &Gather, cast: Option<Cast>) -> Vec<(usize, Gather)> {
+        match cast {
+            None => g.split(self.band_bytes),
+            Some(c) => {
+                let (from, to) = (c.from().size(), c.to().size());
+                g.split((self.band_bytes / to).max(1).saturating_mul(from))
+            }
+        }
     }
 
     /// Hands every converted tensor to `f` as soon as it is ready, in plan order; the
@@ -683,7 +698,7 @@ impl<'a> Converter<'a> {
                 position += 1;
                 upcoming = ops.next().transpose()?;
                 let next = match (&upcoming, order.get(position)) {
-                    (Some((g, _)), Some(e)) => Some((g, self.source_bytes(e))),
+                    (Some((g, c)), Some(e)) => Some((g, *c, self.source_bytes(e))),
                     _ => None,
                 };
                 let src = self.source_bytes(entry);

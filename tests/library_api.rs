@@ -123,6 +123,11 @@ fn interrupt_stops_fill_within_one_band(cpu: &dyn relayout::Backend) {
         .iter()
         .map(|e| Converter::entry_bytes(e).unwrap() as u64)
         .sum();
+    let mut want = buffers(&plan, 0);
+    let mut dsts: Vec<&mut [u8]> = want.iter_mut().map(|b| &mut b[..]).collect();
+    Converter::new(&ckpt, &plan, &relayout::backend::reference::Reference)
+        .fill(&mut dsts, &mut |_| {})
+        .unwrap();
     // Raised before: nothing written. Raised at each progress event: stops at the next
     // band, so nothing beyond that event's bytes plus one band is done.
     let mut events = 0;
@@ -161,6 +166,13 @@ fn interrupt_stops_fill_within_one_band(cpu: &dyn relayout::Backend) {
                 if raise_at == 0 {
                     assert!(bufs.iter().flatten().all(|&b| b == 0xA5));
                 }
+                // Nothing the stopped run left in flight (a device backend starts the
+                // next tensor's pieces early) reaches the next run on the same backend.
+                let conv = Converter::new(&ckpt, &plan, cpu).with_band_bytes(band);
+                let mut bufs = buffers(&plan, 0x5A);
+                let mut dsts: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+                conv.fill(&mut dsts, &mut |_| {}).unwrap();
+                assert!(bufs == want, "a run after stop {raise_at} differs");
             }
             Ok(()) => {
                 // Raised once the last band was done: nothing was left to stop.

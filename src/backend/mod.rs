@@ -38,18 +38,18 @@ pub trait Backend: Send + Sync {
     /// as [`Gather::split`] cuts the tensor's gather (offsets in its source elements),
     /// each computed (and converted by `cast`) into the slice `sink` hands out for it;
     /// `after` hears each band's output bytes once the band is complete, and stops the
-    /// run by returning an error. `next` is the tensor (gather and source) the caller
-    /// will [`Backend::begin_tensor`] after this one, if any: a device backend queues its
-    /// upload behind this tensor's last pieces, so the device has that to do while the
-    /// host finishes this tensor, and the next begins with its source in place. The
-    /// default runs the bands one by one; a device backend keeps its pipeline full
-    /// across band boundaries.
+    /// run by returning an error. `next` is the tensor the caller will run after this
+    /// one (with [`Backend::begin_tensor`], then this call with exactly its bands, cast
+    /// and source), if any: a device backend queues its upload behind this tensor's last
+    /// pieces and starts its first pieces while this tensor's last ones come back, so
+    /// its pipeline stays full across the tensor boundary. The default runs the bands one
+    /// by one; a device backend keeps its pipeline full across band boundaries.
     fn gather_bands(
         &self,
         bands: &[(usize, Gather)],
         cast: Option<Cast>,
         src: &[u8],
-        next: Option<(&Gather, &[u8])>,
+        next: Option<NextTensor<'_>>,
         sink: &mut dyn BandSink,
         after: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<()> {
@@ -62,6 +62,18 @@ pub trait Backend: Send + Sync {
     fn traffic(&self) -> DeviceTraffic {
         DeviceTraffic::default()
     }
+}
+
+/// The tensor that follows the one [`Backend::gather_bands`] runs.
+#[derive(Clone, Copy, Debug)]
+pub struct NextTensor<'a> {
+    /// Its whole gather, as [`Backend::begin_tensor`] will be given it.
+    pub gather: &'a Gather,
+    /// Its bands and cast, as [`Backend::gather_bands`] will be given them.
+    pub bands: &'a [(usize, Gather)],
+    pub cast: Option<Cast>,
+    /// The source both calls will see.
+    pub src: &'a [u8],
 }
 
 /// Where the bands of a tensor go, in order.

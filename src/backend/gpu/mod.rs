@@ -14,10 +14,11 @@ internal! {
 pub mod source;
 }
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{check_buffers, check_cast_buffers, Backend};
+use crate::backend::{check_buffers, check_cast_buffers, Backend, NextTensor};
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 
@@ -67,6 +68,30 @@ pub struct Gpu {
     next_held: Mutex<Option<(Gather, Held)>>,
     /// Tensors whose source [`Backend::begin_tensor`] found already uploaded.
     prefetched: AtomicU64,
+    /// The next tensor's first pieces, in flight in the slots when a call returned.
+    carried: Mutex<Option<Carried>>,
+    /// Tensors whose first pieces the call before had started.
+    carried_tensors: AtomicU64,
+}
+
+/// Pieces of the tensor named as next, submitted while the tensor before it finished,
+/// and still in flight in the ring.
+#[derive(Clone)]
+struct Carried {
+    /// What the call that adopts them must be given.
+    bands: Vec<(usize, Gather)>,
+    cast: Option<Cast>,
+    src: (usize, usize),
+    /// Band of each piece in flight, oldest first; the slot of the oldest.
+    in_flight: VecDeque<usize>,
+    oldest: usize,
+    /// Pieces of the tensor's plan submitted so far (its first ones).
+    submitted: usize,
+}
+
+/// A source's address and length, how held windows and carried pieces know it.
+fn identity(src: &[u8]) -> (usize, usize) {
+    (src.as_ptr() as usize, src.len())
 }
 
 /// A tensor's source windows, uploaded once for all its bands.
@@ -205,6 +230,8 @@ impl Gpu {
             held: Mutex::new(None),
             next_held: Mutex::new(None),
             prefetched: AtomicU64::new(0),
+            carried: Mutex::new(None),
+            carried_tensors: AtomicU64::new(0),
             kernels,
             device,
             queue,
@@ -261,6 +288,23 @@ impl Gpu {
     /// names each tensor's successor, whose upload is queued behind the current one).
     pub fn prefetched_tensors(&self) -> u64 {
         self.prefetched.load(Ordering::Relaxed)
+    }
+    }
+
+    internal! {
+    /// Tensors whose first pieces were already in flight when their bands began
+    /// (started while the tensor before them finished).
+    pub fn carried_tensors(&self) -> u64 {
+        self.carried_tensors.load(Ordering::Relaxed)
+    }
+    }
+
+    internal! {
+    /// Whether pieces started for a next tensor are in flight now (a run stopped between
+    /// two tensors leaves them; the next use of the ring drops them unless they are
+    /// exactly its own).
+    pub fn has_carried_pieces(&self) -> bool {
+        lock(&self.carried).is_some()
     }
     }
 
@@ -573,6 +617,10 @@ impl Gpu {
             _ => None,
         };
         let mut slots = lock(&self.slots);
+        // Pieces started for a tensor that did not follow are dropped unread.
+        if lock(&self.carried).take().is_some() {
+            self.drain(&mut slots, None, g)?;
+        }
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let result = match (held_pieces, &*held) {
@@ -635,6 +683,10 @@ impl Gpu {
     /// Streams every band's pieces through the ring without a drain between bands: a
     /// band's slice is asked of `sink` when its first piece comes back, and `after` hears
     /// of it once its last piece has (pieces finish in the order they were submitted).
+    /// `carried`: this tensor's first pieces, submitted by the call before. Once its
+    /// own pieces are all submitted, the next tensor's windows are uploaded and, while
+    /// this tensor's last pieces come back, the next tensor's first pieces fill the
+    /// freed slots; they are returned, still in flight, for the next call.
     #[allow(clippy::too_many_arguments)]
     fn run_bands(
         &self,
@@ -645,66 +697,114 @@ impl Gpu {
         sink: &mut dyn crate::backend::BandSink,
         after: &mut dyn FnMut(usize) -> Result<()>,
         held: &Held,
-        mut next: Option<((&Gather, &[u8]), usize)>,
-    ) -> Result<()> {
+        next: Option<(NextTensor<'_>, usize)>,
+        carried: Option<Carried>,
+    ) -> Result<Option<Carried>> {
         let depth = slots.len();
         let extent = |b: usize| crate::backend::band_extent(bands[b].0, &bands[b].1, cast);
-        let mut in_flight: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+        // Pieces in flight, oldest first: (of the next tensor?, band), the oldest in
+        // slot `oldest`.
+        let (mut in_flight, mut oldest, mut submitted) = match carried {
+            Some(c) => (
+                c.in_flight.iter().map(|&b| (false, b)).collect(),
+                c.oldest,
+                c.submitted,
+            ),
+            None => (VecDeque::new(), 0, 0),
+        };
+        let total = pieces.len();
+        let mut pieces = pieces.into_iter().skip(submitted);
+        let mut next = next;
+        let mut next_held = None;
+        let mut next_pieces = Vec::new().into_iter();
+        let mut next_submitted = 0;
         let mut current: Option<usize> = None;
         let mut dst: Option<&mut [u8]> = None;
-        let mut submitted = 0usize;
-        let total = pieces.len();
-        let mut pieces = pieces.into_iter();
         loop {
-            // The oldest piece in flight sits in this slot.
-            let k = (submitted - in_flight.len()) % depth;
-            let must_finish =
-                in_flight.len() == depth || (submitted == total && !in_flight.is_empty());
-            if must_finish {
-                let b = in_flight
-                    .pop_front()
-                    .ok_or_else(|| gpu_err("no piece in flight"))?;
-                if current != Some(b) {
-                    if let Some(c) = current {
-                        after(extent(c).1)?;
+            if submitted == total {
+                if let Some((n, budget)) = next.take() {
+                    // Queued behind this tensor's last kernels: the device uploads the
+                    // next tensor while the host collects this one's last pieces.
+                    self.prefetch(Some((n.gather, n.src)), budget)?;
+                    let guard = lock(&self.next_held);
+                    if let Some((_, h)) = &*guard {
+                        if let Some(p) = self.band_pieces(n.bands, &h.windows, n.cast) {
+                            next_pieces = p.into_iter();
+                        }
                     }
-                    let (at, len) = extent(b);
-                    dst = Some(sink.band(at, len)?);
-                    current = Some(b);
+                    next_held = Some((guard, n));
                 }
-                let slot = slots
-                    .get_mut(k)
-                    .ok_or_else(|| gpu_err("no pipeline slot"))?;
-                self.finish(slot, dst.as_deref_mut(), &bands[b].1)?;
-                continue;
             }
-            let Some((b, w, piece)) = pieces.next() else {
-                break;
-            };
-            let k = submitted % depth;
+            let more = submitted < total || next_pieces.len() > 0;
+            match in_flight.front() {
+                Some(&(false, b)) if in_flight.len() == depth || !more => {
+                    in_flight.pop_front();
+                    if current != Some(b) {
+                        if let Some(c) = current {
+                            after(extent(c).1)?;
+                        }
+                        let (at, len) = extent(b);
+                        dst = Some(sink.band(at, len)?);
+                        current = Some(b);
+                    }
+                    let slot = slots
+                        .get_mut(oldest)
+                        .ok_or_else(|| gpu_err("no pipeline slot"))?;
+                    self.finish(slot, dst.as_deref_mut(), &bands[b].1)?;
+                    oldest = (oldest + 1) % depth;
+                    continue;
+                }
+                // Every piece of this tensor is back (what is in flight is the next's).
+                Some(&(true, _)) | None if submitted == total => break,
+                _ => {}
+            }
+            let k = (oldest + in_flight.len()) % depth;
             let slot = slots
                 .get_mut(k)
                 .ok_or_else(|| gpu_err("no pipeline slot"))?;
-            let window = &held
-                .windows
-                .get(w)
-                .ok_or_else(|| gpu_err("no such window"))?
-                .2;
-            self.submit(slot, piece, Input::Held(window), Some(kernel::choose), cast)?;
-            in_flight.push_back(b);
-            submitted += 1;
-            if submitted == total {
-                // Queued behind this tensor's last kernels: the device uploads the next
-                // tensor while the host collects this one's last pieces.
-                if let Some((n, budget)) = next.take() {
-                    self.prefetch(Some(n), budget)?;
-                }
+            if let Some((b, w, piece)) = pieces.next() {
+                let window = &held
+                    .windows
+                    .get(w)
+                    .ok_or_else(|| gpu_err("no such window"))?
+                    .2;
+                self.submit(slot, piece, Input::Held(window), Some(kernel::choose), cast)?;
+                in_flight.push_back((false, b));
+                submitted += 1;
+            } else if let (Some((b, w, piece)), Some((guard, n))) =
+                (next_pieces.next(), next_held.as_ref())
+            {
+                let window = guard
+                    .as_ref()
+                    .and_then(|(_, h)| h.windows.get(w))
+                    .ok_or_else(|| gpu_err("no such window"))?;
+                self.submit(
+                    slot,
+                    piece,
+                    Input::Held(&window.2),
+                    Some(kernel::choose),
+                    n.cast,
+                )?;
+                in_flight.push_back((true, b));
+                next_submitted += 1;
+            } else {
+                return Err(gpu_err("nothing left to submit or finish"));
             }
         }
         if let Some(c) = current {
             after(extent(c).1)?;
         }
-        Ok(())
+        Ok(match next_held {
+            Some((_, n)) if next_submitted > 0 => Some(Carried {
+                bands: n.bands.to_vec(),
+                cast: n.cast,
+                src: (n.src.as_ptr() as usize, n.src.len()),
+                in_flight: in_flight.iter().map(|&(_, b)| b).collect(),
+                oldest,
+                submitted: next_submitted,
+            }),
+            _ => None,
+        })
     }
 
     /// Most gathered bytes per piece of a held source: quarter chunks, so with nothing to
@@ -1261,7 +1361,7 @@ impl Backend for Gpu {
         bands: &[(usize, Gather)],
         cast: Option<Cast>,
         src: &[u8],
-        next: Option<(&Gather, &[u8])>,
+        next: Option<NextTensor<'_>>,
         sink: &mut dyn crate::backend::BandSink,
         after: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<()> {
@@ -1276,7 +1376,7 @@ impl Backend for Gpu {
             // Streamed or copied on the host: the device is free for the next upload now.
             let budget = HELD_BUDGET.saturating_sub(held.as_ref().map_or(0, Held::bytes));
             drop(held);
-            self.prefetch(next, budget)?;
+            self.prefetch(next.map(|n| (n.gather, n.src)), budget)?;
             let result = crate::backend::bands_one_by_one(self, bands, cast, src, sink, after);
             if result.is_err() {
                 // No next tensor follows a failed one.
@@ -1287,20 +1387,44 @@ impl Backend for Gpu {
         let next = next.map(|n| (n, HELD_BUDGET.saturating_sub(h.bytes())));
         self.check_faults()?;
         let mut slots = lock(&self.slots);
+        let Some((_, first)) = bands.first() else {
+            return Ok(());
+        };
+        // Pieces the call before started for this tensor, if this is the tensor it named.
+        let carried = match lock(&self.carried).take() {
+            Some(c) if c.bands == bands && c.cast == cast && c.src == identity(src) => {
+                self.carried_tensors.fetch_add(1, Ordering::Relaxed);
+                Some(c)
+            }
+            Some(_) => {
+                self.drain(&mut slots, None, first)?;
+                None
+            }
+            None => None,
+        };
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let result = self.run_bands(&mut slots, bands, pieces, cast, sink, after, h, next);
-        if result.is_err() {
-            *lock(&self.next_held) = None;
-        }
-        // Whatever happened, leave no slot mapped or in flight for the next call.
-        let drained = match bands.first() {
-            Some((_, g)) => self.drain(&mut slots, None, g),
-            None => Ok(()),
+        let result = self.run_bands(
+            &mut slots, bands, pieces, cast, sink, after, h, next, carried,
+        );
+        // On success only the next tensor's first pieces are in flight; otherwise leave
+        // no slot mapped or in flight for the next call.
+        let drained = match &result {
+            Ok(Some(c)) => {
+                *lock(&self.carried) = Some(c.clone());
+                Ok(())
+            }
+            Ok(None) => self.drain(&mut slots, None, first),
+            Err(_) => {
+                *lock(&self.next_held) = None;
+                self.drain(&mut slots, None, first)
+            }
         };
         let oom = pollster::block_on(oom.pop());
         let validation = pollster::block_on(validation.pop());
         if let Some(e) = oom.or(validation) {
+            *lock(&self.carried) = None;
+            let _ = self.drain(&mut slots, None, first);
             return Err(gpu_err(e.to_string()));
         }
         result?;
