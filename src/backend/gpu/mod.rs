@@ -262,7 +262,7 @@ impl Gpu {
             windows.push((start, end, buffer));
         }
         Ok(Some(Held {
-            src: (src.as_ptr() as usize, src.len()),
+            src: identity(src),
             windows,
         }))
     }
@@ -611,7 +611,7 @@ impl Gpu {
         self.check_faults()?;
         let held = lock(&self.held);
         let held_pieces = match (&*held, kernel) {
-            (Some(h), Some(_)) if h.src == (src.as_ptr() as usize, src.len()) => {
+            (Some(h), Some(_)) if h.src == identity(src) => {
                 chunk::held_pieces(g, &h.windows, self.held_piece_bytes(cast))
             }
             _ => None,
@@ -798,7 +798,7 @@ impl Gpu {
             Some((_, n)) if next_submitted > 0 => Some(Carried {
                 bands: n.bands.to_vec(),
                 cast: n.cast,
-                src: (n.src.as_ptr() as usize, n.src.len()),
+                src: identity(n.src),
                 in_flight: in_flight.iter().map(|&(_, b)| b).collect(),
                 oldest,
                 submitted: next_submitted,
@@ -1342,7 +1342,7 @@ impl Backend for Gpu {
         *held = None;
         let ready = lock(&self.next_held).take();
         if let Some((planned, h)) = ready {
-            if planned == *g && h.src == (src.as_ptr() as usize, src.len()) {
+            if planned == *g && h.src == identity(src) {
                 self.prefetched.fetch_add(1, Ordering::Relaxed);
                 *held = Some(h);
                 return Ok(());
@@ -1367,9 +1367,7 @@ impl Backend for Gpu {
     ) -> Result<()> {
         let held = lock(&self.held);
         let pieces = match &*held {
-            Some(h) if h.src == (src.as_ptr() as usize, src.len()) => {
-                self.band_pieces(bands, &h.windows, cast)
-            }
+            Some(h) if h.src == identity(src) => self.band_pieces(bands, &h.windows, cast),
             _ => None,
         };
         let (Some(pieces), Some(h)) = (pieces, &*held) else {
