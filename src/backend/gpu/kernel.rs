@@ -102,9 +102,9 @@ impl Plane2d {
         let p = Plane2d::recognise(g, true)?;
         let aligned = [p.rows, p.oc, p.ob].iter().all(|v| v % k == 0);
         let max = (max_groups as usize).min(MIN_GROUPS_PER_DIM);
-        let fits = p.batch <= max
-            && p.cols.div_ceil(TILE2D) <= max
-            && (p.rows / k).div_ceil(TILE2D) <= max;
+        // As for transpose2d.wgsl, the edge pass lines up a bottom and a right strip
+        // along x, so both tile counts together must fit one dimension.
+        let fits = p.batch <= max && p.cols.div_ceil(TILE2D) + (p.rows / k).div_ceil(TILE2D) <= max;
         (aligned && fits).then_some(p)
     }
 
@@ -743,6 +743,31 @@ mod tests {
     fn a_plane_wider_than_the_dispatch_limit_is_not_a_transpose2d() {
         let wide = Gather::from_parts(4, vec![32 * 65535 + 1, 2], vec![1, 32 * 65535 + 1], 0);
         assert_eq!(choose(&wide), KernelKind::Transpose { axis: 0 });
+    }
+
+    #[test]
+    fn a_fused_cast_plane_whose_edge_strips_exceed_the_dispatch_limit_is_refused() {
+        let c = Cast::new(DType::F32, DType::BF16)
+            .ok()
+            .flatten()
+            .expect("cast");
+        // 60000 tile columns and 10000 tile rows of words: each fits 65535, the bottom
+        // and right edge strips together (one dispatch dimension) do not.
+        let cols = 32 * 60_000 + 1;
+        let big = Gather::from_parts(4, vec![cols, 64 * 10_000], vec![1, cols], 0);
+        assert_eq!(fused_cast(&big, c, 65535), None);
+        assert!(transpose_cast_dispatch(&big, c, 65535).is_err());
+        // One tile row: 60001 tiles along x in the edge pass, within the limit.
+        let fits = Gather::from_parts(4, vec![cols, 2], vec![1, cols], 0);
+        assert_eq!(
+            fused_cast(&fits, c, 65535),
+            Some(KernelKind::TransposeCast(c))
+        );
+        let d = transpose_cast_dispatch(&fits, c, 65535).expect("dispatch");
+        assert!(d
+            .passes
+            .iter()
+            .all(|(_, (x, y, z))| *x <= 65535 && *y <= 65535 && *z <= 65535));
     }
 
     #[test]
