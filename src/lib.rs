@@ -70,14 +70,13 @@ pub mod layout;
 mod plan;
 mod reader;
 mod rules;
-pub mod shard;
 mod verify;
 pub mod writer;
 
 pub use backend::{Backend, BackendOptions, Device};
 pub use convert::{
     convert, plan_checkpoint, provenance, rule_set, ConvertReport, ConvertSpec, Converter,
-    Interrupt, OutputKind, Progress, ShardOptions, WriteOptions, DEFAULT_BAND_BYTES,
+    Interrupt, Progress, WriteOptions, DEFAULT_BAND_BYTES,
 };
 pub use dtype::DType;
 pub use error::{human_bytes, Error, Result};
@@ -87,8 +86,10 @@ pub use reader::{
     Checkpoint, Format, OpenOptions, StorageRange, TensorInfo, EXPANSION_FLOOR, MAX_EXPANSION,
 };
 pub use rules::{ModuleTypes, PlanOptions, Rule, RuleSet};
-pub use shard::{merge_index, MergeReport, OutputLayout, Worker};
 pub use verify::{verify_file, Expectation, Mismatch, VerifyReport};
 /// The wgpu this crate is built with, for [`Converter::for_each_on_device`] callers.
 #[cfg(feature = "gpu")]
 pub use wgpu;
+pub use writer::shard;
+pub use writer::shard::{merge_index, MergeReport, OutputLayout, Worker};
+pub use writer::{OutputKind, ShardOptions};

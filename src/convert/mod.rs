@@ -12,15 +12,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Backend, BackendOptions, BandSink, DeviceTraffic, NextTensor};
-use crate::dtype::DType;
+use crate::backend::{Backend, BandSink, DeviceTraffic, NextTensor};
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 use crate::plan::{Plan, PlanEntry};
-use crate::reader::{Checkpoint, OpenOptions};
-use crate::rules::{ModuleTypes, PlanOptions, RuleSet};
-use crate::shard::{OutputFile, OutputLayout, Worker, INDEX_NAME, SHARD_METADATA_KEY};
-use crate::writer::{AtomicFile, SafetensorsWriter};
+use crate::reader::Checkpoint;
+use crate::writer::output::{check_not_input, check_space, shard_is_complete, OutputFolder};
+use crate::writer::shard::{OutputFile, OutputLayout, INDEX_NAME, SHARD_METADATA_KEY};
+use crate::writer::{AtomicFile, OutputKind, SafetensorsWriter, ShardOptions};
+
+mod report;
+mod spec;
+
+pub use report::ConvertReport;
+pub use spec::{convert, plan_checkpoint, provenance, rule_set, ConvertSpec};
 
 /// Output bytes per backend call: large enough to amortise calls and syscalls, small
 /// enough that two bands stay far below the memory budget.
@@ -34,43 +39,6 @@ pub struct Progress {
     pub tensors_total: usize,
     pub bytes_done: u64,
     pub bytes_total: u64,
-}
-
-/// What a finished conversion did.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct ConvertReport {
-    /// Tensors this run wrote.
-    pub tensors: usize,
-    /// Bytes of tensor data this run wrote.
-    pub bytes: u64,
-    pub seconds: f64,
-    pub backend: String,
-    pub dropped: usize,
-    pub unmatched: usize,
-    /// The files this run wrote: the output file, or its shards.
-    pub outputs: Vec<PathBuf>,
-    /// Shards a worker found already complete and kept (a re-run).
-    pub reused: Vec<PathBuf>,
-    /// The index of a shard set, when this run wrote it.
-    pub index: Option<PathBuf>,
-    /// Shards in the whole set (0 for a single file), and how many exist now.
-    pub shards: usize,
-    pub shards_present: usize,
-    /// Bytes this run uploaded to the GPU and read back from it (0 on the CPU).
-    pub device_upload_bytes: u64,
-    pub device_readback_bytes: u64,
-}
-
-impl ConvertReport {
-    /// Output throughput in GB/s (10^9 bytes).
-    pub fn gb_per_s(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.bytes as f64 / self.seconds / 1e9
-        } else {
-            0.0
-        }
-    }
 }
 
 /// Options of [`Converter::write_safetensors`] and [`Converter::write_sharded`].
@@ -118,60 +86,6 @@ impl Interrupt {
             None => Ok(()),
             Some(code) => Err(Error::Interrupted { code }),
         }
-    }
-}
-
-/// How the output is split into files.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputKind {
-    /// One safetensors file.
-    File,
-    /// A folder of `model-…-of-….safetensors` shards and `model.safetensors.index.json`.
-    Shards(ShardOptions),
-}
-
-/// Options of sharded output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ShardOptions {
-    /// Most bytes of tensor data per shard (a larger tensor gets a shard of its own).
-    pub max_shard_bytes: u64,
-    /// Write only this worker's shards (`--shard i/N`); `None` writes them all.
-    pub worker: Option<Worker>,
-}
-
-impl OutputKind {
-    /// The kind an output path asks for: a path ending in `.safetensors` is one file;
-    /// any other path (or an existing folder, or a path ending in `/`) is a folder of
-    /// shards of [`crate::shard::DEFAULT_MAX_SHARD_BYTES`] each unless `max_shard_bytes`.
-    /// A shard size or a worker with a one-file path is an error.
-    pub fn for_path(
-        path: &Path,
-        max_shard_bytes: Option<u64>,
-        worker: Option<Worker>,
-    ) -> Result<OutputKind> {
-        let text = path.as_os_str().to_string_lossy();
-        let folder =
-            path.is_dir() || text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR);
-        let file = !folder
-            && path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-        if !file {
-            return Ok(OutputKind::Shards(ShardOptions {
-                max_shard_bytes: max_shard_bytes.unwrap_or(crate::shard::DEFAULT_MAX_SHARD_BYTES),
-                worker,
-            }));
-        }
-        if max_shard_bytes.is_some() || worker.is_some() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "sharded output goes to a folder, and this path ends in .safetensors (name a folder, or drop the shard options)",
-                ),
-            ));
-        }
-        Ok(OutputKind::File)
     }
 }
 
@@ -245,7 +159,7 @@ impl<'a> Converter<'a> {
 
     /// Bytes of one output tensor; an error when its shape overflows.
     pub fn entry_bytes(entry: &PlanEntry) -> Result<usize> {
-        let bytes = crate::shard::entry_bytes(entry)?;
+        let bytes = crate::writer::shard::entry_bytes(entry)?;
         usize::try_from(bytes).map_err(|_| Error::Layout {
             detail: format!(
                 "'{}' is {bytes} bytes, more than this platform can address",
@@ -507,7 +421,7 @@ impl<'a> Converter<'a> {
     /// With a worker (`i/N`), only its shards are written, each atomically; a shard
     /// already there with exactly the expected header and size is kept, so a re-run is
     /// idempotent. The worker that finds every shard present checks the set and writes
-    /// the index ([`crate::shard::merge_index`]).
+    /// the index ([`crate::writer::shard::merge_index`]).
     pub fn write_sharded(
         &self,
         dir: &Path,
@@ -529,7 +443,7 @@ impl<'a> Converter<'a> {
             check_not_input(self.ckpt, &path)?;
         }
         // Shards of an earlier set with another count, replaced with --force.
-        let stale: Vec<PathBuf> = crate::shard::parse_dir_shards(dir)?
+        let stale: Vec<PathBuf> = crate::writer::shard::parse_dir_shards(dir)?
             .into_iter()
             .filter(|(_, n, _)| *n != layout.files.len())
             .map(|(_, _, name)| dir.join(name))
@@ -622,9 +536,9 @@ impl<'a> Converter<'a> {
         } else {
             // Shards appear only complete, and a merge writes nothing new but the index,
             // so one look at the folder serves both.
-            report.shards_present = crate::shard::shards_present(dir, &layout);
+            report.shards_present = crate::writer::shard::shards_present(dir, &layout);
             if report.shards_present == layout.files.len() {
-                report.index = Some(crate::shard::merge_index(dir)?.index);
+                report.index = Some(crate::writer::shard::merge_index(dir)?.index);
             }
         }
         folder.keep();
@@ -866,309 +780,10 @@ impl Run {
     }
 }
 
-/// Refuses, before anything is written, a run whose files cannot fit in the free space
-/// of `dir` (the nearest existing folder of it): "needs 7.4 GiB, 2.1 GiB free".
-fn check_space(
-    dir: &Path,
-    files: &[(PathBuf, &OutputFile)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let mut needed = 0u64;
-    for (_, f) in files {
-        let header = crate::writer::header_bytes(&f.header, metadata)?.len() as u64;
-        needed = needed.saturating_add(8 + header).saturating_add(f.bytes);
-    }
-    let existing = dir
-        .ancestors()
-        .find(|p| p.is_dir())
-        .unwrap_or(Path::new("."));
-    match free_space(existing) {
-        Some(available) if needed > available => Err(Error::NoSpace {
-            path: existing.to_path_buf(),
-            needed,
-            available,
-        }),
-        // Unknown free space is not a reason to refuse; a full disk still fails cleanly.
-        _ => Ok(()),
-    }
-}
-
-/// Bytes an unprivileged process may still write on the file system holding `dir`.
-#[cfg(all(unix, not(relayout_portable)))]
-fn free_space(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: a zeroed statvfs is a valid out-parameter; the path is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; statvfs only writes into `st`.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    #[allow(clippy::unnecessary_cast)]
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
-#[cfg(any(not(unix), relayout_portable))]
-fn free_space(_dir: &Path) -> Option<u64> {
-    None
-}
-
-/// Whether `path` is already exactly the shard `file` would be: the same header bytes
-/// (names, shapes, dtypes, offsets and the set's tag) and the full length. Shards appear
-/// only complete, so this is how a re-run worker knows its work is done.
-fn shard_is_complete(
-    path: &Path,
-    file: &OutputFile,
-    metadata: &BTreeMap<String, String>,
-) -> Result<bool> {
-    use std::io::Read;
-    let header = crate::writer::header_bytes(&file.header, metadata)?;
-    let want_len = 8 + header.len() as u64 + file.bytes;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() || meta.len() != want_len {
-        return Ok(false);
-    }
-    let mut head = vec![0u8; 8 + header.len()];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .map_err(|e| Error::io(path, e))?;
-    Ok(head[..8] == (header.len() as u64).to_le_bytes() && head[8..] == header[..])
-}
-
-/// The output folder: created when missing, and removed again on failure if this run
-/// created it and it is still empty.
-struct OutputFolder {
-    created: Option<PathBuf>,
-}
-
-impl OutputFolder {
-    fn open(dir: &Path, remove_on_failure: bool) -> Result<OutputFolder> {
-        match std::fs::metadata(dir) {
-            Ok(m) if m.is_dir() => Ok(OutputFolder { created: None }),
-            Ok(_) => Err(Error::io(
-                dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "exists and is not a folder (sharded output goes to a folder)",
-                ),
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                Ok(OutputFolder {
-                    created: remove_on_failure.then(|| dir.to_path_buf()),
-                })
-            }
-            Err(e) => Err(Error::io(dir, e)),
-        }
-    }
-
-    fn keep(&mut self) {
-        self.created = None;
-    }
-}
-
-impl Drop for OutputFolder {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.created {
-            // Fails, as it should, when the folder is not empty.
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
 /// Output bytes of `g`, converted by `cast` when there is one.
 fn out_bytes(g: &Gather, cast: Option<Cast>) -> usize {
     match cast {
         Some(c) => crate::backend::cast_out_bytes(g, c),
         None => g.out_bytes(),
     }
-}
-
-/// Refuses to write over any file of the input checkpoint.
-fn check_not_input(ckpt: &Checkpoint, out: &Path) -> Result<()> {
-    if !out.exists() {
-        return Ok(());
-    }
-    let same = |p: &Path| same_file(p, out);
-    if same(ckpt.path()) || ckpt.files().any(same) {
-        return Err(Error::OutputIsInput {
-            path: out.to_path_buf(),
-        });
-    }
-    Ok(())
-}
-
-#[cfg(all(unix, not(relayout_portable)))]
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
-
-#[cfg(any(not(unix), relayout_portable))]
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
-/// Everything [`convert`] needs besides the two paths.
-#[derive(Clone, Debug, Default)]
-pub struct ConvertSpec {
-    /// Built-in preset to start from (see [`RuleSet::preset_names`]).
-    pub preset: Option<String>,
-    /// User rule files, layered over the preset in order (later files win).
-    pub rules: Vec<PathBuf>,
-    /// Training checkpoints: the key holding the state dict.
-    pub key: Option<String>,
-    /// Which backend runs the layout ops.
-    pub backend: BackendOptions,
-    /// Replace an existing output.
-    pub force: bool,
-    /// Leave tensors that match no rule out of the output instead of failing.
-    pub allow_unmatched: bool,
-    /// Accept views that expand their storage beyond the size policy
-    /// ([`crate::reader::MAX_EXPANSION`]); the output must still fit on the disk.
-    pub allow_expand: bool,
-    /// Rule variables (`--set NAME=VALUE`).
-    pub vars: BTreeMap<String, String>,
-    /// A `{module name: class name}` JSON file (`--module-types`).
-    pub module_types: Option<PathBuf>,
-    /// Output dtype of every floating tensor (`--dtype`).
-    pub dtype: Option<DType>,
-    /// An expectation file (`--expect`): the plan must produce exactly its tensor names,
-    /// shapes and dtypes, checked before anything is written.
-    pub expect: Option<PathBuf>,
-    /// Most bytes of tensor data per shard (`--max-shard-size`); for folder outputs.
-    pub max_shard_size: Option<u64>,
-    /// Write only this worker's shards (`--shard i/N`).
-    pub worker: Option<Worker>,
-    /// Stops the conversion when raised.
-    pub interrupt: Option<Interrupt>,
-}
-
-impl ConvertSpec {
-    /// How the spec opens its input.
-    pub fn open_options(&self) -> OpenOptions {
-        OpenOptions {
-            key: self.key.clone(),
-            allow_expand: self.allow_expand,
-        }
-    }
-
-    /// Fails with [`Error::Verify`] when `plan` does not produce what the expectation
-    /// file asks for; passes when there is none.
-    pub fn check_expectation(&self, plan: &Plan) -> Result<()> {
-        if let Some(path) = &self.expect {
-            crate::verify::Expectation::from_file(path)?
-                .check_plan(plan)
-                .into_result()?;
-        }
-        Ok(())
-    }
-
-    /// The planning options the spec describes; reads the module-types file.
-    pub fn plan_options(&self) -> Result<PlanOptions> {
-        Ok(PlanOptions {
-            vars: self.vars.clone(),
-            module_types: self
-                .module_types
-                .as_deref()
-                .map(ModuleTypes::from_file)
-                .transpose()?,
-            dtype: self.dtype,
-        })
-    }
-}
-
-/// Builds the rule set of a preset and/or rule files.
-pub fn rule_set(preset: Option<&str>, rule_files: &[PathBuf]) -> Result<RuleSet> {
-    let mut rules = match preset {
-        Some(name) => Some(RuleSet::preset(name)?),
-        None => None,
-    };
-    for file in rule_files {
-        let over = RuleSet::from_file(file)?;
-        rules = Some(match rules {
-            Some(base) => base.layered(over),
-            None => over,
-        });
-    }
-    rules.ok_or_else(|| Error::Rules {
-        origin: "(none)".to_string(),
-        detail: "give a preset or at least one rule file".to_string(),
-    })
-}
-
-/// Plans `ckpt`, failing when tensors match no rule unless `allow_unmatched`.
-pub fn plan_checkpoint(
-    ckpt: &Checkpoint,
-    rules: &RuleSet,
-    opts: &PlanOptions,
-    allow_unmatched: bool,
-) -> Result<Plan> {
-    let plan = rules.plan_with(ckpt.tensors(), opts)?;
-    if !allow_unmatched {
-        plan.require_all_matched()?;
-    }
-    Ok(plan)
-}
-
-/// Opens `input`, plans it and writes the converted checkpoint to `output`.
-///
-/// ```
-/// # fn main() -> relayout::Result<()> {
-/// # let dir = std::env::temp_dir().join(format!("relayout-doc-{}", std::process::id()));
-/// # std::fs::create_dir_all(&dir).unwrap();
-/// # let out = dir.join("small_cnn.flax.safetensors");
-/// use relayout::{convert, ConvertSpec, Device};
-/// let spec = ConvertSpec {
-///     preset: Some("flax".into()),
-///     backend: relayout::BackendOptions { device: Device::Cpu, ..Default::default() },
-///     force: true,
-///     ..Default::default()
-/// };
-/// let report = convert("tests/fixtures/small_cnn.pt", &out, &spec, &mut |_| {})?;
-/// assert!(report.tensors > 0);
-/// # std::fs::remove_dir_all(&dir).unwrap();
-/// # Ok(())
-/// # }
-/// ```
-pub fn convert(
-    input: impl AsRef<Path>,
-    output: impl AsRef<Path>,
-    spec: &ConvertSpec,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<ConvertReport> {
-    let input = input.as_ref();
-    let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
-    let ckpt = Checkpoint::open_with(input, &spec.open_options())?;
-    let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
-    spec.check_expectation(&plan)?;
-    let output = output.as_ref();
-    let kind = OutputKind::for_path(output, spec.max_shard_size, spec.worker)?;
-    let backend = crate::backend::select(&spec.backend)?;
-    let opts = WriteOptions {
-        force: spec.force,
-        metadata: provenance(spec, &plan),
-        interrupt: spec.interrupt.clone(),
-    };
-    Converter::new(&ckpt, &plan, backend.as_ref()).write(output, &kind, &opts, progress)
-}
-
-/// The `relayout` metadata entry recording what produced a file.
-pub fn provenance(spec: &ConvertSpec, plan: &Plan) -> BTreeMap<String, String> {
-    let value = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "preset": spec.preset,
-        "rules": plan.sources,
-        "set": spec.vars,
-        "dtype": spec.dtype.map(|d| d.to_string()),
-        "dropped": plan.dropped.len(),
-        "unmatched": plan.unmatched.len(),
-    });
-    BTreeMap::from([("relayout".to_string(), value.to_string())])
 }
