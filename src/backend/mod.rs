@@ -7,8 +7,12 @@ use crate::layout::{cast, Cast, Gather};
 pub mod cpu;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+mod job;
 pub mod reference;
 mod select;
+
+pub(crate) use job::Buffers;
+pub use job::{run_on_host, Band, Job, Part, Sink, Step};
 
 pub use select::{select, BackendOptions, Device};
 
@@ -26,38 +30,18 @@ pub trait Backend: Send + Sync {
     /// `cast.to()`. Every backend gives the same bytes.
     fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()>;
 
-    /// Announces that the calls until [`Backend::end_tensor`] run pieces of `g` (bands
-    /// of one tensor) over this same `src`, unchanged meanwhile: a device backend uploads
-    /// the source once for all of them. Only a hint; calls without it stay correct.
-    fn begin_tensor(&self, g: &Gather, src: &[u8]) -> Result<()> {
-        let _ = (g, src);
-        Ok(())
-    }
-
-    /// Ends what [`Backend::begin_tensor`] started, releasing what it holds.
-    fn end_tensor(&self) {}
-
-    /// Runs the bands of one tensor in order: `bands` are `(byte offset, gather)` pairs
-    /// as [`Gather::split`] cuts the tensor's gather (offsets in its source elements),
-    /// each computed (and converted by `cast`) into the slice `sink` hands out for it;
-    /// `after` hears each band's output bytes once the band is complete, and stops the
-    /// run by returning an error. `next` is the tensor the caller will run after this
-    /// one (with [`Backend::begin_tensor`], then this call with exactly its bands, cast
-    /// and source), if any: a device backend queues its upload behind this tensor's last
-    /// pieces and starts its first pieces while this tensor's last ones come back, so
-    /// its pipeline stays full across the tensor boundary. The default runs the bands one
-    /// by one; a device backend keeps its pipeline full across band boundaries.
-    fn gather_bands(
+    /// Runs every job in order, each band computed (and converted by the job's cast)
+    /// into the slice `sink` hands out for it; `progress` hears of every band and job
+    /// once complete and stops the run by returning an error. Returns when everything
+    /// is written; nothing is left in flight. Host backends run band after band; a
+    /// device backend keeps its pipeline full across bands and jobs within this call.
+    fn run(
         &self,
-        bands: &[(usize, Gather)],
-        cast: Option<Cast>,
-        src: &[u8],
-        next: Option<NextTensor<'_>>,
-        sink: &mut dyn BandSink,
-        after: &mut dyn FnMut(usize) -> Result<()>,
+        jobs: &[Job<'_>],
+        sink: &mut dyn Sink,
+        progress: &mut dyn FnMut(Step) -> Result<()>,
     ) -> Result<()> {
-        let _ = next;
-        bands_one_by_one(self, bands, cast, src, sink, after)
+        job::run_on_host(self, jobs, sink, progress)
     }
 
     /// Bytes this backend has moved to and from a device since it was made (zero for the
@@ -65,56 +49,6 @@ pub trait Backend: Send + Sync {
     fn traffic(&self) -> DeviceTraffic {
         DeviceTraffic::default()
     }
-}
-
-/// The tensor that follows the one [`Backend::gather_bands`] runs.
-#[derive(Clone, Copy, Debug)]
-pub struct NextTensor<'a> {
-    /// Its whole gather, as [`Backend::begin_tensor`] will be given it.
-    pub gather: &'a Gather,
-    /// Its bands and cast, as [`Backend::gather_bands`] will be given them.
-    pub bands: &'a [(usize, Gather)],
-    pub cast: Option<Cast>,
-    /// The source both calls will see.
-    pub src: &'a [u8],
-}
-
-/// Where the bands of a tensor go, in order.
-pub trait BandSink {
-    /// The slice for the band of `len` output bytes at output byte `at` of the tensor.
-    fn band(&mut self, at: usize, len: usize) -> Result<&mut [u8]>;
-}
-
-/// Output byte offset and length of band `(at, g)` of a tensor, converted by `cast`.
-pub fn band_extent(at: usize, g: &Gather, cast: Option<Cast>) -> (usize, usize) {
-    match cast {
-        None => (at, g.out_bytes()),
-        Some(c) => {
-            let (from, to) = (c.from().size(), c.to().size());
-            (at / from * to, g.len().saturating_mul(to))
-        }
-    }
-}
-
-/// [`Backend::gather_bands`] one band after the other.
-pub fn bands_one_by_one<B: Backend + ?Sized>(
-    backend: &B,
-    bands: &[(usize, Gather)],
-    cast: Option<Cast>,
-    src: &[u8],
-    sink: &mut dyn BandSink,
-    after: &mut dyn FnMut(usize) -> Result<()>,
-) -> Result<()> {
-    for (at, g) in bands {
-        let (at_out, len) = band_extent(*at, g, cast);
-        let dst = sink.band(at_out, len)?;
-        match cast {
-            None => backend.gather(g, src, dst)?,
-            Some(c) => backend.gather_cast(g, c, src, dst)?,
-        }
-        after(len)?;
-    }
-    Ok(())
 }
 
 /// Bytes moved between the host and a device.
@@ -137,13 +71,13 @@ impl DeviceTraffic {
 }
 
 /// Output bytes of `g` converted by `cast` (saturating, as [`Gather::out_bytes`]).
-pub fn cast_out_bytes(g: &Gather, cast: Cast) -> usize {
+pub(crate) fn cast_out_bytes(g: &Gather, cast: Cast) -> usize {
     g.len().saturating_mul(cast.to().size())
 }
 
 /// Checks what [`Backend::gather_cast`] relies on: the gather reads `cast.from()`
 /// elements, the source holds what it reads and `dst` what the cast writes.
-pub fn check_cast_buffers(g: &Gather, cast: Cast, src: &[u8], dst: &[u8]) -> Result<()> {
+pub(crate) fn check_cast_buffers(g: &Gather, cast: Cast, src: &[u8], dst: &[u8]) -> Result<()> {
     g.validate()?;
     if g.elem_size != cast.from().size() {
         return Err(Error::Layout {
@@ -336,7 +270,7 @@ fn run_cast_job(
 }
 
 /// Checks that `src` holds every byte `g` reads.
-fn check_source(g: &Gather, src: &[u8]) -> Result<()> {
+pub(crate) fn check_source(g: &Gather, src: &[u8]) -> Result<()> {
     let need = g
         .src_extent()
         .checked_mul(g.elem_size)
@@ -352,7 +286,7 @@ fn check_source(g: &Gather, src: &[u8]) -> Result<()> {
 }
 
 /// Checks the sizes a backend relies on, so no backend can index out of bounds.
-pub fn check_buffers(g: &Gather, src: &[u8], dst: &[u8]) -> Result<()> {
+pub(crate) fn check_buffers(g: &Gather, src: &[u8], dst: &[u8]) -> Result<()> {
     check_source(g, src)?;
     if dst.len() != g.out_bytes() {
         return Err(Error::Layout {

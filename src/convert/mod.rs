@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Backend, BandSink, DeviceTraffic, NextTensor};
+use crate::backend::{Backend, Buffers, Job, Sink, Step};
 use crate::error::{Error, Result};
-use crate::layout::{Cast, Gather};
+use crate::layout::Cast;
 use crate::plan::{Plan, PlanEntry};
 use crate::reader::Checkpoint;
-use crate::writer::output::{check_not_input, check_space, shard_is_complete, OutputFolder};
-use crate::writer::shard::{OutputFile, OutputLayout, INDEX_NAME, SHARD_METADATA_KEY};
+use crate::writer::output::Output;
+use crate::writer::shard::{OutputFile, OutputLayout, SHARD_METADATA_KEY};
 use crate::writer::{AtomicFile, OutputKind, SafetensorsWriter, ShardOptions};
 
 mod report;
@@ -123,9 +123,9 @@ impl<'a> Converter<'a> {
         self
     }
 
-    /// The op that produces `entry`: the gather over its (sliced) source and the element
-    /// conversion, if any.
-    fn op(&self, entry: &PlanEntry) -> Result<(Gather, Option<Cast>)> {
+    /// The job that produces `entry`, the one place a plan entry becomes work: the
+    /// gather over its (sliced) source, the element conversion, and its bands.
+    fn job(&self, entry: &PlanEntry) -> Result<Job<'a>> {
         let t = self
             .ckpt
             .tensors()
@@ -154,7 +154,12 @@ impl<'a> Converter<'a> {
                 ),
             });
         }
-        Ok((g, cast))
+        Job::new(vec![(self.ckpt.storage_bytes(t), g)], cast, self.band_bytes)
+    }
+
+    /// The jobs of `entries`, in order.
+    fn jobs(&self, entries: &[&PlanEntry]) -> Result<Vec<Job<'a>>> {
+        entries.iter().map(|e| self.job(e)).collect()
     }
 
     /// Bytes of one output tensor; an error when its shape overflows.
@@ -170,18 +175,18 @@ impl<'a> Converter<'a> {
 
     /// Converts one tensor into `dst`, which must hold exactly its bytes.
     pub fn convert_into(&self, entry: &PlanEntry, dst: &mut [u8]) -> Result<()> {
-        let (g, cast) = self.op(entry)?;
-        let src = self.source_bytes(entry);
-        check_buffer(entry, dst.len(), out_bytes(&g, cast))?;
-        self.run_entry(
-            &g,
-            cast,
-            src,
-            None,
-            &mut &mut *dst,
-            self.interrupt.as_ref(),
-            &mut |_| {},
-        )?;
+        let job = self.job(entry)?;
+        check_buffer(entry, dst.len(), job.out_bytes())?;
+        let interrupt = self.interrupt.as_ref();
+        Interrupt::check(interrupt)?;
+        self.backend
+            .run(&[job], &mut Buffers(&mut [dst]), &mut |step| match step {
+                Step::Band { .. } => {
+                    self.ckpt.check_reads()?;
+                    Interrupt::check(interrupt)
+                }
+                Step::Job { .. } => Ok(()),
+            })?;
         // Alone, a split part cannot know whether its siblings are still to come.
         self.release(entry, entry.slice.is_none());
         Ok(())
@@ -192,7 +197,7 @@ impl<'a> Converter<'a> {
     /// loaders fill arrays they allocated, with no copy in between. Every length is
     /// checked before any work; `progress` hears about every band and every tensor.
     pub fn fill(&self, dsts: &mut [&mut [u8]], progress: &mut dyn FnMut(Progress)) -> Result<()> {
-        let entries = &self.plan.entries;
+        let entries: Vec<&PlanEntry> = self.plan.entries.iter().collect();
         if dsts.len() != entries.len() {
             return Err(Error::Layout {
                 detail: format!(
@@ -202,108 +207,62 @@ impl<'a> Converter<'a> {
                 ),
             });
         }
-        let mut ops = Vec::with_capacity(entries.len());
-        for (entry, dst) in entries.iter().zip(dsts.iter()) {
-            let (g, cast) = self.op(entry)?;
-            check_buffer(entry, dst.len(), out_bytes(&g, cast))?;
-            ops.push((g, cast));
+        let jobs = self.jobs(&entries)?;
+        for ((entry, dst), job) in entries.iter().zip(dsts.iter()).zip(&jobs) {
+            check_buffer(entry, dst.len(), job.out_bytes())?;
         }
-        let mut run = Run::for_entries(self.plan, ops.iter().map(|(g, c)| out_bytes(g, *c)));
+        let mut run = Run::new(&entries, jobs.iter().map(|j| j.out_bytes() as u64));
         progress(run.state);
-        for (i, ((entry, dst), (g, cast))) in
-            entries.iter().zip(dsts.iter_mut()).zip(&ops).enumerate()
-        {
-            Interrupt::check(self.interrupt.as_ref())?;
-            let src = self.source_bytes(entry);
-            let next = match (ops.get(i + 1), entries.get(i + 1)) {
-                (Some((g, c)), Some(e)) => Some((g, *c, self.source_bytes(e))),
-                _ => None,
-            };
-            let state = &mut run.state;
-            self.run_entry(
-                g,
-                *cast,
-                src,
-                next,
-                &mut &mut **dst,
-                self.interrupt.as_ref(),
-                &mut |len| {
-                    state.bytes_done += len as u64;
-                    progress(*state);
-                },
-            )?;
-            if run.finish_source(entry.source) {
-                self.release(entry, true);
-            }
-            run.state.tensors_done += 1;
-            progress(run.state);
-        }
-        Ok(())
+        let interrupt = self.interrupt.as_ref();
+        self.run(
+            &entries,
+            &jobs,
+            &mut Buffers(dsts),
+            &mut run,
+            interrupt,
+            progress,
+        )
     }
 
-    /// Runs one tensor band by band, each band computed in place into the slice `sink`
-    /// hands out for it; `done` hears the bytes of every finished band.
-    /// `next`: the tensor that follows, whose upload a device backend queues behind
-    /// this one's last pieces.
-    #[allow(clippy::too_many_arguments)]
-    fn run_entry(
+    /// Runs `jobs` (those of `entries`) in one backend call: every band is checked
+    /// against the input's reads and the interrupt, each finished tensor lets its
+    /// source's pages go, and `progress` hears of both.
+    fn run(
         &self,
-        g: &Gather,
-        cast: Option<Cast>,
-        src: &[u8],
-        next: Option<(&Gather, Option<Cast>, &[u8])>,
-        sink: &mut dyn BandSink,
+        entries: &[&PlanEntry],
+        jobs: &[Job<'_>],
+        sink: &mut dyn Sink,
+        run: &mut Run,
         interrupt: Option<&Interrupt>,
-        done: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(Progress),
     ) -> Result<()> {
-        // The bands share one source: a device backend uploads it once for all of them.
-        self.backend.begin_tensor(g, src)?;
-        let result = self.run_bands(g, cast, src, next, sink, interrupt, done);
-        self.backend.end_tensor();
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn run_bands(
-        &self,
-        g: &Gather,
-        cast: Option<Cast>,
-        src: &[u8],
-        next: Option<(&Gather, Option<Cast>, &[u8])>,
-        sink: &mut dyn BandSink,
-        interrupt: Option<&Interrupt>,
-        done: &mut dyn FnMut(usize),
-    ) -> Result<()> {
-        let bands = self.bands(g, cast);
-        let next_bands = next.map(|(g, c, _)| self.bands(g, c));
-        let next = match (next, &next_bands) {
-            (Some((gather, cast, src)), Some(bands)) => Some(NextTensor {
-                gather,
-                bands,
-                cast,
-                src,
-            }),
-            _ => None,
-        };
         Interrupt::check(interrupt)?;
-        self.backend
-            .gather_bands(&bands, cast, src, next, sink, &mut |len| {
-                self.ckpt.check_reads()?;
-                done(len);
-                Interrupt::check(interrupt)
-            })
-    }
-
-    /// A tensor's bands: bands count output bytes; with a cast the gather splits by
-    /// source elements.
-    fn bands(&self, g: &Gather, cast: Option<Cast>) -> Vec<(usize, Gather)> {
-        match cast {
-            None => g.split(self.band_bytes),
-            Some(c) => {
-                let (from, to) = (c.from().size(), c.to().size());
-                g.split((self.band_bytes / to).max(1).saturating_mul(from))
+        let last = jobs.len().checked_sub(1);
+        self.backend.run(jobs, sink, &mut |step| {
+            let finished = matches!(step, Step::Job { job } if Some(job) == last);
+            match step {
+                Step::Band { bytes, .. } => {
+                    self.ckpt.check_reads()?;
+                    run.state.bytes_done += bytes as u64;
+                }
+                Step::Job { job } => {
+                    let entry = entries.get(job).ok_or_else(|| Error::Layout {
+                        detail: format!("the backend finished job {job}, which was not given"),
+                    })?;
+                    // A source read by several entries (split parts) goes after its last.
+                    if run.finish_source(entry.source) {
+                        self.release(entry, true);
+                    }
+                    run.state.tensors_done += 1;
+                }
             }
-        }
+            progress(run.state);
+            if finished {
+                // The last job is written: nothing is left to stop.
+                return Ok(());
+            }
+            Interrupt::check(interrupt)
+        })
     }
 
     /// Hands every converted tensor to `f` as soon as it is ready, in plan order; the
@@ -346,8 +305,17 @@ impl<'a> Converter<'a> {
         )?;
         for entry in &self.plan.entries {
             Interrupt::check(self.interrupt.as_ref())?;
-            let (g, cast) = self.op(entry)?;
-            let buffer = gpu.gather_to_buffer(&g, cast, self.source_bytes(entry))?;
+            let job = self.job(entry)?;
+            let [part] = job.parts() else {
+                return Err(Error::Layout {
+                    detail: format!(
+                        "'{}' reads {} sources; a device buffer is made from one",
+                        entry.target,
+                        job.parts().len()
+                    ),
+                });
+            };
+            let buffer = gpu.gather_to_buffer(part.gather(), job.cast(), part.src())?;
             self.ckpt.check_reads()?;
             f(entry, buffer)?;
         }
@@ -375,40 +343,14 @@ impl<'a> Converter<'a> {
         opts: &WriteOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ConvertReport> {
-        let started = self.start();
-        check_not_input(self.ckpt, out)?;
         let name = out
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let layout = OutputLayout::single(self.plan, &name)?;
         let metadata = layout.metadata_of(&self.base_metadata(opts));
-        let file = &layout.files[0];
-        let mut run = Run::new(self.plan, [file]);
-        progress(run.state);
-        self.ckpt.advise_sequential();
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
-        check_space(
-            parent.unwrap_or(Path::new(".")),
-            &[(out.to_path_buf(), file)],
-            &metadata,
-        )?;
-        let mut pending = Vec::new();
-        self.write_files(
-            &[(out.to_path_buf(), file)],
-            &metadata,
-            opts,
-            &mut run,
-            progress,
-            &mut |f| {
-                pending.push(f);
-                Ok(())
-            },
-        )?;
-        Interrupt::check(opts.interrupt.as_ref())?;
-        self.ckpt.check_unchanged()?;
-        AtomicFile::commit_all(pending)?;
-        Ok(self.report(started, &run, vec![out.to_path_buf()]))
+        let output = Output::file(out, &layout, &metadata, self.ckpt)?;
+        self.write_output(output, &metadata, opts, progress)
     }
 
     /// Writes the converted checkpoint into the folder `dir` as shards of at most
@@ -421,7 +363,7 @@ impl<'a> Converter<'a> {
     /// With a worker (`i/N`), only its shards are written, each atomically; a shard
     /// already there with exactly the expected header and size is kept, so a re-run is
     /// idempotent. The worker that finds every shard present checks the set and writes
-    /// the index ([`crate::writer::shard::merge_index`]).
+    /// the index ([`crate::shard::merge_index`]).
     pub fn write_sharded(
         &self,
         dir: &Path,
@@ -429,215 +371,96 @@ impl<'a> Converter<'a> {
         opts: &WriteOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ConvertReport> {
-        let started = self.start();
         let layout = OutputLayout::sharded(self.plan, shard.max_shard_bytes)?;
         let metadata = layout.metadata_of(&self.base_metadata(opts));
-        let index = dir.join(INDEX_NAME);
-        let mut folder = OutputFolder::open(dir, shard.worker.is_none())?;
-        for path in layout
-            .files
-            .iter()
-            .map(|f| dir.join(&f.name))
-            .chain([index.clone()])
-        {
-            check_not_input(self.ckpt, &path)?;
-        }
-        // Shards of an earlier set with another count, replaced with --force.
-        let stale: Vec<PathBuf> = crate::writer::shard::parse_dir_shards(dir)?
-            .into_iter()
-            .filter(|(_, n, _)| *n != layout.files.len())
-            .map(|(_, _, name)| dir.join(name))
-            .filter(|p| check_not_input(self.ckpt, p).is_ok())
-            .collect();
-
-        let mine: Vec<&OutputFile> = layout
-            .files
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| shard.worker.is_none_or(|w| w.owns(*k)))
-            .map(|(_, f)| f)
-            .collect();
-        let mut reused = Vec::new();
-        let mut todo = Vec::new();
-        match shard.worker {
-            None => {
-                if !opts.force {
-                    let taken = mine
-                        .iter()
-                        .map(|f| dir.join(&f.name))
-                        .chain([index.clone()])
-                        .chain(stale.iter().cloned())
-                        .find(|p| std::fs::symlink_metadata(p).is_ok());
-                    if let Some(path) = taken {
-                        return Err(Error::OutputExists { path });
-                    }
-                }
-                todo = mine;
-            }
-            Some(_) => {
-                for f in mine {
-                    let path = dir.join(&f.name);
-                    if std::fs::symlink_metadata(&path).is_err() {
-                        todo.push(f);
-                    } else if shard_is_complete(&path, f, &metadata)? {
-                        reused.push(path);
-                    } else if opts.force {
-                        todo.push(f);
-                    } else {
-                        return Err(Error::Shard {
-                            path,
-                            detail: "exists but is not this conversion's shard (pass --force to replace it)".to_string(),
-                        });
-                    }
-                }
-            }
-        }
-
-        let mut run = Run::new(self.plan, todo.iter().copied());
-        progress(run.state);
-        self.ckpt.advise_sequential();
-        let files: Vec<(PathBuf, &OutputFile)> =
-            todo.iter().map(|f| (dir.join(&f.name), *f)).collect();
-        let outputs: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
-        check_space(dir, &files, &metadata)?;
-        let mut pending = Vec::new();
-        let worker = shard.worker.is_some();
-        let interrupt = opts.interrupt.as_ref();
-        let ckpt = self.ckpt;
-        self.write_files(&files, &metadata, opts, &mut run, progress, &mut |f| {
-            if worker {
-                // Each worker's shard appears as soon as it is complete.
-                Interrupt::check(interrupt)?;
-                ckpt.check_unchanged()?;
-                f.commit()
-            } else {
-                pending.push(f);
-                Ok(())
-            }
-        })?;
-        Interrupt::check(opts.interrupt.as_ref())?;
-        let mut report = self.report(started, &run, outputs);
-        report.reused = reused;
-        report.shards = layout.files.len();
-        if shard.worker.is_none() {
-            // The index last: a loader that finds it finds every shard.
-            let mut idx = AtomicFile::create(&index, true)?;
-            idx.write_all(&layout.index_bytes())?;
-            idx.sync()?;
-            pending.push(idx);
-            self.ckpt.check_unchanged()?;
-            AtomicFile::commit_all(pending)?;
-            for path in &stale {
-                // Best effort: the new set is complete; an old file left is only clutter.
-                let _ = std::fs::remove_file(path);
-            }
-            report.index = Some(index);
-            report.shards_present = layout.files.len();
-        } else {
-            // Shards appear only complete, and a merge writes nothing new but the index,
-            // so one look at the folder serves both.
-            report.shards_present = crate::writer::shard::shards_present(dir, &layout);
-            if report.shards_present == layout.files.len() {
-                report.index = Some(crate::writer::shard::merge_index(dir)?.index);
-            }
-        }
-        folder.keep();
-        Ok(report)
+        let output = Output::shards(dir, &layout, &metadata, shard.worker, opts.force, self.ckpt)?;
+        self.write_output(output, &metadata, opts, progress)
     }
 
-    /// Writes output files one after the other through one writer, each with its tensors
-    /// in its order, into temporary files; `durable` receives each file, synced but not
-    /// committed, as soon as the writer's thread has completed it (files end while the
-    /// next is being filled, so shard boundaries cost no drain).
-    fn write_files(
+    /// Converts into the files `output` lists, then commits them.
+    fn write_output(
         &self,
-        files: &[(PathBuf, &OutputFile)],
+        mut output: Output<'_>,
         metadata: &BTreeMap<String, String>,
         opts: &WriteOptions,
-        run: &mut Run,
         progress: &mut dyn FnMut(Progress),
-        durable: &mut dyn FnMut(AtomicFile) -> Result<()>,
-    ) -> Result<()> {
-        // A piece is never smaller than one element, whatever the band.
-        let capacity = self.band_bytes.max(crate::layout::ELEM_SIZES[3]);
+    ) -> Result<ConvertReport> {
+        let started = (Instant::now(), self.backend.traffic());
         let interrupt = opts.interrupt.as_ref();
-        let mut writer: Option<SafetensorsWriter> = None;
-        // Every entry in the order written, so each tensor knows the one after it (across
-        // files too): the device uploads the next while this one finishes.
-        let mut order = Vec::new();
-        for (_, file) in files {
+        let ready = || -> Result<()> {
+            Interrupt::check(interrupt)?;
+            self.ckpt.check_unchanged()
+        };
+        let files = output.todo().to_vec();
+        let mut entries = Vec::new();
+        for (_, file) in &files {
             for &i in &file.entries {
-                let entry = self.plan.entries.get(i).ok_or_else(|| Error::Layout {
+                entries.push(self.plan.entries.get(i).ok_or_else(|| Error::Layout {
                     detail: format!(
                         "output file {} names plan entry {i}, which does not exist",
                         file.name
                     ),
-                })?;
-                order.push(entry);
+                })?);
             }
         }
-        let mut ops = order.iter().map(|e| self.op(e));
-        let mut upcoming = ops.next().transpose()?;
-        let mut position = 0;
-        for (path, file) in files {
-            Interrupt::check(interrupt)?;
-            let w = match writer.as_mut() {
-                None => writer.insert(SafetensorsWriter::with_capacity(
-                    path,
-                    &file.header,
-                    metadata,
-                    opts.force,
-                    capacity,
-                )?),
-                Some(w) => {
-                    w.next_file(path, &file.header, metadata, opts.force)?;
-                    w
-                }
+        let jobs = self.jobs(&entries)?;
+        let mut run = Run::new(&entries, jobs.iter().map(|j| j.out_bytes() as u64));
+        run.state.bytes_total = files.iter().map(|(_, f)| f.bytes).sum();
+        progress(run.state);
+        self.ckpt.advise_sequential();
+        if let Some((first, file)) = files.first() {
+            // A piece is never smaller than one element, whatever the band.
+            let capacity = self.band_bytes.max(crate::layout::ELEM_SIZES[3]);
+            let writer = SafetensorsWriter::with_capacity(
+                first,
+                &file.header,
+                metadata,
+                opts.force,
+                capacity,
+            )?;
+            let mut sink = FileSink {
+                writer,
+                files: &files,
+                starts: files
+                    .iter()
+                    .scan(0, |at, (_, f)| {
+                        let start = *at;
+                        *at += f.entries.len();
+                        Some(start)
+                    })
+                    .collect(),
+                current: 0,
+                metadata,
+                force: opts.force,
+                durable: &mut |f| output.durable(f, &ready),
             };
-            for f in w.take_durable()? {
-                durable(f)?;
-            }
-            // Each band is computed straight into the writer's block buffer; the
-            // writer's thread writes full blocks while the backend fills the next one.
-            for _ in &file.entries {
-                Interrupt::check(interrupt)?;
-                let (Some(entry), Some((g, cast))) = (order.get(position), upcoming.take()) else {
-                    return Err(Error::Layout {
-                        detail: format!(
-                            "output file {} lists more entries than planned",
-                            file.name
-                        ),
-                    });
-                };
-                position += 1;
-                upcoming = ops.next().transpose()?;
-                let next = match (&upcoming, order.get(position)) {
-                    (Some((g, c)), Some(e)) => Some((g, *c, self.source_bytes(e))),
-                    _ => None,
-                };
-                let src = self.source_bytes(entry);
-                let state = &mut run.state;
-                self.run_entry(&g, cast, src, next, w, interrupt, &mut |len| {
-                    state.bytes_done += len as u64;
-                    progress(*state);
-                })?;
-                // A source read by several entries (split parts) goes after its last.
-                if run.finish_source(entry.source) {
-                    self.release(entry, true);
-                }
-                run.state.tensors_done += 1;
-                progress(run.state);
-                for f in w.take_durable()? {
-                    durable(f)?;
-                }
-            }
-        }
-        if let Some(w) = writer {
-            for f in w.finish_all_uncommitted()? {
+            sink.advance_to(0)?;
+            self.run(&entries, &jobs, &mut sink, &mut run, interrupt, progress)?;
+            sink.advance_to(jobs.len())?;
+            let FileSink {
+                writer, durable, ..
+            } = sink;
+            for f in writer.finish_all_uncommitted()? {
                 durable(f)?;
             }
         }
-        Ok(())
+        let done = output.commit(&ready)?;
+        let moved = self.backend.traffic().since(started.1);
+        Ok(ConvertReport {
+            tensors: run.state.tensors_total,
+            bytes: run.state.bytes_total,
+            seconds: started.0.elapsed().as_secs_f64(),
+            device_upload_bytes: moved.upload_bytes,
+            device_readback_bytes: moved.readback_bytes,
+            backend: self.backend.name(),
+            dropped: self.plan.dropped.len(),
+            unmatched: self.plan.unmatched.len(),
+            shards_present: done.shards_present,
+            shards: done.shards,
+            index: done.index,
+            reused: done.reused,
+            outputs: done.outputs,
+        })
     }
 
     /// The source's metadata with `opts`' entries over it, less a shard tag it carried.
@@ -646,42 +469,6 @@ impl<'a> Converter<'a> {
         metadata.remove(SHARD_METADATA_KEY);
         metadata.extend(opts.metadata.clone());
         metadata
-    }
-
-    /// The clock and the device counters at the start of a run.
-    fn start(&self) -> (Instant, DeviceTraffic) {
-        (Instant::now(), self.backend.traffic())
-    }
-
-    fn report(
-        &self,
-        (started, traffic): (Instant, DeviceTraffic),
-        run: &Run,
-        outputs: Vec<PathBuf>,
-    ) -> ConvertReport {
-        let moved = self.backend.traffic().since(traffic);
-        ConvertReport {
-            tensors: run.state.tensors_total,
-            bytes: run.state.bytes_total,
-            seconds: started.elapsed().as_secs_f64(),
-            device_upload_bytes: moved.upload_bytes,
-            device_readback_bytes: moved.readback_bytes,
-            backend: self.backend.name(),
-            dropped: self.plan.dropped.len(),
-            unmatched: self.plan.unmatched.len(),
-            shards_present: 0,
-            shards: 0,
-            index: None,
-            reused: Vec::new(),
-            outputs,
-        }
-    }
-
-    fn source_bytes(&self, entry: &PlanEntry) -> &'a [u8] {
-        self.ckpt
-            .tensors()
-            .get(entry.source)
-            .map_or(&[], |t| self.ckpt.storage_bytes(t))
     }
 
     /// Lets the pages of a finished tensor go, unless another entry reads the same
@@ -711,18 +498,60 @@ fn check_buffer(entry: &PlanEntry, len: usize, want: usize) -> Result<()> {
     })
 }
 
-impl BandSink for SafetensorsWriter {
-    fn band(&mut self, _at: usize, len: usize) -> Result<&mut [u8]> {
-        self.reserve(len)
+/// The writer as a run's sink: jobs go into the output files in order, each file's
+/// tensors one after the other, the next file begun once the last tensor before it is
+/// done.
+struct FileSink<'s> {
+    writer: SafetensorsWriter,
+    files: &'s [(PathBuf, &'s OutputFile)],
+    /// The first job of each file.
+    starts: Vec<usize>,
+    /// The file being written.
+    current: usize,
+    metadata: &'s BTreeMap<String, String>,
+    force: bool,
+    /// Hears of every file written and synced, as soon as the writer's thread is done
+    /// with it (files end while the next is being filled: no drain at file boundaries).
+    durable: &'s mut dyn FnMut(AtomicFile) -> Result<()>,
+}
+
+impl FileSink<'_> {
+    /// Begins every file whose tensors start at or before `job` (a file of no tensors
+    /// is begun and ended at once).
+    fn advance_to(&mut self, job: usize) -> Result<()> {
+        while let (Some(&start), Some((path, file))) = (
+            self.starts.get(self.current + 1),
+            self.files.get(self.current + 1),
+        ) {
+            if start > job {
+                break;
+            }
+            self.writer
+                .next_file(path, &file.header, self.metadata, self.force)?;
+            self.current += 1;
+            self.hand_over()?;
+        }
+        Ok(())
+    }
+
+    fn hand_over(&mut self) -> Result<()> {
+        for f in self.writer.take_durable()? {
+            (self.durable)(f)?;
+        }
+        Ok(())
     }
 }
 
-impl BandSink for &mut [u8] {
-    fn band(&mut self, at: usize, len: usize) -> Result<&mut [u8]> {
-        let end = at.saturating_add(len);
-        self.get_mut(at..end).ok_or_else(|| Error::Layout {
-            detail: format!("band {at}..{end} outside the output buffer"),
-        })
+impl Sink for FileSink<'_> {
+    fn band(&mut self, _job: usize, _at: usize, len: usize) -> Result<&mut [u8]> {
+        // Each band is computed straight into the writer's block buffer; the writer's
+        // thread writes full blocks while the backend fills the next one.
+        self.writer.reserve(len)
+    }
+
+    fn job_done(&mut self, job: usize) -> Result<()> {
+        self.hand_over()?;
+        self.advance_to(job + 1)
     }
 }
 
@@ -733,33 +562,15 @@ struct Run {
 }
 
 impl Run {
-    fn new<'f>(plan: &Plan, files: impl IntoIterator<Item = &'f OutputFile>) -> Run {
-        let mut state = Progress::default();
-        let mut readers_left: HashMap<usize, usize> = HashMap::new();
-        for f in files {
-            state.tensors_total += f.entries.len();
-            state.bytes_total += f.bytes;
-            for &i in &f.entries {
-                if let Some(e) = plan.entries.get(i) {
-                    *readers_left.entry(e.source).or_default() += 1;
-                }
-            }
-        }
-        Run {
-            state,
-            readers_left,
-        }
-    }
-
-    /// A run over every entry of `plan`, whose outputs have the given byte sizes.
-    fn for_entries(plan: &Plan, bytes: impl Iterator<Item = usize>) -> Run {
+    /// A run over `entries`, whose outputs have the given byte sizes.
+    fn new(entries: &[&PlanEntry], bytes: impl Iterator<Item = u64>) -> Run {
         let mut state = Progress {
-            tensors_total: plan.entries.len(),
+            tensors_total: entries.len(),
             ..Progress::default()
         };
         let mut readers_left: HashMap<usize, usize> = HashMap::new();
-        for (e, b) in plan.entries.iter().zip(bytes) {
-            state.bytes_total += b as u64;
+        for (e, b) in entries.iter().zip(bytes) {
+            state.bytes_total += b;
             *readers_left.entry(e.source).or_default() += 1;
         }
         Run {
@@ -777,13 +588,5 @@ impl Run {
             }
             None => true,
         }
-    }
-}
-
-/// Output bytes of `g`, converted by `cast` when there is one.
-fn out_bytes(g: &Gather, cast: Option<Cast>) -> usize {
-    match cast {
-        Some(c) => crate::backend::cast_out_bytes(g, c),
-        None => g.out_bytes(),
     }
 }

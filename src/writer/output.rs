@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::reader::Checkpoint;
-use crate::writer::shard::{OutputFile, Worker};
+use crate::writer::shard::{
+    merge_index, parse_dir_shards, shards_present, OutputFile, OutputLayout, Worker, INDEX_NAME,
+};
+use crate::writer::AtomicFile;
 
 /// How the output is split into files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,5 +205,217 @@ fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
+    }
+}
+
+/// The files of one run, from the checks before any work to the commit after it: which
+/// files this run writes, which a re-run worker keeps, the folder it may have created,
+/// an older set's shards to clear, and the index.
+pub(crate) struct Output<'l> {
+    layout: &'l OutputLayout,
+    /// Files to write, in order, each with its path.
+    todo: Vec<(PathBuf, &'l OutputFile)>,
+    /// Shards a worker found complete and kept.
+    reused: Vec<PathBuf>,
+    /// Written and synced, committed together at the end.
+    pending: Vec<AtomicFile>,
+    shards: Option<ShardSet>,
+}
+
+/// What a sharded output holds beyond its files.
+struct ShardSet {
+    dir: PathBuf,
+    folder: OutputFolder,
+    /// Shards of an earlier set with another count, removed once this set is complete.
+    stale: Vec<PathBuf>,
+    /// Each shard is committed as soon as it is complete (`--shard i/N`).
+    worker: bool,
+}
+
+/// What [`Output::commit`] leaves on disk.
+pub(crate) struct Committed {
+    /// The files this run wrote.
+    pub outputs: Vec<PathBuf>,
+    pub reused: Vec<PathBuf>,
+    /// The index, when this run wrote it (or a worker's merge did).
+    pub index: Option<PathBuf>,
+    /// Shards in the whole set (0 for one file), and how many exist now.
+    pub shards: usize,
+    pub shards_present: usize,
+}
+
+impl<'l> Output<'l> {
+    /// One file at `out`: refused when it is one of `ckpt`'s files or cannot fit in the
+    /// free space (an existing file is replaced only with `force`, when it is written).
+    pub(crate) fn file(
+        out: &Path,
+        layout: &'l OutputLayout,
+        metadata: &BTreeMap<String, String>,
+        ckpt: &Checkpoint,
+    ) -> Result<Output<'l>> {
+        check_not_input(ckpt, out)?;
+        let file = layout.files.first().ok_or_else(|| Error::Layout {
+            detail: "a one-file layout without its file".to_string(),
+        })?;
+        let todo = vec![(out.to_path_buf(), file)];
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+        check_space(parent.unwrap_or(Path::new(".")), &todo, metadata)?;
+        Ok(Output {
+            layout,
+            todo,
+            reused: Vec::new(),
+            pending: Vec::new(),
+            shards: None,
+        })
+    }
+
+    /// The shards of `layout` in the folder `dir`, created if needed (and removed again
+    /// if this run fails and it is still empty). Without a worker, every shard, the
+    /// index and an older set's shards must be absent unless `force`. With one, only its
+    /// shards are written: one already there with exactly the expected header and size
+    /// is kept, any other is refused unless `force`.
+    pub(crate) fn shards(
+        dir: &Path,
+        layout: &'l OutputLayout,
+        metadata: &BTreeMap<String, String>,
+        worker: Option<Worker>,
+        force: bool,
+        ckpt: &Checkpoint,
+    ) -> Result<Output<'l>> {
+        let index = dir.join(INDEX_NAME);
+        let folder = OutputFolder::open(dir, worker.is_none())?;
+        for path in layout
+            .files
+            .iter()
+            .map(|f| dir.join(&f.name))
+            .chain([index.clone()])
+        {
+            check_not_input(ckpt, &path)?;
+        }
+        let stale: Vec<PathBuf> = parse_dir_shards(dir)?
+            .into_iter()
+            .filter(|(_, n, _)| *n != layout.files.len())
+            .map(|(_, _, name)| dir.join(name))
+            .filter(|p| check_not_input(ckpt, p).is_ok())
+            .collect();
+        let mine = layout
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| worker.is_none_or(|w| w.owns(*k)))
+            .map(|(_, f)| (dir.join(&f.name), f));
+        let mut reused = Vec::new();
+        let mut todo = Vec::new();
+        match worker {
+            None => {
+                todo = mine.collect();
+                if !force {
+                    let taken = todo
+                        .iter()
+                        .map(|(p, _)| p.clone())
+                        .chain([index])
+                        .chain(stale.iter().cloned())
+                        .find(|p| std::fs::symlink_metadata(p).is_ok());
+                    if let Some(path) = taken {
+                        return Err(Error::OutputExists { path });
+                    }
+                }
+            }
+            Some(_) => {
+                for (path, f) in mine {
+                    if std::fs::symlink_metadata(&path).is_err() {
+                        todo.push((path, f));
+                    } else if shard_is_complete(&path, f, metadata)? {
+                        reused.push(path);
+                    } else if force {
+                        todo.push((path, f));
+                    } else {
+                        return Err(Error::Shard {
+                            path,
+                            detail: "exists but is not this conversion's shard (pass --force to replace it)".to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        check_space(dir, &todo, metadata)?;
+        Ok(Output {
+            layout,
+            todo,
+            reused,
+            pending: Vec::new(),
+            shards: Some(ShardSet {
+                dir: dir.to_path_buf(),
+                folder,
+                stale,
+                worker: worker.is_some(),
+            }),
+        })
+    }
+
+    /// The files to write, in order, with their paths.
+    pub(crate) fn todo(&self) -> &[(PathBuf, &'l OutputFile)] {
+        &self.todo
+    }
+
+    /// Takes a written, synced file: a worker's shard appears at once, once `ready`
+    /// passes; any other file waits for [`Output::commit`].
+    pub(crate) fn durable(
+        &mut self,
+        file: AtomicFile,
+        ready: &dyn Fn() -> Result<()>,
+    ) -> Result<()> {
+        if self.shards.as_ref().is_some_and(|s| s.worker) {
+            ready()?;
+            file.commit()
+        } else {
+            self.pending.push(file);
+            Ok(())
+        }
+    }
+
+    /// Makes the run's files appear, once `ready` passes: all at once, the index last so
+    /// a loader that finds it finds every shard; a worker that completes the set checks
+    /// it and writes the index.
+    pub(crate) fn commit(mut self, ready: &dyn Fn() -> Result<()>) -> Result<Committed> {
+        ready()?;
+        let outputs: Vec<PathBuf> = self.todo.iter().map(|(p, _)| p.clone()).collect();
+        let mut done = Committed {
+            outputs,
+            reused: std::mem::take(&mut self.reused),
+            index: None,
+            shards: 0,
+            shards_present: 0,
+        };
+        let Some(mut set) = self.shards.take() else {
+            AtomicFile::commit_all(self.pending)?;
+            return Ok(done);
+        };
+        let count = self.layout.files.len();
+        done.shards = count;
+        if set.worker {
+            // Shards appear only complete, and a merge writes nothing new but the index,
+            // so one look at the folder serves both.
+            done.shards_present = shards_present(&set.dir, self.layout);
+            if done.shards_present == count {
+                done.index = Some(merge_index(&set.dir)?.index);
+            }
+        } else {
+            let index = set.dir.join(INDEX_NAME);
+            let mut idx = AtomicFile::create(&index, true)?;
+            idx.write_all(&self.layout.index_bytes())?;
+            idx.sync()?;
+            self.pending.push(idx);
+            ready()?;
+            AtomicFile::commit_all(std::mem::take(&mut self.pending))?;
+            for path in &set.stale {
+                // Best effort: the new set is complete; an old file left is only clutter.
+                let _ = std::fs::remove_file(path);
+            }
+            done.index = Some(index);
+            done.shards_present = count;
+        }
+        set.folder.keep();
+        Ok(done)
     }
 }

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{check_buffers, check_cast_buffers, Backend, NextTensor};
+use crate::backend::{check_buffers, check_cast_buffers, Backend, Band, Job, Part, Sink, Step};
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 
@@ -60,44 +60,24 @@ pub struct Gpu {
     /// Bytes written into upload buffers and mapped back, since the device was opened.
     uploaded: AtomicU64,
     read_back: AtomicU64,
-    /// The source of the tensor being converted, kept on the device between
-    /// [`Backend::begin_tensor`] and [`Backend::end_tensor`] so its bands upload nothing.
-    held: Mutex<Option<Held>>,
-    /// The next tensor's windows, uploaded behind the current tensor's last pieces
-    /// (see [`Backend::gather_bands`]'s `next`), with the gather they were planned for.
-    next_held: Mutex<Option<(Gather, Held)>>,
-    /// Tensors whose source [`Backend::begin_tensor`] found already uploaded.
+    /// Jobs whose source was found already uploaded when they began (uploaded behind
+    /// the job before them), and jobs whose first pieces were already in flight.
     prefetched: AtomicU64,
-    /// The next tensor's first pieces, in flight in the slots when a call returned.
-    carried: Mutex<Option<Carried>>,
-    /// Tensors whose first pieces the call before had started.
     carried_tensors: AtomicU64,
 }
 
-/// Pieces of the tensor named as next, submitted while the tensor before it finished,
-/// and still in flight in the ring.
-#[derive(Clone)]
+/// A part's first pieces, submitted while the part before it finished, still in flight
+/// in the ring.
 struct Carried {
-    /// What the call that adopts them must be given.
-    bands: Vec<(usize, Gather)>,
-    cast: Option<Cast>,
-    src: (usize, usize),
     /// Band of each piece in flight, oldest first; the slot of the oldest.
     in_flight: VecDeque<usize>,
     oldest: usize,
-    /// Pieces of the tensor's plan submitted so far (its first ones).
+    /// Pieces of the part's plan submitted so far (its first ones).
     submitted: usize,
 }
 
-/// A source's address and length, how held windows and carried pieces know it.
-fn identity(src: &[u8]) -> (usize, usize) {
-    (src.as_ptr() as usize, src.len())
-}
-
-/// A tensor's source windows, uploaded once for all its bands.
+/// A part's source windows, uploaded once for all its bands.
 struct Held {
-    /// Address and length of the source slice they were uploaded from.
-    src: (usize, usize),
     /// Byte ranges of the source (start, end) and their device copies, by start.
     windows: Vec<(usize, usize, wgpu::Buffer)>,
 }
@@ -227,10 +207,7 @@ impl Gpu {
             slots: Mutex::new(Vec::new()),
             uploaded: AtomicU64::new(0),
             read_back: AtomicU64::new(0),
-            held: Mutex::new(None),
-            next_held: Mutex::new(None),
             prefetched: AtomicU64::new(0),
-            carried: Mutex::new(None),
             carried_tensors: AtomicU64::new(0),
             kernels,
             device,
@@ -261,50 +238,41 @@ impl Gpu {
             self.upload(&buffer, 0, &src[start..end]);
             windows.push((start, end, buffer));
         }
-        Ok(Some(Held {
-            src: identity(src),
-            windows,
-        }))
+        Ok(Some(Held { windows }))
     }
 
-    /// Uploads the next tensor's windows (within `budget` bytes beside what is held) and
-    /// submits, so the copy is queued behind the work already submitted; its
-    /// `begin_tensor` then finds them in place.
-    fn prefetch(&self, next: Option<(&Gather, &[u8])>, budget: usize) -> Result<()> {
-        let mut slot = lock(&self.next_held);
-        *slot = None;
-        let Some((g, src)) = next else {
-            return Ok(());
-        };
-        if let Some(h) = self.upload_held(g, src, budget)? {
+    /// Uploads a part's windows (within `budget` bytes) and submits, so the copy is
+    /// queued behind the work already submitted: the part that follows the one running
+    /// finds them in place.
+    fn prefetch(&self, part: &Part<'_>, budget: usize) -> Result<Option<Held>> {
+        let held = self.upload_held(part.gather(), part.src(), budget)?;
+        if held.is_some() {
             self.queue.submit([]);
-            *slot = Some((g.clone(), h));
         }
-        Ok(())
+        Ok(held)
     }
 
     internal! {
-    /// Tensors whose source was found already uploaded when they began (the converter
-    /// names each tensor's successor, whose upload is queued behind the current one).
+    /// Parts whose source was found already uploaded when they began (each part's
+    /// upload is queued behind the one before it).
     pub fn prefetched_tensors(&self) -> u64 {
         self.prefetched.load(Ordering::Relaxed)
     }
     }
 
     internal! {
-    /// Tensors whose first pieces were already in flight when their bands began
-    /// (started while the tensor before them finished).
+    /// Parts whose first pieces were already in flight when their bands began (started
+    /// while the part before them finished).
     pub fn carried_tensors(&self) -> u64 {
         self.carried_tensors.load(Ordering::Relaxed)
     }
     }
 
     internal! {
-    /// Whether pieces started for a next tensor are in flight now (a run stopped between
-    /// two tensors leaves them; the next use of the ring drops them unless they are
-    /// exactly its own).
+    /// Whether any piece is in flight now: never, between calls (a run leaves its ring
+    /// drained whether it ends, fails or is stopped).
     pub fn has_carried_pieces(&self) -> bool {
-        lock(&self.carried).is_some()
+        lock(&self.slots).iter().any(|s| s.pending.is_some())
     }
     }
 
@@ -600,8 +568,11 @@ impl Gpu {
     /// needs `g` to be a copy).
     /// With `cast`, each piece's gathered elements are converted on the device before
     /// the readback, and `dst` holds the converted elements.
+    #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
+        slots: &mut [Slot],
+        held: Option<&Held>,
         g: &Gather,
         src: &[u8],
         dst: &mut [u8],
@@ -609,30 +580,20 @@ impl Gpu {
         cast: Option<Cast>,
     ) -> Result<()> {
         self.check_faults()?;
-        let held = lock(&self.held);
-        let held_pieces = match (&*held, kernel) {
-            (Some(h), Some(_)) if h.src == identity(src) => {
-                chunk::held_pieces(g, &h.windows, self.held_piece_bytes(cast))
-            }
+        let held_pieces = match (held, kernel) {
+            (Some(h), Some(_)) => chunk::held_pieces(g, &h.windows, self.held_piece_bytes(cast)),
             _ => None,
         };
-        let mut slots = lock(&self.slots);
-        // Pieces started for a tensor that did not follow are dropped unread.
-        if lock(&self.carried).take().is_some() {
-            self.drain(&mut slots, None, g)?;
-        }
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let result = match (held_pieces, &*held) {
-            (Some(pieces), Some(h)) => {
-                self.run_pieces(&mut slots, g, pieces, dst, kernel, cast, |w| {
-                    Input::Held(&h.windows[w].2)
-                })
-            }
-            _ => self.stream_pieces(&mut slots, g, src, dst, kernel, cast),
+        let result = match (held_pieces, held) {
+            (Some(pieces), Some(h)) => self.run_pieces(slots, g, pieces, dst, kernel, cast, |w| {
+                Input::Held(&h.windows[w].2)
+            }),
+            _ => self.stream_pieces(slots, g, src, dst, kernel, cast),
         };
         // Whatever happened, leave no slot mapped or in flight for the next call.
-        let drained = self.drain(&mut slots, None, g);
+        let drained = self.drain(slots, None);
         let oom = pollster::block_on(oom.pop());
         let validation = pollster::block_on(validation.pop());
         if let Some(e) = oom.or(validation) {
@@ -663,13 +624,13 @@ impl Gpu {
     /// when some band cannot be served from them (it then runs band by band).
     fn band_pieces(
         &self,
-        bands: &[(usize, Gather)],
+        bands: &[Band],
         windows: &[(usize, usize, wgpu::Buffer)],
         cast: Option<Cast>,
     ) -> Option<Vec<(usize, usize, chunk::Piece)>> {
         let quarter = self.held_piece_bytes(cast);
         let mut out = Vec::new();
-        for (b, (_, g)) in bands.iter().enumerate() {
+        for (b, g) in bands.iter().map(Band::gather).enumerate() {
             if g.is_empty() || g.validate().is_err() {
                 return None;
             }
@@ -680,30 +641,33 @@ impl Gpu {
         Some(out)
     }
 
-    /// Streams every band's pieces through the ring without a drain between bands: a
-    /// band's slice is asked of `sink` when its first piece comes back, and `after` hears
-    /// of it once its last piece has (pieces finish in the order they were submitted).
-    /// `carried`: this tensor's first pieces, submitted by the call before. Once its
-    /// own pieces are all submitted, the next tensor's windows are uploaded and, while
-    /// this tensor's last pieces come back, the next tensor's first pieces fill the
-    /// freed slots; they are returned, still in flight, for the next call.
+    /// Streams every band of `part` (job `job`), each served from its held windows by
+    /// `pieces`, through the ring without a drain between bands: a band's slice is asked
+    /// of `sink` when its first piece comes back, and `progress` hears of it once its
+    /// last piece has (pieces finish in the order they were submitted). `carried`: this
+    /// part's first pieces, submitted while the part before it finished. Once its own
+    /// pieces are all submitted, the next part's windows are uploaded (`next`: the part,
+    /// its cast and the device bytes it may hold) and, while this part's last pieces come
+    /// back, its first pieces fill the freed slots; the windows and those pieces, still
+    /// in flight, are returned for it.
     #[allow(clippy::too_many_arguments)]
     fn run_bands(
         &self,
         slots: &mut [Slot],
-        bands: &[(usize, Gather)],
-        pieces: Vec<(usize, usize, chunk::Piece)>,
+        job: usize,
+        part: &Part<'_>,
         cast: Option<Cast>,
-        sink: &mut dyn crate::backend::BandSink,
-        after: &mut dyn FnMut(usize) -> Result<()>,
+        pieces: Vec<(usize, usize, chunk::Piece)>,
         held: &Held,
-        next: Option<(NextTensor<'_>, usize)>,
         carried: Option<Carried>,
-    ) -> Result<Option<Carried>> {
+        next: Option<(&Part<'_>, Option<Cast>, usize)>,
+        sink: &mut dyn Sink,
+        progress: &mut dyn FnMut(Step) -> Result<()>,
+    ) -> Result<(Option<Held>, Option<Carried>)> {
         let depth = slots.len();
-        let extent = |b: usize| crate::backend::band_extent(bands[b].0, &bands[b].1, cast);
-        // Pieces in flight, oldest first: (of the next tensor?, band), the oldest in
-        // slot `oldest`.
+        let bands = part.bands();
+        // Pieces in flight, oldest first: (of the next part?, band), the oldest in slot
+        // `oldest`.
         let (mut in_flight, mut oldest, mut submitted) = match carried {
             Some(c) => (
                 c.in_flight.iter().map(|&b| (false, b)).collect(),
@@ -715,46 +679,50 @@ impl Gpu {
         let total = pieces.len();
         let mut pieces = pieces.into_iter().skip(submitted);
         let mut next = next;
-        let mut next_held = None;
+        let mut next_held: Option<Held> = None;
+        let mut next_cast = None;
         let mut next_pieces = Vec::new().into_iter();
         let mut next_submitted = 0;
         let mut current: Option<usize> = None;
         let mut dst: Option<&mut [u8]> = None;
         loop {
             if submitted == total {
-                if let Some((n, budget)) = next.take() {
-                    // Queued behind this tensor's last kernels: the device uploads the
-                    // next tensor while the host collects this one's last pieces.
-                    self.prefetch(Some((n.gather, n.src)), budget)?;
-                    let guard = lock(&self.next_held);
-                    if let Some((_, h)) = &*guard {
-                        if let Some(p) = self.band_pieces(n.bands, &h.windows, n.cast) {
+                if let Some((n, n_cast, budget)) = next.take() {
+                    // Queued behind this part's last kernels: the device uploads the
+                    // next part while the host collects this one's last pieces.
+                    next_held = self.prefetch(n, budget)?;
+                    next_cast = n_cast;
+                    if let Some(h) = &next_held {
+                        if let Some(p) = self.band_pieces(n.bands(), &h.windows, n_cast) {
                             next_pieces = p.into_iter();
                         }
                     }
-                    next_held = Some((guard, n));
                 }
             }
             let more = submitted < total || next_pieces.len() > 0;
             match in_flight.front() {
                 Some(&(false, b)) if in_flight.len() == depth || !more => {
                     in_flight.pop_front();
+                    let band = bands.get(b).ok_or_else(|| gpu_err("no such band"))?;
                     if current != Some(b) {
-                        if let Some(c) = current {
-                            after(extent(c).1)?;
+                        if let Some(c) = current.and_then(|c| bands.get(c)) {
+                            progress(Step::Band {
+                                job,
+                                bytes: c.len(),
+                            })?;
                         }
-                        let (at, len) = extent(b);
-                        dst = Some(sink.band(at, len)?);
+                        dst = Some(sink.band(job, band.at(), band.len())?);
                         current = Some(b);
                     }
                     let slot = slots
                         .get_mut(oldest)
                         .ok_or_else(|| gpu_err("no pipeline slot"))?;
-                    self.finish(slot, dst.as_deref_mut(), &bands[b].1)?;
+                    let out = dst.as_deref_mut().map(|d| (d, band.gather()));
+                    self.finish(slot, out)?;
                     oldest = (oldest + 1) % depth;
                     continue;
                 }
-                // Every piece of this tensor is back (what is in flight is the next's).
+                // Every piece of this part is back (what is in flight is the next's).
                 Some(&(true, _)) | None if submitted == total => break,
                 _ => {}
             }
@@ -771,19 +739,14 @@ impl Gpu {
                 self.submit(slot, piece, Input::Held(window), Some(kernel::choose), cast)?;
                 in_flight.push_back((false, b));
                 submitted += 1;
-            } else if let (Some((b, w, piece)), Some((guard, n))) =
-                (next_pieces.next(), next_held.as_ref())
-            {
-                let window = guard
-                    .as_ref()
-                    .and_then(|(_, h)| h.windows.get(w))
-                    .ok_or_else(|| gpu_err("no such window"))?;
+            } else if let (Some((b, w, piece)), Some(h)) = (next_pieces.next(), &next_held) {
+                let window = &h.windows.get(w).ok_or_else(|| gpu_err("no such window"))?.2;
                 self.submit(
                     slot,
                     piece,
-                    Input::Held(&window.2),
+                    Input::Held(window),
                     Some(kernel::choose),
-                    n.cast,
+                    next_cast,
                 )?;
                 in_flight.push_back((true, b));
                 next_submitted += 1;
@@ -791,20 +754,164 @@ impl Gpu {
                 return Err(gpu_err("nothing left to submit or finish"));
             }
         }
-        if let Some(c) = current {
-            after(extent(c).1)?;
+        if let Some(c) = current.and_then(|c| bands.get(c)) {
+            progress(Step::Band {
+                job,
+                bytes: c.len(),
+            })?;
         }
-        Ok(match next_held {
-            Some((_, n)) if next_submitted > 0 => Some(Carried {
-                bands: n.bands.to_vec(),
-                cast: n.cast,
-                src: identity(n.src),
-                in_flight: in_flight.iter().map(|&(_, b)| b).collect(),
-                oldest,
-                submitted: next_submitted,
-            }),
-            _ => None,
-        })
+        let carried = (next_submitted > 0).then(|| Carried {
+            in_flight: in_flight.iter().map(|&(_, b)| b).collect(),
+            oldest,
+            submitted: next_submitted,
+        });
+        Ok((next_held, carried))
+    }
+
+    /// Every job's parts in order through the ring, in one pass: each part's source is
+    /// uploaded once (queued behind the part before it where it fits beside it) and its
+    /// bands served from the device; a part that cannot be held streams band by band.
+    fn run_jobs(
+        &self,
+        slots: &mut [Slot],
+        jobs: &[Job<'_>],
+        sink: &mut dyn Sink,
+        progress: &mut dyn FnMut(Step) -> Result<()>,
+    ) -> Result<()> {
+        let parts: Vec<(usize, &Part<'_>)> = jobs
+            .iter()
+            .enumerate()
+            .flat_map(|(j, job)| job.parts().iter().map(move |p| (j, p)))
+            .collect();
+        // The next part's windows, uploaded behind this one, and its first pieces.
+        let mut prefetched: Option<(usize, Held)> = None;
+        let mut carried: Option<Carried> = None;
+        // Jobs whose completion has been reported.
+        let mut done = 0;
+        for (u, &(j, part)) in parts.iter().enumerate() {
+            // A job of no parts is complete as soon as the jobs before it are.
+            for empty in done..j {
+                sink.job_done(empty)?;
+                progress(Step::Job { job: empty })?;
+            }
+            done = j;
+            let cast = jobs.get(j).and_then(Job::cast);
+            let held = match prefetched.take() {
+                Some((p, h)) if p == u => {
+                    self.prefetched.fetch_add(1, Ordering::Relaxed);
+                    Some(h)
+                }
+                _ => self.upload_held(part.gather(), part.src(), HELD_BUDGET)?,
+            };
+            let next = parts
+                .get(u + 1)
+                .map(|&(nj, np)| (np, jobs.get(nj).and_then(Job::cast)));
+            let budget = HELD_BUDGET.saturating_sub(held.as_ref().map_or(0, Held::bytes));
+            let pieces = held
+                .as_ref()
+                .and_then(|h| self.band_pieces(part.bands(), &h.windows, cast));
+            match (pieces, &held) {
+                (Some(pieces), Some(h)) => {
+                    self.check_faults()?;
+                    if carried.is_some() {
+                        self.carried_tensors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+                    let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                    let result = self.run_bands(
+                        slots,
+                        j,
+                        part,
+                        cast,
+                        pieces,
+                        h,
+                        carried.take(),
+                        next.map(|(np, nc)| (np, nc, budget)),
+                        sink,
+                        progress,
+                    );
+                    let oom = pollster::block_on(oom.pop());
+                    let validation = pollster::block_on(validation.pop());
+                    if let Some(e) = oom.or(validation) {
+                        return Err(gpu_err(e.to_string()));
+                    }
+                    let (next_held, next_carried) = result?;
+                    prefetched = next_held.map(|h| (u + 1, h));
+                    carried = next_carried;
+                    self.check_faults()?;
+                }
+                _ => {
+                    // Pieces are carried only into a part served from its windows.
+                    if carried.take().is_some() {
+                        self.drain(slots, None)?;
+                    }
+                    // Streamed or copied on the host: the device is free for the next
+                    // upload now.
+                    prefetched = match next {
+                        Some((np, _)) => self.prefetch(np, budget)?.map(|h| (u + 1, h)),
+                        None => None,
+                    };
+                    for band in part.bands() {
+                        let dst = sink.band(j, band.at(), band.len())?;
+                        self.gather_with(
+                            slots,
+                            held.as_ref(),
+                            band.gather(),
+                            cast,
+                            part.src(),
+                            dst,
+                        )?;
+                        progress(Step::Band {
+                            job: j,
+                            bytes: band.len(),
+                        })?;
+                    }
+                }
+            }
+            if parts.get(u + 1).is_none_or(|&(nj, _)| nj != j) {
+                sink.job_done(j)?;
+                progress(Step::Job { job: j })?;
+                done = j + 1;
+            }
+        }
+        for empty in done..jobs.len() {
+            sink.job_done(empty)?;
+            progress(Step::Job { job: empty })?;
+        }
+        Ok(())
+    }
+
+    /// One gather (converted by `cast`) into `dst`, its pieces served from `held` where
+    /// they lie in its windows, streamed otherwise; a plain contiguous copy stays on the
+    /// host.
+    fn gather_with(
+        &self,
+        slots: &mut [Slot],
+        held: Option<&Held>,
+        g: &Gather,
+        cast: Option<Cast>,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<()> {
+        match cast {
+            Some(c) => check_cast_buffers(g, c, src, dst)?,
+            None => check_buffers(g, src, dst)?,
+        }
+        if g.is_empty() {
+            return Ok(());
+        }
+        if cast.is_none() && g.is_copy() {
+            // One contiguous run: a round trip through the device would move the same
+            // bytes three times over for nothing (copy.wgsl is tested on its own).
+            let start = g.offset * g.elem_size;
+            let from = src
+                .get(start..start + dst.len())
+                .ok_or_else(|| gpu_err("copy source outside the source"))?;
+            dst.copy_from_slice(from);
+            return Ok(());
+        }
+        // Gather and cast run back to back on the device: one upload, one readback.
+        self.stream(slots, held, g, src, dst, Some(kernel::choose), cast)
     }
 
     /// Most gathered bytes per piece of a held source: quarter chunks, so with nothing to
@@ -843,15 +950,15 @@ impl Gpu {
             let Some(slot) = slots.get_mut(i % depth) else {
                 return Err(gpu_err("no pipeline slot"));
             };
-            self.finish(slot, Some(&mut *dst), g)?;
+            self.finish(slot, Some((&mut *dst, g)))?;
             self.submit(slot, piece, input(window), kernel, cast)?;
         }
-        self.drain(slots, Some(dst), g)
+        self.drain(slots, Some((dst, g)))
     }
 
     /// Completes every in-flight piece, oldest first, copying results into `dst` when
     /// given (on the error path they are dropped).
-    fn drain(&self, slots: &mut [Slot], mut dst: Option<&mut [u8]>, g: &Gather) -> Result<()> {
+    fn drain(&self, slots: &mut [Slot], mut out: Option<(&mut [u8], &Gather)>) -> Result<()> {
         let mut order: Vec<usize> = (0..slots.len())
             .filter(|&k| slots[k].pending.is_some())
             .collect();
@@ -859,7 +966,7 @@ impl Gpu {
         let mut first_err = Ok(());
         for k in order {
             if let Some(slot) = slots.get_mut(k) {
-                let r = self.finish(slot, dst.as_deref_mut(), g);
+                let r = self.finish(slot, out.as_mut().map(|(d, g)| (&mut **d, *g)));
                 if first_err.is_ok() {
                     first_err = r;
                 }
@@ -1046,7 +1153,7 @@ impl Gpu {
     }
 
     /// Waits for the slot's piece, copies it into `dst` (when given) and unmaps.
-    fn finish(&self, slot: &mut Slot, dst: Option<&mut [u8]>, g: &Gather) -> Result<()> {
+    fn finish(&self, slot: &mut Slot, out: Option<(&mut [u8], &Gather)>) -> Result<()> {
         let Some(p) = slot.pending.take() else {
             return Ok(());
         };
@@ -1057,8 +1164,8 @@ impl Gpu {
         let state = lock(&p.mapped_ok).take();
         let result = match (polled, &state) {
             (Err(e), _) => Err(gpu_err(format!("waiting for the device: {e}"))),
-            (Ok(_), Some(Ok(()))) => match dst {
-                Some(dst) => {
+            (Ok(_), Some(Ok(()))) => match out {
+                Some((dst, g)) => {
                     self.read_back.fetch_add(p.mapped, Ordering::Relaxed);
                     self.scatter(&slot.readback, p.mapped, &p.piece, p.out_elem, g, dst)
                 }
@@ -1272,7 +1379,7 @@ impl Gpu {
             return Ok(());
         }
         let g = Gather::from_parts(1, vec![src.len()], vec![1], 0);
-        self.stream(&g, src, dst, None, None)
+        self.stream(&mut lock(&self.slots), None, &g, src, dst, None, None)
     }
     }
 }
@@ -1329,122 +1436,27 @@ impl Backend for Gpu {
     }
 
     fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
-        check_cast_buffers(g, cast, src, dst)?;
-        if g.is_empty() {
-            return Ok(());
-        }
-        // Gather and cast run back to back on the device: one upload, one readback.
-        self.stream(g, src, dst, Some(kernel::choose), Some(cast))
-    }
-
-    fn begin_tensor(&self, g: &Gather, src: &[u8]) -> Result<()> {
-        let mut held = lock(&self.held);
-        *held = None;
-        let ready = lock(&self.next_held).take();
-        if let Some((planned, h)) = ready {
-            if planned == *g && h.src == identity(src) {
-                self.prefetched.fetch_add(1, Ordering::Relaxed);
-                *held = Some(h);
-                return Ok(());
-            }
-        }
-        *held = self.upload_held(g, src, HELD_BUDGET)?;
-        Ok(())
-    }
-
-    fn end_tensor(&self) {
-        *lock(&self.held) = None;
-    }
-
-    fn gather_bands(
-        &self,
-        bands: &[(usize, Gather)],
-        cast: Option<Cast>,
-        src: &[u8],
-        next: Option<NextTensor<'_>>,
-        sink: &mut dyn crate::backend::BandSink,
-        after: &mut dyn FnMut(usize) -> Result<()>,
-    ) -> Result<()> {
-        let held = lock(&self.held);
-        let pieces = match &*held {
-            Some(h) if h.src == identity(src) => self.band_pieces(bands, &h.windows, cast),
-            _ => None,
-        };
-        let (Some(pieces), Some(h)) = (pieces, &*held) else {
-            // Streamed or copied on the host: the device is free for the next upload now.
-            let budget = HELD_BUDGET.saturating_sub(held.as_ref().map_or(0, Held::bytes));
-            drop(held);
-            self.prefetch(next.map(|n| (n.gather, n.src)), budget)?;
-            let result = crate::backend::bands_one_by_one(self, bands, cast, src, sink, after);
-            if result.is_err() {
-                // No next tensor follows a failed one.
-                *lock(&self.next_held) = None;
-            }
-            return result;
-        };
-        let next = next.map(|n| (n, HELD_BUDGET.saturating_sub(h.bytes())));
-        self.check_faults()?;
-        let mut slots = lock(&self.slots);
-        let Some((_, first)) = bands.first() else {
-            return Ok(());
-        };
-        // Pieces the call before started for this tensor, if this is the tensor it named.
-        let carried = match lock(&self.carried).take() {
-            Some(c) if c.bands == bands && c.cast == cast && c.src == identity(src) => {
-                self.carried_tensors.fetch_add(1, Ordering::Relaxed);
-                Some(c)
-            }
-            Some(_) => {
-                self.drain(&mut slots, None, first)?;
-                None
-            }
-            None => None,
-        };
-        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let result = self.run_bands(
-            &mut slots, bands, pieces, cast, sink, after, h, next, carried,
-        );
-        // On success only the next tensor's first pieces are in flight; otherwise leave
-        // no slot mapped or in flight for the next call.
-        let drained = match &result {
-            Ok(Some(c)) => {
-                *lock(&self.carried) = Some(c.clone());
-                Ok(())
-            }
-            Ok(None) => self.drain(&mut slots, None, first),
-            Err(_) => {
-                *lock(&self.next_held) = None;
-                self.drain(&mut slots, None, first)
-            }
-        };
-        let oom = pollster::block_on(oom.pop());
-        let validation = pollster::block_on(validation.pop());
-        if let Some(e) = oom.or(validation) {
-            *lock(&self.carried) = None;
-            let _ = self.drain(&mut slots, None, first);
-            return Err(gpu_err(e.to_string()));
-        }
-        result?;
-        drained?;
-        self.check_faults()
+        self.gather_with(&mut lock(&self.slots), None, g, Some(cast), src, dst)
     }
 
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {
-        check_buffers(g, src, dst)?;
-        if g.is_empty() {
-            return Ok(());
-        }
-        if g.is_copy() {
-            // One contiguous run: a round trip through the device would move the same
-            // bytes three times over for nothing (copy.wgsl is tested on its own).
-            let start = g.offset * g.elem_size;
-            let from = src
-                .get(start..start + dst.len())
-                .ok_or_else(|| gpu_err("copy source outside the source"))?;
-            dst.copy_from_slice(from);
-            return Ok(());
-        }
-        self.stream(g, src, dst, Some(kernel::choose), None)
+        self.gather_with(&mut lock(&self.slots), None, g, None, src, dst)
+    }
+
+    fn run(
+        &self,
+        jobs: &[Job<'_>],
+        sink: &mut dyn Sink,
+        progress: &mut dyn FnMut(Step) -> Result<()>,
+    ) -> Result<()> {
+        self.check_faults()?;
+        let mut slots = lock(&self.slots);
+        let result = self.run_jobs(&mut slots, jobs, sink, progress);
+        // Whatever happened, the ring is empty when the call returns: pieces still in
+        // flight (a stopped or failed run's, or the next part's) are dropped unread.
+        let drained = self.drain(&mut slots, None);
+        result?;
+        drained?;
+        self.check_faults()
     }
 }

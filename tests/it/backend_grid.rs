@@ -3,11 +3,12 @@
 //! shrunk so small tensors cross them). One test body per check, instantiated for each
 //! backend by `backend_grid!`.
 
-mod common;
-use common::Rng;
+use crate::common::Rng;
 use relayout::backend::cpu::{micro_block, Cpu, Simd, Tuning};
 use relayout::backend::reference::Reference;
 use relayout::backend::{Backend, CAST_STAGE_BYTES};
+#[cfg(feature = "gpu")]
+use relayout::backend::{Job, Sink};
 use relayout::layout::{contiguous_strides, Cast, Gather, LayoutOp, ELEM_SIZES};
 use relayout::DType;
 
@@ -805,18 +806,11 @@ fn cpu_transpose_keeps_nan_payloads() {
 #[cfg(feature = "gpu")]
 fn gpu(max_chunk_bytes: Option<usize>) -> Option<relayout::backend::gpu::Gpu> {
     use relayout::backend::gpu::{Gpu, GpuOptions};
-    match Gpu::new(&GpuOptions {
+    crate::common::gpu_or_skip(Gpu::new(&GpuOptions {
         adapter: None,
         allow_software: true,
         max_chunk_bytes,
-    }) {
-        Ok(g) => Some(g),
-        Err(e) if std::env::var("RELAYOUT_REQUIRE_GPU").as_deref() != Ok("1") => {
-            eprintln!("no GPU, skipping: {e}");
-            None
-        }
-        Err(e) => panic!("RELAYOUT_REQUIRE_GPU=1 but no GPU: {e}"),
-    }
+    }))
 }
 
 #[cfg(feature = "gpu")]
@@ -825,10 +819,9 @@ backend_grid!(gpu, optional gpu(None));
 #[cfg(feature = "gpu")]
 backend_grid!(gpu_small_chunks, optional gpu(Some(4096)));
 
-/// A backend run the way the converter runs it: every gather announced as a tensor
-/// first (`begin_tensor`), then run as bands of 8191 output bytes through
-/// `gather_bands`, so a device backend holds the source and streams the bands from its
-/// held windows without draining between them.
+/// A backend run the way the converter runs it: every gather handed over as a job of
+/// bands of 8191 output bytes through `Backend::run`, so a device backend holds the
+/// source and streams the bands from its held windows without draining between them.
 #[cfg(feature = "gpu")]
 struct AsTensor<B: Backend>(B);
 
@@ -846,25 +839,29 @@ impl<B: Backend> AsTensor<B> {
             None => g.out_bytes(),
             Some(c) => g.len() * c.to().size(),
         };
-        if dst.len() != want || g.validate().is_err() {
-            return match cast {
-                None => self.0.gather(g, src, dst),
-                Some(c) => self.0.gather_cast(g, c, src, dst),
-            };
-        }
-        let per_band = match cast {
-            None => 8191,
-            Some(c) => (8191 / c.to().size()).max(1) * c.from().size(),
+        let job = match Job::new(vec![(src, g.clone())], cast, 8191) {
+            Ok(job) if dst.len() == want => job,
+            // An invalid gather or source is the plain call's error to report.
+            _ => {
+                return match cast {
+                    None => self.0.gather(g, src, dst),
+                    Some(c) => self.0.gather_cast(g, c, src, dst),
+                }
+            }
         };
-        let bands = g.split(per_band);
-        // An invalid source is the gather's error to report, not begin_tensor's.
-        let _ = self.0.begin_tensor(g, src);
-        let mut sink: &mut [u8] = dst;
-        let r = self
-            .0
-            .gather_bands(&bands, cast, src, None, &mut sink, &mut |_| Ok(()));
-        self.0.end_tensor();
-        r
+        let mut sink = Whole(dst);
+        self.0.run(&[job], &mut sink, &mut |_| Ok(()))
+    }
+}
+
+/// One job's output buffer as a sink.
+#[cfg(feature = "gpu")]
+struct Whole<'d>(&'d mut [u8]);
+
+#[cfg(feature = "gpu")]
+impl Sink for Whole<'_> {
+    fn band(&mut self, _job: usize, at: usize, len: usize) -> relayout::Result<&mut [u8]> {
+        Ok(&mut self.0[at..at + len])
     }
 }
 

@@ -3,8 +3,7 @@
 //! print a note and pass, unless RELAYOUT_REQUIRE_GPU=1, where they fail.
 #![cfg(feature = "gpu")]
 
-mod common;
-use common::Rng;
+use crate::common::Rng;
 use relayout::backend::gpu::{list_adapters, Gpu, GpuOptions, KernelKind};
 use relayout::backend::reference::Reference;
 use relayout::backend::Backend;
@@ -27,16 +26,7 @@ fn open_with(max_chunk_bytes: Option<usize>, staged: Option<bool>) -> Option<Gpu
         Some(s) => Gpu::with_staging(&opts, s),
         None => Gpu::new(&opts),
     };
-    match gpu {
-        Ok(gpu) => Some(gpu),
-        Err(e) if std::env::var("RELAYOUT_REQUIRE_GPU").as_deref() == Ok("1") => {
-            panic!("RELAYOUT_REQUIRE_GPU=1 but no GPU: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping: no GPU adapter ({e})");
-            None
-        }
-    }
+    crate::common::gpu_or_skip(gpu)
 }
 
 /// The oracle: walks the op's own output coordinates, independent of `simplify`.

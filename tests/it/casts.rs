@@ -13,8 +13,7 @@
 //! (`0x7F81` -> `0x7E08`); f64 -> f32 is the canonical NaN with the sign; f64 -> bf16
 //! is `0xFFFF`.
 
-mod common;
-
+use crate::common;
 use relayout::layout::cast::{cast_slice, Cast};
 use relayout::{DType, Gather};
 

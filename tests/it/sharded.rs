@@ -1,13 +1,11 @@
 //! Sharded output: the split, the files' layout, the index, workers on many processes,
 //! `merge-index`, and what a failure or an interrupt leaves behind.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use relayout::backend::cpu::Cpu;
 use relayout::shard::{shard_name, INDEX_NAME};
 use relayout::writer::{HeaderEntry, SafetensorsWriter};

@@ -2,12 +2,10 @@
 //! backend and every band size, checked against a naive oracle that indexes the source
 //! by hand; and the CLI flags that drive them (`--set`, `--dtype`, `--module-types`).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{all_backends, listing, load_safetensors, relayout, scratch, Rng, Tensor};
+use crate::common::{all_backends, listing, load_safetensors, relayout, scratch, Rng, Tensor};
 use relayout::backend::cpu::Cpu;
 use relayout::layout::cast::cast_slice;
 use relayout::layout::Cast;

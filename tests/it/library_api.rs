@@ -1,11 +1,9 @@
 //! The library surface loaders use: `Converter::fill` into caller buffers (what the
 //! Python package runs), its checks and interrupt, and the checked `Gather::new`.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use relayout::{
     Checkpoint, Converter, Error, Gather, Interrupt, LayoutOp, Plan, Progress, RuleSet,
     WriteOptions,

@@ -2,12 +2,10 @@
 //! inputs that change under the map, a disk that fills up. Each must end in a clean
 //! error naming the file, exit 1 from the binary, and nothing left behind.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use relayout::backend::cpu::Cpu;
 use relayout::{Checkpoint, Converter, Error, OpenOptions, RuleSet, WriteOptions};
 

@@ -2,12 +2,10 @@
 //! `relayout verify`, on small_cnn.pt against expectations written by the real Flax
 //! linen, Flax NNX and MLX code of tests/fixtures/expect/make_expectations.py.
 
-mod common;
-
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use relayout::{convert, BackendOptions, ConvertSpec, Device, Error};
 use serde_json::{json, Value};
 

@@ -1,9 +1,7 @@
 //! `relayout bench`: the table and the JSON it prints, on the CPU and (when an adapter
 //! opens) the GPU, with a small size so the test is quick; nothing is left behind.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn bench(device: &str, dir: &std::path::Path) -> serde_json::Value {
     let run = relayout(&[
@@ -28,7 +26,7 @@ fn bench(device: &str, dir: &std::path::Path) -> serde_json::Value {
 fn bench_measures_every_group_and_cleans_up() {
     let dir = scratch("bench");
     let mut devices = vec!["cpu"];
-    if cfg!(feature = "gpu") && std::env::var_os("RELAYOUT_REQUIRE_GPU").is_some() {
+    if cfg!(feature = "gpu") && gpu_required() {
         devices.push("gpu");
     }
     for device in devices {

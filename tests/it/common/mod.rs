@@ -229,3 +229,22 @@ pub fn big_input(path: &Path, n: usize) {
     }
     w.finish().expect("finish input");
 }
+
+/// Whether the GPU tests must run: `RELAYOUT_REQUIRE_GPU=1` (CI, device checks). Any
+/// other value, or none, lets them skip where no adapter opens.
+pub fn gpu_required() -> bool {
+    std::env::var("RELAYOUT_REQUIRE_GPU").as_deref() == Ok("1")
+}
+
+/// The one GPU gate: what opening a GPU gave, or `None` (the caller skips, with a note)
+/// when it failed; a failure when [`gpu_required`].
+pub fn gpu_or_skip<T, E: std::fmt::Display>(opened: Result<T, E>) -> Option<T> {
+    match opened {
+        Ok(gpu) => Some(gpu),
+        Err(e) if gpu_required() => panic!("RELAYOUT_REQUIRE_GPU=1 but no GPU opened: {e}"),
+        Err(e) => {
+            eprintln!("no GPU, skipping: {e}");
+            None
+        }
+    }
+}
