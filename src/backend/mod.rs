@@ -11,8 +11,10 @@ mod job;
 pub mod reference;
 mod select;
 
-pub(crate) use job::Buffers;
-pub use job::{run_on_host, Band, Job, Part, Sink, Step};
+#[cfg(test)]
+pub(crate) use job::test_jobs;
+pub use job::{run_on_host, Band, Job, Part, Sink, Span, Step};
+pub(crate) use job::{single, Buffers};
 
 pub use select::{select, BackendOptions, Device};
 

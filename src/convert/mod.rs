@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Backend, Buffers, Job, Sink, Step};
+use crate::backend::{Backend, Buffers, Job, Sink, Span, Step};
 use crate::error::{Error, Result};
 use crate::layout::Cast;
 use crate::plan::{Plan, PlanEntry};
@@ -175,18 +175,21 @@ impl<'a> Converter<'a> {
 
     /// Converts one tensor into `dst`, which must hold exactly its bytes.
     pub fn convert_into(&self, entry: &PlanEntry, dst: &mut [u8]) -> Result<()> {
-        let job = self.job(entry)?;
-        check_buffer(entry, dst.len(), job.out_bytes())?;
+        let jobs = [self.job(entry)?];
+        check_buffer(entry, dst.len(), jobs[0].out_bytes())?;
         let interrupt = self.interrupt.as_ref();
         Interrupt::check(interrupt)?;
-        self.backend
-            .run(&[job], &mut Buffers(&mut [dst]), &mut |step| match step {
+        self.backend.run(
+            &jobs,
+            &mut Buffers::new(&mut [dst], &jobs)?,
+            &mut |step| match step {
                 Step::Band { .. } => {
                     self.ckpt.check_reads()?;
                     Interrupt::check(interrupt)
                 }
                 Step::Job { .. } => Ok(()),
-            })?;
+            },
+        )?;
         // Alone, a split part cannot know whether its siblings are still to come.
         self.release(entry, entry.slice.is_none());
         Ok(())
@@ -214,14 +217,8 @@ impl<'a> Converter<'a> {
         let mut run = Run::new(&entries, jobs.iter().map(|j| j.out_bytes() as u64));
         progress(run.state);
         let interrupt = self.interrupt.as_ref();
-        self.run(
-            &entries,
-            &jobs,
-            &mut Buffers(dsts),
-            &mut run,
-            interrupt,
-            progress,
-        )
+        let mut sink = Buffers::new(dsts, &jobs)?;
+        self.run(&entries, &jobs, &mut sink, &mut run, interrupt, progress)
     }
 
     /// Runs `jobs` (those of `entries`) in one backend call: every band is checked
@@ -420,6 +417,10 @@ impl<'a> Converter<'a> {
             )?;
             let mut sink = FileSink {
                 writer,
+                jobs: &jobs,
+                open_job: None,
+                streamed: 0,
+                held: Vec::new(),
                 files: &files,
                 starts: files
                     .iter()
@@ -501,8 +502,14 @@ fn check_buffer(entry: &PlanEntry, len: usize, want: usize) -> Result<()> {
 /// The writer as a run's sink: jobs go into the output files in order, each file's
 /// tensors one after the other, the next file begun once the last tensor before it is
 /// done.
-struct FileSink<'s> {
+struct FileSink<'s, 'j> {
     writer: SafetensorsWriter,
+    jobs: &'s [Job<'j>],
+    /// The job being written, the bytes of its first output streamed so far, and its
+    /// other outputs, held until it is done.
+    open_job: Option<usize>,
+    streamed: usize,
+    held: Vec<Vec<u8>>,
     files: &'s [(PathBuf, &'s OutputFile)],
     /// The first job of each file.
     starts: Vec<usize>,
@@ -515,7 +522,7 @@ struct FileSink<'s> {
     durable: &'s mut dyn FnMut(AtomicFile) -> Result<()>,
 }
 
-impl FileSink<'_> {
+impl FileSink<'_, '_> {
     /// Begins every file whose tensors start at or before `job` (a file of no tensors
     /// is begun and ended at once).
     fn advance_to(&mut self, job: usize) -> Result<()> {
@@ -542,14 +549,55 @@ impl FileSink<'_> {
     }
 }
 
-impl Sink for FileSink<'_> {
-    fn band(&mut self, _job: usize, _at: usize, len: usize) -> Result<&mut [u8]> {
-        // Each band is computed straight into the writer's block buffer; the writer's
-        // thread writes full blocks while the backend fills the next one.
-        self.writer.reserve(len)
+impl Sink for FileSink<'_, '_> {
+    fn band(&mut self, job: usize, spans: &[Span]) -> Result<Vec<&mut [u8]>> {
+        if self.open_job != Some(job) {
+            let outputs = self.jobs.get(job).map(Job::outputs).unwrap_or_default();
+            self.held = outputs.iter().skip(1).map(|&n| vec![0; n]).collect();
+            self.open_job = Some(job);
+            self.streamed = 0;
+        }
+        let bad = |s: &Span| Error::Layout {
+            detail: format!(
+                "band at {} of output {} of job {job} is out of order or outside it",
+                s.at(),
+                s.output()
+            ),
+        };
+        let mut out = Vec::with_capacity(spans.len());
+        let mut writer = Some(&mut self.writer);
+        let mut rest: &mut [Vec<u8>] = &mut self.held;
+        let mut next = 1;
+        for s in spans {
+            if s.output() == 0 {
+                // The job's first output streams: each band is computed straight into
+                // the writer's block buffer, whose thread writes full blocks while the
+                // backend fills the next one.
+                let w = writer.take().filter(|_| s.at() == self.streamed);
+                let w = w.ok_or_else(|| bad(s))?;
+                self.streamed += s.len();
+                out.push(w.reserve(s.len())?);
+                continue;
+            }
+            // The others (a weight's scales) are held for this one job, then follow it.
+            let skip = s.output().checked_sub(next).ok_or_else(|| bad(s))?;
+            let (buf, tail) = std::mem::take(&mut rest)
+                .get_mut(skip..)
+                .and_then(|r| r.split_first_mut())
+                .ok_or_else(|| bad(s))?;
+            rest = tail;
+            next = s.output() + 1;
+            let end = s.at().checked_add(s.len()).ok_or_else(|| bad(s))?;
+            out.push(buf.get_mut(s.at()..end).ok_or_else(|| bad(s))?);
+        }
+        Ok(out)
     }
 
     fn job_done(&mut self, job: usize) -> Result<()> {
+        for held in std::mem::take(&mut self.held) {
+            self.writer.write(&held)?;
+        }
+        self.open_job = None;
         self.hand_over()?;
         self.advance_to(job + 1)
     }
@@ -588,5 +636,81 @@ impl Run {
             }
             None => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::test_jobs::two_output_job;
+    use crate::dtype::DType;
+    use crate::writer::HeaderEntry;
+
+    #[test]
+    fn the_file_sink_streams_a_jobs_first_output_and_writes_the_others_after_it() {
+        let dir = std::env::temp_dir().join(format!("relayout-filesink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out.safetensors");
+        let src: Vec<u8> = (0..10).collect();
+        let jobs = [two_output_job(&src), two_output_job(&src[..4])];
+        let entry = |name: &str, n| HeaderEntry {
+            name: name.into(),
+            dtype: DType::U8,
+            shape: vec![n],
+        };
+        let header = [
+            entry("a", 10),
+            entry("a.s", 4),
+            entry("b", 4),
+            entry("b.s", 2),
+        ];
+        let metadata = BTreeMap::new();
+        let writer = SafetensorsWriter::with_capacity(&path, &header, &metadata, false, 8).unwrap();
+        let mut durable = Vec::new();
+        let mut sink = FileSink {
+            writer,
+            jobs: &jobs,
+            open_job: None,
+            streamed: 0,
+            held: Vec::new(),
+            files: &[],
+            starts: vec![0],
+            current: 0,
+            metadata: &metadata,
+            force: false,
+            durable: &mut |f| {
+                durable.push(f);
+                Ok(())
+            },
+        };
+        for (j, job) in jobs.iter().enumerate() {
+            let bands = job.parts()[0].bands();
+            // Out of order within the streamed output: refused.
+            if let Some(second) = bands.get(1) {
+                assert!(sink.band(j, second.spans()).is_err());
+            }
+            for (i, band) in bands.iter().enumerate() {
+                let mut dsts = sink.band(j, band.spans()).unwrap();
+                let at = band.gather().offset();
+                for (k, x) in dsts[0].iter_mut().enumerate() {
+                    *x = src[at + k] + 1;
+                }
+                dsts[1][0] = 100 + i as u8;
+            }
+            sink.job_done(j).unwrap();
+        }
+        let FileSink { writer, .. } = sink;
+        let mut files = durable;
+        files.extend(writer.finish_all_uncommitted().unwrap());
+        AtomicFile::commit_all(files).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let data = |n: &str| st.tensor(n).unwrap().data().to_vec();
+        assert_eq!(data("a"), (1..11).collect::<Vec<u8>>());
+        assert_eq!(data("a.s"), [100, 101, 102, 103]);
+        assert_eq!(data("b"), [1, 2, 3, 4]);
+        assert_eq!(data("b.s"), [100, 101]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

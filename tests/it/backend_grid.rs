@@ -8,7 +8,7 @@ use relayout::backend::cpu::{micro_block, Cpu, Simd, Tuning};
 use relayout::backend::reference::Reference;
 use relayout::backend::{Backend, CAST_STAGE_BYTES};
 #[cfg(feature = "gpu")]
-use relayout::backend::{Job, Sink};
+use relayout::backend::{Job, Sink, Span};
 use relayout::layout::{contiguous_strides, Cast, Gather, LayoutOp, ELEM_SIZES};
 use relayout::DType;
 
@@ -860,8 +860,12 @@ struct Whole<'d>(&'d mut [u8]);
 
 #[cfg(feature = "gpu")]
 impl Sink for Whole<'_> {
-    fn band(&mut self, _job: usize, at: usize, len: usize) -> relayout::Result<&mut [u8]> {
-        Ok(&mut self.0[at..at + len])
+    fn band(&mut self, _job: usize, spans: &[Span]) -> relayout::Result<Vec<&mut [u8]>> {
+        let [s] = spans else {
+            panic!("an element-wise band writes one span, not {}", spans.len());
+        };
+        assert_eq!(s.output(), 0);
+        Ok(vec![&mut self.0[s.at()..s.at() + s.len()]])
     }
 }
 

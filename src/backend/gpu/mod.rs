@@ -18,7 +18,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{check_buffers, check_cast_buffers, Backend, Band, Job, Part, Sink, Step};
+use crate::backend::{
+    check_buffers, check_cast_buffers, single, Backend, Band, Job, Part, Sink, Step,
+};
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 
@@ -708,10 +710,10 @@ impl Gpu {
                         if let Some(c) = current.and_then(|c| bands.get(c)) {
                             progress(Step::Band {
                                 job,
-                                bytes: c.len(),
+                                bytes: c.bytes(),
                             })?;
                         }
-                        dst = Some(sink.band(job, band.at(), band.len())?);
+                        dst = Some(single(sink.band(job, band.spans())?)?);
                         current = Some(b);
                     }
                     let slot = slots
@@ -757,7 +759,7 @@ impl Gpu {
         if let Some(c) = current.and_then(|c| bands.get(c)) {
             progress(Step::Band {
                 job,
-                bytes: c.len(),
+                bytes: c.bytes(),
             })?;
         }
         let carried = (next_submitted > 0).then(|| Carried {
@@ -852,7 +854,7 @@ impl Gpu {
                         None => None,
                     };
                     for band in part.bands() {
-                        let dst = sink.band(j, band.at(), band.len())?;
+                        let dst = single(sink.band(j, band.spans())?)?;
                         self.gather_with(
                             slots,
                             held.as_ref(),
@@ -863,7 +865,7 @@ impl Gpu {
                         )?;
                         progress(Step::Band {
                             job: j,
-                            bytes: band.len(),
+                            bytes: band.bytes(),
                         })?;
                     }
                 }
