@@ -399,7 +399,7 @@ mod tests {
 
     #[test]
     fn bands_tile_the_output_at_every_band_size_and_cast() {
-        let src = vec![0u8; 4 * 37];
+        let src = [0u8; 4 * 37];
         let f32_to_bf16 = Cast::new(DType::F32, DType::BF16).unwrap().unwrap();
         for band in [1, 2, 3, 4, 7, 8, 64, 147, 148, 149, 1 << 20] {
             for cast in [None, Some(f32_to_bf16)] {
