@@ -9,20 +9,21 @@
 //!  │ safetensors│                             └────────┬────────┘  slice, perm, reshape, cast
 //!  │ torch zip  │  storage bytes (borrowed)            │ PlanEntry
 //!  │ sharded    │──────────────┐              ┌────────▼────────┐
-//!  └────────────┘              └─────────────▶│ layout          │  LayoutOp → Gather
-//!                                             │ (simplify,split)│  (merged axes, bands, Cast)
-//!                                             └────────┬────────┘
+//!  └────────────┘              └─────────────▶│ convert         │  one Job per target: parts
+//!                                             │ (Converter::job)│  (Gather over a source, cut
+//!                                             └────────┬────────┘  into bands), cast, outputs
+//!                                                      │ one call: run(jobs, sink, step)
 //!                                             ┌────────▼────────┐
 //!                                             │ backend         │  reference | cpu | gpu
 //!                                             └────────┬────────┘  (same bytes from all)
-//!                                   bands of ≤ 32 MiB  │
+//!                                   bands of ≤ 32 MiB  │ Sink
 //!                                             ┌────────▼────────┐
 //!                                             │ writer          │  safetensors, streamed,
 //!                                             └─────────────────┘  temp file + fsync + rename
 //! ```
 //!
-//! [`verify`] checks a plan (before anything is written) or a written file against the
-//! names, shapes and dtypes the target model expects.
+//! [`verify_file`] and `--expect` check a plan (before anything is written) or a written
+//! file against the names, shapes and dtypes the target model expects.
 //!
 //! The one-call entry point is [`convert`]; [`Checkpoint`], [`RuleSet`] and
 //! [`Converter`] give the pieces to loaders that want tensors without a file in between:
@@ -60,6 +61,10 @@ macro_rules! internal {
 }
 
 pub mod backend;
+/// What `relayout bench` measures; the binary's (feature `bench`, which `cli` turns on),
+/// not part of the library's API.
+#[cfg(feature = "bench")]
+#[doc(hidden)]
 pub mod bench;
 mod convert;
 mod dtype;

@@ -151,7 +151,7 @@ impl LayoutOp {
 }
 
 /// The canonical op: a row-major walk over `shape` whose element `i` reads source
-/// element `offset + Σ i_k · strides[k]`. After [`Gather::from_parts`] no axis has size 1,
+/// element `offset + Σ i_k · strides[k]`. After `Gather::from_parts` no axis has size 1,
 /// no two neighbouring axes can be merged, and an empty gather has shape `[0]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gather {

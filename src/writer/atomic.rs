@@ -125,7 +125,7 @@ impl AtomicFile {
 
     /// Switches the temporary file to direct I/O (`O_DIRECT`: writes bypass the page
     /// cache) where the platform and file system support it; returns whether it did.
-    /// Every later write must then be aligned to [`super::stream::BLOCK`].
+    /// Every later write must then be aligned to the stream's block size.
     pub fn try_direct(&mut self) -> bool {
         #[cfg(all(target_os = "linux", not(relayout_portable)))]
         if let Some(file) = &self.file {

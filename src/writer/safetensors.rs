@@ -39,7 +39,7 @@ impl HeaderEntry {
 pub const DEFAULT_BLOCK_BYTES: usize = 8 << 20;
 
 /// Writes a safetensors file tensor by tensor; nothing appears at the target path until
-/// [`SafetensorsWriter::finish`] succeeds. Bytes go through a [`BlockStream`]: a
+/// [`SafetensorsWriter::finish`] succeeds. Bytes go through a `BlockStream`: a
 /// background thread writes full blocks (with `O_DIRECT` where possible) while the
 /// caller fills the next one.
 #[derive(Debug)]

@@ -1,8 +1,8 @@
 //! The GPU backend: WGSL compute shaders through wgpu.
 //!
-//! [`device`] gets a device; [`Gpu`] does the work on one. A gather is cut into pieces
-//! ([`chunk`]) whose source window and output each fit one storage binding; pieces
-//! stream through a ring of [`PIPELINE_DEPTH`] slots, each with its own upload, output
+//! `device` gets a device; [`Gpu`] does the work on one. A gather is cut into pieces
+//! (`chunk`) whose source window and output each fit one storage binding; pieces
+//! stream through a ring of `PIPELINE_DEPTH` slots, each with its own upload, output
 //! and readback buffers, so the upload of one piece, the kernel of the next and the
 //! readback of the one before overlap. Mapped results are copied straight into the
 //! caller's output. Buffers live as long as the [`Gpu`] and only grow.
@@ -1239,6 +1239,7 @@ impl Gpu {
     }
 
     /// Time to upload `bytes` into a device buffer, waited for (benchmarks).
+    #[cfg(feature = "bench")]
     pub(crate) fn time_upload(&self, bytes: &[u8]) -> Result<std::time::Duration> {
         let size = (bytes.len() as u64).next_multiple_of(4).max(4);
         let buffer = self.buffer("bench upload", size, wgpu::BufferUsages::COPY_DST);
@@ -1252,6 +1253,7 @@ impl Gpu {
 
     /// Time to copy `len` bytes of a device buffer into host memory: copy to a mapped
     /// buffer, map, read (benchmarks).
+    #[cfg(feature = "bench")]
     pub(crate) fn time_readback(&self, len: usize) -> Result<std::time::Duration> {
         use wgpu::BufferUsages as U;
         let size = (len as u64).next_multiple_of(4).max(4);
@@ -1265,6 +1267,7 @@ impl Gpu {
     /// Fills `dst` (a whole number of words) with the first bytes of `buffer` (a
     /// `COPY_SRC` buffer), copied through a mapped staging buffer; `what` names it in
     /// errors.
+    #[cfg_attr(not(any(feature = "bench", feature = "internals")), allow(dead_code))]
     fn read_buffer(&self, buffer: &wgpu::Buffer, dst: &mut [u8], what: &str) -> Result<()> {
         let size = dst.len() as u64;
         let staging = self.buffer(
@@ -1386,6 +1389,8 @@ impl Gpu {
     }
 }
 
+// Only `relayout bench` and the benches (through `internals`) time resident kernels.
+#[cfg_attr(not(any(feature = "bench", feature = "internals")), allow(dead_code))]
 impl Resident<'_> {
     /// One dispatch, waited for.
     pub fn run(&self) -> Result<()> {
