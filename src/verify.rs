@@ -22,7 +22,7 @@ const MAX_REPORT_LINES: usize = 100;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expectation {
     path: PathBuf,
-    tensors: BTreeMap<String, Expected>,
+    tensors: expect::Tensors,
 }
 
 impl Expectation {
