@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
-use crate::reader::expect::{self, join, Expected, Want};
+use crate::reader::expect::{self, join, Want};
 use crate::reader::Checkpoint;
 
 /// A fully missing module whose tensors are all direct leaves is listed leaf by leaf up
@@ -373,6 +373,7 @@ fn braced(path: &str, parts: &[&str]) -> String {
 mod tests {
     use super::*;
     use crate::reader::expect::tests::want;
+    use crate::reader::expect::Expected;
 
     fn expectation(entries: &[(&str, &[usize], Option<DType>)]) -> Expectation {
         Expectation {
