@@ -9,11 +9,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    /// The OS error is part of the message and deliberately not also the `source()`:
+    /// printers that walk the source chain (anyhow's `{:#}`) would show it twice.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{}: not a checkpoint relayout can read: {detail}", path.display())]
@@ -131,18 +132,22 @@ pub enum Error {
     Expectation { path: PathBuf, detail: String },
 
     #[error(
-        "{}: {} missing, {} unexpected and {} mismatched tensor(s) against the {} expected",
-        file.display(),
-        report.missing().len(),
-        report.unexpected().len(),
-        report.mismatched().len(),
-        report.expected()
+        "{}: {missing} missing, {unexpected} unexpected and {mismatched} mismatched tensor(s) against the {expected} expected",
+        file.display()
     )]
     Verify {
         /// The expectation file.
         file: PathBuf,
-        /// The grouped report (its `Display`), for the caller to show.
-        report: Box<crate::verify::VerifyReport>,
+        /// Counts of expected tensors not there, tensors not expected, and tensors on
+        /// both sides with another shape or dtype.
+        missing: usize,
+        unexpected: usize,
+        mismatched: usize,
+        /// Number of tensors the expectation lists.
+        expected: usize,
+        /// The grouped report (`VerifyReport`'s `Display`), one line per finding, for
+        /// the caller to show above the message.
+        report: String,
     },
 }
 
@@ -166,10 +171,10 @@ pub fn human_bytes(bytes: u64) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

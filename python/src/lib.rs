@@ -127,7 +127,7 @@ fn classify(
 ) {
     use Error as E;
     match e {
-        E::Io { path, source } => ("IOError", "Io", Some(path), source.raw_os_error()),
+        E::Io { path, cause } => ("IOError", "Io", Some(path), cause.raw_os_error()),
         E::UnknownFormat { path, .. } => ("FormatError", "UnknownFormat", Some(path), None),
         E::LegacyTorchFormat { path, .. } => ("FormatError", "LegacyTorchFormat", Some(path), None),
         E::HeaderTooLarge { path, .. } => ("FormatError", "HeaderTooLarge", Some(path), None),

@@ -72,7 +72,9 @@ pub(crate) struct Parsed {
     pub metadata: BTreeMap<String, String>,
 }
 
+pub(crate) mod expect;
 mod guard;
+mod msgpack;
 pub(crate) mod pytorch;
 pub(crate) mod safetensors;
 pub(crate) mod sharded;

@@ -59,12 +59,7 @@ struct RawSplit {
 
 /// The output dtypes a rule's `dtype` (and `--dtype`) may name.
 pub(crate) fn output_dtype(name: &str) -> Option<DType> {
-    match name {
-        "f32" => Some(DType::F32),
-        "f16" => Some(DType::F16),
-        "bf16" => Some(DType::BF16),
-        _ => None,
-    }
+    DType::from_cast_name(name)
 }
 
 /// `dtype = "bf16"`: the output dtype. Before it set the output, `dtype` was a condition

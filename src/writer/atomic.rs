@@ -296,9 +296,9 @@ impl AtomicFile {
                     drop(self.file.take());
                     return Ok(());
                 }
-                Err(Error::Io { source, .. })
+                Err(Error::Io { cause: source, .. })
                     if source.kind() == std::io::ErrorKind::AlreadyExists && self.force => {}
-                Err(Error::Io { source, .. })
+                Err(Error::Io { cause: source, .. })
                     if source.kind() == std::io::ErrorKind::AlreadyExists =>
                 {
                     return Err(Error::OutputExists {

@@ -632,6 +632,17 @@ fn missing_input_is_an_io_error_naming_it() {
 }
 
 #[test]
+fn a_missing_input_names_the_file_and_its_os_error_once() {
+    let missing = fixture("nonexist.pt");
+    let run = relayout(&[OsStr::new("inspect"), missing.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("nonexist.pt"), "{stderr}");
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+}
+
+#[test]
 fn unmatched_tensors_fail_the_conversion_unless_allowed() {
     let dir = scratch("unmatched");
     let rules = dir.join("weights-only.toml");

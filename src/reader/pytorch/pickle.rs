@@ -1023,9 +1023,11 @@ impl<'a> Unpickler<'a> {
                 });
             }
             ("torch", n) if is_storage_type_name(n) => {
-                Global::StorageType(storage_dtype(n).ok_or_else(|| Error::UnsupportedDType {
-                    path: self.path.to_path_buf(),
-                    dtype: format!("torch.{n}"),
+                Global::StorageType(DType::from_torch_storage_name(n).ok_or_else(|| {
+                    Error::UnsupportedDType {
+                        path: self.path.to_path_buf(),
+                        dtype: format!("torch.{n}"),
+                    }
                 })?)
             }
             _ => {
@@ -1316,23 +1318,4 @@ impl<'a> Unpickler<'a> {
 fn is_storage_type_name(n: &str) -> bool {
     n.strip_suffix("Storage")
         .is_some_and(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
-}
-
-/// DType of a `torch.<X>Storage` type.
-fn storage_dtype(name: &str) -> Option<DType> {
-    Some(match name {
-        "FloatStorage" => DType::F32,
-        "DoubleStorage" => DType::F64,
-        "HalfStorage" => DType::F16,
-        "BFloat16Storage" => DType::BF16,
-        "LongStorage" => DType::I64,
-        "IntStorage" => DType::I32,
-        "ShortStorage" => DType::I16,
-        "CharStorage" => DType::I8,
-        "ByteStorage" => DType::U8,
-        "BoolStorage" => DType::Bool,
-        "Float8_e4m3fnStorage" => DType::F8E4M3,
-        "Float8_e5m2Storage" => DType::F8E5M2,
-        _ => return None,
-    })
 }
