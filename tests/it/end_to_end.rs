@@ -839,3 +839,55 @@ fn sharded_pytorch_bin_checkpoints_read_through_their_index() {
     assert_same_tensors(&materialise(&ckpt), &want, "sharded .bin");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// --- h4: a headless run prints nothing of the drivers' on stderr ---
+
+/// Runs the CLI without XDG_RUNTIME_DIR, as on a headless server.
+fn relayout_headless(args: &[&OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_relayout"))
+        .args(args)
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("run relayout")
+}
+
+/// Mesa's device-select Vulkan layer used to print "error: XDG_RUNTIME_DIR is invalid or
+/// not set in the environment." while adapters were enumerated, twice per enumeration.
+#[test]
+fn headless_runs_print_nothing_on_stderr() {
+    let run = relayout_headless(&[OsStr::new("devices")]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "devices: {stderr}");
+    assert!(stderr.is_empty(), "devices wrote to stderr: {stderr}");
+
+    let dir = scratch("headless");
+    let input = fixture("small_cnn.safetensors");
+    let mut devices = vec!["auto"];
+    #[cfg(feature = "gpu")]
+    if gpu_available() {
+        devices.push("gpu");
+    }
+    let mut outputs = Vec::new();
+    for device in devices {
+        let out = dir.join(format!("{device}.safetensors"));
+        let run = relayout_headless(&[
+            OsStr::new("convert"),
+            input.as_os_str(),
+            out.as_os_str(),
+            OsStr::new("--preset"),
+            OsStr::new("flax"),
+            OsStr::new("--device"),
+            OsStr::new(device),
+            OsStr::new("-q"),
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "convert --device {device}: {stderr}");
+        assert!(
+            !stderr.contains("XDG_RUNTIME_DIR") && stderr.is_empty(),
+            "convert --device {device} -q wrote to stderr: {stderr}"
+        );
+        outputs.push(std::fs::read(&out).unwrap());
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]), "auto and gpu differ");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
