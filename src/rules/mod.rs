@@ -76,7 +76,9 @@
 //!
 //! `requires = { heads = "message" }` names variables the rule needs, each with the
 //! message of the error when it is not set (placeholders as in targets); `warn = "…"`
-//! attaches a note to every entry the rule makes, which `plan` shows.
+//! attaches a note to every entry the rule makes, which `plan` shows;
+//! `warn_with_module_types = "…"` is the note instead when `--module-types` was given
+//! (a preset's advice to pass it would be wrong then).
 //! `target` is a template with placeholders `{name}` (the whole source name), `{module}`
 //! (the module path as written), `{module_merged}` (the module path with every all-digit
 //! component merged into the one before it with `_`: `layer1.0.conv1` → `layer1_0.conv1`),
@@ -200,6 +202,9 @@ struct MapAction {
     requires: BTreeMap<String, String>,
     /// A message attached to every entry the rule makes.
     warn: Option<String>,
+    /// The message instead of `warn` when `--module-types` was given, so a note never
+    /// advises passing an option the user already passed.
+    warn_with_module_types: Option<String>,
 }
 
 /// Equal parts along one source axis (negative counts from the end), each its own target.
@@ -660,7 +665,10 @@ impl Rule {
                 perm: perm.clone(),
                 target_shape: Vec::new(),
                 rule: self.name.clone(),
-                warning: action.warn.as_ref().map(|w| names.fill(w)),
+                warning: match (&opts.module_types, &action.warn_with_module_types) {
+                    (Some(_), Some(w)) => Some(names.fill(w)),
+                    _ => action.warn.as_ref().map(|w| names.fill(w)),
+                },
             };
             let permuted = entry.permuted_shape();
             entry.target_shape = match &action.reshape {

@@ -48,6 +48,7 @@ struct RawRule {
     dtype: Option<toml::Value>,
     requires: Option<BTreeMap<String, String>>,
     warn: Option<String>,
+    warn_with_module_types: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -103,7 +104,8 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, Vec<Rule>)> {
             || r.reshape.is_some()
             || r.dtype.is_some()
             || r.requires.is_some()
-            || r.warn.is_some();
+            || r.warn.is_some()
+            || r.warn_with_module_types.is_some();
         let action =
             match (r.drop, r.target) {
                 (true, None) if !has_map_keys => Action::Drop,
@@ -162,6 +164,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, Vec<Rule>)> {
                         dtype,
                         requires: r.requires.unwrap_or_default(),
                         warn: r.warn,
+                        warn_with_module_types: r.warn_with_module_types,
                     }))
                 }
                 (false, None) => {

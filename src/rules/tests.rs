@@ -1074,3 +1074,117 @@ fn every_preset_rule_has_a_description() {
         }
     }
 }
+
+/// GPT-2 as transformers writes it: Conv1D weights are (in, out), so their shape cannot
+/// tell them from a Linear's (out, in); the class can.
+fn gpt2_block() -> (Vec<TensorInfo>, ModuleTypes) {
+    let tensors = f32s(&[
+        ("wte.weight", &[50, 8]),
+        ("h.0.ln_1.weight", &[8]),
+        ("h.0.attn.c_attn.weight", &[8, 24]),
+        ("h.0.attn.c_proj.weight", &[8, 8]),
+        ("h.0.mlp.c_fc.weight", &[8, 32]),
+        ("h.0.mlp.c_proj.weight", &[32, 8]),
+        ("h.0.mlp.gate.weight", &[8, 8]),
+    ]);
+    // The README's one-liner on GPT2Model, plus a class no preset knows.
+    let types = ModuleTypes::from_json(
+        r#"{"": "GPT2Model", "wte": "Embedding", "h.0": "GPT2Block",
+            "h.0.ln_1": "LayerNorm", "h.0.attn": "GPT2Attention",
+            "h.0.attn.c_attn": "Conv1D", "h.0.attn.c_proj": "Conv1D",
+            "h.0.mlp": "GPT2MLP", "h.0.mlp.c_fc": "Conv1D", "h.0.mlp.c_proj": "Conv1D",
+            "h.0.mlp.gate": "MyGate"}"#,
+        Path::new("types.json"),
+    )
+    .unwrap();
+    (tensors, types)
+}
+
+#[test]
+fn conv1d_is_recognised_by_class_and_keeps_the_transpose_of_the_untyped_plan() {
+    let (tensors, types) = gpt2_block();
+    let typed = PlanOptions {
+        module_types: Some(types),
+        ..PlanOptions::default()
+    };
+    for preset in ["flax", "nnx"] {
+        let rules = RuleSet::preset(preset).unwrap();
+        let by_name = rules.plan(&tensors).unwrap();
+        let by_class = rules.plan_with(&tensors, &typed).unwrap();
+        for name in [
+            "h.0.attn.c_attn.weight",
+            "h.0.attn.c_proj.weight",
+            "h.0.mlp.c_fc.weight",
+            "h.0.mlp.c_proj.weight",
+        ] {
+            let (old, new) = (
+                by_name.entry_for(name).unwrap(),
+                by_class.entry_for(name).unwrap(),
+            );
+            assert_eq!(new.rule, "conv1d-by-type", "{preset} {name}");
+            assert_eq!(new.warning, None, "{preset} {name}");
+            // The same op as before, so the same bytes: (in, out) to FlaxConv1D's (out, in).
+            assert_eq!(
+                (&new.target, &new.perm, &new.target_shape),
+                (&old.target, &old.perm, &old.target_shape),
+                "{preset} {name}"
+            );
+            assert_eq!(new.perm, vec![1, 0]);
+        }
+        assert_eq!(
+            by_class.entry_for("h.0.attn.c_attn.weight").unwrap().target_shape,
+            vec![24, 8]
+        );
+    }
+}
+
+#[test]
+fn name_warnings_never_advise_module_types_when_it_was_given() {
+    let (tensors, types) = gpt2_block();
+    for preset in ["flax", "nnx"] {
+        let rules = RuleSet::preset(preset).unwrap();
+        let untyped = rules.plan(&tensors).unwrap();
+        let w = untyped.entry_for("h.0.mlp.gate.weight").unwrap().warning.clone();
+        assert!(w.unwrap().contains("pass --module-types"), "{preset}");
+        let typed = rules
+            .plan_with(
+                &tensors,
+                &PlanOptions {
+                    module_types: Some(types.clone()),
+                    ..PlanOptions::default()
+                },
+            )
+            .unwrap();
+        // Only the class no preset knows is still decided by name, and says so.
+        let warned: Vec<(&str, &str)> = typed
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.source_name.as_str(), e.warning.as_deref()?)))
+            .collect();
+        assert_eq!(warned.len(), 1, "{preset}: {warned:?}");
+        assert_eq!(warned[0].0, "h.0.mlp.gate.weight");
+        assert!(
+            warned[0].1.contains("taken as a Linear") && !warned[0].1.contains("pass --"),
+            "{preset}: {}",
+            warned[0].1
+        );
+    }
+    // A rule file's own pair of notes.
+    let rules = RuleSet::from_toml(
+        "[[rule]]\nname = \"r\"\ntarget = \"{name}\"\nwarn = \"a\"\nwarn_with_module_types = \"b\"",
+        "user.toml",
+    )
+    .unwrap();
+    let plan = rules.plan(&tensors).unwrap();
+    assert!(plan.entries.iter().all(|e| e.warning.as_deref() == Some("a")));
+    let plan = rules
+        .plan_with(
+            &tensors,
+            &PlanOptions {
+                module_types: Some(types),
+                ..PlanOptions::default()
+            },
+        )
+        .unwrap();
+    assert!(plan.entries.iter().all(|e| e.warning.as_deref() == Some("b")));
+}

@@ -850,3 +850,123 @@ fn sharded_pytorch_bin_checkpoints_read_through_their_index() {
     assert_same_tensors(&materialise(&ckpt), &want, "sharded .bin");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// --- h4: a headless run prints nothing of the drivers' on stderr ---
+
+/// Runs the CLI without XDG_RUNTIME_DIR, as on a headless server.
+fn relayout_headless(args: &[&OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_relayout"))
+        .args(args)
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("run relayout")
+}
+
+/// Mesa's device-select Vulkan layer used to print "error: XDG_RUNTIME_DIR is invalid or
+/// not set in the environment." while adapters were enumerated, twice per enumeration.
+#[test]
+fn headless_runs_print_nothing_on_stderr() {
+    let run = relayout_headless(&[OsStr::new("devices")]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "devices: {stderr}");
+    assert!(stderr.is_empty(), "devices wrote to stderr: {stderr}");
+
+    let dir = scratch("headless");
+    let input = fixture("small_cnn.safetensors");
+    let mut devices = vec!["auto"];
+    #[cfg(feature = "gpu")]
+    if gpu_available() {
+        devices.push("gpu");
+    }
+    let mut outputs = Vec::new();
+    for device in devices {
+        let out = dir.join(format!("{device}.safetensors"));
+        let run = relayout_headless(&[
+            OsStr::new("convert"),
+            input.as_os_str(),
+            out.as_os_str(),
+            OsStr::new("--preset"),
+            OsStr::new("flax"),
+            OsStr::new("--device"),
+            OsStr::new(device),
+            OsStr::new("-q"),
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "convert --device {device}: {stderr}");
+        assert!(
+            !stderr.contains("XDG_RUNTIME_DIR") && stderr.is_empty(),
+            "convert --device {device} -q wrote to stderr: {stderr}"
+        );
+        outputs.push(std::fs::read(&out).unwrap());
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]), "auto and gpu differ");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// GPT-2's Conv1D (c_attn, c_fc) decided by class with the README's module-types file:
+/// no name warning, and the same bytes as the conversion without the file.
+#[test]
+fn gpt2_conv1d_by_module_types_plans_quietly_and_converts_to_the_same_bytes() {
+    let dir = scratch("gpt2-conv1d");
+    let mut rng = Rng::new(7);
+    let tensors: Vec<(&str, Vec<usize>, Vec<u8>)> = [
+        ("wte.weight", vec![20, 8]),
+        ("h.0.attn.c_attn.weight", vec![8, 24]),
+        ("h.0.attn.c_attn.bias", vec![24]),
+        ("h.0.mlp.c_fc.weight", vec![8, 32]),
+    ]
+    .into_iter()
+    .map(|(n, s)| {
+        let bytes = rng.bytes(s.iter().product::<usize>() * 2);
+        (n, s, bytes)
+    })
+    .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b);
+            (n.to_string(), view.unwrap())
+        })
+        .collect();
+    let input = dir.join("gpt2.safetensors");
+    safetensors::serialize_to_file(views, None, &input).unwrap();
+    let types = dir.join("types.json");
+    std::fs::write(
+        &types,
+        r#"{"": "GPT2Model", "wte": "Embedding", "h.0": "GPT2Block", "h.0.attn": "GPT2Attention",
+            "h.0.attn.c_attn": "Conv1D", "h.0.mlp": "GPT2MLP", "h.0.mlp.c_fc": "Conv1D"}"#,
+    )
+    .unwrap();
+    let typed = [OsStr::new("--module-types"), types.as_os_str()];
+
+    let plan = [OsStr::new("plan"), input.as_os_str(), OsStr::new("--preset")];
+    let plan = relayout(&[&plan[..], &[OsStr::new("flax")], &typed].concat());
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    assert!(text.contains("conv1d-by-type"), "{text}");
+    assert!(!text.contains("warning"), "{text}");
+
+    let mut got = Vec::new();
+    for extra in [&[][..], &typed[..]] {
+        let out = dir.join(format!("out{}.safetensors", got.len()));
+        let mut args = vec![
+            OsStr::new("convert"),
+            input.as_os_str(),
+            out.as_os_str(),
+            OsStr::new("--preset"),
+            OsStr::new("flax"),
+            OsStr::new("--device"),
+            OsStr::new("cpu"),
+            OsStr::new("-q"),
+        ];
+        args.extend_from_slice(extra);
+        let run = relayout(&args);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        got.push(load_safetensors(&out));
+    }
+    assert_same_tensors(&got[1], &got[0], "with and without --module-types");
+    assert_eq!(got[0]["params.h_0.attn.c_attn.kernel"].shape, vec![24, 8]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// --- end h4 ---

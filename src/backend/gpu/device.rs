@@ -62,9 +62,67 @@ impl AdapterReport {
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    // Metal and DX12 do not exist where the headless instance is built, so for the primary
+    // backends it is the whole of what `Instance::new` would make.
+    #[cfg(all(
+        unix,
+        not(any(target_vendor = "apple", target_os = "android", target_os = "netbsd")),
+        not(relayout_portable)
+    ))]
+    if backends.contains(wgpu::Backends::VULKAN) && !backends.contains(wgpu::Backends::GL) {
+        if let Some(vulkan) = headless::vulkan() {
+            return vulkan;
+        }
+    }
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = backends;
     wgpu::Instance::new(desc)
+}
+
+#[cfg(all(
+    unix,
+    not(any(target_vendor = "apple", target_os = "android", target_os = "netbsd")),
+    not(relayout_portable)
+))]
+mod headless {
+    use wgpu::hal;
+
+    /// Window-system surface extensions. relayout never presents, and with the Wayland or
+    /// XCB one enabled Mesa's device-select layer (an implicit layer, loaded for every
+    /// Vulkan application) connects to a display while enumerating devices, which prints
+    /// "error: XDG_RUNTIME_DIR is invalid or not set in the environment." on a headless
+    /// machine. The layer's own off switch, `NODEVICE_SELECT`, is no way out: setting it
+    /// needs `setenv`, unsound once the host process (Python) runs other threads.
+    const WSI_EXTENSIONS: [&std::ffi::CStr; 3] = [
+        c"VK_KHR_wayland_surface",
+        c"VK_KHR_xcb_surface",
+        c"VK_KHR_xlib_surface",
+    ];
+
+    /// A Vulkan-only instance without [`WSI_EXTENSIONS`], made the way wgpu-core makes its
+    /// own; `None` when there is no Vulkan loader or driver.
+    pub(super) fn vulkan() -> Option<wgpu::Instance> {
+        let desc = hal::InstanceDescriptor {
+            name: "wgpu",
+            flags: wgpu::InstanceFlags::default(),
+            memory_budget_thresholds: wgpu::MemoryBudgetThresholds::default(),
+            backend_options: wgpu::BackendOptions::default(),
+            telemetry: None,
+            display: None,
+        };
+        let drop_wsi: Box<hal::vulkan::CreateInstanceCallback> = Box::new(|args| {
+            args.extensions.retain(|e| !WSI_EXTENSIONS.contains(e));
+        });
+        // SAFETY: `desc` is what wgpu-core passes to `Instance::init`. The callback removes
+        // extensions, which its contract forbids because wgpu-hal may assume an available
+        // extension is enabled; wgpu-hal 30 (pinned by Cargo.lock) consults these three only
+        // through the instance's list of enabled extensions, before creating a surface from
+        // a window handle, and relayout never creates a surface.
+        let raw =
+            unsafe { hal::vulkan::Instance::init_with_callback(&desc, Some(drop_wsi)) }.ok()?;
+        // SAFETY: `raw` was just created and is moved into wgpu, which owns and destroys it.
+        Some(unsafe { wgpu::Instance::from_hal::<hal::api::Vulkan>(raw) })
+    }
 }
 
 fn adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
@@ -89,20 +147,27 @@ fn rank(t: wgpu::DeviceType) -> u8 {
     }
 }
 
-/// The adapter the options ask for, among `candidates`.
-fn pick(candidates: Vec<wgpu::Adapter>, opts: &GpuOptions) -> Option<wgpu::Adapter> {
-    let wanted = opts
-        .adapter
+/// The adapter name (lowercase substring) the options or [`ADAPTER_ENV`] ask for.
+fn wanted(opts: &GpuOptions) -> Option<String> {
+    opts.adapter
         .clone()
         .or_else(|| std::env::var(ADAPTER_ENV).ok())
         .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().to_lowercase());
+        .map(|s| s.trim().to_lowercase())
+}
+
+/// The adapter the options ask for, among `candidates`.
+fn pick(
+    candidates: Vec<wgpu::Adapter>,
+    wanted: Option<&str>,
+    opts: &GpuOptions,
+) -> Option<wgpu::Adapter> {
     candidates
         .into_iter()
         .filter(|a| {
             let info = a.get_info();
-            match &wanted {
-                Some(w) => info.name.to_lowercase().contains(w.as_str()),
+            match wanted {
+                Some(w) => info.name.to_lowercase().contains(w),
                 None => opts.allow_software || info.device_type != wgpu::DeviceType::Cpu,
             }
         })
@@ -119,29 +184,39 @@ fn unavailable(detail: String) -> Error {
 /// Chooses an adapter (primary backends first, GL as the last resort) and opens a device
 /// with the adapter's own limits: how [`super::Gpu::new`] gets its device, and a way for
 /// an engine to open one the same way for [`crate::Converter::for_each_on_device`].
+///
+/// GL is tried only when the caller takes a fallback (software adapters allowed, or an
+/// adapter named): `--device auto` asks for neither and takes the CPU before a GL adapter,
+/// so it never loads the GL drivers.
 pub fn open(opts: &GpuOptions) -> Result<(wgpu::Device, wgpu::Queue)> {
-    let adapter = match pick(adapters(PRIMARY), opts) {
-        Some(a) => a,
-        None => pick(adapters(wgpu::Backends::GL), opts).ok_or_else(|| {
-            let seen: Vec<String> = list_adapters()
-                .into_iter()
-                .map(|r| format!("{} ({}, {})", r.name, r.backend, r.device_type))
-                .collect();
-            let seen = if seen.is_empty() {
-                "none found".to_string()
-            } else {
-                format!("found {}", seen.join(", "))
-            };
-            let why = match &opts.adapter {
-                Some(name) => format!("no adapter named like '{name}'"),
-                None if !opts.allow_software => {
-                    "no hardware adapter (software adapters need to be allowed)".to_string()
-                }
-                None => "no adapter".to_string(),
-            };
-            unavailable(format!("{why}; {seen}"))
-        })?,
-    };
+    let primary = adapters(PRIMARY);
+    let mut seen: Vec<AdapterReport> = primary.iter().map(AdapterReport::new).collect();
+    let wanted = wanted(opts);
+    let mut chosen = pick(primary, wanted.as_deref(), opts);
+    if chosen.is_none() && (opts.allow_software || wanted.is_some()) {
+        let gl = adapters(wgpu::Backends::GL);
+        seen.extend(gl.iter().map(AdapterReport::new));
+        chosen = pick(gl, wanted.as_deref(), opts);
+    }
+    let adapter = chosen.ok_or_else(|| {
+        let seen: Vec<String> = seen
+            .into_iter()
+            .map(|r| format!("{} ({}, {})", r.name, r.backend, r.device_type))
+            .collect();
+        let seen = if seen.is_empty() {
+            "none found".to_string()
+        } else {
+            format!("found {}", seen.join(", "))
+        };
+        let why = match &opts.adapter {
+            Some(name) => format!("no adapter named like '{name}'"),
+            None if !opts.allow_software => {
+                "no hardware adapter (software adapters need to be allowed)".to_string()
+            }
+            None => "no adapter".to_string(),
+        };
+        unavailable(format!("{why}; {seen}"))
+    })?;
     let info = adapter.get_info();
     let desc = wgpu::DeviceDescriptor {
         label: Some("relayout"),
