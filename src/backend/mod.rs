@@ -14,7 +14,9 @@ mod select;
 #[cfg(test)]
 pub(crate) use job::test_jobs;
 pub use job::{run_on_host, Band, Job, Part, Sink, Span, Step};
-pub(crate) use job::{single, Buffers};
+pub(crate) use job::Buffers;
+#[cfg(feature = "gpu")]
+pub(crate) use job::single;
 
 pub use select::{select, BackendOptions, Device};
 

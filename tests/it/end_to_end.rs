@@ -873,6 +873,8 @@ fn headless_runs_print_nothing_on_stderr() {
 
     let dir = scratch("headless");
     let input = fixture("small_cnn.safetensors");
+    // The GPU by name too, where one is built in and usable.
+    #[cfg_attr(not(feature = "gpu"), allow(unused_mut))]
     let mut devices = vec!["auto"];
     #[cfg(feature = "gpu")]
     if gpu_available() {
