@@ -19,7 +19,8 @@
 // roundings); f16/bf16 to f32 exact. NaN: narrowing gives the target's quiet NaN with the
 // source sign (bf16 0x7FC0, f16 0x7E00, f32 0x7FC00000); widening keeps every bit.
 //
-// Bindings (group 0), identical to the other shaders:
+// Bindings (group 0), identical to the other shaders (declared in common.wgsl, which is
+// assembled after this file):
 //   0: uniform Params (main reads `count`, in elements; transpose the rest)
 //   1: storage, read       src: array<u32>, the gathered (main) or source (transpose) elements
 //   2: storage, read_write dst: array<u32>, the converted elements
@@ -71,10 +72,6 @@ struct Params {
     full_y: u32,
     edge_bottom: u32,
 }
-
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<u32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
 
 const F64: u32 = 0u;
 const F32: u32 = 1u;
@@ -203,10 +200,10 @@ fn load_f32(i: u32) -> u32 {
             return f64_to_f32(src[2u * i], src[2u * i + 1u]);
         }
         case 2u: {
-            return f16_to_f32((src[i >> 1u] >> ((i & 1u) * 16u)) & 0xFFFFu);
+            return f16_to_f32(src_elem(i, 2u));
         }
         case 3u: {
-            return ((src[i >> 1u] >> ((i & 1u) * 16u)) & 0xFFFFu) << 16u;
+            return (src_elem(i, 2u)) << 16u;
         }
         default: {
             return src[i];
@@ -218,7 +215,7 @@ fn load_f32(i: u32) -> u32 {
 fn half_of(i: u32) -> u32 {
     if (FROM == TO) {
         // Unused: the host never builds a cast to the same format.
-        return (src[i >> 1u] >> ((i & 1u) * 16u)) & 0xFFFFu;
+        return src_elem(i, 2u);
     }
     let x = load_f32(i);
     if (TO == F16) {
@@ -253,12 +250,12 @@ fn main(
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = wg.x + groups.x * (wg.y + groups.y * wg.z);
-    // WORDS words per invocation, 256 apart, so neighbouring invocations touch
+    let group = linear_group(wg, groups);
+    // WORDS words per invocation, WG apart, so neighbouring invocations touch
     // neighbouring words.
-    let base = group * (256u * WORDS) + lid;
+    let base = group * (WG * WORDS) + lid;
     for (var k = 0u; k < WORDS; k = k + 1u) {
-        convert_word(base + k * 256u);
+        convert_word(base + k * WG);
     }
 }
 
@@ -289,13 +286,11 @@ fn transposed_word(e: u32, c: u32, w: u32) -> u32 {
 fn transposed_at(b: u32, c: u32, w: u32) -> u32 {
     var row = c;
     if (params.hw != 1u) {
-        row = (c % params.hw) * params.inner + c / params.hw;
+        row = remap_row(c, params.hw, params.inner);
     }
     return b * params.d_batch + row * params.d_row + w;
 }
 
-const TILE: u32 = 32u;
-const PITCH: u32 = 33u;
 var<workgroup> tile: array<u32, 1056>;
 
 @compute @workgroup_size(32, 8, 1)
@@ -305,10 +300,7 @@ fn transpose(
 ) {
     var t = wid.xy;
     if (EDGE) {
-        // Workgroup-uniform: the bottom strip first, then the right strip.
-        let right = wid.x >= params.edge_bottom;
-        t = select(vec2<u32>(wid.x, params.full_y),
-                   vec2<u32>(params.full_x, wid.x - params.edge_bottom), right);
+        t = edge_tile(wid.x, params.full_x, params.full_y, params.edge_bottom);
     }
     let c0 = t.x * TILE;
     let w0 = t.y * TILE;

@@ -1,7 +1,8 @@
 // Plain word copy, the baseline the gather kernels are measured against: dst[w] = src[w]
 // for w < params.count (count in words here, not elements).
 //
-// Bindings (group 0), identical to the other shaders:
+// Bindings (group 0), identical to the other shaders (declared in common.wgsl, which is
+// assembled after this file):
 //   0: uniform Params (only `count` is read)
 //   1: storage, read       src: array<u32>
 //   2: storage, read_write dst: array<u32>
@@ -21,12 +22,6 @@ struct Params {
     count: u32,
 }
 
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<u32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
-
-const WG: u32 = 256u;
-
 @compute @workgroup_size(32, 8, 1)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -34,7 +29,7 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let per = 4u * PLANES;
-    let group = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
+    let group = linear_group(wid, nwg);
     let first = group * WG * per + lid;
     for (var m = 0u; m < per; m = m + 1u) {
         let w = first + m * WG;

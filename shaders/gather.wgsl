@@ -2,9 +2,10 @@
 // `base + sum_k idx_k(e) * strides[k]` of the bound source window.
 //
 // Bindings (group 0):
-//   0: uniform Params (layout shared with transpose.wgsl, see src/backend/gpu/kernel.rs)
+//   0: uniform Params (strided.wgsl's, shared with transpose.wgsl)
 //   1: storage, read       src: array<u32>  the source window
 //   2: storage, read_write dst: array<u32>  the compact output
+// (declared in common.wgsl, which with strided.wgsl is assembled after this file)
 // Workgroup size: 256 x 1 x 1. The linear workgroup id is x + nx * (y + ny * z), so the
 // host may spread more than 65535 workgroups over y and z.
 // Word packing (little-endian bytes within a u32, override ESIZE):
@@ -18,50 +19,8 @@
 
 override ESIZE: u32 = 4u;
 
-struct Params {
-    rank: u32,
-    count: u32,
-    base: u32,
-    axis: u32,
-    rows: u32,
-    inner: u32,
-    tiles_i: u32,
-    tiles_j: u32,
-    shape: array<vec4<u32>, 2>,
-    strides: array<vec4<u32>, 2>,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<u32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
-
-const WG: u32 = 256u;
-
 fn src_index(e: u32) -> u32 {
-    var rem = e;
-    var off = params.base;
-    var k = params.rank;
-    loop {
-        if k == 0u {
-            break;
-        }
-        k = k - 1u;
-        let n = params.shape[k >> 2u][k & 3u];
-        off = off + (rem % n) * params.strides[k >> 2u][k & 3u];
-        rem = rem / n;
-    }
-    return off;
-}
-
-// The element (ESIZE <= 4) at source element index s, in the low bits.
-fn load_small(s: u32) -> u32 {
-    if ESIZE == 4u {
-        return src[s];
-    }
-    if ESIZE == 2u {
-        return (src[s >> 1u] >> ((s & 1u) * 16u)) & 0xffffu;
-    }
-    return (src[s >> 2u] >> ((s & 3u) * 8u)) & 0xffu;
+    return params.base + axes_offset(e, 0u, params.rank);
 }
 
 @compute @workgroup_size(256, 1, 1)
@@ -70,7 +29,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
+    let group = linear_group(wid, nwg);
     let w = group * WG + lid;
     if ESIZE == 8u {
         if w >= params.count {
@@ -90,7 +49,7 @@ fn main(
     for (var j = 0u; j < per; j = j + 1u) {
         let e = first + j;
         if e < params.count {
-            word = word | (load_small(src_index(e)) << (j * 8u * ESIZE));
+            word = word | (src_elem(src_index(e), ESIZE) << (j * 8u * ESIZE));
         }
     }
     dst[w] = word;

@@ -6,10 +6,11 @@
 // workgroup memory and writes it walking j fastest (contiguous output writes).
 //
 // Bindings (group 0):
-//   0: uniform Params (layout shared with gather.wgsl; rows = I, inner = J,
+//   0: uniform Params (strided.wgsl's, shared with gather.wgsl; rows = I, inner = J,
 //      tiles_i = ceil(I / TI), tiles_j = ceil(J / TJ), count = outer*I*J)
 //   1: storage, read       src: array<u32>  the source window
 //   2: storage, read_write dst: array<u32>  the compact output
+// (declared in common.wgsl, which with strided.wgsl is assembled after this file)
 // Workgroup size: 256 x 1 x 1, one tile per workgroup, linear workgroup id
 // x + nx * (y + ny * z) = (o * tiles_i + ti) * tiles_j + tj.
 // Tile (must match TILE_* in src/backend/gpu/kernel.rs), K = elements per word:
@@ -24,78 +25,8 @@
 
 override ESIZE: u32 = 4u;
 
-struct Params {
-    rank: u32,
-    count: u32,
-    base: u32,
-    axis: u32,
-    rows: u32,
-    inner: u32,
-    tiles_i: u32,
-    tiles_j: u32,
-    shape: array<vec4<u32>, 2>,
-    strides: array<vec4<u32>, 2>,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<u32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
-
-const WG: u32 = 256u;
 // Largest tile: ESIZE 1 (128 columns x 17) and ESIZE 8 (2 x 32 x 33) both fit.
 var<workgroup> tile: array<u32, 2176>;
-
-fn shape_at(k: u32) -> u32 {
-    return params.shape[k >> 2u][k & 3u];
-}
-
-fn stride_at(k: u32) -> u32 {
-    return params.strides[k >> 2u][k & 3u];
-}
-
-// Source offset of inner index j (0 <= j < J) over axes axis+1 .. rank-1.
-fn inner_offset(j: u32) -> u32 {
-    var rem = j;
-    var off = 0u;
-    var k = params.rank - 1u;
-    loop {
-        if k <= params.axis + 1u {
-            break;
-        }
-        let n = shape_at(k);
-        off = off + (rem % n) * stride_at(k);
-        rem = rem / n;
-        k = k - 1u;
-    }
-    return off + rem * stride_at(params.axis + 1u);
-}
-
-// Source offset of outer index o over axes 0 .. axis-1.
-fn outer_offset(o: u32) -> u32 {
-    var rem = o;
-    var off = 0u;
-    var k = params.axis;
-    loop {
-        if k == 0u {
-            break;
-        }
-        k = k - 1u;
-        let n = shape_at(k);
-        off = off + (rem % n) * stride_at(k);
-        rem = rem / n;
-    }
-    return off;
-}
-
-fn load_small(s: u32) -> u32 {
-    if ESIZE == 4u {
-        return src[s];
-    }
-    if ESIZE == 2u {
-        return (src[s >> 1u] >> ((s & 1u) * 16u)) & 0xffffu;
-    }
-    return (src[s >> 2u] >> ((s & 3u) * 8u)) & 0xffu;
-}
 
 @compute @workgroup_size(256, 1, 1)
 fn main(
@@ -110,7 +41,7 @@ fn main(
     let tj_len = 32u * k_per;
     let pitch = ti_len + 1u;
 
-    let group = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
+    let group = linear_group(wid, nwg);
     let per_outer = params.tiles_i * params.tiles_j;
     let rows = params.rows;
     let inner = params.inner;
@@ -124,7 +55,7 @@ fn main(
     let t = group % per_outer;
     let i0 = (t / params.tiles_j) * ti_len;
     let j0 = (t % params.tiles_j) * tj_len;
-    let obase = params.base + outer_offset(o);
+    let obase = params.base + axes_offset(o, 0u, params.axis);
     let si = stride_at(params.axis);
     // One inner axis (a plain or batched transpose): no index unravelling per element.
     let one_inner = params.rank == params.axis + 2u;
@@ -142,14 +73,14 @@ fn main(
             if one_inner {
                 s = s + j * sj;
             } else {
-                s = s + inner_offset(j);
+                s = s + axes_offset(j, params.axis + 1u, params.rank);
             }
             let slot = jj * pitch + ii;
             if ESIZE == 8u {
                 tile[2u * slot] = src[2u * s];
                 tile[2u * slot + 1u] = src[2u * s + 1u];
             } else {
-                tile[slot] = load_small(s);
+                tile[slot] = src_elem(s, ESIZE);
             }
         }
     }

@@ -5,7 +5,8 @@
 // The host (src/backend/gpu/kernel.rs, `Plane2d`) turns every stride into word units, so
 // the hot loop adds one step per row and nothing is unravelled on the device.
 //
-// Bindings (group 0), the layout every shader shares:
+// Bindings (group 0), the layout every shader shares (declared in common.wgsl, which is
+// assembled after this file):
 //   0: uniform Params (own struct below; the buffer holds 24 words)
 //   1: storage, read       src: array<u32>  the source window
 //   2: storage, read_write dst: array<u32>  the compact output
@@ -83,12 +84,6 @@ struct Params {
     inner: u32,
 }
 
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> src: array<u32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
-
-const TILE: u32 = 32u;
-const PITCH: u32 = 33u;
 const PLANE_WORDS: u32 = 1056u;
 var<workgroup> tile: array<u32, 4224>;
 
@@ -127,7 +122,7 @@ fn dst_col(col: u32, p: u32) -> u32 {
         return col * params.d_col + p * params.d_plane;
     }
     let c = out_row(col, p);
-    let row = (c % params.hw) * params.inner + c / params.hw;
+    let row = remap_row(c, params.hw, params.inner);
     if ESIZE == 8u {
         return row * params.d_col + p * params.d_plane;
     }
@@ -234,10 +229,7 @@ fn main(
 ) {
     var t = wid.xy;
     if EDGE {
-        // Workgroup-uniform: the bottom strip first, then the right strip.
-        let right = wid.x >= params.edge_bottom;
-        t = select(vec2<u32>(wid.x, params.full_y),
-                   vec2<u32>(params.full_x, wid.x - params.edge_bottom), right);
+        t = edge_tile(wid.x, params.full_x, params.full_y, params.edge_bottom);
     }
     let e = params.s_base + wid.z * params.s_batch;
     let sh = (e & ((1u << KSHIFT) - 1u)) * 8u * ESIZE;

@@ -642,9 +642,9 @@ fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool, const STREAM: bo
     if UNIT_ROWS && simd != Simd::Portable {
         if simd == Simd::Avx2 {
             // SAFETY: `Simd::Avx2` is only chosen when the CPU has AVX2.
-            unsafe { avx2::block::<N, B, STREAM>(src, out, s0, sc, d0, cols) };
+            unsafe { squares::block_avx2::<N, B, STREAM>(src, out, s0, sc, (d0, cols)) };
         } else {
-            sse2::block::<N, B, STREAM>(src, out, s0, sc, d0, cols);
+            squares::block_sse2::<N, B, STREAM>(src, out, s0, sc, (d0, cols));
         }
         return;
     }
@@ -668,114 +668,256 @@ fn micro<const N: usize, const B: usize, const UNIT_ROWS: bool, const STREAM: bo
     }
 }
 
-/// SSE2 (part of every x86_64 CPU, so no runtime detection) transposes of 16-byte
-/// squares: `16 / N` source runs of `16 / N` elements become as many output rows
-/// through `log2(16 / N)` rounds of unpacks. LLVM does not find these shuffles in
-/// the portable kernel, which moves one element per instruction.
+/// x86_64 transposes of vector squares: `K` source runs of `K` elements, one vector
+/// each, become as many output rows through `log2(K)` rounds of unpacks. LLVM does not
+/// find these shuffles in the portable kernel, which moves one element per instruction.
+/// One body serves both levels; a [`Level`] says what differs: SSE2 (part of every
+/// x86_64 CPU) has 16-byte vectors, AVX2 (detected at run time) 32-byte ones whose
+/// unpacks stay within 16-byte lanes, so one last round exchanges lanes between rows
+/// `K / 2` apart. The body is `#[inline(always)]` so it compiles inside each level's
+/// entry point, with that level's instructions inlined.
 #[cfg(target_arch = "x86_64")]
-mod sse2 {
+mod squares {
     use std::arch::x86_64::{
-        __m128i, _mm_loadu_si128, _mm_prefetch, _mm_setzero_si128, _mm_storeu_si128,
-        _mm_stream_si128, _mm_unpackhi_epi16, _mm_unpackhi_epi32, _mm_unpackhi_epi64,
-        _mm_unpackhi_epi8, _mm_unpacklo_epi16, _mm_unpacklo_epi32, _mm_unpacklo_epi64,
-        _mm_unpacklo_epi8, _MM_HINT_NTA,
+        __m128i, __m256i, _mm256_loadu_si256, _mm256_permute2x128_si256, _mm256_setzero_si256,
+        _mm256_storeu_si256, _mm256_stream_si256, _mm256_unpackhi_epi16, _mm256_unpackhi_epi32,
+        _mm256_unpackhi_epi64, _mm256_unpackhi_epi8, _mm256_unpacklo_epi16, _mm256_unpacklo_epi32,
+        _mm256_unpacklo_epi64, _mm256_unpacklo_epi8, _mm_loadu_si128, _mm_prefetch,
+        _mm_setzero_si128, _mm_storeu_si128, _mm_stream_si128, _mm_unpackhi_epi16,
+        _mm_unpackhi_epi32, _mm_unpackhi_epi64, _mm_unpackhi_epi8, _mm_unpacklo_epi16,
+        _mm_unpacklo_epi32, _mm_unpacklo_epi64, _mm_unpacklo_epi8, _MM_HINT_NTA,
     };
 
-    #[inline(always)]
-    fn load<const N: usize>(s: &[[u8; N]], at: usize) -> __m128i {
-        let run = &s[at..at + 16 / N];
-        // SAFETY: `run` is a bounds-checked slice of exactly 16 bytes and the unaligned
-        // load has no alignment requirement; SSE2 is baseline on x86_64.
-        unsafe { _mm_loadu_si128(run.as_ptr().cast()) }
+    /// A vector level: its vector and the moves the squares make with it. A value of
+    /// the type is the proof that the CPU has the level's instructions.
+    trait Level: Copy {
+        type V: Copy;
+        /// Bytes in a vector.
+        const BYTES: usize;
+        fn zero(self) -> Self::V;
+        /// The `BYTES` bytes from element `at` on.
+        fn load<const N: usize>(self, s: &[[u8; N]], at: usize) -> Self::V;
+        /// Stores `BYTES` bytes at element `at`, non-temporally where `STREAM` and the
+        /// address is vector-aligned.
+        fn store<const N: usize, const STREAM: bool>(
+            self,
+            d: &mut [[u8; N]],
+            at: usize,
+            v: Self::V,
+        );
+        /// Interleaves the low (or high) halves of each 16-byte lane of `a` and `b`, in
+        /// units of `width` bytes.
+        fn unpack(self, hi: bool, width: usize, a: Self::V, b: Self::V) -> Self::V;
+        /// Finishes a square whose 16-byte lanes the unpack rounds have transposed.
+        fn cross_lanes<const K: usize>(self, v: [Self::V; K]) -> [Self::V; K];
     }
 
-    #[inline(always)]
-    fn store<const N: usize, const STREAM: bool>(d: &mut [[u8; N]], at: usize, v: __m128i) {
-        let run = &mut d[at..at + 16 / N];
-        let ptr: *mut __m128i = run.as_mut_ptr().cast();
-        if STREAM && ptr as usize % 16 == 0 {
-            // SAFETY: `run` is a bounds-checked, exclusively borrowed slice of exactly
-            // 16 bytes, and the pointer was just checked to be 16-byte aligned.
-            unsafe { _mm_stream_si128(ptr, v) }
-        } else {
-            // SAFETY: as above; the unaligned store has no alignment requirement.
-            unsafe { _mm_storeu_si128(ptr, v) }
+    /// SSE2, which every x86_64 CPU has.
+    #[derive(Clone, Copy)]
+    struct Sse2;
+
+    /// AVX2; made only in [`block_avx2`], whose callers have checked the CPU has it.
+    #[derive(Clone, Copy)]
+    struct Avx2(());
+
+    impl Level for Sse2 {
+        type V = __m128i;
+        const BYTES: usize = 16;
+
+        #[inline(always)]
+        fn zero(self) -> __m128i {
+            // SAFETY: an all-zero vector is a valid `__m128i`; SSE2 is baseline on x86_64.
+            unsafe { _mm_setzero_si128() }
         }
-    }
 
-    /// Interleaves the low (or high) halves of `a` and `b` in units of `width` bytes.
-    #[inline(always)]
-    fn unpack(hi: bool, width: usize, a: __m128i, b: __m128i) -> __m128i {
-        // SAFETY: these intrinsics only need SSE2, which every x86_64 CPU has.
-        unsafe {
-            match (hi, width) {
-                (false, 1) => _mm_unpacklo_epi8(a, b),
-                (true, 1) => _mm_unpackhi_epi8(a, b),
-                (false, 2) => _mm_unpacklo_epi16(a, b),
-                (true, 2) => _mm_unpackhi_epi16(a, b),
-                (false, 4) => _mm_unpacklo_epi32(a, b),
-                (true, 4) => _mm_unpackhi_epi32(a, b),
-                (false, _) => _mm_unpacklo_epi64(a, b),
-                (true, _) => _mm_unpackhi_epi64(a, b),
+        #[inline(always)]
+        fn load<const N: usize>(self, s: &[[u8; N]], at: usize) -> __m128i {
+            let run = &s[at..at + 16 / N];
+            // SAFETY: `run` is a bounds-checked slice of exactly 16 bytes and the
+            // unaligned load has no alignment requirement; SSE2 is baseline on x86_64.
+            unsafe { _mm_loadu_si128(run.as_ptr().cast()) }
+        }
+
+        #[inline(always)]
+        fn store<const N: usize, const STREAM: bool>(
+            self,
+            d: &mut [[u8; N]],
+            at: usize,
+            v: __m128i,
+        ) {
+            let run = &mut d[at..at + 16 / N];
+            let ptr: *mut __m128i = run.as_mut_ptr().cast();
+            if STREAM && ptr as usize % 16 == 0 {
+                // SAFETY: `run` is a bounds-checked, exclusively borrowed slice of
+                // exactly 16 bytes, and the pointer was just checked to be 16-byte aligned.
+                unsafe { _mm_stream_si128(ptr, v) }
+            } else {
+                // SAFETY: as above; the unaligned store has no alignment requirement.
+                unsafe { _mm_storeu_si128(ptr, v) }
             }
         }
+
+        #[inline(always)]
+        fn unpack(self, hi: bool, width: usize, a: __m128i, b: __m128i) -> __m128i {
+            // SAFETY: these intrinsics only need SSE2, which every x86_64 CPU has.
+            unsafe {
+                match (hi, width) {
+                    (false, 1) => _mm_unpacklo_epi8(a, b),
+                    (true, 1) => _mm_unpackhi_epi8(a, b),
+                    (false, 2) => _mm_unpacklo_epi16(a, b),
+                    (true, 2) => _mm_unpackhi_epi16(a, b),
+                    (false, 4) => _mm_unpacklo_epi32(a, b),
+                    (true, 4) => _mm_unpackhi_epi32(a, b),
+                    (false, _) => _mm_unpacklo_epi64(a, b),
+                    (true, _) => _mm_unpackhi_epi64(a, b),
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn cross_lanes<const K: usize>(self, v: [__m128i; K]) -> [__m128i; K] {
+            // One lane: the unpack rounds did it all.
+            v
+        }
     }
 
-    /// A `B × B` block as `(B / K)²` squares of `K = 16 / N`; each square reads `K`
-    /// source runs (columns of the output) and writes `K` output rows.
+    impl Level for Avx2 {
+        type V = __m256i;
+        const BYTES: usize = 32;
+
+        #[inline(always)]
+        fn zero(self) -> __m256i {
+            // SAFETY: an `Avx2` exists only where the CPU has AVX2 (see the type).
+            unsafe { _mm256_setzero_si256() }
+        }
+
+        #[inline(always)]
+        fn load<const N: usize>(self, s: &[[u8; N]], at: usize) -> __m256i {
+            let run = &s[at..at + 32 / N];
+            // SAFETY: `run` is a bounds-checked slice of exactly 32 bytes; unaligned
+            // load; the CPU has AVX2 (see the type).
+            unsafe { _mm256_loadu_si256(run.as_ptr().cast()) }
+        }
+
+        #[inline(always)]
+        fn store<const N: usize, const STREAM: bool>(
+            self,
+            d: &mut [[u8; N]],
+            at: usize,
+            v: __m256i,
+        ) {
+            let run = &mut d[at..at + 32 / N];
+            let ptr: *mut __m256i = run.as_mut_ptr().cast();
+            if STREAM && ptr as usize % 32 == 0 {
+                // SAFETY: `run` is a bounds-checked, exclusively borrowed slice of
+                // exactly 32 bytes, the pointer was just checked to be 32-byte aligned,
+                // and the CPU has AVX2 (see the type).
+                unsafe { _mm256_stream_si256(ptr, v) }
+            } else {
+                // SAFETY: as above; the unaligned store has no alignment requirement.
+                unsafe { _mm256_storeu_si256(ptr, v) }
+            }
+        }
+
+        #[inline(always)]
+        fn unpack(self, hi: bool, width: usize, a: __m256i, b: __m256i) -> __m256i {
+            // SAFETY: the CPU has AVX2 (see the type).
+            unsafe {
+                match (hi, width) {
+                    (false, 1) => _mm256_unpacklo_epi8(a, b),
+                    (true, 1) => _mm256_unpackhi_epi8(a, b),
+                    (false, 2) => _mm256_unpacklo_epi16(a, b),
+                    (true, 2) => _mm256_unpackhi_epi16(a, b),
+                    (false, 4) => _mm256_unpacklo_epi32(a, b),
+                    (true, 4) => _mm256_unpackhi_epi32(a, b),
+                    (false, _) => _mm256_unpacklo_epi64(a, b),
+                    (true, _) => _mm256_unpackhi_epi64(a, b),
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn cross_lanes<const K: usize>(self, v: [__m256i; K]) -> [__m256i; K] {
+            let half = K / 2;
+            let mut w = v;
+            for i in 0..half {
+                let (a, b) = (v[i], v[i + half]);
+                // SAFETY: the CPU has AVX2 (see the type).
+                unsafe {
+                    w[i] = _mm256_permute2x128_si256::<0x20>(a, b);
+                    w[i + half] = _mm256_permute2x128_si256::<0x31>(a, b);
+                }
+            }
+            w
+        }
+    }
+
+    /// A `B × B` block (`B` elements = one cache line) as squares of `K = 16 / N`.
     #[inline(always)]
-    pub(super) fn block<const N: usize, const B: usize, const STREAM: bool>(
+    pub(super) fn block_sse2<const N: usize, const B: usize, const STREAM: bool>(
         src: &[[u8; N]],
         out: &mut [[u8; N]],
         s0: usize,
         sc: usize,
-        d0: usize,
-        cols: usize,
+        (d0, cols): (usize, usize),
     ) {
-        let mut o = Flat { out, d0, cols };
+        let o = (d0, cols);
         // Fixed-size arrays per K keep every vector in a register.
         match N {
-            1 => squares::<N, B, 16, STREAM>(src, &mut o, s0, sc),
-            2 => squares::<N, B, 8, STREAM>(src, &mut o, s0, sc),
-            4 => squares::<N, B, 4, STREAM>(src, &mut o, s0, sc),
-            _ => squares::<N, B, 2, STREAM>(src, &mut o, s0, sc),
+            1 => squares::<Sse2, N, B, 4, 16, STREAM>(Sse2, src, out, s0, sc, o),
+            2 => squares::<Sse2, N, B, 4, 8, STREAM>(Sse2, src, out, s0, sc, o),
+            4 => squares::<Sse2, N, B, 4, 4, STREAM>(Sse2, src, out, s0, sc, o),
+            _ => squares::<Sse2, N, B, 4, 2, STREAM>(Sse2, src, out, s0, sc, o),
         }
     }
 
-    /// Where the rows of a block go.
-    trait Out<const N: usize> {
-        /// Stores 16 bytes at element `j` of block row `i`.
-        fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m128i);
-    }
-
-    /// Rows `cols` apart in one slice, starting at `d0`.
-    struct Flat<'a, const N: usize> {
-        out: &'a mut [[u8; N]],
-        d0: usize,
-        cols: usize,
-    }
-
-    impl<const N: usize> Out<N> for Flat<'_, N> {
-        #[inline(always)]
-        fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m128i) {
-            store::<N, STREAM>(self.out, self.d0 + i * self.cols + j, v);
-        }
-    }
-
-    #[inline(always)]
-    fn squares<const N: usize, const B: usize, const K: usize, const STREAM: bool>(
+    /// A `B × B` block as squares of `K = 32 / N`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn block_avx2<const N: usize, const B: usize, const STREAM: bool>(
         src: &[[u8; N]],
-        out: &mut impl Out<N>,
+        out: &mut [[u8; N]],
         s0: usize,
         sc: usize,
+        (d0, cols): (usize, usize),
     ) {
-        // A block row is one cache line of 4 squares side by side; all 4 squares are
+        let (l, o) = (Avx2(()), (d0, cols));
+        match N {
+            1 => squares::<Avx2, N, B, 2, 32, STREAM>(l, src, out, s0, sc, o),
+            2 => squares::<Avx2, N, B, 2, 16, STREAM>(l, src, out, s0, sc, o),
+            4 => squares::<Avx2, N, B, 2, 8, STREAM>(l, src, out, s0, sc, o),
+            _ => squares::<Avx2, N, B, 2, 4, STREAM>(l, src, out, s0, sc, o),
+        }
+    }
+
+    /// One block of `SQ` squares of side `K` per block row: each square reads `K`
+    /// source runs (columns of the output) and writes `K` output rows, rows `cols`
+    /// apart from element `d0` on.
+    #[inline(always)]
+    fn squares<
+        L: Level,
+        const N: usize,
+        const B: usize,
+        const SQ: usize,
+        const K: usize,
+        const STREAM: bool,
+    >(
+        l: L,
+        src: &[[u8; N]],
+        out: &mut [[u8; N]],
+        s0: usize,
+        sc: usize,
+        (d0, cols): (usize, usize),
+    ) {
+        // A block row is one cache line of SQ squares side by side; all of them are
         // transposed before any store so each output line is written in one go, which
         // streaming stores need to fill a write-combining buffer at once.
-        const SQUARES: usize = super::LINE / 16;
-        debug_assert_eq!(B, SQUARES * K);
+        debug_assert_eq!(SQ, super::LINE / L::BYTES);
+        debug_assert_eq!(B, SQ * K);
         // Source runs are 64 bytes at a stride that is often a multiple of 4 KiB, so
-        // their lines share one L1 set and would be evicted between the 4 squares that
+        // their lines share one L1 set and would be evicted between the squares that
         // use each; copying each whole line once into registers or the stack avoids it.
         // The next blocks down the same source runs: the hardware prefetcher loses
         // track of 16+ interleaved streams, and NTA keeps them out of the L1 set that
@@ -789,237 +931,52 @@ mod sse2 {
         }
         // Plain loops rather than `array::from_fn`: LLVM leaves the 16-byte-element
         // closures out of line, so u8 squares went through a call and memcpy per run.
-        // SAFETY: an all-zero vector is a valid `__m128i`; SSE2 is baseline on x86_64.
-        let zero = unsafe { _mm_setzero_si128() };
-        let mut runs = [[zero; SQUARES]; B];
+        let zero = l.zero();
+        let mut runs = [[zero; SQ]; B];
         for (j, run) in runs.iter_mut().enumerate() {
             for (q, v) in run.iter_mut().enumerate() {
-                *v = load(src, s0 + j * sc + q * K);
+                *v = l.load(src, s0 + j * sc + q * K);
             }
         }
         for (rq, rg) in (0..B).step_by(K).enumerate() {
-            let mut line = [[zero; K]; SQUARES];
+            let mut line = [[zero; K]; SQ];
             for (q, sq) in line.iter_mut().enumerate() {
                 let mut v = [zero; K];
                 for (j, x) in v.iter_mut().enumerate() {
                     *x = runs[q * K + j][rq];
                 }
-                *sq = square::<N, K>(v);
+                *sq = square::<L, N, K>(l, v);
             }
             for i in 0..K {
                 for (q, sq) in line.iter().enumerate() {
-                    out.put::<STREAM>(rg + i, q * K, sq[i]);
-                }
-            }
-        }
-    }
-
-    /// Transposes a `K × K` square of `elem`-byte elements held one row per vector.
-    #[inline(always)]
-    fn square<const N: usize, const K: usize>(mut v: [__m128i; K]) -> [__m128i; K] {
-        // Round with half-distance h: within groups of 2h, pair j with j + h.
-        let mut width = N;
-        let mut h = 1;
-        while h < K {
-            let mut w = v;
-            for g in (0..K).step_by(2 * h) {
-                for j in 0..h {
-                    let (a, b) = (v[g + j], v[g + j + h]);
-                    w[g + 2 * j] = unpack(false, width, a, b);
-                    w[g + 2 * j + 1] = unpack(true, width, a, b);
-                }
-            }
-            v = w;
-            width *= 2;
-            h *= 2;
-        }
-        v
-    }
-}
-
-/// AVX2 transposes of 32-byte squares (runtime-detected): `32 / N` source runs of
-/// `32 / N` elements become as many output rows. The unpack rounds of [`sse2`] run
-/// within each 16-byte lane, then one round exchanges lanes between rows `K / 2` apart.
-/// Every function carries the `avx2` feature so the intrinsics inline; callers must
-/// have checked that the CPU has it.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::{
-        __m256i, _mm256_loadu_si256, _mm256_permute2x128_si256, _mm256_setzero_si256,
-        _mm256_storeu_si256, _mm256_stream_si256, _mm256_unpackhi_epi16, _mm256_unpackhi_epi32,
-        _mm256_unpackhi_epi64, _mm256_unpackhi_epi8, _mm256_unpacklo_epi16, _mm256_unpacklo_epi32,
-        _mm256_unpacklo_epi64, _mm256_unpacklo_epi8, _mm_prefetch, _MM_HINT_NTA,
-    };
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn load<const N: usize>(s: &[[u8; N]], at: usize) -> __m256i {
-        let run = &s[at..at + 32 / N];
-        // SAFETY: `run` is a bounds-checked slice of exactly 32 bytes; unaligned load.
-        unsafe { _mm256_loadu_si256(run.as_ptr().cast()) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn store<const N: usize, const STREAM: bool>(d: &mut [[u8; N]], at: usize, v: __m256i) {
-        let run = &mut d[at..at + 32 / N];
-        let ptr: *mut __m256i = run.as_mut_ptr().cast();
-        if STREAM && ptr as usize % 32 == 0 {
-            // SAFETY: `run` is a bounds-checked, exclusively borrowed slice of exactly
-            // 32 bytes, and the pointer was just checked to be 32-byte aligned.
-            unsafe { _mm256_stream_si256(ptr, v) }
-        } else {
-            // SAFETY: as above; the unaligned store has no alignment requirement.
-            unsafe { _mm256_storeu_si256(ptr, v) }
-        }
-    }
-
-    /// Interleaves the low (or high) halves of each lane of `a` and `b`, in units of
-    /// `width` bytes.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn unpack(hi: bool, width: usize, a: __m256i, b: __m256i) -> __m256i {
-        match (hi, width) {
-            (false, 1) => _mm256_unpacklo_epi8(a, b),
-            (true, 1) => _mm256_unpackhi_epi8(a, b),
-            (false, 2) => _mm256_unpacklo_epi16(a, b),
-            (true, 2) => _mm256_unpackhi_epi16(a, b),
-            (false, 4) => _mm256_unpacklo_epi32(a, b),
-            (true, 4) => _mm256_unpackhi_epi32(a, b),
-            (false, _) => _mm256_unpacklo_epi64(a, b),
-            (true, _) => _mm256_unpackhi_epi64(a, b),
-        }
-    }
-
-    /// Where the rows of a block go.
-    trait Out<const N: usize> {
-        /// Stores 32 bytes at element `j` of block row `i`.
-        ///
-        /// # Safety
-        /// The CPU must have AVX2.
-        unsafe fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m256i);
-    }
-
-    /// Rows `cols` apart in one slice, starting at `d0`.
-    struct Flat<'a, const N: usize> {
-        out: &'a mut [[u8; N]],
-        d0: usize,
-        cols: usize,
-    }
-
-    impl<const N: usize> Out<N> for Flat<'_, N> {
-        #[inline]
-        #[target_feature(enable = "avx2")]
-        unsafe fn put<const STREAM: bool>(&mut self, i: usize, j: usize, v: __m256i) {
-            // SAFETY: the caller has AVX2.
-            unsafe { store::<N, STREAM>(self.out, self.d0 + i * self.cols + j, v) }
-        }
-    }
-
-    /// A `B × B` block (`B` elements = one cache line) as squares of `K = 32 / N`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn block<const N: usize, const B: usize, const STREAM: bool>(
-        src: &[[u8; N]],
-        out: &mut [[u8; N]],
-        s0: usize,
-        sc: usize,
-        d0: usize,
-        cols: usize,
-    ) {
-        let mut o = Flat { out, d0, cols };
-        // SAFETY: the caller has AVX2.
-        unsafe {
-            match N {
-                1 => squares::<N, B, 32, STREAM>(src, &mut o, s0, sc),
-                2 => squares::<N, B, 16, STREAM>(src, &mut o, s0, sc),
-                4 => squares::<N, B, 8, STREAM>(src, &mut o, s0, sc),
-                _ => squares::<N, B, 4, STREAM>(src, &mut o, s0, sc),
-            }
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn squares<const N: usize, const B: usize, const K: usize, const STREAM: bool>(
-        src: &[[u8; N]],
-        out: &mut impl Out<N>,
-        s0: usize,
-        sc: usize,
-    ) {
-        // As sse2::squares: a block row is one cache line, here of 2 squares.
-        const SQUARES: usize = super::LINE / 32;
-        debug_assert_eq!(B, SQUARES * K);
-        for j in 0..B {
-            let ahead = src
-                .as_ptr()
-                .wrapping_add(s0 + j * sc + super::PREFETCH_BLOCKS * B);
-            // SAFETY: prefetching never faults, whatever the address. (Safe to call in
-            // an AVX2 function on newer compilers, hence the allow.)
-            #[allow(unused_unsafe)]
-            unsafe {
-                _mm_prefetch::<_MM_HINT_NTA>(ahead.cast())
-            }
-        }
-        let zero = _mm256_setzero_si256();
-        let mut runs = [[zero; SQUARES]; B];
-        for (j, run) in runs.iter_mut().enumerate() {
-            for (q, v) in run.iter_mut().enumerate() {
-                // SAFETY: the caller has AVX2.
-                *v = unsafe { load(src, s0 + j * sc + q * K) };
-            }
-        }
-        for (rq, rg) in (0..B).step_by(K).enumerate() {
-            let mut line = [[zero; K]; SQUARES];
-            for (q, sq) in line.iter_mut().enumerate() {
-                let mut v = [zero; K];
-                for (j, x) in v.iter_mut().enumerate() {
-                    *x = runs[q * K + j][rq];
-                }
-                // SAFETY: the caller has AVX2.
-                *sq = unsafe { square::<N, K>(v) };
-            }
-            for i in 0..K {
-                for (q, sq) in line.iter().enumerate() {
-                    // SAFETY: the caller has AVX2.
-                    unsafe { out.put::<STREAM>(rg + i, q * K, sq[i]) };
+                    l.store::<N, STREAM>(out, d0 + (rg + i) * cols + q * K, sq[i]);
                 }
             }
         }
     }
 
     /// Transposes a `K × K` square of `N`-byte elements held one row per vector: the
-    /// in-lane rounds transpose each half's lanes, then lanes cross between the halves.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn square<const N: usize, const K: usize>(mut v: [__m256i; K]) -> [__m256i; K] {
+    /// unpack rounds transpose each 16-byte lane, then lanes cross between rows.
+    #[inline(always)]
+    fn square<L: Level, const N: usize, const K: usize>(l: L, mut v: [L::V; K]) -> [L::V; K] {
+        // Round with half-distance h: within groups of 2h, pair j with j + h; a lane
+        // holds K / lanes elements of each row.
+        let lanes = L::BYTES / 16;
         let mut width = N;
         let mut h = 1;
-        while h < K / 2 {
+        while h < K / lanes {
             let mut w = v;
             for g in (0..K).step_by(2 * h) {
                 for j in 0..h {
                     let (a, b) = (v[g + j], v[g + j + h]);
-                    // SAFETY: the caller has AVX2.
-                    unsafe {
-                        w[g + 2 * j] = unpack(false, width, a, b);
-                        w[g + 2 * j + 1] = unpack(true, width, a, b);
-                    }
+                    w[g + 2 * j] = l.unpack(false, width, a, b);
+                    w[g + 2 * j + 1] = l.unpack(true, width, a, b);
                 }
             }
             v = w;
             width *= 2;
             h *= 2;
         }
-        let half = K / 2;
-        let mut w = v;
-        for i in 0..half {
-            let (a, b) = (v[i], v[i + half]);
-            w[i] = _mm256_permute2x128_si256::<0x20>(a, b);
-            w[i + half] = _mm256_permute2x128_si256::<0x31>(a, b);
-        }
-        w
+        l.cross_lanes(v)
     }
 }
