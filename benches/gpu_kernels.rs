@@ -12,11 +12,7 @@ use relayout::layout::{Cast, Gather, LayoutOp};
 use relayout::DType;
 
 fn open() -> Option<Gpu> {
-    let opts = GpuOptions {
-        adapter: None,
-        allow_software: true,
-        max_chunk_bytes: None,
-    };
+    let opts = GpuOptions::new(None, true);
     match Gpu::new(&opts) {
         Ok(gpu) => Some(gpu),
         Err(e) => {

@@ -2,7 +2,7 @@
 //!
 //! cargo run --release --example convert_file -- tests/fixtures/small_cnn.pt /tmp/small_cnn.flax.safetensors flax
 
-use relayout::{convert, BackendOptions, ConvertSpec, Device};
+use relayout::{convert, ConvertSpec, Device};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -10,15 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: convert_file INPUT OUTPUT [PRESET]".into());
     };
     let preset = args.next().unwrap_or_else(|| "flax".to_string());
-    let spec = ConvertSpec {
-        preset: Some(preset),
-        backend: BackendOptions {
-            device: Device::Auto,
-            ..Default::default()
-        },
-        force: true,
-        ..Default::default()
-    };
+    let spec = ConvertSpec::new()
+        .preset(preset)
+        .device(Device::Auto)
+        .force(true);
     let report = convert(&input, &output, &spec, &mut |_progress| {})?;
     println!(
         "{} tensors, {} bytes in {:.3} s on {}",

@@ -26,10 +26,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut params: BTreeMap<String, Loaded> = BTreeMap::new();
     Converter::new(&ckpt, &plan, backend.as_ref()).for_each(|entry, bytes| {
         params.insert(
-            entry.target.clone(),
+            entry.target().to_string(),
             Loaded {
-                dtype: entry.dtype,
-                shape: entry.target_shape.clone(),
+                dtype: entry.dtype(),
+                shape: entry.target_shape().to_vec(),
                 data: bytes.to_vec(),
             },
         );

@@ -51,11 +51,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The tensor list: an embedding, then whole blocks while they fit in `target` bytes.
 fn layout(target: u64, dtype: DType) -> Vec<HeaderEntry> {
-    let t = |name: String, shape: &[usize], dtype: DType| HeaderEntry {
-        name,
-        dtype,
-        shape: shape.to_vec(),
-    };
+    let t =
+        |name: String, shape: &[usize], dtype: DType| HeaderEntry::new(name, dtype, shape.to_vec());
     let mut entries = vec![t("embed_tokens.weight".into(), &[32000, 1024], dtype)];
     let mut size: u64 = entries[0].bytes() as u64;
     for i in 0.. {

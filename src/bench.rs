@@ -169,11 +169,9 @@ fn gpu_rows(
     use crate::backend::gpu::{Gpu, GpuOptions, KernelKind};
     use crate::layout::Cast;
 
-    let gpu = Gpu::new(&GpuOptions {
-        adapter: opts.adapter.clone(),
-        allow_software: opts.device == Device::Gpu || opts.adapter.is_some(),
-        max_chunk_bytes: None,
-    })?;
+    let allow_software = crate::backend::BackendOptions::new(opts.device, opts.adapter.clone())
+        .allows_software_gpu();
+    let gpu = Gpu::new(&GpuOptions::new(opts.adapter.clone(), allow_software))?;
     let (name, driver, backend, software) = gpu.adapter();
     status(&format!("gpu: {name} ({backend})"));
     let src = pattern(size);
@@ -444,16 +442,13 @@ fn end_to_end(
     });
     for device in devices {
         status(&format!("end to end: convert --device {device:?}"));
-        let spec = crate::convert::ConvertSpec {
-            preset: Some("flax".into()),
-            force: true,
-            backend: crate::backend::BackendOptions {
+        let spec = crate::convert::ConvertSpec::new()
+            .preset("flax")
+            .force(true)
+            .backend(crate::backend::BackendOptions::new(
                 device,
-                adapter: opts.adapter.clone(),
-                allow_software_gpu: true,
-            },
-            ..Default::default()
-        };
+                opts.adapter.clone(),
+            ));
         let mut written = 0;
         let t = best(opts.min_time, || {
             let started = Instant::now();

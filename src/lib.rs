@@ -35,8 +35,8 @@
 //! let plan = RuleSet::preset("flax")?.plan(ckpt.tensors())?;
 //! let mut names = Vec::new();
 //! Converter::new(&ckpt, &plan, &Cpu::new()).for_each(|entry, bytes| {
-//!     assert_eq!(bytes.len(), entry.target_shape.iter().product::<usize>() * 4);
-//!     names.push(entry.target.clone());
+//!     assert_eq!(bytes.len(), entry.target_shape().iter().product::<usize>() * 4);
+//!     names.push(entry.target().to_string());
 //!     Ok(())
 //! })?;
 //! assert!(names.contains(&"params.layer1_0.conv1.kernel".to_string()));
@@ -74,14 +74,15 @@ pub mod fuzzing;
 pub mod layout;
 mod plan;
 mod reader;
+mod report;
 mod rules;
 mod verify;
 pub mod writer;
 
 pub use backend::{Backend, BackendOptions, Device};
 pub use convert::{
-    convert, plan_checkpoint, provenance, rule_set, ConvertReport, ConvertSpec, Converter,
-    Interrupt, Progress, WriteOptions, DEFAULT_BAND_BYTES,
+    convert, open_and_plan, plan_checkpoint, provenance, rule_set, ConvertReport, ConvertSpec,
+    Converter, Interrupt, Progress, WriteOptions, DEFAULT_BAND_BYTES,
 };
 pub use dtype::DType;
 pub use error::{human_bytes, Error, Result};
@@ -90,8 +91,9 @@ pub use plan::{Plan, PlanEntry, Skipped, Slice};
 pub use reader::{
     Checkpoint, Format, OpenOptions, StorageRange, TensorInfo, EXPANSION_FLOOR, MAX_EXPANSION,
 };
+pub use report::{InspectReport, PlanReport, PlanRow, ShardRow, TensorRow};
 pub use rules::{ModuleTypes, PlanOptions, Rule, RuleSet};
-pub use verify::{verify_file, Expectation, Mismatch, VerifyReport};
+pub use verify::{verify_file, verify_report, Expectation, Mismatch, VerifyReport};
 /// The wgpu this crate is built with, for [`Converter::for_each_on_device`] callers.
 #[cfg(feature = "gpu")]
 pub use wgpu;

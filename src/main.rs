@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use relayout::shard::{parse_size, OutputLayout};
 use relayout::{
-    backend, plan_checkpoint, rule_set, Checkpoint, ConvertSpec, Device, Interrupt, OpenOptions,
-    Plan, Progress, RuleSet, Worker,
+    open_and_plan, BackendOptions, Checkpoint, ConvertSpec, Device, InspectReport, Interrupt,
+    OpenOptions, Plan, PlanReport, Progress, RuleSet, Worker,
 };
 use serde_json::json;
 
@@ -71,18 +71,27 @@ impl RuleArgs {
         for s in &self.set {
             opts.set(s)?;
         }
-        Ok(ConvertSpec {
-            preset: self.preset.clone(),
-            rules: self.rules.clone(),
-            key: self.key.clone(),
-            allow_unmatched: self.allow_unmatched,
-            allow_expand: self.allow_expand,
-            vars: opts.vars,
-            module_types: self.module_types.clone(),
-            dtype: self.dtype,
-            expect: self.expect.clone(),
-            ..ConvertSpec::default()
-        })
+        let mut spec = ConvertSpec::new()
+            .allow_unmatched(self.allow_unmatched)
+            .allow_expand(self.allow_expand)
+            .vars(opts.vars)
+            .dtype(self.dtype);
+        if let Some(preset) = &self.preset {
+            spec = spec.preset(preset);
+        }
+        for file in &self.rules {
+            spec = spec.rule_file(file);
+        }
+        if let Some(key) = &self.key {
+            spec = spec.key(key);
+        }
+        if let Some(path) = &self.module_types {
+            spec = spec.module_types(path);
+        }
+        if let Some(path) = &self.expect {
+            spec = spec.expect(path);
+        }
+        Ok(spec)
     }
 }
 
@@ -204,6 +213,9 @@ enum Command {
         /// {name: {"shape": [...], "dtype": ...}}, a .safetensors or a Flax .msgpack file
         #[arg(long, value_name = "FILE")]
         expect: PathBuf,
+        /// Print the report as one JSON object on stdout (exit status 1 on a mismatch)
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -253,7 +265,7 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             json,
         } => bench(&mut out, device, adapter, size, dir, json),
-        Command::Verify { path, expect } => verify(&mut out, path, expect),
+        Command::Verify { path, expect, json } => verify(&mut out, path, expect, json),
         Command::MergeIndex { dir } => merge_index(&mut out, dir),
     };
     emit(&out)?;
@@ -275,73 +287,41 @@ fn emit(text: &str) -> Result<()> {
 
 fn inspect(out: &mut String, path: PathBuf, opts: OpenOptions, as_json: bool) -> Result<()> {
     let ckpt = Checkpoint::open_with(&path, &opts)?;
-    let mut by_dtype: BTreeMap<String, u64> = BTreeMap::new();
-    let mut rows = Vec::new();
-    for t in ckpt.tensors() {
-        let bytes = t.bytes() as u64;
-        *by_dtype.entry(t.dtype.to_string()).or_default() += bytes;
-        rows.push(json!({
-            "name": t.name,
-            "dtype": t.dtype.to_string(),
-            "shape": t.shape,
-            "bytes": bytes,
-            "contiguous": ckpt.is_contiguous(t),
-            "shares_storage": ckpt.shares_storage(t),
-            "file": ckpt.file_of(t).display().to_string(),
-        }));
-    }
-    let total: u64 = by_dtype.values().sum();
+    let report = InspectReport::new(&ckpt);
     if as_json {
-        let doc = json!({
-            "path": path.display().to_string(),
-            "format": format!("{:?}", ckpt.format()),
-            "tensors": rows.len(),
-            "bytes": total,
-            "bytes_by_dtype": by_dtype,
-            "metadata": ckpt.metadata(),
-            "entries": rows,
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
     writeln!(
         out,
         "{}: {:?}, {} tensors, {}",
         path.display(),
-        ckpt.format(),
-        rows.len(),
-        human(total)
+        report.format,
+        report.tensors,
+        human(report.bytes)
     )?;
-    for (dtype, bytes) in &by_dtype {
-        writeln!(out, "  {dtype:<8} {}", human(*bytes))?;
+    for (dtype, bytes) in &report.bytes_by_dtype {
+        writeln!(out, "  {:<8} {}", dtype.to_string(), human(*bytes))?;
     }
-    for t in ckpt.tensors() {
+    for t in &report.entries {
         let mut notes = Vec::new();
-        if !ckpt.is_contiguous(t) {
+        if !t.contiguous {
             notes.push("view");
         }
-        if ckpt.shares_storage(t) {
+        if t.shares_storage {
             notes.push("shared storage");
         }
-        let bytes = t.bytes() as u64;
         writeln!(
             out,
             "{:<48} {:<8} {:<20} {:>10} {}",
             t.name,
             t.dtype.to_string(),
             format!("{:?}", t.shape),
-            human(bytes),
+            human(t.bytes),
             notes.join(", ")
         )?;
     }
     Ok(())
-}
-
-fn build_plan(path: &PathBuf, spec: &ConvertSpec) -> Result<(Checkpoint, Plan)> {
-    let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
-    let ckpt = Checkpoint::open_with(path, &spec.open_options())?;
-    let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
-    Ok((ckpt, plan))
 }
 
 fn plan(
@@ -352,116 +332,64 @@ fn plan(
     as_json: bool,
 ) -> Result<()> {
     // Show unmatched tensors rather than failing: this is where one finds them.
-    let spec = ConvertSpec {
-        allow_unmatched: true,
-        ..args.spec()?
-    };
-    let (_ckpt, plan) = build_plan(&path, &spec)?;
+    let spec = args.spec()?.allow_unmatched(true);
+    let (ckpt, plan) = open_and_plan(&path, &spec)?;
     let layout = shard_args
         .max_shard_size
         .map(|max| OutputLayout::sharded(&plan, max))
         .transpose()?;
     let workers = shard_args.shards.map(|n| n as usize);
-    let file_of = layout.as_ref().map(OutputLayout::file_of_entries);
-    let shard_of = |i: usize| -> Option<String> {
-        let k = *file_of.as_ref()?.get(i)?;
-        Some(layout.as_ref()?.files.get(k)?.name.clone())
-    };
+    let report = PlanReport::new(&ckpt, &plan, layout.as_ref(), workers)?;
     if as_json {
-        let entries: Vec<_> = plan
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let mut v = json!({
-                    "source": e.source_name, "target": e.target, "dtype": e.dtype.to_string(),
-                    "source_dtype": e.source_dtype.to_string(),
-                    "source_shape": e.source_shape, "target_shape": e.target_shape,
-                    "slice": e.slice.map(|s| json!({"axis": s.axis, "start": s.start, "len": s.len})),
-                    "perm": e.perm, "op": e.describe_op(), "rule": e.rule, "warning": e.warning,
-                });
-                if let Some(name) = shard_of(i) {
-                    v["shard"] = json!(name);
-                }
-                v
-            })
-            .collect();
-        let skipped = |list: &[relayout::Skipped]| -> Vec<serde_json::Value> {
-            list.iter()
-                .map(|s| json!({"name": s.name, "reason": s.reason}))
-                .collect()
-        };
-        let mut doc = json!({
-            "sources": plan.sources,
-            "entries": entries,
-            "dropped": skipped(&plan.dropped),
-            "unmatched": skipped(&plan.unmatched),
-            "unreachable": plan.unreachable,
-        });
-        if let Some(layout) = &layout {
-            let shards: Vec<_> = layout
-                .files
-                .iter()
-                .enumerate()
-                .map(|(k, f)| {
-                    let mut v =
-                        json!({"name": f.name, "bytes": f.bytes, "tensors": f.entries.len()});
-                    if let Some(n) = workers {
-                        v["worker"] = json!(k % n);
-                    }
-                    v
-                })
-                .collect();
-            doc["shards"] = json!(shards);
-            doc["total_size"] = json!(layout.total_bytes);
-            doc["max_workers"] = json!(layout.files.len());
-        }
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return spec.check_expectation(&plan).map_err(Into::into);
     }
-    for (i, e) in plan.entries.iter().enumerate() {
+    for e in &report.entries {
         writeln!(
             out,
             "{:<40} -> {:<44} {:?} -> {:?} {} [{}]{}",
-            e.source_name,
+            e.source,
             e.target,
             e.source_shape,
             e.target_shape,
-            e.describe_op(),
+            e.op,
             e.rule,
-            shard_of(i).map(|n| format!(" in {n}")).unwrap_or_default()
+            e.shard
+                .as_ref()
+                .map(|n| format!(" in {n}"))
+                .unwrap_or_default()
         )?;
     }
-    for s in &plan.dropped {
-        writeln!(out, "{:<40} dropped ({})", s.name, s.reason)?;
+    for s in &report.dropped {
+        writeln!(out, "{:<40} dropped ({})", s.name(), s.reason())?;
     }
-    for s in &plan.unmatched {
-        writeln!(out, "{:<40} UNMATCHED ({})", s.name, s.reason)?;
+    for s in &report.unmatched {
+        writeln!(out, "{:<40} UNMATCHED ({})", s.name(), s.reason())?;
     }
     writeln!(
         out,
         "{} tensors mapped, {} dropped, {} unmatched",
-        plan.entries.len(),
-        plan.dropped.len(),
-        plan.unmatched.len()
+        report.entries.len(),
+        report.dropped.len(),
+        report.unmatched.len()
     )?;
-    if let Some(layout) = &layout {
+    if let (Some(shards), Some(total)) = (&report.shards, report.total_size) {
         writeln!(
             out,
             "{} output shard(s), {} in all: up to {} worker(s) can convert it in parallel",
-            layout.files.len(),
-            human(layout.total_bytes),
-            layout.files.len()
+            shards.len(),
+            human(total),
+            shards.len()
         )?;
-        for (k, f) in layout.files.iter().enumerate() {
+        for f in shards {
             writeln!(
                 out,
                 "  {} {:>10} {} tensors{}",
                 f.name,
                 human(f.bytes),
-                f.entries.len(),
-                workers
-                    .map(|n| format!(", worker {}", k % n))
+                f.tensors,
+                f.worker
+                    .map(|k| format!(", worker {k}"))
                     .unwrap_or_default()
             )?;
         }
@@ -474,9 +402,9 @@ fn plan(
 /// Warnings grouped by message, with the first few tensors each; then unreachable rules.
 fn write_warnings(out: &mut String, plan: &Plan) -> Result<()> {
     let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for e in &plan.entries {
-        if let Some(w) = &e.warning {
-            groups.entry(w).or_default().push(&e.source_name);
+    for e in plan.entries() {
+        if let Some(w) = &e.warning() {
+            groups.entry(w).or_default().push(e.source_name());
         }
     }
     for (warning, names) in groups {
@@ -494,7 +422,7 @@ fn write_warnings(out: &mut String, plan: &Plan) -> Result<()> {
             }
         )?;
     }
-    for u in &plan.unreachable {
+    for u in plan.unreachable() {
         writeln!(out, "warning: {u}")?;
     }
     Ok(())
@@ -525,19 +453,13 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
     };
     let interrupt = Interrupt::new();
     on_signals(&interrupt)?;
-    let spec = ConvertSpec {
-        backend: backend::BackendOptions {
-            device,
-            adapter,
-            // Asking for the GPU by name means any GPU, a software one included.
-            allow_software_gpu: device == Device::Gpu,
-        },
-        force,
-        max_shard_size: shards.max_shard_size,
-        worker,
-        interrupt: Some(interrupt),
-        ..args.spec()?
-    };
+    let spec = args
+        .spec()?
+        .backend(BackendOptions::new(device, adapter))
+        .force(force)
+        .max_shard_size(shards.max_shard_size)
+        .worker(worker)
+        .interrupt(interrupt);
     let bar = (!quiet && !json && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -561,26 +483,7 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
     }
     let report = report?;
     if json {
-        let path = |p: &std::path::Path| p.display().to_string();
-        let value = serde_json::json!({
-            "input": path(&input),
-            "output": path(&output),
-            "tensors": report.tensors,
-            "bytes": report.bytes,
-            "seconds": report.seconds,
-            "gb_per_s": report.gb_per_s(),
-            "backend": report.backend,
-            "dropped": report.dropped,
-            "unmatched": report.unmatched,
-            "outputs": report.outputs.iter().map(|p| path(p)).collect::<Vec<_>>(),
-            "reused": report.reused.iter().map(|p| path(p)).collect::<Vec<_>>(),
-            "index": report.index.as_deref().map(path),
-            "shards": report.shards,
-            "shards_present": report.shards_present,
-            "device_upload_bytes": report.device_upload_bytes,
-            "device_readback_bytes": report.device_readback_bytes,
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
     if quiet {
@@ -777,8 +680,17 @@ fn merge_index(out: &mut String, dir: PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn verify(out: &mut String, path: PathBuf, expect: PathBuf) -> Result<()> {
-    let n = relayout::verify_file(&path, &expect)?;
+fn verify(out: &mut String, path: PathBuf, expect: PathBuf, as_json: bool) -> Result<()> {
+    let report = relayout::verify_report(&path, &expect)?;
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        // The report says what differs; the exit status says that something does.
+        if !report.is_ok() {
+            anyhow::bail!("{} does not match {}", path.display(), expect.display());
+        }
+        return Ok(());
+    }
+    let n = report.into_result()?;
     writeln!(out, "ok: {n} tensors match {}", expect.display())?;
     Ok(())
 }

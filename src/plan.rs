@@ -10,35 +10,117 @@ use crate::dtype::DType;
 #[non_exhaustive]
 pub struct PlanEntry {
     /// Index of the source tensor in the checkpoint's tensor list.
-    pub source: usize,
+    pub(crate) source: usize,
     /// Source tensor name.
-    pub source_name: String,
+    pub(crate) source_name: String,
     /// Output tensor name.
-    pub target: String,
+    pub(crate) target: String,
     /// Output dtype; differs from `source_dtype` when the entry converts elements.
-    pub dtype: DType,
-    pub source_dtype: DType,
-    pub source_shape: Vec<usize>,
+    pub(crate) dtype: DType,
+    pub(crate) source_dtype: DType,
+    pub(crate) source_shape: Vec<usize>,
     /// The part of the source this entry reads, when it is one of several targets split
     /// from one source; `None` reads the whole tensor.
-    pub slice: Option<Slice>,
+    pub(crate) slice: Option<Slice>,
     /// Output axis `k` is axis `perm[k]` of the (sliced) source.
-    pub perm: Vec<usize>,
+    pub(crate) perm: Vec<usize>,
     /// Shape written: the permuted shape, or a reshape of it with the same element count.
-    pub target_shape: Vec<usize>,
+    pub(crate) target_shape: Vec<usize>,
     /// The rule that produced this entry, for reports.
-    pub rule: String,
+    pub(crate) rule: String,
     /// Something the user should check, e.g. a layout decided from a name alone.
-    pub warning: Option<String>,
+    pub(crate) warning: Option<String>,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl PlanEntry {
+    /// Index of the source tensor in the checkpoint's tensor list.
+    pub fn source(&self) -> usize {
+        self.source
+    }
+
+    /// Source tensor name.
+    pub fn source_name(&self) -> &str {
+        &self.source_name
+    }
+
+    /// Output tensor name.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Output dtype; differs from `source_dtype` when the entry converts elements.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Source dtype.
+    pub fn source_dtype(&self) -> DType {
+        self.source_dtype
+    }
+
+    /// Source shape.
+    pub fn source_shape(&self) -> &[usize] {
+        &self.source_shape
+    }
+
+    /// The part of the source this entry reads, when it is one of several targets split
+    /// from one source; `None` reads the whole tensor.
+    pub fn slice(&self) -> Option<Slice> {
+        self.slice
+    }
+
+    /// Output axis `k` is axis `perm[k]` of the (sliced) source.
+    pub fn perm(&self) -> &[usize] {
+        &self.perm
+    }
+
+    /// Shape written: the permuted shape, or a reshape of it with the same element count.
+    pub fn target_shape(&self) -> &[usize] {
+        &self.target_shape
+    }
+
+    /// The rule that produced this entry, for reports.
+    pub fn rule(&self) -> &str {
+        &self.rule
+    }
+
+    /// Something the user should check, e.g. a layout decided from a name alone.
+    pub fn warning(&self) -> Option<&str> {
+        self.warning.as_deref()
+    }
 }
 
 /// Indices `start..start + len` of source axis `axis`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Slice {
-    pub axis: usize,
-    pub start: usize,
-    pub len: usize,
+    pub(crate) axis: usize,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl Slice {
+    /// The source axis.
+    pub fn axis(&self) -> usize {
+        self.axis
+    }
+
+    /// First index read.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Number of indices read.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it reads nothing (rules never make such a slice).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 impl PlanEntry {
@@ -96,12 +178,32 @@ impl PlanEntry {
 }
 
 /// A source tensor left out of the output, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Skipped {
-    pub source: usize,
-    pub name: String,
-    pub reason: String,
+    /// Index of the source tensor in the checkpoint's tensor list.
+    #[serde(skip)]
+    pub(crate) source: usize,
+    pub(crate) name: String,
+    pub(crate) reason: String,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl Skipped {
+    /// `source`.
+    pub fn source(&self) -> usize {
+        self.source
+    }
+
+    /// Source tensor name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Why it was left out.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
 }
 
 /// The whole mapping of a checkpoint.
@@ -109,16 +211,45 @@ pub struct Skipped {
 #[non_exhaustive]
 pub struct Plan {
     /// Output tensors, in source order.
-    pub entries: Vec<PlanEntry>,
+    pub(crate) entries: Vec<PlanEntry>,
     /// Tensors a rule dropped.
-    pub dropped: Vec<Skipped>,
+    pub(crate) dropped: Vec<Skipped>,
     /// Tensors no rule matched; they are not in the output.
-    pub unmatched: Vec<Skipped>,
+    pub(crate) unmatched: Vec<Skipped>,
     /// Provenance: the preset and rule files this plan was built from.
-    pub sources: Vec<String>,
+    pub(crate) sources: Vec<String>,
     /// Preset rules that matched some tensors but were shadowed for every one of them by
     /// rules layered in front (user rule files), one sentence each.
-    pub unreachable: Vec<String>,
+    pub(crate) unreachable: Vec<String>,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl Plan {
+    /// Output tensors, in source order.
+    pub fn entries(&self) -> &[PlanEntry] {
+        &self.entries
+    }
+
+    /// Tensors a rule dropped.
+    pub fn dropped(&self) -> &[Skipped] {
+        &self.dropped
+    }
+
+    /// Tensors no rule matched; they are not in the output.
+    pub fn unmatched(&self) -> &[Skipped] {
+        &self.unmatched
+    }
+
+    /// Provenance: the preset and rule files this plan was built from.
+    pub fn sources(&self) -> &[String] {
+        &self.sources
+    }
+
+    /// Preset rules that matched some tensors but were shadowed for every one of them by
+    /// rules layered in front (user rule files), one sentence each.
+    pub fn unreachable(&self) -> &[String] {
+        &self.unreachable
+    }
 }
 
 impl Plan {

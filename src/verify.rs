@@ -149,13 +149,20 @@ impl Expectation {
 /// a converted safetensors file; only its header is read) against the expectation file
 /// `expect`; returns the number of tensors that match, all of them.
 pub fn verify_file(output: impl AsRef<Path>, expect: impl AsRef<Path>) -> Result<usize> {
+    verify_report(output, expect)?.into_result()
+}
+
+/// Compares the checkpoint at `output` against the expectation file `expect`, as
+/// [`verify_file`], and returns what it found either way (`verify --json`): an error
+/// only when a file cannot be read.
+pub fn verify_report(output: impl AsRef<Path>, expect: impl AsRef<Path>) -> Result<VerifyReport> {
     let expectation = Expectation::from_file(expect)?;
     let ckpt = Checkpoint::open(output)?;
-    expectation.check_checkpoint(&ckpt).into_result()
+    Ok(expectation.check_checkpoint(&ckpt))
 }
 
 /// A tensor present on both sides with a different shape or dtype.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Mismatch {
     pub name: String,
     pub dtype: DType,
@@ -253,6 +260,36 @@ impl VerifyReport {
                 report: self.to_string(),
             })
         }
+    }
+}
+
+/// `{file, ok, expected, matched, missing, unexpected, mismatched, report}`, `report`
+/// being the grouped text of `Display`.
+impl serde::Serialize for VerifyReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            #[serde(serialize_with = "crate::report::serialize_path")]
+            file: &'a Path,
+            ok: bool,
+            expected: usize,
+            matched: usize,
+            missing: &'a [String],
+            unexpected: &'a [String],
+            mismatched: &'a [Mismatch],
+            report: String,
+        }
+        Doc {
+            file: &self.file,
+            ok: self.is_ok(),
+            expected: self.expected,
+            matched: self.matched,
+            missing: &self.missing,
+            unexpected: &self.unexpected,
+            mismatched: &self.mismatched,
+            report: self.to_string(),
+        }
+        .serialize(s)
     }
 }
 

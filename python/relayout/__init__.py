@@ -14,6 +14,7 @@ CPU or the GPU, with the GIL released. Nothing in a checkpoint is ever executed.
 from __future__ import annotations
 
 import builtins
+import json
 import os
 from dataclasses import dataclass
 from typing import (
@@ -88,25 +89,50 @@ class LoadOptions(TypedDict, total=False):
     progress: ProgressArg
 
 
+# The report classes below are built from the JSON of the library's report structs,
+# the same text the CLI's --json prints: their fields are its keys, one for one (the
+# tests compare them), and a key the library adds fails loudly here rather than
+# vanishing.
+
+
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor of a checkpoint as stored (``inspect``)."""
+    """One tensor of a checkpoint as stored (``inspect``; ``inspect --json``'s entries)."""
 
     name: str
     dtype: str
     shape: Tuple[int, ...]
     strides: Tuple[int, ...]
     offset: int
-    nbytes: int
+    bytes: int
     contiguous: bool
+    shares_storage: bool
     file: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor (``bytes``), NumPy's name."""
+        return self.bytes
+
+    @classmethod
+    def _from(cls, d: Dict[str, Any]) -> "TensorInfo":
+        return cls(**{**d, "shape": tuple(d["shape"]), "strides": tuple(d["strides"])})
+
+
+class Slice(NamedTuple):
+    """The part of a source tensor an entry reads: ``start:start + len`` of ``axis``."""
+
+    axis: int
+    start: int
+    len: int
 
 
 @dataclass(frozen=True)
 class PlanEntry:
     """What one output tensor is made of: ``source`` sliced along ``slice`` (axis, start,
     length) when set, its axes permuted by ``perm`` (output axis k is source axis
-    ``perm[k]``), reshaped to ``target_shape`` and converted to ``dtype``."""
+    ``perm[k]``), reshaped to ``target_shape`` and converted to ``dtype``; ``shard`` is
+    the output file it goes to in a sharded layout."""
 
     source: str
     target: str
@@ -116,10 +142,28 @@ class PlanEntry:
     dtype: str
     op: str
     perm: Tuple[int, ...]
-    slice: Optional[Tuple[int, int, int]]
+    slice: Optional[Slice]
     rule: str
     warning: Optional[str]
-    nbytes: int
+    bytes: int
+    shard: Optional[str]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the output tensor (``bytes``), NumPy's name."""
+        return self.bytes
+
+    @classmethod
+    def _from(cls, d: Dict[str, Any]) -> "PlanEntry":
+        return cls(
+            **{
+                **d,
+                "source_shape": tuple(d["source_shape"]),
+                "target_shape": tuple(d["target_shape"]),
+                "perm": tuple(d["perm"]),
+                "slice": None if d["slice"] is None else Slice(**d["slice"]),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -131,28 +175,64 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class ShardInfo:
+    """One output file of a sharded layout, and the worker that writes it."""
+
+    name: str
+    bytes: int
+    tensors: int
+    worker: Optional[int]
+
+
+@dataclass(frozen=True)
 class Plan:
-    """The whole mapping of a checkpoint (``plan``)."""
+    """The whole mapping of a checkpoint (``plan``; ``plan --json``'s keys). ``shards``,
+    ``total_size`` and ``max_workers`` are set for a sharded layout (``max_shard_size``)."""
 
     path: str
+    sources: List[str]
     entries: List[PlanEntry]
     dropped: List[Skipped]
     unmatched: List[Skipped]
-    rules: List[str]
+    unreachable: List[str]
+    shards: Optional[List[ShardInfo]]
+    total_size: Optional[int]
+    max_workers: Optional[int]
+
+    @property
+    def rules(self) -> List[str]:
+        """The preset and rule files the plan was built from (``sources``)."""
+        return self.sources
 
     @property
     def nbytes(self) -> int:
         """Bytes of the converted tensors."""
-        return sum(e.nbytes for e in self.entries)
+        return sum(e.bytes for e in self.entries)
+
+    @classmethod
+    def _from(cls, d: Dict[str, Any]) -> "Plan":
+        shards = d["shards"]
+        return cls(
+            **{
+                **d,
+                "entries": [PlanEntry._from(e) for e in d["entries"]],
+                "dropped": [Skipped(**s) for s in d["dropped"]],
+                "unmatched": [Skipped(**s) for s in d["unmatched"]],
+                "shards": None if shards is None else [ShardInfo(**s) for s in shards],
+            }
+        )
 
 
 @dataclass(frozen=True)
 class Report:
-    """What a finished ``convert`` did."""
+    """What a finished ``convert`` did (``convert --json``'s keys)."""
 
+    input: str
+    output: str
     tensors: int
     bytes: int
     seconds: float
+    gb_per_s: float
     backend: str
     dropped: int
     unmatched: int
@@ -160,8 +240,46 @@ class Report:
     reused: List[str]
     index: Optional[str]
     shards: int
+    shards_present: int
     device_upload_bytes: int
     device_readback_bytes: int
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A tensor on both sides of a ``verify`` with another shape or dtype."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    expected_dtype: Optional[str]
+    expected_shape: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify`` found (``verify --json``'s keys): ``ok`` when every expected
+    tensor is there with its shape and dtype and no other; ``report`` is the grouped
+    text the CLI prints."""
+
+    file: str
+    ok: bool
+    expected: int
+    matched: int
+    missing: List[str]
+    unexpected: List[str]
+    mismatched: List[Mismatch]
+    report: str
+
+    @classmethod
+    def _from(cls, d: Dict[str, Any]) -> "VerifyReport":
+        mismatched = [
+            Mismatch(
+                **{**m, "shape": tuple(m["shape"]), "expected_shape": tuple(m["expected_shape"])}
+            )
+            for m in d["mismatched"]
+        ]
+        return cls(**{**d, "mismatched": mismatched})
 
 
 @dataclass(frozen=True)
@@ -176,50 +294,39 @@ class DeviceInfo:
     driver: Optional[str] = None
 
 
-# safetensors dtype name -> NumPy dtype (or the ml_dtypes type name for the rest).
-_NUMPY_DTYPES: Dict[str, Any] = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+# safetensors dtype name -> NumPy name, from the library's one dtype table.
+_NUMPY_NAMES: Dict[str, str] = dict(_native.dtype_names())
 
 
 def numpy_dtype(name: str) -> "np.dtype[Any]":
-    """The NumPy dtype of a safetensors dtype name; bfloat16 and float8 come from
-    ``ml_dtypes`` (a clear error when it is not installed)."""
+    """The NumPy dtype of a safetensors dtype name; bfloat16 and float8, which NumPy
+    lacks, come from ``ml_dtypes`` (a clear error when it is not installed)."""
+    numpy_name = _NUMPY_NAMES.get(name)
+    if numpy_name is None:
+        raise Error(f"unknown dtype {name!r}")
     dt: "np.dtype[Any]"
-    if name in _NUMPY_DTYPES:
-        dt = np.dtype(_NUMPY_DTYPES[name])
+    try:
+        dt = np.dtype(numpy_name)
         return dt
-    if name in _ML_DTYPES:
-        try:
-            import ml_dtypes
-        except ImportError as e:
-            raise MissingDependencyError(
-                f"{name} tensors are NumPy arrays of ml_dtypes.{_ML_DTYPES[name]}: "
-                "pip install ml_dtypes (or pass dtype='float32')"
-            ) from e
-        dt = np.dtype(getattr(ml_dtypes, _ML_DTYPES[name]))
-        return dt
-    raise Error(f"unknown dtype {name!r}")
-
-
-_DTYPE_ARGS = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "half": "f16", "float": "f32"}
+    except TypeError:
+        pass
+    try:
+        import ml_dtypes
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"{name} tensors are NumPy arrays of ml_dtypes.{numpy_name}: "
+            "pip install ml_dtypes (or pass dtype='float32')"
+        ) from e
+    dt = np.dtype(getattr(ml_dtypes, numpy_name))
+    return dt
 
 
 def _dtype_arg(dtype: Any) -> Optional[str]:
-    """``dtype=``: "bf16"/"f16"/"f32", their NumPy names, or a NumPy/ml_dtypes dtype."""
+    """``dtype=``: a name the library parses (``"bf16"``, ``"bfloat16"``, …) or a
+    NumPy/ml_dtypes dtype, passed by its NumPy name."""
     if dtype is None:
         return None
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    return _DTYPE_ARGS.get(name.lower(), name)
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
 
 
 def _fspath(p: PathLike) -> str:
@@ -471,7 +578,7 @@ def convert(
         r = _native.convert(_fspath(src), _fspath(dst), options, force, max_shard_size, bar.native())
     finally:
         bar.close()
-    return Report(**r)
+    return Report(**json.loads(r))
 
 
 def plan(
@@ -486,26 +593,35 @@ def plan(
     allow_expand: bool = False,
     module_types: Optional[PathLike] = None,
     expect: Optional[PathLike] = None,
+    max_shard_size: Union[int, str, None] = None,
+    shards: Optional[int] = None,
 ) -> Plan:
-    """What ``load``/``convert`` would do, nothing converted: every entry's source,
-    target, shapes, dtypes, op and rule; the dropped and unmatched tensors."""
+    """What ``load``/``convert`` would do, nothing converted (``relayout plan --json``):
+    every entry's source, target, shapes, dtypes, op and rule; the dropped and unmatched
+    tensors; with ``max_shard_size``, the output shards (and with ``shards``, the
+    worker of each)."""
+    if isinstance(max_shard_size, str):
+        max_shard_size = _native.parse_size(max_shard_size)
     options = _options(
         preset, rules, set, dtype, "cpu", None, key, allow_unmatched, allow_expand,
         module_types, expect,
     )
-    p = _native.plan(_fspath(src), options)
-    return Plan(
-        path=p["path"],
-        entries=[PlanEntry(**e) for e in p["entries"]],
-        dropped=[Skipped(*s) for s in p["dropped"]],
-        unmatched=[Skipped(*s) for s in p["unmatched"]],
-        rules=list(p["rules"]),
-    )
+    return Plan._from(json.loads(_native.plan(_fspath(src), options, max_shard_size, shards)))
 
 
 def inspect(src: PathLike, *, key: Optional[str] = None, allow_expand: bool = False) -> List[TensorInfo]:
-    """The tensors of a checkpoint as stored: name, dtype, shape, strides, offset."""
-    return [TensorInfo(**t) for t in _native.inspect(_fspath(src), key, allow_expand)]
+    """The tensors of a checkpoint as stored (``relayout inspect --json``'s entries):
+    name, dtype, shape, strides, offset, bytes."""
+    report = json.loads(_native.inspect(_fspath(src), key, allow_expand))
+    return [TensorInfo._from(t) for t in report["entries"]]
+
+
+def verify(path: PathLike, expect: PathLike) -> VerifyReport:
+    """``relayout verify``: compares the tensor names, shapes and dtypes of the
+    checkpoint at ``path`` (only its header is read) with an expectation file (JSON
+    ``{name: {"shape": [...], "dtype": ...}}``, a ``.safetensors`` or a Flax
+    ``.msgpack``). Returns the report either way; check ``ok``."""
+    return VerifyReport._from(json.loads(_native.verify(_fspath(path), _fspath(expect))))
 
 
 def devices() -> List[DeviceInfo]:
@@ -525,6 +641,7 @@ __all__ = [
     "convert",
     "plan",
     "inspect",
+    "verify",
     "devices",
     "presets",
     "numpy_dtype",
@@ -532,9 +649,13 @@ __all__ = [
     "LoadOptions",
     "TensorInfo",
     "PlanEntry",
+    "Slice",
     "Skipped",
+    "ShardInfo",
     "Plan",
     "Report",
+    "Mismatch",
+    "VerifyReport",
     "DeviceInfo",
     "Error",
     "FormatError",

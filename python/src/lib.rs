@@ -17,8 +17,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use relayout::{
-    Backend, BackendOptions, Checkpoint, ConvertReport, ConvertSpec, Converter, Device, Error,
-    Interrupt, OpenOptions, Plan, PlanOptions, Progress,
+    Backend, BackendOptions, Checkpoint, ConvertSpec, Converter, Error, InspectReport, Interrupt,
+    OpenOptions, Plan, PlanReport, Progress,
 };
 
 /// How often the waiting thread wakes to check for signals and report progress.
@@ -44,52 +44,50 @@ struct Options {
 }
 
 impl Options {
+    /// The spec these options describe. Names (`device`, `dtype`) are parsed by the
+    /// library, as the CLI's are, so both refuse the same values with the same words.
     fn spec(&self) -> PyResult<ConvertSpec> {
-        let dtype = self
-            .dtype
-            .as_deref()
-            .map(|d| PlanOptions::parse_dtype(d).map_err(|e| PyValueError::new_err(e.to_string())))
-            .transpose()?;
-        let device = match self.device.as_str() {
-            "auto" => Device::Auto,
-            "cpu" => Device::Cpu,
-            "gpu" => Device::Gpu,
-            "reference" => Device::Reference,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "device must be 'auto', 'cpu', 'gpu' or 'reference', not {other:?}"
-                )))
-            }
-        };
-        Ok(ConvertSpec {
-            preset: self.preset.clone(),
-            rules: self.rules.clone(),
-            key: self.key.clone(),
-            backend: BackendOptions {
-                device,
-                adapter: self.adapter.clone(),
-                // Asking for the GPU by name means any GPU, a software one included.
-                allow_software_gpu: device == Device::Gpu,
-            },
-            allow_unmatched: self.allow_unmatched,
-            allow_expand: self.allow_expand,
-            vars: self.vars.clone(),
-            module_types: self.module_types.clone(),
-            dtype,
-            expect: self.expect.clone(),
-            ..ConvertSpec::default()
-        })
+        let value_error = |e: Error| PyValueError::new_err(e.to_string());
+        let backend =
+            BackendOptions::parse(&self.device, self.adapter.clone()).map_err(value_error)?;
+        let mut spec = ConvertSpec::new()
+            .backend(backend)
+            .allow_unmatched(self.allow_unmatched)
+            .allow_expand(self.allow_expand)
+            .vars(self.vars.clone());
+        if let Some(name) = &self.dtype {
+            spec = spec.dtype_name(name).map_err(value_error)?;
+        }
+        if let Some(preset) = &self.preset {
+            spec = spec.preset(preset);
+        }
+        for file in &self.rules {
+            spec = spec.rule_file(file);
+        }
+        if let Some(key) = &self.key {
+            spec = spec.key(key);
+        }
+        if let Some(path) = &self.module_types {
+            spec = spec.module_types(path);
+        }
+        if let Some(path) = &self.expect {
+            spec = spec.expect(path);
+        }
+        Ok(spec)
     }
 }
 
 /// Opens and plans `src` the way `relayout convert` would, checking `expect`.
 fn open_and_plan(src: &PathBuf, spec: &ConvertSpec) -> relayout::Result<(Checkpoint, Plan)> {
-    let rules = relayout::rule_set(spec.preset.as_deref(), &spec.rules)?;
-    let ckpt = Checkpoint::open_with(src, &spec.open_options())?;
-    let plan =
-        relayout::plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
+    let (ckpt, plan) = relayout::open_and_plan(src, spec)?;
     spec.check_expectation(&plan)?;
     Ok((ckpt, plan))
+}
+
+/// A report as the JSON text `--json` prints; `relayout/__init__.py` builds its
+/// dataclasses from it, so the Python objects and the CLI have the same keys.
+fn to_json(report: &impl serde::Serialize) -> PyResult<String> {
+    serde_json::to_string(report).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
 /// Turns a library error into the matching `relayout.Error` subclass (defined in
@@ -254,7 +252,7 @@ impl Session {
         let spec = options.spec()?;
         let built = py.detach(|| -> relayout::Result<Session> {
             let (ckpt, plan) = open_and_plan(&src, &spec)?;
-            let backend = relayout::backend::select(&spec.backend)?;
+            let backend = relayout::backend::select(spec.backend_options())?;
             Ok(Session {
                 ckpt,
                 plan,
@@ -267,16 +265,11 @@ impl Session {
     /// `(target, shape, dtype)` of every output tensor, in plan order.
     fn targets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let list = PyList::empty(py);
-        for e in &self.plan.entries {
-            let shape = PyTuple::new(py, &e.target_shape)?;
-            list.append((e.target.as_str(), shape, e.dtype.safetensors_name()))?;
+        for e in self.plan.entries() {
+            let shape = PyTuple::new(py, e.target_shape())?;
+            list.append((e.target(), shape, e.dtype().safetensors_name()))?;
         }
         Ok(list)
-    }
-
-    /// The plan as dictionaries (entries, dropped, unmatched, rule sources).
-    fn plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        plan_dict(py, &self.ckpt, &self.plan)
     }
 
     /// The backend's name, e.g. `cpu (2 threads)` or `gpu (llvmpipe, Vulkan)`.
@@ -294,16 +287,16 @@ impl Session {
         arrays: Vec<Bound<'_, PyAny>>,
         progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        if arrays.len() != self.plan.entries.len() {
+        if arrays.len() != self.plan.entries().len() {
             return Err(PyValueError::new_err(format!(
                 "{} arrays for {} tensors",
                 arrays.len(),
-                self.plan.entries.len()
+                self.plan.entries().len()
             )));
         }
         let mut raw: Vec<(usize, usize)> = Vec::with_capacity(arrays.len());
-        for (a, e) in arrays.iter().zip(&self.plan.entries) {
-            raw.push(writable_buffer(a, &e.target)?);
+        for (a, e) in arrays.iter().zip(self.plan.entries()) {
+            raw.push(writable_buffer(a, e.target())?);
         }
         // Two arrays sharing memory would be written twice over.
         let mut sorted: Vec<(usize, usize)> = raw.iter().copied().filter(|r| r.1 > 0).collect();
@@ -365,81 +358,48 @@ fn writable_buffer(a: &Bound<'_, PyAny>, target: &str) -> PyResult<(usize, usize
     Ok((ptr, len))
 }
 
-fn plan_dict<'py>(py: Python<'py>, ckpt: &Checkpoint, plan: &Plan) -> PyResult<Bound<'py, PyDict>> {
-    let out = PyDict::new(py);
-    let entries = PyList::empty(py);
-    for e in &plan.entries {
-        let d = PyDict::new(py);
-        d.set_item("source", e.source_name.as_str())?;
-        d.set_item("target", e.target.as_str())?;
-        d.set_item("source_shape", PyTuple::new(py, &e.source_shape)?)?;
-        d.set_item("target_shape", PyTuple::new(py, &e.target_shape)?)?;
-        d.set_item("source_dtype", e.source_dtype.safetensors_name())?;
-        d.set_item("dtype", e.dtype.safetensors_name())?;
-        d.set_item("op", e.describe_op())?;
-        d.set_item("perm", PyTuple::new(py, &e.perm)?)?;
-        d.set_item("slice", e.slice.map(|s| (s.axis, s.start, s.len)))?;
-        d.set_item("rule", e.rule.as_str())?;
-        d.set_item("warning", e.warning.as_deref())?;
-        d.set_item(
-            "nbytes",
-            Converter::entry_bytes(e).map_err(|e| to_py(py, e))?,
-        )?;
-        entries.append(d)?;
-    }
-    out.set_item("entries", entries)?;
-    for (key, list) in [("dropped", &plan.dropped), ("unmatched", &plan.unmatched)] {
-        let l = PyList::empty(py);
-        for s in list {
-            l.append((s.name.as_str(), s.reason.as_str()))?;
-        }
-        out.set_item(key, l)?;
-    }
-    out.set_item("rules", PyList::new(py, &plan.sources)?)?;
-    out.set_item("path", ckpt.path().to_string_lossy().into_owned())?;
-    Ok(out)
-}
-
-/// Plans `src` without converting anything.
+/// Plans `src` without converting anything: the plan report as JSON text, with the
+/// shard layout for `max_shard_size` (and `shards` workers) when given.
 #[pyfunction]
-fn plan<'py>(py: Python<'py>, src: PathBuf, options: Options) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (src, options, max_shard_size=None, shards=None))]
+fn plan(
+    py: Python<'_>,
+    src: PathBuf,
+    options: Options,
+    max_shard_size: Option<u64>,
+    shards: Option<usize>,
+) -> PyResult<String> {
     let spec = options.spec()?;
-    let (ckpt, plan) = py
-        .detach(|| open_and_plan(&src, &spec))
+    let report = py
+        .detach(|| -> relayout::Result<PlanReport> {
+            let (ckpt, plan) = open_and_plan(&src, &spec)?;
+            let layout = max_shard_size
+                .map(|max| relayout::OutputLayout::sharded(&plan, max))
+                .transpose()?;
+            PlanReport::new(&ckpt, &plan, layout.as_ref(), shards)
+        })
         .map_err(|e| to_py(py, e))?;
-    plan_dict(py, &ckpt, &plan)
+    to_json(&report)
 }
 
-/// The tensors of a checkpoint as stored.
+/// The tensors of a checkpoint as stored: the inspect report as JSON text.
 #[pyfunction]
 #[pyo3(signature = (src, key=None, allow_expand=false))]
-fn inspect<'py>(
-    py: Python<'py>,
+fn inspect(
+    py: Python<'_>,
     src: PathBuf,
     key: Option<String>,
     allow_expand: bool,
-) -> PyResult<Bound<'py, PyList>> {
+) -> PyResult<String> {
     let opts = OpenOptions { key, allow_expand };
-    let ckpt = py
-        .detach(|| Checkpoint::open_with(&src, &opts))
+    let report = py
+        .detach(|| Checkpoint::open_with(&src, &opts).map(|c| InspectReport::new(&c)))
         .map_err(|e| to_py(py, e))?;
-    let list = PyList::empty(py);
-    for t in ckpt.tensors() {
-        let d = PyDict::new(py);
-        d.set_item("name", t.name.as_str())?;
-        d.set_item("dtype", t.dtype.safetensors_name())?;
-        d.set_item("shape", PyTuple::new(py, &t.shape)?)?;
-        d.set_item("strides", PyTuple::new(py, &t.strides)?)?;
-        d.set_item("offset", t.offset)?;
-        d.set_item("nbytes", t.bytes())?;
-        d.set_item("contiguous", ckpt.is_contiguous(t))?;
-        d.set_item("file", ckpt.file_of(t).to_string_lossy().into_owned())?;
-        list.append(d)?;
-    }
-    Ok(list)
+    to_json(&report)
 }
 
-/// Converts `src` into `dst` (one safetensors file, or a folder of shards), atomically.
+/// Converts `src` into `dst` (one safetensors file, or a folder of shards), atomically;
+/// the report as JSON text.
 #[pyfunction]
 #[pyo3(signature = (src, dst, options, force, max_shard_size, progress=None))]
 fn convert<'py>(
@@ -450,43 +410,36 @@ fn convert<'py>(
     force: bool,
     max_shard_size: Option<u64>,
     progress: Option<Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<String> {
     let interrupt = Interrupt::new();
-    let spec = ConvertSpec {
-        force,
-        max_shard_size,
-        interrupt: Some(interrupt.clone()),
-        ..options.spec()?
-    };
+    let spec = options
+        .spec()?
+        .force(force)
+        .max_shard_size(max_shard_size)
+        .interrupt(interrupt.clone());
     let report = run_detached(py, &interrupt, progress.as_ref(), |report| {
         relayout::convert(&src, &dst, &spec, report)
     })?;
-    report_dict(py, &report)
+    to_json(&report)
 }
 
-fn report_dict<'py>(py: Python<'py>, r: &ConvertReport) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    let paths = |ps: &[PathBuf]| -> Vec<String> {
-        ps.iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect()
-    };
-    d.set_item("tensors", r.tensors)?;
-    d.set_item("bytes", r.bytes)?;
-    d.set_item("seconds", r.seconds)?;
-    d.set_item("backend", r.backend.as_str())?;
-    d.set_item("dropped", r.dropped)?;
-    d.set_item("unmatched", r.unmatched)?;
-    d.set_item("outputs", paths(&r.outputs))?;
-    d.set_item("reused", paths(&r.reused))?;
-    d.set_item(
-        "index",
-        r.index.as_ref().map(|p| p.to_string_lossy().into_owned()),
-    )?;
-    d.set_item("shards", r.shards)?;
-    d.set_item("device_upload_bytes", r.device_upload_bytes)?;
-    d.set_item("device_readback_bytes", r.device_readback_bytes)?;
-    Ok(d)
+/// Compares the checkpoint at `path` with an expectation file: the verify report as
+/// JSON text, whether it matches or not.
+#[pyfunction]
+fn verify(py: Python<'_>, path: PathBuf, expect: PathBuf) -> PyResult<String> {
+    let report = py
+        .detach(|| relayout::verify_report(&path, &expect))
+        .map_err(|e| to_py(py, e))?;
+    to_json(&report)
+}
+
+/// `{safetensors name: NumPy name}` for every dtype: the library's one table.
+#[pyfunction]
+fn dtype_names() -> BTreeMap<&'static str, &'static str> {
+    relayout::DType::ALL
+        .iter()
+        .map(|d| (d.safetensors_name(), d.numpy_name()))
+        .collect()
 }
 
 /// The devices a conversion can run on: the CPU, then every GPU adapter wgpu finds.
@@ -536,6 +489,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(devices, m)?)?;
     m.add_function(wrap_pyfunction!(presets, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_function(wrap_pyfunction!(dtype_names, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -11,12 +11,12 @@ mod job;
 pub mod reference;
 mod select;
 
-#[cfg(test)]
-pub(crate) use job::test_jobs;
-pub use job::{run_on_host, Band, Job, Part, Sink, Span, Step};
-pub(crate) use job::Buffers;
 #[cfg(feature = "gpu")]
 pub(crate) use job::single;
+#[cfg(test)]
+pub(crate) use job::test_jobs;
+pub(crate) use job::Buffers;
+pub use job::{run_on_host, Band, Job, Part, Sink, Span, Step};
 
 pub use select::{select, BackendOptions, Device};
 

@@ -39,20 +39,39 @@ pub struct BackendOptions {
     pub device: Device,
     /// GPU adapter name (substring) to use instead of the preferred one.
     pub adapter: Option<String>,
-    /// Accept a software GPU (lavapipe, llvmpipe, WARP) for `--device gpu`.
-    pub allow_software_gpu: bool,
+}
+
+impl BackendOptions {
+    /// The backend named `device` (`auto`, `cpu`, `gpu`, `reference`), on the adapter
+    /// whose name contains `adapter` when one is given.
+    pub fn new(device: Device, adapter: Option<String>) -> BackendOptions {
+        BackendOptions { device, adapter }
+    }
+
+    /// Parses a device name as the CLI's `--device` and Python's `device=` take it.
+    pub fn parse(device: &str, adapter: Option<String>) -> Result<BackendOptions> {
+        Ok(BackendOptions::new(device.parse()?, adapter))
+    }
+
+    /// Whether a software GPU (lavapipe, llvmpipe, WARP) may be used: only when the
+    /// user asked for a GPU by name (`gpu`) or for an adapter by name. `auto` wants
+    /// speed, and a software GPU is slower than the CPU backend, so it never takes one.
+    pub fn allows_software_gpu(&self) -> bool {
+        self.device == Device::Gpu || self.adapter.is_some()
+    }
 }
 
 /// The one place a backend is chosen.
 ///
 /// `Auto` takes a hardware GPU when one is found and the CPU otherwise; `Gpu` takes a GPU
-/// or fails, it never falls back silently.
+/// (a software one included, see [`BackendOptions::allows_software_gpu`]) or fails, it
+/// never falls back silently.
 pub fn select(opts: &BackendOptions) -> Result<Box<dyn Backend>> {
     match opts.device {
         Device::Cpu => Ok(Box::new(cpu::Cpu::new())),
         Device::Reference => Ok(Box::new(reference::Reference)),
-        Device::Gpu => open_gpu(opts, opts.allow_software_gpu),
-        Device::Auto => match open_gpu(opts, false) {
+        Device::Gpu => open_gpu(opts, opts.allows_software_gpu()),
+        Device::Auto => match open_gpu(opts, opts.allows_software_gpu()) {
             Ok(gpu) => Ok(gpu),
             Err(_) => Ok(Box::new(cpu::Cpu::new())),
         },
@@ -61,11 +80,7 @@ pub fn select(opts: &BackendOptions) -> Result<Box<dyn Backend>> {
 
 #[cfg(feature = "gpu")]
 fn open_gpu(opts: &BackendOptions, allow_software: bool) -> Result<Box<dyn Backend>> {
-    let gpu = gpu::Gpu::new(&gpu::GpuOptions {
-        adapter: opts.adapter.clone(),
-        allow_software,
-        max_chunk_bytes: None,
-    })?;
+    let gpu = gpu::Gpu::new(&gpu::GpuOptions::new(opts.adapter.clone(), allow_software))?;
     Ok(Box::new(gpu))
 }
 

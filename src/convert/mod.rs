@@ -21,11 +21,10 @@ use crate::writer::output::Output;
 use crate::writer::shard::{OutputFile, OutputLayout, SHARD_METADATA_KEY};
 use crate::writer::{AtomicFile, OutputKind, SafetensorsWriter, ShardOptions};
 
-mod report;
 mod spec;
 
-pub use report::ConvertReport;
-pub use spec::{convert, plan_checkpoint, provenance, rule_set, ConvertSpec};
+pub use crate::report::ConvertReport;
+pub use spec::{convert, open_and_plan, plan_checkpoint, provenance, rule_set, ConvertSpec};
 
 /// Output bytes per backend call: large enough to amortise calls and syscalls, small
 /// enough that two bands stay far below the memory budget.
@@ -347,7 +346,7 @@ impl<'a> Converter<'a> {
         let layout = OutputLayout::single(self.plan, &name)?;
         let metadata = layout.metadata_of(&self.base_metadata(opts));
         let output = Output::file(out, &layout, &metadata, self.ckpt)?;
-        self.write_output(output, &metadata, opts, progress)
+        self.write_output(out, output, &metadata, opts, progress)
     }
 
     /// Writes the converted checkpoint into the folder `dir` as shards of at most
@@ -371,12 +370,13 @@ impl<'a> Converter<'a> {
         let layout = OutputLayout::sharded(self.plan, shard.max_shard_bytes)?;
         let metadata = layout.metadata_of(&self.base_metadata(opts));
         let output = Output::shards(dir, &layout, &metadata, shard.worker, opts.force, self.ckpt)?;
-        self.write_output(output, &metadata, opts, progress)
+        self.write_output(dir, output, &metadata, opts, progress)
     }
 
     /// Converts into the files `output` lists, then commits them.
     fn write_output(
         &self,
+        output_path: &Path,
         mut output: Output<'_>,
         metadata: &BTreeMap<String, String>,
         opts: &WriteOptions,
@@ -447,10 +447,14 @@ impl<'a> Converter<'a> {
         }
         let done = output.commit(&ready)?;
         let moved = self.backend.traffic().since(started.1);
+        let seconds = started.0.elapsed().as_secs_f64();
         Ok(ConvertReport {
+            input: self.ckpt.path().to_path_buf(),
+            output: output_path.to_path_buf(),
             tensors: run.state.tensors_total,
             bytes: run.state.bytes_total,
-            seconds: started.0.elapsed().as_secs_f64(),
+            seconds,
+            gb_per_s: crate::report::gb_per_s(run.state.bytes_total, seconds),
             device_upload_bytes: moved.upload_bytes,
             device_readback_bytes: moved.readback_bytes,
             backend: self.backend.name(),

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::backend::BackendOptions;
+use crate::backend::{BackendOptions, Device};
 use crate::convert::{ConvertReport, Converter, Interrupt, Progress, WriteOptions};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -13,42 +13,158 @@ use crate::rules::{ModuleTypes, PlanOptions, RuleSet};
 use crate::writer::shard::Worker;
 use crate::writer::OutputKind;
 
-/// Everything [`convert`] needs besides the two paths.
+/// Everything [`convert`] needs besides the two paths, built step by step:
+///
+/// ```
+/// use relayout::{ConvertSpec, Device};
+/// let spec = ConvertSpec::new()
+///     .preset("flax")
+///     .device(Device::Cpu)
+///     .dtype_name("bf16")?
+///     .var("heads", "12")
+///     .force(true);
+/// assert_eq!(spec.preset_name(), Some("flax"));
+/// # Ok::<(), relayout::Error>(())
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct ConvertSpec {
-    /// Built-in preset to start from (see [`RuleSet::preset_names`]).
-    pub preset: Option<String>,
-    /// User rule files, layered over the preset in order (later files win).
-    pub rules: Vec<PathBuf>,
-    /// Training checkpoints: the key holding the state dict.
-    pub key: Option<String>,
-    /// Which backend runs the layout ops.
-    pub backend: BackendOptions,
-    /// Replace an existing output.
-    pub force: bool,
-    /// Leave tensors that match no rule out of the output instead of failing.
-    pub allow_unmatched: bool,
-    /// Accept views that expand their storage beyond the size policy
-    /// ([`crate::reader::MAX_EXPANSION`]); the output must still fit on the disk.
-    pub allow_expand: bool,
-    /// Rule variables (`--set NAME=VALUE`).
-    pub vars: BTreeMap<String, String>,
-    /// A `{module name: class name}` JSON file (`--module-types`).
-    pub module_types: Option<PathBuf>,
-    /// Output dtype of every floating tensor (`--dtype`).
-    pub dtype: Option<DType>,
-    /// An expectation file (`--expect`): the plan must produce exactly its tensor names,
-    /// shapes and dtypes, checked before anything is written.
-    pub expect: Option<PathBuf>,
-    /// Most bytes of tensor data per shard (`--max-shard-size`); for folder outputs.
-    pub max_shard_size: Option<u64>,
-    /// Write only this worker's shards (`--shard i/N`).
-    pub worker: Option<Worker>,
-    /// Stops the conversion when raised.
-    pub interrupt: Option<Interrupt>,
+    pub(crate) preset: Option<String>,
+    pub(crate) rules: Vec<PathBuf>,
+    pub(crate) key: Option<String>,
+    pub(crate) backend: BackendOptions,
+    pub(crate) force: bool,
+    pub(crate) allow_unmatched: bool,
+    pub(crate) allow_expand: bool,
+    pub(crate) vars: BTreeMap<String, String>,
+    pub(crate) module_types: Option<PathBuf>,
+    pub(crate) dtype: Option<DType>,
+    pub(crate) expect: Option<PathBuf>,
+    pub(crate) max_shard_size: Option<u64>,
+    pub(crate) worker: Option<Worker>,
+    pub(crate) interrupt: Option<Interrupt>,
 }
 
 impl ConvertSpec {
+    /// A spec with nothing set: no preset or rules yet (one of them is needed), the
+    /// `auto` device, one output file.
+    pub fn new() -> ConvertSpec {
+        ConvertSpec::default()
+    }
+
+    /// The built-in preset to start from (see [`RuleSet::preset_names`]).
+    pub fn preset(mut self, name: impl Into<String>) -> ConvertSpec {
+        self.preset = Some(name.into());
+        self
+    }
+
+    /// A user rule file, layered over the preset and the files before it (later wins).
+    pub fn rule_file(mut self, path: impl Into<PathBuf>) -> ConvertSpec {
+        self.rules.push(path.into());
+        self
+    }
+
+    /// Training checkpoints: the key holding the state dict.
+    pub fn key(mut self, key: impl Into<String>) -> ConvertSpec {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Which backend runs the layout ops.
+    pub fn backend(mut self, backend: BackendOptions) -> ConvertSpec {
+        self.backend = backend;
+        self
+    }
+
+    /// The backend by device, on the preferred adapter.
+    pub fn device(mut self, device: Device) -> ConvertSpec {
+        self.backend.device = device;
+        self
+    }
+
+    /// Replace an existing output.
+    pub fn force(mut self, force: bool) -> ConvertSpec {
+        self.force = force;
+        self
+    }
+
+    /// Leave tensors that match no rule out of the output instead of failing.
+    pub fn allow_unmatched(mut self, allow: bool) -> ConvertSpec {
+        self.allow_unmatched = allow;
+        self
+    }
+
+    /// Accept views that expand their storage beyond the size policy
+    /// ([`crate::reader::MAX_EXPANSION`]); the output must still fit on the disk.
+    pub fn allow_expand(mut self, allow: bool) -> ConvertSpec {
+        self.allow_expand = allow;
+        self
+    }
+
+    /// A rule variable (`--set NAME=VALUE`).
+    pub fn var(mut self, name: impl Into<String>, value: impl Into<String>) -> ConvertSpec {
+        self.vars.insert(name.into(), value.into());
+        self
+    }
+
+    /// Rule variables, added to those set before.
+    pub fn vars(mut self, vars: impl IntoIterator<Item = (String, String)>) -> ConvertSpec {
+        self.vars.extend(vars);
+        self
+    }
+
+    /// A `{module name: class name}` JSON file (`--module-types`).
+    pub fn module_types(mut self, path: impl Into<PathBuf>) -> ConvertSpec {
+        self.module_types = Some(path.into());
+        self
+    }
+
+    /// Output dtype of every floating tensor (`--dtype`); `None` keeps each source's.
+    pub fn dtype(mut self, dtype: Option<DType>) -> ConvertSpec {
+        self.dtype = dtype;
+        self
+    }
+
+    /// [`ConvertSpec::dtype`] by name, as `--dtype` and Python's `dtype=` take it.
+    pub fn dtype_name(self, name: &str) -> Result<ConvertSpec> {
+        Ok(self.dtype(Some(PlanOptions::parse_dtype(name)?)))
+    }
+
+    /// An expectation file (`--expect`): the plan must produce exactly its tensor
+    /// names, shapes and dtypes, checked before anything is written.
+    pub fn expect(mut self, path: impl Into<PathBuf>) -> ConvertSpec {
+        self.expect = Some(path.into());
+        self
+    }
+
+    /// Most bytes of tensor data per shard (`--max-shard-size`); for folder outputs.
+    /// Zero is refused when the output is opened.
+    pub fn max_shard_size(mut self, bytes: Option<u64>) -> ConvertSpec {
+        self.max_shard_size = bytes;
+        self
+    }
+
+    /// Write only this worker's shards (`--shard i/N`).
+    pub fn worker(mut self, worker: Option<Worker>) -> ConvertSpec {
+        self.worker = worker;
+        self
+    }
+
+    /// Stops the conversion when raised.
+    pub fn interrupt(mut self, interrupt: Interrupt) -> ConvertSpec {
+        self.interrupt = Some(interrupt);
+        self
+    }
+
+    /// The preset, if one was given.
+    pub fn preset_name(&self) -> Option<&str> {
+        self.preset.as_deref()
+    }
+
+    /// The backend options.
+    pub fn backend_options(&self) -> &BackendOptions {
+        &self.backend
+    }
+
     /// How the spec opens its input.
     pub fn open_options(&self) -> OpenOptions {
         OpenOptions {
@@ -80,6 +196,17 @@ impl ConvertSpec {
             dtype: self.dtype,
         })
     }
+}
+
+/// Opens `input` and plans it by `spec`'s preset, rules and options: what `convert`,
+/// `plan` and the Python package all start with. Tensors that match no rule fail it
+/// unless the spec allows them. The expectation is not checked here (see
+/// [`ConvertSpec::check_expectation`]), so a caller can show the plan that failed it.
+pub fn open_and_plan(input: impl AsRef<Path>, spec: &ConvertSpec) -> Result<(Checkpoint, Plan)> {
+    let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
+    let ckpt = Checkpoint::open_with(input.as_ref(), &spec.open_options())?;
+    let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
+    Ok((ckpt, plan))
 }
 
 /// Builds the rule set of a preset and/or rule files.
@@ -123,12 +250,7 @@ pub fn plan_checkpoint(
 /// # std::fs::create_dir_all(&dir).unwrap();
 /// # let out = dir.join("small_cnn.flax.safetensors");
 /// use relayout::{convert, ConvertSpec, Device};
-/// let spec = ConvertSpec {
-///     preset: Some("flax".into()),
-///     backend: relayout::BackendOptions { device: Device::Cpu, ..Default::default() },
-///     force: true,
-///     ..Default::default()
-/// };
+/// let spec = ConvertSpec::new().preset("flax").device(Device::Cpu).force(true);
 /// let report = convert("tests/fixtures/small_cnn.pt", &out, &spec, &mut |_| {})?;
 /// assert!(report.tensors > 0);
 /// # std::fs::remove_dir_all(&dir).unwrap();
@@ -141,10 +263,7 @@ pub fn convert(
     spec: &ConvertSpec,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ConvertReport> {
-    let input = input.as_ref();
-    let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
-    let ckpt = Checkpoint::open_with(input, &spec.open_options())?;
-    let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
+    let (ckpt, plan) = open_and_plan(input, spec)?;
     spec.check_expectation(&plan)?;
     let output = output.as_ref();
     let kind = OutputKind::for_path(output, spec.max_shard_size, spec.worker)?;

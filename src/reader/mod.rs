@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::dtype::DType;
 
 /// The formats relayout reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Format {
     Safetensors,
     ShardedSafetensors,
@@ -21,15 +21,48 @@ pub enum Format {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TensorInfo {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
+    pub(crate) name: String,
+    pub(crate) dtype: DType,
+    pub(crate) shape: Vec<usize>,
     /// Element strides inside the storage (row-major contiguous for safetensors).
-    pub strides: Vec<usize>,
+    pub(crate) strides: Vec<usize>,
     /// Element offset of the first element inside the storage.
-    pub offset: usize,
+    pub(crate) offset: usize,
     /// Index into the checkpoint's storages.
-    pub storage: usize,
+    pub(crate) storage: usize,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl TensorInfo {
+    /// Tensor name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Element strides inside the storage (row-major contiguous for safetensors).
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+
+    /// Element offset of the first element inside the storage.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Index into the checkpoint's storages.
+    pub fn storage(&self) -> usize {
+        self.storage
+    }
 }
 
 impl TensorInfo {
@@ -58,9 +91,27 @@ impl TensorInfo {
 #[non_exhaustive]
 pub struct StorageRange {
     /// Index of the mapped file.
-    pub file: usize,
-    pub start: usize,
-    pub end: usize,
+    pub(crate) file: usize,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl StorageRange {
+    /// Index of the mapped file.
+    pub fn file(&self) -> usize {
+        self.file
+    }
+
+    /// First byte in the file.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// One past the last byte.
+    pub fn end(&self) -> usize {
+        self.end
+    }
 }
 
 /// What a format parser returns for one file: storages as byte ranges of that file's

@@ -141,9 +141,9 @@ const PRESET_NAMES: [&str; 3] = [PRESETS[0].0, PRESETS[1].0, PRESETS[2].0];
 /// let rules = RuleSet::preset("flax")?.layered(user);
 /// let tensor = |name: &str, shape: &[usize]| TensorInfo::contiguous(name, DType::F32, shape.to_vec());
 /// let plan = rules.plan(&[tensor("shared.weight", &[100, 16]), tensor("fc.weight", &[10, 16])])?;
-/// assert_eq!(plan.entries[0].target, "params.shared.embedding");
-/// assert_eq!(plan.entries[1].target, "params.fc.kernel");
-/// assert_eq!(plan.entries[1].target_shape, [16, 10]);
+/// assert_eq!(plan.entries()[0].target(), "params.shared.embedding");
+/// assert_eq!(plan.entries()[1].target(), "params.fc.kernel");
+/// assert_eq!(plan.entries()[1].target_shape(), [16, 10]);
 /// # Ok::<(), relayout::Error>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -240,12 +240,18 @@ pub struct PlanOptions {
 }
 
 impl PlanOptions {
-    /// Parses `--dtype`: `bf16`, `f16` or `f32`.
+    /// Parses `--dtype` (and Python's `dtype=`): `bf16`, `f16` or `f32`, or the NumPy
+    /// names of the same dtypes (`bfloat16`, `float16`, `float32`), in any case.
     pub fn parse_dtype(name: &str) -> Result<DType> {
-        syntax::output_dtype(&name.to_ascii_lowercase()).ok_or_else(|| Error::Rules {
-            origin: "--dtype".to_string(),
-            detail: format!("'{name}' is not one of bf16, f16, f32"),
-        })
+        let lower = name.to_ascii_lowercase();
+        syntax::output_dtype(&lower)
+            .or_else(|| DType::from_numpy_name(&lower).filter(|d| d.cast_name().is_some()))
+            .ok_or_else(|| Error::Rules {
+                origin: "--dtype".to_string(),
+                detail: format!(
+                    "'{name}' is not one of bf16, f16, f32 (or bfloat16, float16, float32)"
+                ),
+            })
     }
 
     /// Parses one `--set NAME=VALUE`.

@@ -970,6 +970,13 @@ dtype = "f32"
     );
     assert_eq!(PlanOptions::parse_dtype("BF16").unwrap(), DType::BF16);
     assert!(PlanOptions::parse_dtype("f64").is_err());
+    // NumPy's names of the castable dtypes, and no other dtype by its NumPy name.
+    assert_eq!(PlanOptions::parse_dtype("bfloat16").unwrap(), DType::BF16);
+    assert_eq!(PlanOptions::parse_dtype("Float16").unwrap(), DType::F16);
+    assert_eq!(PlanOptions::parse_dtype("float32").unwrap(), DType::F32);
+    for other in ["float64", "int8", "bool", "half", "float"] {
+        assert!(PlanOptions::parse_dtype(other).is_err(), "{other}");
+    }
     let mut o = PlanOptions::default();
     assert!(o.set("heads=12").is_ok() && o.vars["heads"] == "12");
     assert!(o.set("=3").is_err() && o.set("heads").is_err());
@@ -1132,7 +1139,10 @@ fn conv1d_is_recognised_by_class_and_keeps_the_transpose_of_the_untyped_plan() {
             assert_eq!(new.perm, vec![1, 0]);
         }
         assert_eq!(
-            by_class.entry_for("h.0.attn.c_attn.weight").unwrap().target_shape,
+            by_class
+                .entry_for("h.0.attn.c_attn.weight")
+                .unwrap()
+                .target_shape,
             vec![24, 8]
         );
     }
@@ -1144,7 +1154,11 @@ fn name_warnings_never_advise_module_types_when_it_was_given() {
     for preset in ["flax", "nnx"] {
         let rules = RuleSet::preset(preset).unwrap();
         let untyped = rules.plan(&tensors).unwrap();
-        let w = untyped.entry_for("h.0.mlp.gate.weight").unwrap().warning.clone();
+        let w = untyped
+            .entry_for("h.0.mlp.gate.weight")
+            .unwrap()
+            .warning
+            .clone();
         assert!(w.unwrap().contains("pass --module-types"), "{preset}");
         let typed = rules
             .plan_with(
@@ -1176,7 +1190,10 @@ fn name_warnings_never_advise_module_types_when_it_was_given() {
     )
     .unwrap();
     let plan = rules.plan(&tensors).unwrap();
-    assert!(plan.entries.iter().all(|e| e.warning.as_deref() == Some("a")));
+    assert!(plan
+        .entries
+        .iter()
+        .all(|e| e.warning.as_deref() == Some("a")));
     let plan = rules
         .plan_with(
             &tensors,
@@ -1186,5 +1203,8 @@ fn name_warnings_never_advise_module_types_when_it_was_given() {
             },
         )
         .unwrap();
-    assert!(plan.entries.iter().all(|e| e.warning.as_deref() == Some("b")));
+    assert!(plan
+        .entries
+        .iter()
+        .all(|e| e.warning.as_deref() == Some("b")));
 }

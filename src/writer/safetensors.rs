@@ -16,9 +16,36 @@ const HEADER_ALIGN: usize = 8;
 /// One tensor of the output header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeaderEntry {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
+    pub(crate) name: String,
+    pub(crate) dtype: DType,
+    pub(crate) shape: Vec<usize>,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl HeaderEntry {
+    /// A tensor's header entry; its size is checked when it is written.
+    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<usize>) -> HeaderEntry {
+        HeaderEntry {
+            name: name.into(),
+            dtype,
+            shape,
+        }
+    }
+
+    /// Tensor name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
 }
 
 impl HeaderEntry {

@@ -109,13 +109,36 @@ fn tensor_bytes(name: &str, shape: &[usize], dtype: DType) -> Result<u64> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutputFile {
     /// File name (inside the output folder for shards).
-    pub name: String,
+    pub(crate) name: String,
     /// Indices of the plan entries it holds, in the order they are written.
-    pub entries: Vec<usize>,
+    pub(crate) entries: Vec<usize>,
     /// Its header, in the same order.
-    pub header: Vec<HeaderEntry>,
+    pub(crate) header: Vec<HeaderEntry>,
     /// Bytes of tensor data.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl OutputFile {
+    /// File name (inside the output folder for shards).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Indices of the plan entries it holds, in the order they are written.
+    pub fn entries(&self) -> &[usize] {
+        &self.entries
+    }
+
+    /// Its header, in the same order.
+    pub fn header(&self) -> &[HeaderEntry] {
+        &self.header
+    }
+
+    /// Bytes of tensor data.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 /// The files a plan is written to.
@@ -127,11 +150,29 @@ pub struct OutputFile {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutputLayout {
     /// The files, in shard order.
-    pub files: Vec<OutputFile>,
+    pub(crate) files: Vec<OutputFile>,
     /// True for a shard set (`model-…-of-….safetensors` + index).
-    pub sharded: bool,
+    pub(crate) sharded: bool,
     /// Bytes of tensor data over all files.
-    pub total_bytes: u64,
+    pub(crate) total_bytes: u64,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl OutputLayout {
+    /// The files, in shard order.
+    pub fn files(&self) -> &[OutputFile] {
+        &self.files
+    }
+
+    /// True for a shard set (`model-…-of-….safetensors` + index).
+    pub fn is_sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// Bytes of tensor data over all files.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
 }
 
 impl OutputLayout {

@@ -806,10 +806,9 @@ fn cpu_transpose_keeps_nan_payloads() {
 #[cfg(feature = "gpu")]
 fn gpu(max_chunk_bytes: Option<usize>) -> Option<relayout::backend::gpu::Gpu> {
     use relayout::backend::gpu::{Gpu, GpuOptions};
-    crate::common::gpu_or_skip(Gpu::new(&GpuOptions {
-        adapter: None,
-        allow_software: true,
-        max_chunk_bytes,
+    crate::common::gpu_or_skip(Gpu::new(&match max_chunk_bytes {
+        Some(n) => GpuOptions::new(None, true).with_max_chunk_bytes(n),
+        None => GpuOptions::new(None, true),
     }))
 }
 

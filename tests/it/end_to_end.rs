@@ -12,14 +12,7 @@ use relayout::{
 };
 
 fn cpu_spec(preset: &str) -> ConvertSpec {
-    ConvertSpec {
-        preset: Some(preset.to_string()),
-        backend: BackendOptions {
-            device: Device::Cpu,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
+    ConvertSpec::new().preset(preset).device(Device::Cpu)
 }
 
 #[test]
@@ -172,10 +165,10 @@ fn streaming_api_hands_out_the_same_tensors_as_the_file() {
         .with_band_bytes(5)
         .for_each(|entry, bytes| {
             got.insert(
-                entry.target.clone(),
+                entry.target().to_string(),
                 Tensor {
-                    dtype: st_dtype_name(entry.dtype),
-                    shape: entry.target_shape.clone(),
+                    dtype: st_dtype_name(entry.dtype()),
+                    shape: entry.target_shape().to_vec(),
                     bytes: bytes.to_vec(),
                 },
             );
@@ -293,7 +286,7 @@ fn existing_output_is_refused_unless_forced() {
     assert!(matches!(err, Error::OutputExists { .. }), "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     let mut spec = cpu_spec("flax");
-    spec.force = true;
+    spec = spec.force(true);
     convert(fixture("mixed.safetensors"), &out, &spec, &mut |_| {}).unwrap();
     assert_eq!(load_safetensors(&out).len(), 13);
     assert_eq!(listing(&dir), ["out.safetensors"]);
@@ -307,7 +300,7 @@ fn output_that_is_the_input_is_refused_even_with_force() {
     std::fs::copy(fixture("mixed.safetensors"), &input).unwrap();
     let before = std::fs::read(&input).unwrap();
     let mut spec = cpu_spec("flax");
-    spec.force = true;
+    spec = spec.force(true);
     let err = convert(&input, &input, &spec, &mut |_| {}).unwrap_err();
     assert!(matches!(err, Error::OutputIsInput { .. }), "{err}");
     assert_eq!(std::fs::read(&input).unwrap(), before);
@@ -652,18 +645,11 @@ fn unmatched_tensors_fail_the_conversion_unless_allowed() {
     )
     .unwrap();
     let out = dir.join("out.safetensors");
-    let mut spec = ConvertSpec {
-        rules: vec![rules.clone()],
-        backend: BackendOptions {
-            device: Device::Cpu,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let mut spec = ConvertSpec::new().rule_file(&rules).device(Device::Cpu);
     let err = convert(fixture("mixed.pt"), &out, &spec, &mut |_| {}).unwrap_err();
     assert!(matches!(err, Error::Unmatched { count: 6, .. }), "{err:?}");
     assert!(!out.exists());
-    spec.allow_unmatched = true;
+    spec = spec.allow_unmatched(true);
     let report = convert(fixture("mixed.pt"), &out, &spec, &mut |_| {}).unwrap();
     assert_eq!((report.tensors, report.unmatched), (7, 6));
     let got = load_safetensors(&out);
@@ -770,16 +756,8 @@ fn gpu_and_cpu_agree_on_a_tensor_larger_than_a_storage_binding() {
     // 137 MiB of f32: above lavapipe's 128 MiB binding limit and the default 128 MiB
     // WebGPU limit, so the GPU must chunk it; odd sizes so no tile divides it.
     let entries = [
-        HeaderEntry {
-            name: "proj.weight".into(),
-            dtype: relayout::DType::F32,
-            shape: vec![5003, 7187],
-        },
-        HeaderEntry {
-            name: "conv.weight".into(),
-            dtype: relayout::DType::BF16,
-            shape: vec![67, 33, 3, 5],
-        },
+        HeaderEntry::new("proj.weight", relayout::DType::F32, vec![5003, 7187]),
+        HeaderEntry::new("conv.weight", relayout::DType::BF16, vec![67, 33, 3, 5]),
     ];
     let mut w = SafetensorsWriter::create(&input, &entries, &Default::default(), false).unwrap();
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -817,11 +795,10 @@ fn unknown_device_and_adapter_are_clear_errors() {
     ]);
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("tpu"));
-    let err = relayout::backend::select(&BackendOptions {
-        device: Device::Gpu,
-        adapter: Some("no such adapter 1234".to_string()),
-        allow_software_gpu: true,
-    })
+    let err = relayout::backend::select(&BackendOptions::new(
+        Device::Gpu,
+        Some("no such adapter 1234".to_string()),
+    ))
     .err()
     .expect("an adapter that does not exist");
     assert!(matches!(err, Error::DeviceUnavailable { .. }), "{err:?}");
@@ -901,7 +878,10 @@ fn headless_runs_print_nothing_on_stderr() {
         );
         outputs.push(std::fs::read(&out).unwrap());
     }
-    assert!(outputs.windows(2).all(|w| w[0] == w[1]), "auto and gpu differ");
+    assert!(
+        outputs.windows(2).all(|w| w[0] == w[1]),
+        "auto and gpu differ"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -941,10 +921,18 @@ fn gpt2_conv1d_by_module_types_plans_quietly_and_converts_to_the_same_bytes() {
     .unwrap();
     let typed = [OsStr::new("--module-types"), types.as_os_str()];
 
-    let plan = [OsStr::new("plan"), input.as_os_str(), OsStr::new("--preset")];
+    let plan = [
+        OsStr::new("plan"),
+        input.as_os_str(),
+        OsStr::new("--preset"),
+    ];
     let plan = relayout(&[&plan[..], &[OsStr::new("flax")], &typed].concat());
     let text = String::from_utf8_lossy(&plan.stdout);
-    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
     assert!(text.contains("conv1d-by-type"), "{text}");
     assert!(!text.contains("warning"), "{text}");
 
@@ -963,7 +951,11 @@ fn gpt2_conv1d_by_module_types_plans_quietly_and_converts_to_the_same_bytes() {
         ];
         args.extend_from_slice(extra);
         let run = relayout(&args);
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
         got.push(load_safetensors(&out));
     }
     assert_same_tensors(&got[1], &got[0], "with and without --module-types");

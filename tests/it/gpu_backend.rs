@@ -17,10 +17,9 @@ fn open(max_chunk_bytes: Option<usize>) -> Option<Gpu> {
 /// `staged`: force transpose2d.wgsl's workgroup-memory staging on or off (None: the
 /// adapter's default), so both variants are checked on any adapter.
 fn open_with(max_chunk_bytes: Option<usize>, staged: Option<bool>) -> Option<Gpu> {
-    let opts = GpuOptions {
-        adapter: None,
-        allow_software: true,
-        max_chunk_bytes,
+    let opts = match max_chunk_bytes {
+        Some(n) => GpuOptions::new(None, true).with_max_chunk_bytes(n),
+        None => GpuOptions::new(None, true),
     };
     let gpu = match staged {
         Some(s) => Gpu::with_staging(&opts, s),
@@ -366,11 +365,7 @@ fn one_gpu_serves_several_threads_at_once() {
 
 #[test]
 fn an_unknown_adapter_name_is_device_unavailable() {
-    let opts = GpuOptions {
-        adapter: Some("no adapter is called this".to_string()),
-        allow_software: true,
-        max_chunk_bytes: None,
-    };
+    let opts = GpuOptions::new(Some("no adapter is called this".to_string()), true);
     assert!(matches!(
         Gpu::new(&opts),
         Err(Error::DeviceUnavailable { .. })
@@ -387,11 +382,7 @@ fn software_adapters_are_refused_unless_allowed() {
     if std::env::var_os("RELAYOUT_ADAPTER").is_some() {
         return;
     }
-    let opts = GpuOptions {
-        adapter: None,
-        allow_software: false,
-        max_chunk_bytes: None,
-    };
+    let opts = GpuOptions::new(None, false);
     assert!(matches!(
         Gpu::new(&opts),
         Err(Error::DeviceUnavailable { .. })

@@ -15,19 +15,12 @@ use relayout::writer::{HeaderEntry, SafetensorsWriter};
 use relayout::{Backend, Checkpoint, Converter, DType, RuleSet, WriteOptions};
 
 fn gpu() -> Option<Gpu> {
-    gpu_or_skip(Gpu::new(&GpuOptions {
-        allow_software: true,
-        ..Default::default()
-    }))
+    gpu_or_skip(Gpu::new(&GpuOptions::new(None, true)))
 }
 
 /// A checkpoint of one tensor `name` of `shape`, filled with a pattern.
 fn checkpoint(path: &Path, name: &str, dtype: DType, shape: &[usize]) {
-    let entry = HeaderEntry {
-        name: name.to_string(),
-        dtype,
-        shape: shape.to_vec(),
-    };
+    let entry = HeaderEntry::new(name.to_string(), dtype, shape.to_vec());
     let bytes = entry.bytes();
     let mut w = SafetensorsWriter::create(path, &[entry], &BTreeMap::new(), true).unwrap();
     let mut rng = Rng::new(bytes as u64);
@@ -183,11 +176,8 @@ fn for_each_on_device_hands_out_buffers_holding_the_cpu_bytes() {
     if gpu().is_none() {
         return;
     }
-    let (device, queue) = relayout::backend::gpu::open_device(&GpuOptions {
-        allow_software: true,
-        ..Default::default()
-    })
-    .unwrap();
+    let (device, queue) =
+        relayout::backend::gpu::open_device(&GpuOptions::new(None, true)).unwrap();
     let cpu = Cpu::new();
     for (name, preset, dtype) in [
         ("small_cnn.pt", "flax", None),
@@ -227,18 +217,18 @@ fn for_each_on_device_hands_out_buffers_holding_the_cpu_bytes() {
                     buffer.size() as usize,
                     w.len().next_multiple_of(4).max(4),
                     "{name} {}",
-                    entry.target
+                    entry.target()
                 );
                 assert!(
                     bytes[..w.len()] == w[..],
                     "{name} {preset} {dtype:?}: '{}' differs",
-                    entry.target
+                    entry.target()
                 );
                 seen += 1;
                 Ok(())
             })
             .unwrap();
-        assert_eq!(seen, plan.entries.len());
+        assert_eq!(seen, plan.entries().len());
     }
 }
 
@@ -246,11 +236,7 @@ fn for_each_on_device_hands_out_buffers_holding_the_cpu_bytes() {
 fn multi_checkpoint(path: &Path, tensors: &[(&str, DType, Vec<usize>)]) {
     let entries: Vec<HeaderEntry> = tensors
         .iter()
-        .map(|(name, dtype, shape)| HeaderEntry {
-            name: name.to_string(),
-            dtype: *dtype,
-            shape: shape.clone(),
-        })
+        .map(|(name, dtype, shape)| HeaderEntry::new(name.to_string(), *dtype, shape.clone()))
         .collect();
     let mut w = SafetensorsWriter::create(path, &entries, &BTreeMap::new(), true).unwrap();
     for (k, e) in entries.iter().enumerate() {
@@ -270,11 +256,7 @@ fn multi_checkpoint(path: &Path, tensors: &[(&str, DType, Vec<usize>)]) {
 #[test]
 fn each_tensor_starts_while_the_one_before_finishes_and_still_crosses_once() {
     let Some(gpu) = gpu() else { return };
-    let Ok(tiny) = Gpu::new(&GpuOptions {
-        allow_software: true,
-        max_chunk_bytes: Some(4096),
-        ..Default::default()
-    }) else {
+    let Ok(tiny) = Gpu::new(&GpuOptions::new(None, true).with_max_chunk_bytes(4096)) else {
         return;
     };
     let dir = scratch("gpu-prefetch");
@@ -309,7 +291,7 @@ fn each_tensor_starts_while_the_one_before_finishes_and_still_crosses_once() {
                 },
             )
             .unwrap();
-        assert!(plan.entries[0].source_name.ends_with("bias"));
+        assert!(plan.entries()[0].source_name().ends_with("bias"));
         let opts = WriteOptions {
             force: true,
             ..Default::default()
@@ -318,7 +300,7 @@ fn each_tensor_starts_while_the_one_before_finishes_and_still_crosses_once() {
             .write_safetensors(&dir.join("cpu.safetensors"), &opts, &mut |_| {})
             .unwrap();
         let sizes: Vec<usize> = plan
-            .entries
+            .entries()
             .iter()
             .map(|e| Converter::entry_bytes(e).unwrap())
             .collect();

@@ -17,7 +17,7 @@ fn plan_of(ckpt: &Checkpoint, preset: &str) -> Plan {
 }
 
 fn buffers(plan: &Plan, fill: u8) -> Vec<Vec<u8>> {
-    plan.entries
+    plan.entries()
         .iter()
         .map(|e| vec![fill; Converter::entry_bytes(e).unwrap()])
         .collect()
@@ -57,12 +57,12 @@ fn fill_equals_the_written_file_on_every_backend_and_band_size() {
                             last = p;
                         })
                         .unwrap();
-                    assert_eq!(last.tensors_done, plan.entries.len());
+                    assert_eq!(last.tensors_done, plan.entries().len());
                     assert_eq!(last.bytes_done, last.bytes_total);
                     let got: BTreeMap<&str, &Vec<u8>> = plan
-                        .entries
+                        .entries()
                         .iter()
-                        .map(|e| e.target.as_str())
+                        .map(|e| e.target())
                         .zip(&bufs)
                         .collect();
                     assert_eq!(got.len(), want.len(), "{name} {preset}");
@@ -117,7 +117,7 @@ fn interrupt_stops_fill_within_one_band(cpu: &dyn relayout::Backend) {
     let plan = plan_of(&ckpt, "flax");
     let band = 64;
     let total: u64 = plan
-        .entries
+        .entries()
         .iter()
         .map(|e| Converter::entry_bytes(e).unwrap() as u64)
         .sum();

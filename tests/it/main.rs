@@ -12,5 +12,6 @@ mod gpu_traffic;
 mod hardening;
 mod library_api;
 mod ops;
+mod reports;
 mod sharded;
 mod verify;

@@ -263,7 +263,7 @@ fn attention_and_conv_transpose_match_the_flax_layer_definitions_on_every_backen
         .unwrap()
         .plan_with(ckpt.tensors(), &flax_options())
         .unwrap();
-    assert!(plan.unmatched.is_empty());
+    assert!(plan.unmatched().is_empty());
     // Bands of one element up to whole tensors: splits straddle every part boundary.
     assert_every_backend_and_band(
         &ckpt,
@@ -335,7 +335,7 @@ fn streaming_api_hands_out_split_and_cast_tensors() {
     let mut seen = BTreeMap::new();
     Converter::new(&ckpt, &plan, &Cpu::new())
         .for_each(|entry, bytes| {
-            seen.insert(entry.target.clone(), bytes.to_vec());
+            seen.insert(entry.target().to_string(), bytes.to_vec());
             Ok(())
         })
         .unwrap();
@@ -519,12 +519,12 @@ fn readme_rule_file_example_works_as_written() {
     opts.set("heads=2").unwrap();
     let plan = rules.plan_with(&tensors, &opts).unwrap();
     let got: BTreeMap<&str, (&[usize], DType, Option<usize>)> = plan
-        .entries
+        .entries()
         .iter()
         .map(|e| {
             (
-                e.target.as_str(),
-                (e.target_shape.as_slice(), e.dtype, e.slice.map(|s| s.start)),
+                e.target(),
+                (e.target_shape(), e.dtype(), e.slice().map(|s| s.start())),
             )
         })
         .collect();
@@ -556,7 +556,7 @@ fn readme_rule_file_example_works_as_written() {
     ]);
     assert_eq!(got, want);
     assert_eq!(
-        plan.entry_for("dec.upsample1.weight").unwrap().perm,
+        plan.entry_for("dec.upsample1.weight").unwrap().perm(),
         [2, 3, 1, 0]
     );
 }

@@ -53,11 +53,7 @@ fn generated(seed: u64, count: usize) -> Vec<(HeaderEntry, Vec<u8>)> {
                 3 => vec![],
                 _ => vec![1 + rng.below(40), 1 + rng.below(40)],
             };
-            let e = HeaderEntry {
-                name: format!("blk{:02}.t{i}", (count - i) % 17),
-                dtype,
-                shape,
-            };
+            let e = HeaderEntry::new(format!("blk{:02}.t{i}", (count - i) % 17), dtype, shape);
             let mut bytes = rng.bytes(e.bytes());
             if dtype == DType::Bool {
                 bytes.iter_mut().for_each(|b| *b &= 1);
@@ -79,7 +75,7 @@ fn write_sharded_input(dir: &Path, tensors: &[(HeaderEntry, Vec<u8>)], parts: us
             SafetensorsWriter::create(&dir.join(&name), &header, &BTreeMap::new(), false).unwrap();
         for (e, bytes) in chunk {
             w.write(bytes).unwrap();
-            weight_map.insert(e.name.clone(), name.clone());
+            weight_map.insert(e.name().to_string(), name.clone());
         }
         w.finish().unwrap();
     }
@@ -166,13 +162,13 @@ fn assert_aligned_and_sorted(path: &Path) {
 fn greedy_oracle(plan: &Plan, max: u64) -> Vec<Vec<String>> {
     let mut shards: Vec<Vec<String>> = vec![Vec::new()];
     let mut fill = 0u64;
-    for e in &plan.entries {
-        let b = e.target_shape.iter().product::<usize>() as u64 * e.dtype.size() as u64;
+    for e in plan.entries() {
+        let b = e.target_shape().iter().product::<usize>() as u64 * e.dtype().size() as u64;
         if !shards.last().unwrap().is_empty() && fill + b > max {
             shards.push(Vec::new());
             fill = 0;
         }
-        shards.last_mut().unwrap().push(e.target.clone());
+        shards.last_mut().unwrap().push(e.target().to_string());
         fill += b;
     }
     shards
@@ -198,9 +194,9 @@ fn shards_hold_exactly_what_one_file_holds_split_greedily_and_aligned() {
     assert_aligned_and_sorted(&single);
     let want = load_safetensors(&single);
     let largest = plan
-        .entries
+        .entries()
         .iter()
-        .map(|e| e.target_shape.iter().product::<usize>() * e.dtype.size())
+        .map(|e| e.target_shape().iter().product::<usize>() * e.dtype().size())
         .max()
         .unwrap() as u64;
     let total: u64 = want.values().map(|t| t.bytes.len() as u64).sum();
@@ -233,7 +229,7 @@ fn shards_hold_exactly_what_one_file_holds_split_greedily_and_aligned() {
             serde_json::from_slice(&std::fs::read(out.join(INDEX_NAME)).unwrap()).unwrap();
         assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
         let map = index["weight_map"].as_object().unwrap();
-        assert_eq!(map.len(), plan.entries.len());
+        assert_eq!(map.len(), plan.entries().len());
         let mut got = BTreeMap::new();
         for (k, members) in oracle.iter().enumerate() {
             let file = out.join(shard_name(k + 1, n));

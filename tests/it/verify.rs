@@ -6,7 +6,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
-use relayout::{convert, BackendOptions, ConvertSpec, Device, Error};
+use relayout::{convert, ConvertSpec, Device, Error};
 use serde_json::{json, Value};
 
 fn expectation(name: &str) -> PathBuf {
@@ -213,14 +213,11 @@ fn a_missing_unexpected_or_mismatched_tensor_fails_before_anything_is_written() 
 fn library_convert_enforces_the_expectation_of_its_spec() {
     let dir = scratch("verify-lib");
     let out = dir.join("out.safetensors");
-    let spec = |expect: PathBuf| ConvertSpec {
-        preset: Some("nnx".into()),
-        backend: BackendOptions {
-            device: Device::Cpu,
-            ..Default::default()
-        },
-        expect: Some(expect),
-        ..Default::default()
+    let spec = |expect: PathBuf| {
+        ConvertSpec::new()
+            .preset("nnx")
+            .device(Device::Cpu)
+            .expect(expect)
     };
     let flax = expectation("small_cnn.linen.json");
     let err = convert(

@@ -14,6 +14,7 @@ framework fails instead of skipping, and `RELAYOUT_REQUIRE_GPU=1` makes the GPU 
 fail rather than skip when no adapter is found.
 """
 
+import dataclasses
 import json
 import os
 import struct
@@ -349,6 +350,67 @@ def test_plan_and_inspect_agree_with_the_cli():
     assert [(t.name, list(t.shape), t.dtype) for t in tensors] == [
         (r["name"], r["shape"], r["dtype"]) for r in rows
     ]
+
+
+def _plain(value):
+    """A report object as the JSON the CLI prints: dataclasses and Slice as objects,
+    tuples as lists."""
+    if isinstance(value, relayout.Slice):
+        return value._asdict()
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def test_reports_have_the_cli_keys_and_values(tmp_path):
+    """Every report object of the package is the CLI's --json object: the same keys from
+    the same library struct, and the same values."""
+    src = FIXTURES / "mixed.pt"
+    # plan, sharded with workers (every optional part of the report present)
+    plan = relayout.plan(src, "flax", max_shard_size="2KB", shards=2)
+    run = cli("plan", src, "--preset", "flax", "--max-shard-size", "2KB", "--shards", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    want = json.loads(run.stdout)
+    assert plan.shards and all(e.shard for e in plan.entries)
+    assert _plain(plan) == want
+    # and one file: the same keys, the shard parts null
+    run = cli("plan", src, "--preset", "flax", "--json")
+    one = json.loads(run.stdout)
+    assert set(one) == {f.name for f in dataclasses.fields(relayout.Plan)}
+    assert one["shards"] is None and _plain(relayout.plan(src, "flax")) == one
+
+    # inspect
+    run = cli("inspect", src, "--json")
+    assert run.returncode == 0, run.stderr
+    want = json.loads(run.stdout)
+    assert _plain(relayout.inspect(src)) == want["entries"]
+
+    # convert: what differs between two runs is the time and the paths
+    run = cli("convert", src, tmp_path / "cli", "--preset", "flax", "--max-shard-size", "2KB",
+              "--device", "cpu", "--json")
+    assert run.returncode == 0, run.stderr
+    want = json.loads(run.stdout)
+    report = relayout.convert(src, tmp_path / "py", "flax", device="cpu", max_shard_size="2KB")
+    got = _plain(report)
+    assert set(got) == set(want) >= {"shards_present", "gb_per_s", "input", "output"}
+    same = {k for k in want if k not in ("seconds", "gb_per_s", "output", "outputs", "index")}
+    assert {k: got[k] for k in same} == {k: want[k] for k in same}
+    assert got["shards_present"] == got["shards"] > 1 and got["gb_per_s"] > 0
+    assert [Path(p).name for p in got["outputs"]] == [Path(p).name for p in want["outputs"]]
+
+    # verify, a mismatch: the report either way, the CLI exits 1
+    expect = FIXTURES / "expect" / "small_cnn.mlx.json"
+    out = tmp_path / "cnn.safetensors"
+    relayout.convert(FIXTURES / "small_cnn.pt", out, "flax", device="cpu")
+    run = cli("verify", out, "--expect", expect, "--json")
+    assert run.returncode == 1
+    want = json.loads(run.stdout)
+    got = relayout.verify(out, expect)
+    assert not got.ok and got.report and _plain(got) == want
+    relayout.convert(FIXTURES / "small_cnn.pt", out, "mlx", device="cpu", force=True)
+    assert relayout.verify(out, expect).ok
 
 
 def test_paths_keys_and_index_files():

@@ -77,7 +77,7 @@ fn convert(
 /// panics when they disagree on a byte or on which entry fails. Plans over
 /// [`MAX_OUTPUT_BYTES`] are left unconverted.
 pub fn convert_and_compare(ckpt: &Checkpoint, plan: &Plan) {
-    let total = plan.entries.iter().try_fold(0usize, |sum, entry| {
+    let total = plan.entries().iter().try_fold(0usize, |sum, entry| {
         Converter::entry_bytes(entry)
             .ok()
             .and_then(|n| sum.checked_add(n))
@@ -95,13 +95,13 @@ pub fn convert_and_compare(ckpt: &Checkpoint, plan: &Plan) {
         got.len(),
         want.len()
     );
-    for ((entry, got), want) in plan.entries.iter().zip(&got).zip(&want) {
+    for ((entry, got), want) in plan.entries().iter().zip(&got).zip(&want) {
         assert!(
             got == want,
             "cpu and reference disagree on '{}' ({} <- '{}')",
-            entry.target,
+            entry.target(),
             entry.describe_op(),
-            entry.source_name
+            entry.source_name()
         );
     }
 }

@@ -20,8 +20,29 @@ pub struct GpuOptions {
     pub adapter: Option<String>,
     /// Accept a software adapter (lavapipe, llvmpipe, WARP) when no hardware one exists.
     pub allow_software: bool,
-    /// Test hook: cut tensors into chunks of at most this many bytes.
-    pub max_chunk_bytes: Option<usize>,
+    /// Test hook ([`GpuOptions::with_max_chunk_bytes`]): chunks of at most this many bytes.
+    pub(crate) max_chunk_bytes: Option<usize>,
+}
+
+impl GpuOptions {
+    /// The adapter whose name contains `adapter` (else the preferred one), a software
+    /// adapter only when `allow_software`.
+    pub fn new(adapter: Option<String>, allow_software: bool) -> GpuOptions {
+        GpuOptions {
+            adapter,
+            allow_software,
+            max_chunk_bytes: None,
+        }
+    }
+
+    internal! {
+        /// Test hook: cut tensors into chunks of at most `bytes` bytes, so small tests
+        /// cross every chunk boundary.
+        pub fn with_max_chunk_bytes(mut self, bytes: usize) -> GpuOptions {
+            self.max_chunk_bytes = Some(bytes);
+            self
+        }
+    }
 }
 
 /// What an adapter offers, for `relayout devices` and error messages.

@@ -66,17 +66,17 @@ pub fn materialise(ckpt: &Checkpoint) -> BTreeMap<String, Tensor> {
     ckpt.tensors()
         .iter()
         .map(|t| {
-            let perm: Vec<usize> = (0..t.shape.len()).collect();
+            let perm: Vec<usize> = (0..t.shape().len()).collect();
             let g = ckpt.layout_op(t, &perm).expect("op").simplify();
             let mut out = vec![0xA5; g.out_bytes()];
             Reference
                 .gather(&g, ckpt.storage_bytes(t), &mut out)
                 .expect("gather");
             (
-                t.name.clone(),
+                t.name().to_string(),
                 Tensor {
-                    dtype: st_dtype_name(t.dtype),
-                    shape: t.shape.clone(),
+                    dtype: st_dtype_name(t.dtype()),
+                    shape: t.shape().to_vec(),
                     bytes: out,
                 },
             )
@@ -158,10 +158,12 @@ pub fn all_backends() -> Vec<Box<dyn Backend>> {
     let mut list: Vec<Box<dyn Backend>> = vec![Box::new(Reference), Box::new(Cpu::new())];
     #[cfg(feature = "gpu")]
     for max_chunk_bytes in [None, Some(4096)] {
-        let gpu = relayout::backend::gpu::Gpu::new(&relayout::backend::gpu::GpuOptions {
-            allow_software: true,
-            max_chunk_bytes,
-            ..Default::default()
+        let gpu = relayout::backend::gpu::Gpu::new(&{
+            let opts = relayout::backend::gpu::GpuOptions::new(None, true);
+            match max_chunk_bytes {
+                Some(n) => opts.with_max_chunk_bytes(n),
+                None => opts,
+            }
         });
         match gpu {
             Ok(g) => list.push(Box::new(g)),
@@ -215,11 +217,7 @@ pub fn wait_until_writing(pid: u32, dir: &Path) {
 pub fn big_input(path: &Path, n: usize) {
     use relayout::writer::{HeaderEntry, SafetensorsWriter};
     let header: Vec<HeaderEntry> = (0..n)
-        .map(|i| HeaderEntry {
-            name: format!("layer{i}.weight"),
-            dtype: DType::F32,
-            shape: vec![1024, 1024],
-        })
+        .map(|i| HeaderEntry::new(format!("layer{i}.weight"), DType::F32, vec![1024, 1024]))
         .collect();
     let mut w =
         SafetensorsWriter::create(path, &header, &BTreeMap::new(), false).expect("create input");
