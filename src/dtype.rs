@@ -92,6 +92,12 @@ impl DType {
         self.names().numpy.first().copied().unwrap_or("")
     }
 
+    /// True for the dtypes NumPy itself lacks, which `ml_dtypes` provides under
+    /// [`DType::numpy_name`] (bfloat16, the float8s).
+    pub fn needs_ml_dtypes(self) -> bool {
+        matches!(self, DType::BF16 | DType::F8E4M3 | DType::F8E5M2)
+    }
+
     /// Parses a NumPy dtype name, aliases such as `bool_` included.
     pub fn from_numpy_name(name: &str) -> Option<DType> {
         DType::ALL

@@ -294,22 +294,20 @@ class DeviceInfo:
     driver: Optional[str] = None
 
 
-# safetensors dtype name -> NumPy name, from the library's one dtype table.
-_NUMPY_NAMES: Dict[str, str] = dict(_native.dtype_names())
+# safetensors dtype name -> (NumPy name, from ml_dtypes), the library's one dtype table.
+_NUMPY_NAMES: Dict[str, Tuple[str, bool]] = dict(_native.dtype_names())
 
 
 def numpy_dtype(name: str) -> "np.dtype[Any]":
     """The NumPy dtype of a safetensors dtype name; bfloat16 and float8, which NumPy
     lacks, come from ``ml_dtypes`` (a clear error when it is not installed)."""
-    numpy_name = _NUMPY_NAMES.get(name)
-    if numpy_name is None:
+    if name not in _NUMPY_NAMES:
         raise Error(f"unknown dtype {name!r}")
+    numpy_name, from_ml_dtypes = _NUMPY_NAMES[name]
     dt: "np.dtype[Any]"
-    try:
+    if not from_ml_dtypes:
         dt = np.dtype(numpy_name)
         return dt
-    except TypeError:
-        pass
     try:
         import ml_dtypes
     except ImportError as e:

@@ -433,12 +433,13 @@ fn verify(py: Python<'_>, path: PathBuf, expect: PathBuf) -> PyResult<String> {
     to_json(&report)
 }
 
-/// `{safetensors name: NumPy name}` for every dtype: the library's one table.
+/// `{safetensors name: (NumPy name, whether it comes from ml_dtypes)}` for every dtype:
+/// the library's one table.
 #[pyfunction]
-fn dtype_names() -> BTreeMap<&'static str, &'static str> {
+fn dtype_names() -> BTreeMap<&'static str, (&'static str, bool)> {
     relayout::DType::ALL
         .iter()
-        .map(|d| (d.safetensors_name(), d.numpy_name()))
+        .map(|d| (d.safetensors_name(), (d.numpy_name(), d.needs_ml_dtypes())))
         .collect()
 }
 
