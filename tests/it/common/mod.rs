@@ -9,11 +9,13 @@ use relayout::backend::reference::Reference;
 use relayout::backend::Backend;
 use relayout::{Checkpoint, DType};
 
-/// A fixture shipped in tests/fixtures.
+/// A fixture shipped in tests/fixtures: of the checkout the tests were built in, or of
+/// `RELAYOUT_TEST_ROOT` when the test binary runs elsewhere (benches/device_check.sh).
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    let root = std::env::var_os("RELAYOUT_TEST_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    root.join("tests/fixtures").join(name)
 }
 
 /// A fresh, empty folder for one test.
