@@ -146,6 +146,50 @@ mod headless {
     }
 }
 
+/// Device nodes through which a hardware GPU driver reaches its GPU on Linux: DRM (Mesa's
+/// drivers, Asahi, Broadcom, Intel, AMD), NVIDIA's, WSL's paravirtual GPU, Arm Mali's and
+/// Qualcomm's and Vivante's proprietary drivers.
+const GPU_NODES: [(&str, &str); 6] = [
+    ("/dev/dri", ""),
+    ("/dev", "nvidia"),
+    ("/dev", "dxg"),
+    ("/dev", "mali"),
+    ("/dev", "kgsl"),
+    ("/dev", "galcore"),
+];
+
+/// Environment variables that point the Vulkan loader at drivers of the user's choice.
+const DRIVER_ENV: [&str; 3] = ["VK_DRIVER_FILES", "VK_ICD_FILENAMES", "VK_ADD_DRIVER_FILES"];
+
+/// False when this machine cannot have a hardware Vulkan adapter: on Linux, no GPU device
+/// node exists (see [`GPU_NODES`]) and the Vulkan loader is not pointed at drivers of the
+/// user's choice. `--device auto` then takes the CPU without loading the Vulkan drivers at
+/// all: enumerating them loads every installed one (lavapipe alone costs ~50 MiB of RSS
+/// and a tenth of a second) only to find software adapters that `auto` never picks. True
+/// wherever it cannot tell (other systems, any node or variable present).
+pub(crate) fn may_have_hardware_adapter() -> bool {
+    if !cfg!(target_os = "linux") || cfg!(relayout_portable) {
+        return true;
+    }
+    if DRIVER_ENV.iter().any(|k| std::env::var_os(k).is_some()) {
+        return true;
+    }
+    any_gpu_node(&GPU_NODES)
+}
+
+/// True when some folder of `nodes` holds an entry whose name starts with its prefix (an
+/// unreadable folder that exists counts as holding one).
+fn any_gpu_node(nodes: &[(&str, &str)]) -> bool {
+    nodes
+        .iter()
+        .any(|(dir, prefix)| match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(prefix)),
+            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+        })
+}
+
 fn adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
     pollster::block_on(instance(backends).enumerate_adapters(backends))
 }
@@ -250,4 +294,29 @@ pub fn open(opts: &GpuOptions) -> Result<(wgpu::Device, wgpu::Queue)> {
     };
     pollster::block_on(adapter.request_device(&desc))
         .map_err(|e| unavailable(format!("{} ({:?}): {e}", info.name, info.backend)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_node_is_found_by_folder_and_prefix() {
+        let dir = std::env::temp_dir().join(format!("relayout-nodes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("dri")).unwrap();
+        let root = dir.to_str().unwrap().to_string();
+        let dri = dir.join("dri").to_str().unwrap().to_string();
+        // An empty DRM folder and no NVIDIA node: no hardware GPU.
+        assert!(!any_gpu_node(&[(&dri, ""), (&root, "nvidia")]));
+        std::fs::write(dir.join("nvidia0"), b"").unwrap();
+        assert!(any_gpu_node(&[(&dri, ""), (&root, "nvidia")]));
+        assert!(!any_gpu_node(&[(&dri, ""), (&root, "mali")]));
+        std::fs::write(dir.join("dri").join("renderD128"), b"").unwrap();
+        assert!(any_gpu_node(&[(&dri, "")]));
+        // A folder that does not exist holds nothing.
+        let gone = dir.join("gone").to_str().unwrap().to_string();
+        assert!(!any_gpu_node(&[(&gone, "")]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
