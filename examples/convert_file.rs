@@ -17,7 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = convert(&input, &output, &spec, &mut |_progress| {})?;
     println!(
         "{} tensors, {} bytes in {:.3} s on {}",
-        report.tensors, report.bytes, report.seconds, report.backend
+        report.tensors(),
+        report.bytes(),
+        report.seconds(),
+        report.backend()
     );
     Ok(())
 }

@@ -296,28 +296,28 @@ fn inspect(out: &mut String, path: PathBuf, opts: OpenOptions, as_json: bool) ->
         out,
         "{}: {:?}, {} tensors, {}",
         path.display(),
-        report.format,
-        report.tensors,
-        human(report.bytes)
+        report.format(),
+        report.tensors(),
+        human(report.bytes())
     )?;
-    for (dtype, bytes) in &report.bytes_by_dtype {
+    for (dtype, bytes) in report.bytes_by_dtype() {
         writeln!(out, "  {:<8} {}", dtype.to_string(), human(*bytes))?;
     }
-    for t in &report.entries {
+    for t in report.entries() {
         let mut notes = Vec::new();
-        if !t.contiguous {
+        if !t.contiguous() {
             notes.push("view");
         }
-        if t.shares_storage {
+        if t.shares_storage() {
             notes.push("shared storage");
         }
         writeln!(
             out,
             "{:<48} {:<8} {:<20} {:>10} {}",
-            t.name,
-            t.dtype.to_string(),
-            format!("{:?}", t.shape),
-            human(t.bytes),
+            t.name(),
+            t.dtype().to_string(),
+            format!("{:?}", t.shape()),
+            human(t.bytes()),
             notes.join(", ")
         )?;
     }
@@ -344,36 +344,36 @@ fn plan(
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return spec.check_expectation(&plan).map_err(Into::into);
     }
-    for e in &report.entries {
+    for e in report.entries() {
         writeln!(
             out,
             "{:<40} -> {:<44} {:?} -> {:?} {} [{}]{}",
-            e.source,
-            e.target,
-            e.source_shape,
-            e.target_shape,
-            e.op,
-            e.rule,
-            e.shard
+            e.source(),
+            e.target(),
+            e.source_shape(),
+            e.target_shape(),
+            e.op(),
+            e.rule(),
+            e.shard()
                 .as_ref()
                 .map(|n| format!(" in {n}"))
                 .unwrap_or_default()
         )?;
     }
-    for s in &report.dropped {
+    for s in report.dropped() {
         writeln!(out, "{:<40} dropped ({})", s.name(), s.reason())?;
     }
-    for s in &report.unmatched {
+    for s in report.unmatched() {
         writeln!(out, "{:<40} UNMATCHED ({})", s.name(), s.reason())?;
     }
     writeln!(
         out,
         "{} tensors mapped, {} dropped, {} unmatched",
-        report.entries.len(),
-        report.dropped.len(),
-        report.unmatched.len()
+        report.entries().len(),
+        report.dropped().len(),
+        report.unmatched().len()
     )?;
-    if let (Some(shards), Some(total)) = (&report.shards, report.total_size) {
+    if let (Some(shards), Some(total)) = (report.shards(), report.total_size()) {
         writeln!(
             out,
             "{} output shard(s), {} in all: up to {} worker(s) can convert it in parallel",
@@ -385,10 +385,10 @@ fn plan(
             writeln!(
                 out,
                 "  {} {:>10} {} tensors{}",
-                f.name,
-                human(f.bytes),
-                f.tensors,
-                f.worker
+                f.name(),
+                human(f.bytes()),
+                f.tensors(),
+                f.worker()
                     .map(|k| format!(", worker {k}"))
                     .unwrap_or_default()
             )?;
@@ -472,9 +472,13 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
     });
     let mut on_progress = |p: Progress| {
         if let Some(bar) = &bar {
-            bar.set_length(p.bytes_total);
-            bar.set_position(p.bytes_done);
-            bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
+            bar.set_length(p.bytes_total());
+            bar.set_position(p.bytes_done());
+            bar.set_message(format!(
+                "{}/{} tensors",
+                p.tensors_done(),
+                p.tensors_total()
+            ));
         }
     };
     let report = relayout::convert(&input, &output, &spec, &mut on_progress);
@@ -489,17 +493,17 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
     if quiet {
         return Ok(());
     }
-    let what = if report.shards == 0 {
+    let what = if report.shards() == 0 {
         String::new()
     } else {
         format!(
             " ({} of {} shard(s){})",
-            report.outputs.len(),
-            report.shards,
-            if report.reused.is_empty() {
+            report.outputs().len(),
+            report.shards(),
+            if report.reused().is_empty() {
                 String::new()
             } else {
-                format!(", {} already complete", report.reused.len())
+                format!(", {} already complete", report.reused().len())
             }
         )
     };
@@ -508,37 +512,37 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
         "{} -> {}{what}: {} tensors, {} in {:.2} s ({:.2} GB/s) on {}; {} dropped, {} unmatched",
         input.display(),
         output.display(),
-        report.tensors,
-        human(report.bytes),
-        report.seconds,
+        report.tensors(),
+        human(report.bytes()),
+        report.seconds(),
         report.gb_per_s(),
-        report.backend,
-        report.dropped,
-        report.unmatched
+        report.backend(),
+        report.dropped(),
+        report.unmatched()
     )?;
-    if report.device_upload_bytes + report.device_readback_bytes > 0 {
-        let ratio = |n: u64| n as f64 / report.bytes.max(1) as f64;
+    if report.device_upload_bytes() + report.device_readback_bytes() > 0 {
+        let ratio = |n: u64| n as f64 / report.bytes().max(1) as f64;
         writeln!(
             out,
             "device traffic: {} uploaded ({:.2}x the output), {} read back ({:.2}x)",
-            human(report.device_upload_bytes),
-            ratio(report.device_upload_bytes),
-            human(report.device_readback_bytes),
-            ratio(report.device_readback_bytes)
+            human(report.device_upload_bytes()),
+            ratio(report.device_upload_bytes()),
+            human(report.device_readback_bytes()),
+            ratio(report.device_readback_bytes())
         )?;
     }
-    match (&report.index, worker) {
+    match (&report.index(), worker) {
         (Some(index), Some(w)) => writeln!(
             out,
             "worker {w}: all {} shards present, checked; wrote {}",
-            report.shards,
+            report.shards(),
             index.display()
         )?,
         (None, Some(w)) => writeln!(
             out,
             "worker {w}: {} of {} shards present; once every worker is done, `relayout merge-index {}` (or the last worker) writes the index",
-            report.shards_present,
-            report.shards,
+            report.shards_present(),
+            report.shards(),
             output.display()
         )?,
         _ => {}
@@ -672,10 +676,10 @@ fn merge_index(out: &mut String, dir: PathBuf) -> Result<()> {
     writeln!(
         out,
         "{}: {} shards, {} tensors, {} checked",
-        r.index.display(),
-        r.shards,
-        r.tensors,
-        human(r.total_size)
+        r.index().display(),
+        r.shards(),
+        r.tensors(),
+        human(r.total_size())
     )?;
     Ok(())
 }
@@ -721,16 +725,16 @@ fn devices(out: &mut String) -> Result<()> {
         writeln!(
             out,
             "{} [{} {}{}] driver {}: max buffer {}, max storage binding {}, storage offset alignment {}, {} workgroups/dim, {} workgroup storage",
-            a.name,
-            a.backend,
-            a.device_type,
-            if a.software { ", software" } else { "" },
-            a.driver,
-            human(a.max_buffer_size),
-            human(a.max_storage_buffer_binding_size),
-            a.min_storage_buffer_offset_alignment,
-            a.max_compute_workgroups_per_dimension,
-            human(u64::from(a.max_compute_workgroup_storage_size)),
+            a.name(),
+            a.backend(),
+            a.device_type(),
+            if a.software() { ", software" } else { "" },
+            a.driver(),
+            human(a.max_buffer_size()),
+            human(a.max_storage_buffer_binding_size()),
+            a.min_storage_buffer_offset_alignment(),
+            a.max_compute_workgroups_per_dimension(),
+            human(u64::from(a.max_compute_workgroup_storage_size())),
         )?;
     }
     Ok(())

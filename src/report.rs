@@ -21,44 +21,120 @@ use crate::writer::shard::OutputLayout;
 pub struct ConvertReport {
     /// The checkpoint read.
     #[serde(serialize_with = "path_text")]
-    pub input: PathBuf,
+    pub(crate) input: PathBuf,
     /// The output file or folder.
     #[serde(serialize_with = "path_text")]
-    pub output: PathBuf,
+    pub(crate) output: PathBuf,
     /// Tensors this run wrote.
-    pub tensors: usize,
+    pub(crate) tensors: usize,
     /// Bytes of tensor data this run wrote.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Wall time of the conversion, from opening the output to its commit.
-    pub seconds: f64,
+    pub(crate) seconds: f64,
     /// Output throughput in GB/s (10^9 bytes): `bytes / seconds`.
-    pub gb_per_s: f64,
+    pub(crate) gb_per_s: f64,
     /// The backend that ran it (`cpu (2 threads)`, `gpu (…adapter…)`).
-    pub backend: String,
+    pub(crate) backend: String,
     /// Source tensors a rule dropped, and source tensors no rule matched.
-    pub dropped: usize,
-    pub unmatched: usize,
+    pub(crate) dropped: usize,
+    pub(crate) unmatched: usize,
     /// The files this run wrote: the output file, or its shards.
     #[serde(serialize_with = "paths_text")]
-    pub outputs: Vec<PathBuf>,
+    pub(crate) outputs: Vec<PathBuf>,
     /// Shards a worker found already complete and kept (a re-run).
     #[serde(serialize_with = "paths_text")]
-    pub reused: Vec<PathBuf>,
+    pub(crate) reused: Vec<PathBuf>,
     /// The index of a shard set, when this run wrote it.
     #[serde(serialize_with = "opt_path_text")]
-    pub index: Option<PathBuf>,
+    pub(crate) index: Option<PathBuf>,
     /// Shards in the whole set (0 for a single file), and how many exist now.
-    pub shards: usize,
-    pub shards_present: usize,
+    pub(crate) shards: usize,
+    pub(crate) shards_present: usize,
     /// Bytes this run uploaded to the GPU and read back from it (0 on the CPU).
-    pub device_upload_bytes: u64,
-    pub device_readback_bytes: u64,
+    pub(crate) device_upload_bytes: u64,
+    pub(crate) device_readback_bytes: u64,
 }
 
+/// Read access; the fields are set by the crate, which keeps them consistent.
 impl ConvertReport {
-    /// Output throughput in GB/s (10^9 bytes).
+    /// `input`.
+    pub fn input(&self) -> &std::path::Path {
+        &self.input
+    }
+
+    /// `output`.
+    pub fn output(&self) -> &std::path::Path {
+        &self.output
+    }
+
+    /// Tensors this run wrote.
+    pub fn tensors(&self) -> usize {
+        self.tensors
+    }
+
+    /// Bytes of tensor data this run wrote.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Wall time of the conversion, from opening the output to its commit.
+    pub fn seconds(&self) -> f64 {
+        self.seconds
+    }
+
+    /// Output throughput in GB/s (10^9 bytes): `bytes / seconds`.
     pub fn gb_per_s(&self) -> f64 {
         self.gb_per_s
+    }
+
+    /// The backend that ran it (`cpu (2 threads)`, `gpu (…adapter…)`).
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// Source tensors a rule dropped.
+    pub fn dropped(&self) -> usize {
+        self.dropped
+    }
+
+    /// Source tensors no rule matched.
+    pub fn unmatched(&self) -> usize {
+        self.unmatched
+    }
+
+    /// `outputs`.
+    pub fn outputs(&self) -> &[PathBuf] {
+        &self.outputs
+    }
+
+    /// `reused`.
+    pub fn reused(&self) -> &[PathBuf] {
+        &self.reused
+    }
+
+    /// `index`.
+    pub fn index(&self) -> Option<&std::path::Path> {
+        self.index.as_deref()
+    }
+
+    /// Shards in the whole set (0 for a single file).
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// Shards of the set that exist now.
+    pub fn shards_present(&self) -> usize {
+        self.shards_present
+    }
+
+    /// Bytes this run uploaded to the GPU (0 on the CPU).
+    pub fn device_upload_bytes(&self) -> u64 {
+        self.device_upload_bytes
+    }
+
+    /// Bytes this run read back from the GPU (0 on the CPU).
+    pub fn device_readback_bytes(&self) -> u64 {
+        self.device_readback_bytes
     }
 }
 
@@ -78,22 +154,70 @@ pub(crate) fn gb_per_s(bytes: u64, seconds: f64) -> f64 {
 pub struct PlanReport {
     /// The checkpoint planned.
     #[serde(serialize_with = "path_text")]
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The preset and rule files the plan was built from.
-    pub sources: Vec<String>,
+    pub(crate) sources: Vec<String>,
     /// One row per output tensor, in plan order.
-    pub entries: Vec<PlanRow>,
+    pub(crate) entries: Vec<PlanRow>,
     /// Tensors a rule dropped, and tensors no rule matched.
-    pub dropped: Vec<Skipped>,
-    pub unmatched: Vec<Skipped>,
+    pub(crate) dropped: Vec<Skipped>,
+    pub(crate) unmatched: Vec<Skipped>,
     /// Preset rules shadowed by user rules for every tensor they matched.
-    pub unreachable: Vec<String>,
+    pub(crate) unreachable: Vec<String>,
     /// The output shards (`--max-shard-size`); `None` for one file.
-    pub shards: Option<Vec<ShardRow>>,
+    pub(crate) shards: Option<Vec<ShardRow>>,
     /// Bytes of tensor data over all shards; `None` for one file.
-    pub total_size: Option<u64>,
+    pub(crate) total_size: Option<u64>,
     /// How many `--shard i/N` workers can share the work; `None` for one file.
-    pub max_workers: Option<usize>,
+    pub(crate) max_workers: Option<usize>,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl PlanReport {
+    /// `path`.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The preset and rule files the plan was built from.
+    pub fn sources(&self) -> &[String] {
+        &self.sources
+    }
+
+    /// One row per output tensor, in plan order.
+    pub fn entries(&self) -> &[PlanRow] {
+        &self.entries
+    }
+
+    /// Tensors a rule dropped.
+    pub fn dropped(&self) -> &[Skipped] {
+        &self.dropped
+    }
+
+    /// Tensors no rule matched.
+    pub fn unmatched(&self) -> &[Skipped] {
+        &self.unmatched
+    }
+
+    /// Preset rules shadowed by user rules for every tensor they matched.
+    pub fn unreachable(&self) -> &[String] {
+        &self.unreachable
+    }
+
+    /// The output shards (`--max-shard-size`); `None` for one file.
+    pub fn shards(&self) -> Option<&[ShardRow]> {
+        self.shards.as_deref()
+    }
+
+    /// Bytes of tensor data over all shards; `None` for one file.
+    pub fn total_size(&self) -> Option<u64> {
+        self.total_size
+    }
+
+    /// How many `--shard i/N` workers can share the work; `None` for one file.
+    pub fn max_workers(&self) -> Option<usize> {
+        self.max_workers
+    }
 }
 
 /// One output tensor of a [`PlanReport`].
@@ -101,39 +225,130 @@ pub struct PlanReport {
 #[non_exhaustive]
 pub struct PlanRow {
     /// Source tensor name.
-    pub source: String,
+    pub(crate) source: String,
     /// Output tensor name.
-    pub target: String,
-    pub source_shape: Vec<usize>,
-    pub target_shape: Vec<usize>,
-    pub source_dtype: DType,
-    pub dtype: DType,
+    pub(crate) target: String,
+    pub(crate) source_shape: Vec<usize>,
+    pub(crate) target_shape: Vec<usize>,
+    pub(crate) source_dtype: DType,
+    pub(crate) dtype: DType,
     /// The op as `plan` prints it (`permute[3, 2, 1, 0] + cast F32->BF16`).
-    pub op: String,
+    pub(crate) op: String,
     /// Output axis `k` is axis `perm[k]` of the (sliced) source.
-    pub perm: Vec<usize>,
+    pub(crate) perm: Vec<usize>,
     /// The part of the source read, when one source is split into several targets.
-    pub slice: Option<Slice>,
+    pub(crate) slice: Option<Slice>,
     /// The rule that produced the entry.
-    pub rule: String,
+    pub(crate) rule: String,
     /// Something to check, e.g. a layout decided from a name alone.
-    pub warning: Option<String>,
+    pub(crate) warning: Option<String>,
     /// Bytes of the output tensor.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// The shard file it is written to, for a sharded layout.
-    pub shard: Option<String>,
+    pub(crate) shard: Option<String>,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl PlanRow {
+    /// Source tensor name.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Output tensor name.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Source shape.
+    pub fn source_shape(&self) -> &[usize] {
+        &self.source_shape
+    }
+
+    /// Output shape.
+    pub fn target_shape(&self) -> &[usize] {
+        &self.target_shape
+    }
+
+    /// Source dtype.
+    pub fn source_dtype(&self) -> DType {
+        self.source_dtype
+    }
+
+    /// Output dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The op as `plan` prints it (`permute[3, 2, 1, 0] + cast F32->BF16`).
+    pub fn op(&self) -> &str {
+        &self.op
+    }
+
+    /// Output axis `k` is axis `perm[k]` of the (sliced) source.
+    pub fn perm(&self) -> &[usize] {
+        &self.perm
+    }
+
+    /// The part of the source read, when one source is split into several targets.
+    pub fn slice(&self) -> Option<Slice> {
+        self.slice
+    }
+
+    /// The rule that produced the entry.
+    pub fn rule(&self) -> &str {
+        &self.rule
+    }
+
+    /// Something to check, e.g. a layout decided from a name alone.
+    pub fn warning(&self) -> Option<&str> {
+        self.warning.as_deref()
+    }
+
+    /// Bytes of the output tensor.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The shard file it is written to, for a sharded layout.
+    pub fn shard(&self) -> Option<&str> {
+        self.shard.as_deref()
+    }
 }
 
 /// One output file of a sharded [`PlanReport`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ShardRow {
-    pub name: String,
+    pub(crate) name: String,
     /// Bytes of tensor data.
-    pub bytes: u64,
-    pub tensors: usize,
+    pub(crate) bytes: u64,
+    pub(crate) tensors: usize,
     /// The `--shard i/N` worker that writes it, when a worker count was given.
-    pub worker: Option<usize>,
+    pub(crate) worker: Option<usize>,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl ShardRow {
+    /// File name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes of tensor data.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Tensors in it.
+    pub fn tensors(&self) -> usize {
+        self.tensors
+    }
+
+    /// The `--shard i/N` worker that writes it, when a worker count was given.
+    pub fn worker(&self) -> Option<usize> {
+        self.worker
+    }
 }
 
 impl PlanReport {
@@ -202,35 +417,121 @@ impl PlanReport {
 #[non_exhaustive]
 pub struct InspectReport {
     #[serde(serialize_with = "path_text")]
-    pub path: PathBuf,
-    pub format: Format,
+    pub(crate) path: PathBuf,
+    pub(crate) format: Format,
     /// Number of tensors, and their bytes in all and by dtype.
-    pub tensors: usize,
-    pub bytes: u64,
-    pub bytes_by_dtype: BTreeMap<DType, u64>,
+    pub(crate) tensors: usize,
+    pub(crate) bytes: u64,
+    pub(crate) bytes_by_dtype: BTreeMap<DType, u64>,
     /// The checkpoint's string metadata (safetensors `__metadata__`).
-    pub metadata: BTreeMap<String, String>,
-    pub entries: Vec<TensorRow>,
+    pub(crate) metadata: BTreeMap<String, String>,
+    pub(crate) entries: Vec<TensorRow>,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl InspectReport {
+    /// The checkpoint inspected.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Its format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Number of tensors.
+    pub fn tensors(&self) -> usize {
+        self.tensors
+    }
+
+    /// Their bytes in all.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Their bytes by dtype.
+    pub fn bytes_by_dtype(&self) -> &BTreeMap<DType, u64> {
+        &self.bytes_by_dtype
+    }
+
+    /// The checkpoint's string metadata (safetensors `__metadata__`).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// One row per stored tensor.
+    pub fn entries(&self) -> &[TensorRow] {
+        &self.entries
+    }
 }
 
 /// One stored tensor of an [`InspectReport`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct TensorRow {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
+    pub(crate) name: String,
+    pub(crate) dtype: DType,
+    pub(crate) shape: Vec<usize>,
     /// Element strides and offset inside its storage.
-    pub strides: Vec<usize>,
-    pub offset: usize,
-    pub bytes: u64,
+    pub(crate) strides: Vec<usize>,
+    pub(crate) offset: usize,
+    pub(crate) bytes: u64,
     /// True when the view covers its elements in row-major order with no gap.
-    pub contiguous: bool,
+    pub(crate) contiguous: bool,
     /// True when another tensor views the same storage.
-    pub shares_storage: bool,
+    pub(crate) shares_storage: bool,
     /// The file holding it (a shard of a sharded checkpoint).
     #[serde(serialize_with = "path_text")]
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl TensorRow {
+    /// Tensor name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Element strides inside its storage.
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+
+    /// Element offset inside its storage.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Bytes of the tensor.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// True when the view covers its elements in row-major order with no gap.
+    pub fn contiguous(&self) -> bool {
+        self.contiguous
+    }
+
+    /// True when another tensor views the same storage.
+    pub fn shares_storage(&self) -> bool {
+        self.shares_storage
+    }
+
+    /// `file`.
+    pub fn file(&self) -> &std::path::Path {
+        &self.file
+    }
 }
 
 impl InspectReport {

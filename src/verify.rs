@@ -164,12 +164,40 @@ pub fn verify_report(output: impl AsRef<Path>, expect: impl AsRef<Path>) -> Resu
 /// A tensor present on both sides with a different shape or dtype.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Mismatch {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
+    pub(crate) name: String,
+    pub(crate) dtype: DType,
+    pub(crate) shape: Vec<usize>,
     /// The expected dtype as the expectation names it; `None` when it gives none.
-    pub expected_dtype: Option<String>,
-    pub expected_shape: Vec<usize>,
+    pub(crate) expected_dtype: Option<String>,
+    pub(crate) expected_shape: Vec<usize>,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl Mismatch {
+    /// Tensor name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its dtype in the checked file or plan.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Its shape in the checked file or plan.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The expected dtype as the expectation names it; `None` when it gives none.
+    pub fn expected_dtype(&self) -> Option<&str> {
+        self.expected_dtype.as_deref()
+    }
+
+    /// The shape the expectation gives.
+    pub fn expected_shape(&self) -> &[usize] {
+        &self.expected_shape
+    }
 }
 
 /// `name: [16, 10] F32, expected [10, 16] F32`, with a hint when only the axis order

@@ -212,9 +212,12 @@ fn run_detached<T: Send>(
                 (seen, g.1.take())
             });
             if let (Some(p), Some(cb), None) = (seen, progress, &signal) {
-                if let Err(e) =
-                    cb.call1((p.tensors_done, p.tensors_total, p.bytes_done, p.bytes_total))
-                {
+                if let Err(e) = cb.call1((
+                    p.tensors_done(),
+                    p.tensors_total(),
+                    p.bytes_done(),
+                    p.bytes_total(),
+                )) {
                     // A failing callback stops the work like a signal does.
                     interrupt.raise(1);
                     signal = Some(e);
@@ -456,11 +459,11 @@ fn devices(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
     for a in py.detach(relayout::backend::gpu::list_adapters) {
         let d = PyDict::new(py);
         d.set_item("kind", "gpu")?;
-        d.set_item("name", a.name.as_str())?;
-        d.set_item("backend", a.backend.as_str())?;
-        d.set_item("device_type", a.device_type.as_str())?;
-        d.set_item("driver", a.driver.as_str())?;
-        d.set_item("software", a.software)?;
+        d.set_item("name", a.name())?;
+        d.set_item("backend", a.backend())?;
+        d.set_item("device_type", a.device_type())?;
+        d.set_item("driver", a.driver())?;
+        d.set_item("software", a.software())?;
         list.append(d)?;
     }
     Ok(list)

@@ -34,10 +34,33 @@ pub const DEFAULT_BAND_BYTES: usize = 32 << 20;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Progress {
-    pub tensors_done: usize,
-    pub tensors_total: usize,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
+    pub(crate) tensors_done: usize,
+    pub(crate) tensors_total: usize,
+    pub(crate) bytes_done: u64,
+    pub(crate) bytes_total: u64,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl Progress {
+    /// Tensors complete.
+    pub fn tensors_done(&self) -> usize {
+        self.tensors_done
+    }
+
+    /// Tensors in the run.
+    pub fn tensors_total(&self) -> usize {
+        self.tensors_total
+    }
+
+    /// Output bytes complete.
+    pub fn bytes_done(&self) -> u64 {
+        self.bytes_done
+    }
+
+    /// Output bytes in the run.
+    pub fn bytes_total(&self) -> u64 {
+        self.bytes_total
+    }
 }
 
 /// Options of [`Converter::write_safetensors`] and [`Converter::write_sharded`].

@@ -252,7 +252,7 @@ pub fn plan_checkpoint(
 /// use relayout::{convert, ConvertSpec, Device};
 /// let spec = ConvertSpec::new().preset("flax").device(Device::Cpu).force(true);
 /// let report = convert("tests/fixtures/small_cnn.pt", &out, &spec, &mut |_| {})?;
-/// assert!(report.tensors > 0);
+/// assert!(report.tensors() > 0);
 /// # std::fs::remove_dir_all(&dir).unwrap();
 /// # Ok(())
 /// # }

@@ -2,7 +2,7 @@
 //! leaves are ext type 1 (3 for numpy scalars) holding the msgpack triple (shape, dtype
 //! name, raw bytes), arrays over 1 GiB split into `__msgpack_chunked_array__` maps.
 //!
-//! The subset of msgpack (https://github.com/msgpack/msgpack/blob/master/spec.md) that
+//! The subset of msgpack (<https://github.com/msgpack/msgpack/blob/master/spec.md>) that
 //! Flax writes, parsed in place: strings and binary payloads stay slices of the file,
 //! and the raw bytes are skipped, never read.
 

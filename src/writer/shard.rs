@@ -437,11 +437,34 @@ impl std::fmt::Display for Worker {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MergeReport {
     /// The index written.
-    pub index: PathBuf,
-    pub shards: usize,
-    pub tensors: usize,
+    pub(crate) index: PathBuf,
+    pub(crate) shards: usize,
+    pub(crate) tensors: usize,
     /// Bytes of tensor data over all shards.
-    pub total_size: u64,
+    pub(crate) total_size: u64,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl MergeReport {
+    /// The index written.
+    pub fn index(&self) -> &std::path::Path {
+        &self.index
+    }
+
+    /// Shards in the set.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// Tensors over all shards.
+    pub fn tensors(&self) -> usize {
+        self.tensors
+    }
+
+    /// Bytes of tensor data over all shards.
+    pub fn total_size(&self) -> u64 {
+        self.total_size
+    }
 }
 
 /// The shard files of `dir` as `(k, n, name)`, sorted.

@@ -89,7 +89,7 @@ fn flax_preset_reproduces_the_numpy_reference_byte_for_byte() {
         let report = convert(fixture(input), &out, &cpu_spec("flax"), &mut |_| {})
             .unwrap_or_else(|e| panic!("{input}: {e}"));
         let got = load_safetensors(&out);
-        assert_eq!(report.tensors, got.len());
+        assert_eq!(report.tensors(), got.len());
         assert_same_tensors(&got, &load_safetensors(&fixture(want)), input);
     }
     // The sharded fixture has no flax twin: it must convert like its one-file twin.
@@ -192,15 +192,15 @@ fn progress_reaches_every_tensor_and_byte() {
         dir.join("o.safetensors"),
         &cpu_spec("flax"),
         &mut |p| {
-            assert!(p.bytes_done >= last.bytes_done && p.tensors_done >= last.tensors_done);
+            assert!(p.bytes_done() >= last.bytes_done() && p.tensors_done() >= last.tensors_done());
             last = p;
             calls += 1;
         },
     )
     .unwrap();
-    assert!(calls > last.tensors_total);
-    assert_eq!(last.tensors_done, last.tensors_total);
-    assert_eq!(last.bytes_done, last.bytes_total);
+    assert!(calls > last.tensors_total());
+    assert_eq!(last.tensors_done(), last.tensors_total());
+    assert_eq!(last.bytes_done(), last.bytes_total());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -651,7 +651,7 @@ fn unmatched_tensors_fail_the_conversion_unless_allowed() {
     assert!(!out.exists());
     spec = spec.allow_unmatched(true);
     let report = convert(fixture("mixed.pt"), &out, &spec, &mut |_| {}).unwrap();
-    assert_eq!((report.tensors, report.unmatched), (7, 6));
+    assert_eq!((report.tensors(), report.unmatched()), (7, 6));
     let got = load_safetensors(&out);
     assert!(
         got.keys().all(|k| k.ends_with(".weight")),

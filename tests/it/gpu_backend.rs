@@ -374,7 +374,7 @@ fn an_unknown_adapter_name_is_device_unavailable() {
 
 #[test]
 fn software_adapters_are_refused_unless_allowed() {
-    if list_adapters().iter().any(|a| !a.software) {
+    if list_adapters().iter().any(|a| !a.software()) {
         eprintln!("skipping: a hardware adapter is present");
         return;
     }

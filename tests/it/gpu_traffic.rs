@@ -74,10 +74,10 @@ fn linear_and_conv_weights_cross_the_bus_about_once() {
         let on_gpu = convert(&ckpt, &gpu, &dir.join("gpu.safetensors"));
         let on_cpu = convert(&ckpt, &Cpu::new(), &dir.join("cpu.safetensors"));
         let what = format!("{name} {dtype} {shape:?}");
-        assert_eq!(on_cpu.device_upload_bytes, 0);
-        assert_eq!(on_gpu.bytes, bytes as u64);
-        let up = on_gpu.device_upload_bytes as f64 / bytes as f64;
-        let back = on_gpu.device_readback_bytes as f64 / bytes as f64;
+        assert_eq!(on_cpu.device_upload_bytes(), 0);
+        assert_eq!(on_gpu.bytes(), bytes as u64);
+        let up = on_gpu.device_upload_bytes() as f64 / bytes as f64;
+        let back = on_gpu.device_readback_bytes() as f64 / bytes as f64;
         eprintln!("{what}: upload {up:.3}x, readback {back:.3}x of the output");
         assert!(up <= 1.10, "{what}: uploaded {up:.2}x the output");
         assert!(back <= 1.10, "{what}: read back {back:.2}x the output");
@@ -321,7 +321,7 @@ fn each_tensor_starts_while_the_one_before_finishes_and_still_crosses_once() {
                     == std::fs::read(dir.join("cpu.safetensors")).unwrap(),
                 "{what}: GPU and CPU outputs differ"
             );
-            assert!(on_gpu.device_upload_bytes <= source, "{what}: {on_gpu:?}");
+            assert!(on_gpu.device_upload_bytes() <= source, "{what}: {on_gpu:?}");
             // Filled into the caller's buffers, in plan order: the same bytes.
             let mut got: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xA5u8; n]).collect();
             let mut views: Vec<&mut [u8]> = got.iter_mut().map(|v| &mut v[..]).collect();
@@ -347,7 +347,7 @@ fn each_tensor_starts_while_the_one_before_finishes_and_still_crosses_once() {
                 let mut bands = 0;
                 let _ = conv.fill(&mut views, &mut |p| {
                     bands += 1;
-                    let at_tensor = stop.0 > 0 && p.tensors_done == stop.0;
+                    let at_tensor = stop.0 > 0 && p.tensors_done() == stop.0;
                     if at_tensor || (stop.0 == 0 && bands == stop.1) {
                         interrupt.raise(2);
                     }

@@ -53,12 +53,12 @@ fn fill_equals_the_written_file_on_every_backend_and_band_size() {
                     Converter::new(&ckpt, &plan, backend.as_ref())
                         .with_band_bytes(band)
                         .fill(&mut dsts, &mut |p| {
-                            assert!(p.bytes_done >= last.bytes_done);
+                            assert!(p.bytes_done() >= last.bytes_done());
                             last = p;
                         })
                         .unwrap();
-                    assert_eq!(last.tensors_done, plan.entries().len());
-                    assert_eq!(last.bytes_done, last.bytes_total);
+                    assert_eq!(last.tensors_done(), plan.entries().len());
+                    assert_eq!(last.bytes_done(), last.bytes_total());
                     let got: BTreeMap<&str, &Vec<u8>> = plan
                         .entries()
                         .iter()
@@ -146,11 +146,11 @@ fn interrupt_stops_fill_within_one_band(cpu: &dyn relayout::Backend) {
         let result = conv.fill(&mut dsts, &mut |p| {
             seen += 1;
             if let Some(at) = raised_after {
-                done_after_raise = p.bytes_done - at;
+                done_after_raise = p.bytes_done() - at;
             }
             if seen == raise_at {
                 interrupt.raise(7);
-                raised_after = Some(p.bytes_done);
+                raised_after = Some(p.bytes_done());
             }
         });
         events = events.max(seen);

@@ -59,22 +59,22 @@ fn plan_json_is_the_plan_report_sharded_or_not() {
     assert_eq!(sharded, serde_json::to_value(&want).unwrap());
     // The same keys either way: a script never meets a missing one.
     assert_eq!(keys(&one), keys(&sharded));
-    let shards = want.shards.as_ref().unwrap();
+    let shards = want.shards().unwrap();
     assert!(shards.len() > 1);
     assert_eq!(
-        shards.iter().map(|s| s.worker).collect::<Vec<_>>(),
+        shards.iter().map(|s| s.worker()).collect::<Vec<_>>(),
         (0..shards.len()).map(|k| Some(k % 2)).collect::<Vec<_>>()
     );
-    assert!(want.entries.iter().all(|e| e.shard.is_some()));
-    assert_eq!(want.total_size, Some(layout.total_bytes()));
+    assert!(want.entries().iter().all(|e| e.shard().is_some()));
+    assert_eq!(want.total_size(), Some(layout.total_bytes()));
     // Each entry's bytes are what the converter writes for it.
-    for (row, entry) in want.entries.iter().zip(plan.entries()) {
+    for (row, entry) in want.entries().iter().zip(plan.entries()) {
         assert_eq!(
-            row.bytes,
+            row.bytes(),
             relayout::Converter::entry_bytes(entry).unwrap() as u64
         );
         assert_eq!(
-            (row.target.as_str(), row.op.clone()),
+            (row.target(), row.op().to_string()),
             (entry.target(), entry.describe_op())
         );
     }
@@ -89,11 +89,11 @@ fn inspect_json_is_the_inspect_report() {
         let ckpt = Checkpoint::open(&input).unwrap();
         let want = InspectReport::new(&ckpt);
         assert_eq!(got, serde_json::to_value(&want).unwrap(), "{name}");
-        let by_dtype: u64 = want.bytes_by_dtype.values().sum();
-        assert_eq!(want.bytes, by_dtype);
+        let by_dtype: u64 = want.bytes_by_dtype().values().sum();
+        assert_eq!(want.bytes(), by_dtype);
         assert_eq!(
-            want.bytes,
-            want.entries.iter().map(|t| t.bytes).sum::<u64>(),
+            want.bytes(),
+            want.entries().iter().map(|t| t.bytes()).sum::<u64>(),
             "{name}"
         );
     }
@@ -133,8 +133,8 @@ fn convert_json_is_the_convert_report() {
     assert_eq!(got, want);
     assert_eq!(got["input"], input.display().to_string());
     assert_eq!(got["shards_present"], got["shards"]);
-    let gbps = report.bytes as f64 / report.seconds / 1e9;
-    assert!((report.gb_per_s - gbps).abs() <= 1e-9 * gbps.max(1.0));
+    let gbps = report.bytes() as f64 / report.seconds() / 1e9;
+    assert!((report.gb_per_s() - gbps).abs() <= 1e-9 * gbps.max(1.0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -214,8 +214,8 @@ fn shards_hold_exactly_what_one_file_holds_split_greedily_and_aligned() {
             .unwrap();
         let oracle = greedy_oracle(&plan, max);
         let n = oracle.len();
-        assert_eq!(report.shards, n, "max {max}");
-        assert_eq!(report.outputs.len(), n);
+        assert_eq!(report.shards(), n, "max {max}");
+        assert_eq!(report.outputs().len(), n);
         let mut names: Vec<String> = (1..=n).map(|k| shard_name(k, n)).collect();
         names.push(INDEX_NAME.to_string());
         names.sort();

@@ -253,7 +253,7 @@ fn library_convert_enforces_the_expectation_of_its_spec() {
         &mut |_| {},
     )
     .unwrap();
-    assert_eq!(done.tensors, 37);
+    assert_eq!(done.tensors(), 37);
     assert_eq!(relayout::verify_file(&out, &nnx).unwrap(), 37);
     std::fs::remove_dir_all(&dir).unwrap();
 }

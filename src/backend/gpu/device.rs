@@ -48,17 +48,70 @@ impl GpuOptions {
 /// What an adapter offers, for `relayout devices` and error messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdapterReport {
-    pub name: String,
-    pub backend: String,
-    pub device_type: String,
-    pub driver: String,
+    pub(crate) name: String,
+    pub(crate) backend: String,
+    pub(crate) device_type: String,
+    pub(crate) driver: String,
     /// True for CPU (software) adapters.
-    pub software: bool,
-    pub max_buffer_size: u64,
-    pub max_storage_buffer_binding_size: u64,
-    pub min_storage_buffer_offset_alignment: u32,
-    pub max_compute_workgroups_per_dimension: u32,
-    pub max_compute_workgroup_storage_size: u32,
+    pub(crate) software: bool,
+    pub(crate) max_buffer_size: u64,
+    pub(crate) max_storage_buffer_binding_size: u64,
+    pub(crate) min_storage_buffer_offset_alignment: u32,
+    pub(crate) max_compute_workgroups_per_dimension: u32,
+    pub(crate) max_compute_workgroup_storage_size: u32,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl AdapterReport {
+    /// Adapter name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Graphics API (Vulkan, Metal, DX12, GL).
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// Discrete, integrated, virtual, CPU.
+    pub fn device_type(&self) -> &str {
+        &self.device_type
+    }
+
+    /// Driver name and version.
+    pub fn driver(&self) -> &str {
+        &self.driver
+    }
+
+    /// True for CPU (software) adapters.
+    pub fn software(&self) -> bool {
+        self.software
+    }
+
+    /// Largest buffer.
+    pub fn max_buffer_size(&self) -> u64 {
+        self.max_buffer_size
+    }
+
+    /// Largest storage binding.
+    pub fn max_storage_buffer_binding_size(&self) -> u64 {
+        self.max_storage_buffer_binding_size
+    }
+
+    /// Storage binding offset alignment.
+    pub fn min_storage_buffer_offset_alignment(&self) -> u32 {
+        self.min_storage_buffer_offset_alignment
+    }
+
+    /// Most workgroups per dispatch dimension.
+    pub fn max_compute_workgroups_per_dimension(&self) -> u32 {
+        self.max_compute_workgroups_per_dimension
+    }
+
+    /// Workgroup memory in bytes.
+    pub fn max_compute_workgroup_storage_size(&self) -> u32 {
+        self.max_compute_workgroup_storage_size
+    }
 }
 
 impl AdapterReport {
