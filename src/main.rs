@@ -71,27 +71,16 @@ impl RuleArgs {
         for s in &self.set {
             opts.set(s)?;
         }
-        let mut spec = ConvertSpec::new()
+        Ok(ConvertSpec::new()
+            .maybe(self.preset.as_deref(), ConvertSpec::preset)
+            .rule_files(&self.rules)
+            .maybe(self.key.as_deref(), ConvertSpec::key)
             .allow_unmatched(self.allow_unmatched)
             .allow_expand(self.allow_expand)
             .vars(opts.vars)
-            .dtype(self.dtype);
-        if let Some(preset) = &self.preset {
-            spec = spec.preset(preset);
-        }
-        for file in &self.rules {
-            spec = spec.rule_file(file);
-        }
-        if let Some(key) = &self.key {
-            spec = spec.key(key);
-        }
-        if let Some(path) = &self.module_types {
-            spec = spec.module_types(path);
-        }
-        if let Some(path) = &self.expect {
-            spec = spec.expect(path);
-        }
-        Ok(spec)
+            .maybe(self.module_types.as_deref(), ConvertSpec::module_types)
+            .dtype(self.dtype)
+            .maybe(self.expect.as_deref(), ConvertSpec::expect))
     }
 }
 

@@ -50,30 +50,23 @@ impl Options {
         let value_error = |e: Error| PyValueError::new_err(e.to_string());
         let backend =
             BackendOptions::parse(&self.device, self.adapter.clone()).map_err(value_error)?;
-        let mut spec = ConvertSpec::new()
+        let dtype = self
+            .dtype
+            .as_deref()
+            .map(relayout::PlanOptions::parse_dtype)
+            .transpose()
+            .map_err(value_error)?;
+        Ok(ConvertSpec::new()
             .backend(backend)
+            .maybe(self.preset.as_deref(), ConvertSpec::preset)
+            .rule_files(&self.rules)
+            .maybe(self.key.as_deref(), ConvertSpec::key)
             .allow_unmatched(self.allow_unmatched)
             .allow_expand(self.allow_expand)
-            .vars(self.vars.clone());
-        if let Some(name) = &self.dtype {
-            spec = spec.dtype_name(name).map_err(value_error)?;
-        }
-        if let Some(preset) = &self.preset {
-            spec = spec.preset(preset);
-        }
-        for file in &self.rules {
-            spec = spec.rule_file(file);
-        }
-        if let Some(key) = &self.key {
-            spec = spec.key(key);
-        }
-        if let Some(path) = &self.module_types {
-            spec = spec.module_types(path);
-        }
-        if let Some(path) = &self.expect {
-            spec = spec.expect(path);
-        }
-        Ok(spec)
+            .vars(self.vars.clone())
+            .maybe(self.module_types.as_deref(), ConvertSpec::module_types)
+            .dtype(dtype)
+            .maybe(self.expect.as_deref(), ConvertSpec::expect))
     }
 }
 

@@ -63,6 +63,28 @@ impl ConvertSpec {
         self
     }
 
+    /// User rule files, in order, after those given before.
+    pub fn rule_files<P: Into<PathBuf>>(
+        mut self,
+        paths: impl IntoIterator<Item = P>,
+    ) -> ConvertSpec {
+        self.rules.extend(paths.into_iter().map(Into::into));
+        self
+    }
+
+    /// `set(self, value)` when there is a value, else the spec as it is: for front ends
+    /// whose options are optional, `spec.maybe(args.key, ConvertSpec::key)`.
+    pub fn maybe<T>(
+        self,
+        value: Option<T>,
+        set: impl FnOnce(ConvertSpec, T) -> ConvertSpec,
+    ) -> ConvertSpec {
+        match value {
+            Some(v) => set(self, v),
+            None => self,
+        }
+    }
+
     /// Training checkpoints: the key holding the state dict.
     pub fn key(mut self, key: impl Into<String>) -> ConvertSpec {
         self.key = Some(key.into());
