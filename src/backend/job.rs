@@ -134,8 +134,16 @@ impl<'a> Job<'a> {
     ) -> Result<Job<'a>> {
         let mut out_bytes = 0usize;
         let mut built = Vec::with_capacity(parts.len());
-        for (src, gather) in parts {
-            gather.validate()?;
+        let many = parts.len() > 1;
+        for (k, (src, gather)) in parts.into_iter().enumerate() {
+            // A stacked target's error says which of its sources is wrong.
+            let part = |e: Error| match e {
+                Error::Layout { detail } if many => Error::Layout {
+                    detail: format!("part {k}: {detail}"),
+                },
+                other => other,
+            };
+            gather.validate().map_err(part)?;
             let (from, to) = match cast {
                 Some(c) => (c.from().size(), c.to().size()),
                 None => (gather.elem_size, gather.elem_size),
@@ -146,7 +154,7 @@ impl<'a> Job<'a> {
                     gather.elem_size
                 )));
             }
-            crate::backend::check_source(&gather, src)?;
+            crate::backend::check_source(&gather, src).map_err(part)?;
             // Bands count output bytes; with a cast the gather splits by source elements.
             let per_band = match cast {
                 None => band_bytes,

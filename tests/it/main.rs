@@ -14,4 +14,5 @@ mod library_api;
 mod ops;
 mod reports;
 mod sharded;
+mod stacked;
 mod verify;

@@ -167,12 +167,8 @@ pub fn all_backends() -> Vec<Box<dyn Backend>> {
                 None => opts,
             }
         });
-        match gpu {
-            Ok(g) => list.push(Box::new(g)),
-            Err(e) if std::env::var_os("RELAYOUT_REQUIRE_GPU").is_some() => {
-                panic!("RELAYOUT_REQUIRE_GPU is set but no GPU adapter opened: {e}")
-            }
-            Err(_) => {}
+        if let Some(g) = gpu_or_skip(gpu) {
+            list.push(Box::new(g));
         }
     }
     list
