@@ -562,7 +562,8 @@ def convert(
 ) -> Report:
     """``relayout convert``: writes ``src`` converted to ``dst``, atomically (a failed or
     interrupted run leaves nothing). ``dst`` ending in ``.safetensors`` is one file;
-    any other path is a folder of ``model-0000k-of-0000N.safetensors`` shards of at most
+    any other path is a folder of ``model-0000k-of-0000N.safetensors`` shards (one alone is
+    ``model.safetensors``) of at most
     ``max_shard_size`` (bytes, or ``"5GB"``, ``"512MiB"``) with its index. The other
     keywords are :func:`load`'s; ``force`` replaces an existing output."""
     if isinstance(max_shard_size, str):

@@ -373,7 +373,8 @@ impl<'a> Converter<'a> {
     }
 
     /// Writes the converted checkpoint into the folder `dir` as shards of at most
-    /// `shard.max_shard_bytes` (`model-00001-of-0000N.safetensors`, …) and
+    /// `shard.max_shard_bytes` (`model-00001-of-0000N.safetensors`, …, or
+    /// `model.safetensors` when one shard holds everything) and
     /// `model.safetensors.index.json`, creating the folder if needed.
     ///
     /// Without a worker, all or nothing: every shard is written and synced as a

@@ -74,13 +74,23 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     Ok(bytes)
 }
 
-/// The name of shard `k` (1-based) of `n`: `model-00001-of-00004.safetensors`.
+/// The name one shard alone has, as Hugging Face and mlx-lm write it.
+pub const SINGLE_SHARD_NAME: &str = "model.safetensors";
+
+/// The name of shard `k` (1-based) of `n`: `model-00001-of-00004.safetensors`, or
+/// [`SINGLE_SHARD_NAME`] when it is the only one.
 pub fn shard_name(k: usize, n: usize) -> String {
+    if n == 1 {
+        return SINGLE_SHARD_NAME.to_string();
+    }
     format!("model-{k:05}-of-{n:05}.safetensors")
 }
 
 /// `(k, n)` when `name` is exactly [`shard_name`]`(k, n)` with `1 <= k <= n`.
 pub fn parse_shard_name(name: &str) -> Option<(usize, usize)> {
+    if name == SINGLE_SHARD_NAME {
+        return Some((1, 1));
+    }
     let rest = name.strip_prefix("model-")?.strip_suffix(".safetensors")?;
     let (k, n) = rest.split_once("-of-")?;
     let digits = |s: &str| s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit());
@@ -739,6 +749,9 @@ mod tests {
     fn shard_names_round_trip_and_reject_near_misses() {
         assert_eq!(shard_name(1, 4), "model-00001-of-00004.safetensors");
         assert_eq!(shard_name(3, 123456), "model-00003-of-123456.safetensors");
+        // One shard alone is named as Hugging Face and mlx-lm name it.
+        assert_eq!(shard_name(1, 1), "model.safetensors");
+        assert_eq!(parse_shard_name("model.safetensors"), Some((1, 1)));
         for (k, n) in [(1, 1), (2, 7), (7, 7), (99999, 100000)] {
             assert_eq!(parse_shard_name(&shard_name(k, n)), Some((k, n)));
         }
@@ -750,6 +763,9 @@ mod tests {
             "model-00001-of-00004.safetensors.tmp",
             ".model-00001-of-00004.safetensors",
             "model-0000a-of-00004.safetensors",
+            // The numbered name of a set of one is no longer what relayout writes.
+            "model-00001-of-00001.safetensors",
+            "model.safetensors.tmp",
         ] {
             assert_eq!(parse_shard_name(bad), None, "{bad}");
         }

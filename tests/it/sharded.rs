@@ -824,3 +824,74 @@ fn a_fifo_named_as_a_shard_or_the_folders_checkpoint_is_refused_without_blocking
     assert!(err.to_string().contains("a FIFO"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// One shard is `model.safetensors`, as Hugging Face and mlx-lm write it, and the index
+/// is written all the same; workers, `merge-index` and the readers take the set as any
+/// other. A set of several keeps the `model-0000k-of-0000N` names.
+#[test]
+fn one_shard_is_model_safetensors_with_its_index() {
+    let dir = scratch("one-shard");
+    let input = dir.join("in");
+    let tensors = generated(5, 12);
+    write_sharded_input(&input, &tensors, 2);
+    let rules = rules_file(&dir);
+    let one = dir.join("one");
+    convert_sharded(&input, &one, &rules, "5GB");
+    assert_eq!(
+        listing(&one),
+        ["model.safetensors", "model.safetensors.index.json"]
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(one.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), tensors.len());
+    assert!(map.values().all(|v| v == "model.safetensors"));
+    // Read back through the folder, the index and the file: the same tensors.
+    let whole = materialised_dir(&one);
+    assert_eq!(whole.len(), tensors.len());
+    for path in [
+        one.join("model.safetensors.index.json"),
+        one.join("model.safetensors"),
+    ] {
+        let ckpt = Checkpoint::open(&path).unwrap();
+        assert_eq!(
+            crate::common::materialise(&ckpt),
+            whole,
+            "{}",
+            path.display()
+        );
+    }
+    // A worker that is the only one writes the same set, and merging it changes nothing.
+    let worker = dir.join("worker");
+    run_ok(&[
+        os("convert"),
+        os(&input),
+        os(&worker),
+        os("-r"),
+        os(&rules),
+        os("--max-shard-size"),
+        os("5GB"),
+        os("--shard"),
+        os("0/1"),
+        os("--device"),
+        os("cpu"),
+        os("-q"),
+    ]);
+    run_ok(&[os("merge-index"), os(&worker)]);
+    assert_eq!(listing(&worker), listing(&one));
+    assert_eq!(
+        std::fs::read(worker.join("model.safetensors.index.json")).unwrap(),
+        std::fs::read(one.join("model.safetensors.index.json")).unwrap()
+    );
+    // Several shards keep their numbered names.
+    let many = dir.join("many");
+    convert_sharded(&input, &many, &rules, "3KB");
+    let names = listing(&many);
+    assert!(names.len() > 2 && !names.contains(&"model.safetensors".to_string()));
+    assert!(names.contains(&format!(
+        "model-00001-of-{:05}.safetensors",
+        names.len() - 1
+    )));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
