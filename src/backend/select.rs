@@ -71,11 +71,6 @@ pub fn select(opts: &BackendOptions) -> Result<Box<dyn Backend>> {
         Device::Cpu => Ok(Box::new(cpu::Cpu::new())),
         Device::Reference => Ok(Box::new(reference::Reference)),
         Device::Gpu => open_gpu(opts, opts.allows_software_gpu()),
-        // Where no hardware GPU can exist, `auto` would only load drivers to find
-        // software adapters it does not take.
-        Device::Auto if !opts.allows_software_gpu() && !hardware_possible() => {
-            Ok(Box::new(cpu::Cpu::new()))
-        }
         Device::Auto => match open_gpu(opts, opts.allows_software_gpu()) {
             Ok(gpu) => Ok(gpu),
             Err(_) => Ok(Box::new(cpu::Cpu::new())),
@@ -87,17 +82,6 @@ pub fn select(opts: &BackendOptions) -> Result<Box<dyn Backend>> {
 fn open_gpu(opts: &BackendOptions, allow_software: bool) -> Result<Box<dyn Backend>> {
     let gpu = gpu::Gpu::new(&gpu::GpuOptions::new(opts.adapter.clone(), allow_software))?;
     Ok(Box::new(gpu))
-}
-
-#[cfg(feature = "gpu")]
-fn hardware_possible() -> bool {
-    // An adapter named through the environment is the user's to find.
-    gpu::may_have_hardware_adapter() || std::env::var_os(gpu::ADAPTER_ENV).is_some()
-}
-
-#[cfg(not(feature = "gpu"))]
-fn hardware_possible() -> bool {
-    false
 }
 
 #[cfg(not(feature = "gpu"))]

@@ -220,7 +220,7 @@ const DRIVER_ENV: [&str; 3] = ["VK_DRIVER_FILES", "VK_ICD_FILENAMES", "VK_ADD_DR
 /// all: enumerating them loads every installed one (lavapipe alone costs ~50 MiB of RSS
 /// and a tenth of a second) only to find software adapters that `auto` never picks. True
 /// wherever it cannot tell (other systems, any node or variable present).
-pub(crate) fn may_have_hardware_adapter() -> bool {
+fn may_have_hardware_adapter() -> bool {
     if !cfg!(target_os = "linux") || cfg!(relayout_portable) {
         return true;
     }
@@ -306,10 +306,19 @@ fn unavailable(detail: String) -> Error {
 /// GL is tried only when the caller takes a fallback (software adapters allowed, or an
 /// adapter named): `--device auto` asks for neither and takes the CPU before a GL adapter,
 /// so it never loads the GL drivers.
+///
+/// A caller that takes only hardware adapters and names none (`--device auto`) gets
+/// its answer without any driver loaded where no GPU device node exists (Linux).
 pub fn open(opts: &GpuOptions) -> Result<(wgpu::Device, wgpu::Queue)> {
+    let wanted = wanted(opts);
+    if !opts.allow_software && wanted.is_none() && !may_have_hardware_adapter() {
+        return Err(unavailable(
+            "no hardware adapter: no GPU device node (/dev/dri, /dev/nvidia*, ...) exists"
+                .to_string(),
+        ));
+    }
     let primary = adapters(PRIMARY);
     let mut seen: Vec<AdapterReport> = primary.iter().map(AdapterReport::new).collect();
-    let wanted = wanted(opts);
     let mut chosen = pick(primary, wanted.as_deref(), opts);
     if chosen.is_none() && (opts.allow_software || wanted.is_some()) {
         let gl = adapters(wgpu::Backends::GL);

@@ -24,7 +24,6 @@ use crate::backend::{
 use crate::error::{Error, Result};
 use crate::layout::{Cast, Gather};
 
-pub(crate) use device::may_have_hardware_adapter;
 pub use device::{list_adapters, open as open_device, AdapterReport, GpuOptions, ADAPTER_ENV};
 internal! {
 pub use kernel::KernelKind;
