@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use relayout::shard::{parse_size, OutputLayout};
+use relayout::shard::parse_size;
 use relayout::{
     open_and_plan, BackendOptions, Checkpoint, ConvertSpec, Device, InspectReport, Interrupt,
     OpenOptions, Plan, PlanReport, Progress, RuleSet, Worker,
@@ -323,12 +323,8 @@ fn plan(
     // Show unmatched tensors rather than failing: this is where one finds them.
     let spec = args.spec()?.allow_unmatched(true);
     let (ckpt, plan) = open_and_plan(&path, &spec)?;
-    let layout = shard_args
-        .max_shard_size
-        .map(|max| OutputLayout::sharded(&plan, max))
-        .transpose()?;
     let workers = shard_args.shards.map(|n| n as usize);
-    let report = PlanReport::new(&ckpt, &plan, layout.as_ref(), workers)?;
+    let report = PlanReport::new(&ckpt, &plan, shard_args.max_shard_size, workers)?;
     if as_json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return spec.check_expectation(&plan).map_err(Into::into);
@@ -343,10 +339,7 @@ fn plan(
             e.target_shape(),
             e.op(),
             e.rule(),
-            e.shard()
-                .as_ref()
-                .map(|n| format!(" in {n}"))
-                .unwrap_or_default()
+            e.shard().map(|n| format!(" in {n}")).unwrap_or_default()
         )?;
     }
     for s in report.dropped() {
@@ -392,7 +385,7 @@ fn plan(
 fn write_warnings(out: &mut String, plan: &Plan) -> Result<()> {
     let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for e in plan.entries() {
-        if let Some(w) = &e.warning() {
+        if let Some(w) = e.warning() {
             groups.entry(w).or_default().push(e.source_name());
         }
     }

@@ -352,14 +352,19 @@ impl ShardRow {
 }
 
 impl PlanReport {
-    /// The report of `plan` over `ckpt`, with the shard layout `layout` (written by
-    /// `workers` workers, when given).
+    /// The report of `plan` over `ckpt`; with `max_shard_size`, of the shard layout the
+    /// converter would write (`--max-shard-size`), each shard's worker given when the
+    /// number of `workers` is.
     pub fn new(
         ckpt: &Checkpoint,
         plan: &Plan,
-        layout: Option<&OutputLayout>,
+        max_shard_size: Option<u64>,
         workers: Option<usize>,
     ) -> Result<PlanReport> {
+        let layout = max_shard_size
+            .map(|max| OutputLayout::sharded(plan, max))
+            .transpose()?;
+        let layout = layout.as_ref();
         let file_of = layout.map(OutputLayout::file_of_entries);
         let mut entries = Vec::with_capacity(plan.entries.len());
         for (i, e) in plan.entries.iter().enumerate() {

@@ -369,10 +369,7 @@ fn plan(
     let report = py
         .detach(|| -> relayout::Result<PlanReport> {
             let (ckpt, plan) = open_and_plan(&src, &spec)?;
-            let layout = max_shard_size
-                .map(|max| relayout::OutputLayout::sharded(&plan, max))
-                .transpose()?;
-            PlanReport::new(&ckpt, &plan, layout.as_ref(), shards)
+            PlanReport::new(&ckpt, &plan, max_shard_size, shards)
         })
         .map_err(|e| to_py(py, e))?;
     to_json(&report)
