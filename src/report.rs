@@ -580,7 +580,8 @@ impl Serialize for DType {
     }
 }
 
-fn path_text<S: Serializer>(p: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
+/// A path as text (lossily where it is not UTF-8); `verify.rs` uses it too.
+pub(crate) fn path_text<S: Serializer>(p: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&p.to_string_lossy())
 }
 
@@ -593,12 +594,4 @@ fn opt_path_text<S: Serializer>(p: &Option<PathBuf>, s: S) -> std::result::Resul
         Some(p) => path_text(p, s),
         None => s.serialize_none(),
     }
-}
-
-/// For [`crate::verify::VerifyReport`]'s `file`.
-pub(crate) fn serialize_path<S: Serializer>(
-    p: &Path,
-    s: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    path_text(p, s)
 }

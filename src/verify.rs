@@ -297,7 +297,7 @@ impl serde::Serialize for VerifyReport {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         #[derive(serde::Serialize)]
         struct Doc<'a> {
-            #[serde(serialize_with = "crate::report::serialize_path")]
+            #[serde(serialize_with = "crate::report::path_text")]
             file: &'a Path,
             ok: bool,
             expected: usize,
