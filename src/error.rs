@@ -71,6 +71,17 @@ pub enum Error {
     #[error("{}: sharded checkpoint: {detail}", path.display())]
     Shard { path: PathBuf, detail: String },
 
+    #[error("{}: {}{detail}", path.display(), if key.is_empty() { String::new() } else { format!("key '{key}': ") })]
+    Config {
+        path: PathBuf,
+        /// The dotted key path (empty for the file as a whole).
+        key: String,
+        detail: String,
+    },
+
+    #[error("{}: model folder: {detail}", path.display())]
+    ModelFile { path: PathBuf, detail: String },
+
     #[error("rules {origin}: {detail}")]
     Rules { origin: String, detail: String },
 

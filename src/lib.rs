@@ -72,6 +72,7 @@ mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod layout;
+pub mod model;
 mod plan;
 mod reader;
 mod report;
@@ -81,8 +82,8 @@ pub mod writer;
 
 pub use backend::{Backend, BackendOptions, Device};
 pub use convert::{
-    convert, open_and_plan, plan_checkpoint, provenance, rule_set, ConvertReport, ConvertSpec,
-    Converter, Interrupt, Progress, WriteOptions, DEFAULT_BAND_BYTES,
+    convert, merge_index_from, open_and_plan, plan_checkpoint, provenance, rule_set, ConvertReport,
+    ConvertSpec, Converter, Interrupt, Progress, WriteOptions, DEFAULT_BAND_BYTES,
 };
 pub use dtype::DType;
 pub use error::{human_bytes, Error, Result};
@@ -91,7 +92,7 @@ pub use plan::{Plan, PlanEntry, Skipped, Slice};
 pub use reader::{
     Checkpoint, Format, OpenOptions, StorageRange, TensorInfo, EXPANSION_FLOOR, MAX_EXPANSION,
 };
-pub use report::{InspectReport, PlanReport, PlanRow, ShardRow, TensorRow};
+pub use report::{FileRow, InspectReport, PlanReport, PlanRow, ShardRow, TensorRow};
 pub use rules::{ModuleTypes, PlanOptions, Rule, RuleSet};
 pub use verify::{verify_file, verify_report, Expectation, Mismatch, VerifyReport};
 /// The wgpu this crate is built with, for [`Converter::for_each_on_device`] callers.

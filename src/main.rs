@@ -59,6 +59,10 @@ struct RuleArgs {
     /// {name: {"shape": [...], "dtype": ...}}, a .safetensors or a Flax .msgpack file
     #[arg(long, value_name = "FILE")]
     expect: Option<PathBuf>,
+    /// Do not copy the model folder's files (config.json, generation_config.json, the
+    /// tokenizer, *.py, LICENSE*, README.md) into a folder output
+    #[arg(long)]
+    no_copy_files: bool,
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<relayout::DType, String> {
@@ -80,6 +84,7 @@ impl RuleArgs {
             .vars(opts.vars)
             .maybe(self.module_types.as_deref(), ConvertSpec::module_types)
             .dtype(self.dtype)
+            .copy_files(!self.no_copy_files)
             .maybe(self.expect.as_deref(), ConvertSpec::expect))
     }
 }
@@ -193,6 +198,13 @@ enum Command {
     MergeIndex {
         /// The output folder the workers wrote to
         dir: PathBuf,
+        /// The input the workers converted: its model folder's files (config.json, the
+        /// tokenizer, …) are written with the index, as the workers' --preset and rules
+        /// would write them
+        #[arg(long, value_name = "INPUT")]
+        from: Option<PathBuf>,
+        #[command(flatten)]
+        rules: RuleArgs,
     },
     /// Check an existing output against what the target model expects
     Verify {
@@ -255,7 +267,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => bench(&mut out, device, adapter, size, dir, json),
         Command::Verify { path, expect, json } => verify(&mut out, path, expect, json),
-        Command::MergeIndex { dir } => merge_index(&mut out, dir),
+        Command::MergeIndex { dir, from, rules } => merge_index(&mut out, dir, from, rules),
     };
     emit(&out)?;
     result
@@ -373,6 +385,22 @@ fn plan(
                 f.worker()
                     .map(|k| format!(", worker {k}"))
                     .unwrap_or_default()
+            )?;
+        }
+    }
+    if !report.copied().is_empty() {
+        writeln!(
+            out,
+            "{} file(s) of the model folder go into a folder output beside the weights:",
+            report.copied().len()
+        )?;
+        for f in report.copied() {
+            writeln!(
+                out,
+                "  {:<32} {:>10}{}",
+                f.name(),
+                human(f.bytes()),
+                if f.rewritten() { " (rewritten)" } else { "" }
             )?;
         }
     }
@@ -513,6 +541,14 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
             ratio(report.device_readback_bytes())
         )?;
     }
+    if !report.copied().is_empty() {
+        let names: Vec<String> = report
+            .copied()
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        writeln!(out, "copied from the model folder: {}", names.join(", "))?;
+    }
     match (&report.index(), worker) {
         (Some(index), Some(w)) => writeln!(
             out,
@@ -522,7 +558,7 @@ fn convert(out: &mut String, args: ConvertArgs) -> Result<()> {
         )?,
         (None, Some(w)) => writeln!(
             out,
-            "worker {w}: {} of {} shards present; once every worker is done, `relayout merge-index {}` (or the last worker) writes the index",
+            "worker {w}: {} of {} shards present; once every worker is done, the last worker (or `relayout merge-index {} --from INPUT` with the same options) writes the index and the model folder's files",
             report.shards_present(),
             report.shards(),
             output.display()
@@ -653,8 +689,16 @@ fn bench(
     Ok(())
 }
 
-fn merge_index(out: &mut String, dir: PathBuf) -> Result<()> {
-    let r = relayout::merge_index(&dir)?;
+fn merge_index(
+    out: &mut String,
+    dir: PathBuf,
+    from: Option<PathBuf>,
+    rules: RuleArgs,
+) -> Result<()> {
+    let r = match from {
+        Some(input) => relayout::merge_index_from(&dir, &input, &rules.spec()?)?,
+        None => relayout::merge_index(&dir)?,
+    };
     writeln!(
         out,
         "{}: {} shards, {} tensors, {} checked",
@@ -663,6 +707,9 @@ fn merge_index(out: &mut String, dir: PathBuf) -> Result<()> {
         r.tensors(),
         human(r.total_size())
     )?;
+    for f in r.copied() {
+        writeln!(out, "  wrote {}", f.display())?;
+    }
     Ok(())
 }
 

@@ -221,6 +221,9 @@ pub struct Plan {
     /// Preset rules that matched some tensors but were shadowed for every one of them by
     /// rules layered in front (user rule files), one sentence each.
     pub(crate) unreachable: Vec<String>,
+    /// The model folder's files a folder output receives beside the weights (config,
+    /// tokenizer, …): set by [`crate::open_and_plan`] when the input is a model folder.
+    pub(crate) files: Vec<crate::model::ModelFile>,
 }
 
 /// Read access; the fields are set by the crate, which keeps them consistent.
@@ -228,6 +231,11 @@ impl Plan {
     /// Output tensors, in source order.
     pub fn entries(&self) -> &[PlanEntry] {
         &self.entries
+    }
+
+    /// The model folder's files a folder output receives beside the weights.
+    pub fn files(&self) -> &[crate::model::ModelFile] {
+        &self.files
     }
 
     /// Tensors a rule dropped.

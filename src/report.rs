@@ -47,6 +47,9 @@ pub struct ConvertReport {
     /// The index of a shard set, when this run wrote it.
     #[serde(serialize_with = "opt_path_text")]
     pub(crate) index: Option<PathBuf>,
+    /// The model folder's files (config, tokenizer, …) this run wrote beside the shards.
+    #[serde(serialize_with = "paths_text")]
+    pub(crate) copied: Vec<PathBuf>,
     /// Shards in the whole set (0 for a single file), and how many exist now.
     pub(crate) shards: usize,
     pub(crate) shards_present: usize,
@@ -65,6 +68,11 @@ impl ConvertReport {
     /// `output`.
     pub fn output(&self) -> &std::path::Path {
         &self.output
+    }
+
+    /// The model folder's files (config, tokenizer, …) this run wrote beside the shards.
+    pub fn copied(&self) -> &[PathBuf] {
+        &self.copied
     }
 
     /// Tensors this run wrote.
@@ -170,6 +178,48 @@ pub struct PlanReport {
     pub(crate) total_size: Option<u64>,
     /// How many `--shard i/N` workers can share the work; `None` for one file.
     pub(crate) max_workers: Option<usize>,
+    /// The model folder's files a folder output receives beside the weights.
+    pub(crate) copied: Vec<FileRow>,
+}
+
+/// One file of the model folder that a folder output receives (`config.json`, the
+/// tokenizer, …).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct FileRow {
+    /// Its name in the output folder.
+    pub(crate) name: String,
+    /// The file it comes from (links followed).
+    #[serde(serialize_with = "path_text")]
+    pub(crate) source: PathBuf,
+    /// Bytes written.
+    pub(crate) bytes: u64,
+    /// True when the bytes written are not the source's (the `mlx-lm` preset's
+    /// `config.json`).
+    pub(crate) rewritten: bool,
+}
+
+/// Read access; the fields are set by the crate, which keeps them consistent.
+impl FileRow {
+    /// Its name in the output folder.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file it comes from (links followed).
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Bytes written.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// True when the bytes written are not the source's.
+    pub fn rewritten(&self) -> bool {
+        self.rewritten
+    }
 }
 
 /// Read access; the fields are set by the crate, which keeps them consistent.
@@ -217,6 +267,11 @@ impl PlanReport {
     /// How many `--shard i/N` workers can share the work; `None` for one file.
     pub fn max_workers(&self) -> Option<usize> {
         self.max_workers
+    }
+
+    /// The model folder's files a folder output receives beside the weights.
+    pub fn copied(&self) -> &[FileRow] {
+        &self.copied
     }
 }
 
@@ -413,6 +468,16 @@ impl PlanReport {
             shards,
             total_size: layout.map(|l| l.total_bytes),
             max_workers: layout.map(|l| l.files.len()),
+            copied: plan
+                .files
+                .iter()
+                .map(|f| FileRow {
+                    name: f.name().to_string(),
+                    source: f.source().to_path_buf(),
+                    bytes: f.bytes(),
+                    rewritten: f.is_rewritten(),
+                })
+                .collect(),
         })
     }
 }

@@ -185,6 +185,18 @@ class ShardInfo:
 
 
 @dataclass(frozen=True)
+class CopiedFile:
+    """A file of the model folder that a folder output receives beside the weights:
+    its name there, the file it comes from (links followed), its size, and whether its
+    bytes are rewritten (the ``mlx-lm`` preset's ``config.json``)."""
+
+    name: str
+    source: str
+    bytes: int
+    rewritten: bool
+
+
+@dataclass(frozen=True)
 class Plan:
     """The whole mapping of a checkpoint (``plan``; ``plan --json``'s keys). ``shards``,
     ``total_size`` and ``max_workers`` are set for a sharded layout (``max_shard_size``)."""
@@ -198,6 +210,7 @@ class Plan:
     shards: Optional[List[ShardInfo]]
     total_size: Optional[int]
     max_workers: Optional[int]
+    copied: List[CopiedFile]
 
     @property
     def rules(self) -> List[str]:
@@ -219,6 +232,7 @@ class Plan:
                 "dropped": [Skipped(**s) for s in d["dropped"]],
                 "unmatched": [Skipped(**s) for s in d["unmatched"]],
                 "shards": None if shards is None else [ShardInfo(**s) for s in shards],
+                "copied": [CopiedFile(**f) for f in d["copied"]],
             }
         )
 
@@ -239,6 +253,7 @@ class Report:
     outputs: List[str]
     reused: List[str]
     index: Optional[str]
+    copied: List[str]
     shards: int
     shards_present: int
     device_upload_bytes: int
@@ -392,6 +407,7 @@ def _options(
     allow_expand: bool,
     module_types: Optional[PathLike],
     expect: Optional[PathLike],
+    copy_files: bool = True,
 ) -> "_native._Options":
     """The keywords as the native layer takes them: one dict, paths as str."""
     return {
@@ -406,6 +422,7 @@ def _options(
         "allow_expand": allow_expand,
         "module_types": _opt_path(module_types),
         "expect": _opt_path(expect),
+        "copy_files": copy_files,
     }
 
 
@@ -558,6 +575,7 @@ def convert(
     expect: Optional[PathLike] = None,
     force: bool = False,
     max_shard_size: Union[int, str, None] = None,
+    copy_files: bool = True,
     progress: ProgressArg = False,
 ) -> Report:
     """``relayout convert``: writes ``src`` converted to ``dst``, atomically (a failed or
@@ -565,14 +583,18 @@ def convert(
     any other path is a folder of ``model-0000k-of-0000N.safetensors`` shards (one alone is
     ``model.safetensors``) of at most
     ``max_shard_size`` (bytes, or ``"5GB"``, ``"512MiB"``) with its index. The other
-    keywords are :func:`load`'s; ``force`` replaces an existing output."""
+    keywords are :func:`load`'s; ``force`` replaces an existing output. When ``src`` is
+    (or is in) a model folder holding ``config.json`` and ``dst`` is a folder, the
+    folder's config, generation config, tokenizer files, ``*.py``, ``LICENSE*`` and
+    ``README.md`` are written beside the weights in the same commit, unless
+    ``copy_files=False``."""
     if isinstance(max_shard_size, str):
         max_shard_size = _native.parse_size(max_shard_size)
     bar = _Bar(progress, "relayout convert")
     try:
         options = _options(
             preset, rules, set, dtype, device, adapter, key, allow_unmatched, allow_expand,
-            module_types, expect,
+            module_types, expect, copy_files,
         )
         r = _native.convert(_fspath(src), _fspath(dst), options, force, max_shard_size, bar.native())
     finally:
@@ -594,16 +616,17 @@ def plan(
     expect: Optional[PathLike] = None,
     max_shard_size: Union[int, str, None] = None,
     shards: Optional[int] = None,
+    copy_files: bool = True,
 ) -> Plan:
     """What ``load``/``convert`` would do, nothing converted (``relayout plan --json``):
     every entry's source, target, shapes, dtypes, op and rule; the dropped and unmatched
     tensors; with ``max_shard_size``, the output shards (and with ``shards``, the
-    worker of each)."""
+    worker of each); ``copied``, the model folder's files a folder output receives."""
     if isinstance(max_shard_size, str):
         max_shard_size = _native.parse_size(max_shard_size)
     options = _options(
         preset, rules, set, dtype, "cpu", None, key, allow_unmatched, allow_expand,
-        module_types, expect,
+        module_types, expect, copy_files,
     )
     return Plan._from(json.loads(_native.plan(_fspath(src), options, max_shard_size, shards)))
 
@@ -651,6 +674,7 @@ __all__ = [
     "Slice",
     "Skipped",
     "ShardInfo",
+    "CopiedFile",
     "Plan",
     "Report",
     "Mismatch",

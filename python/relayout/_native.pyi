@@ -18,6 +18,7 @@ class _Options(TypedDict):
     allow_expand: bool
     module_types: Optional[str]
     expect: Optional[str]
+    copy_files: bool
 
 class Session:
     def __init__(self, src: str, options: _Options) -> None: ...

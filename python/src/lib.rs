@@ -41,6 +41,7 @@ struct Options {
     allow_expand: bool,
     module_types: Option<PathBuf>,
     expect: Option<PathBuf>,
+    copy_files: bool,
 }
 
 impl Options {
@@ -66,6 +67,7 @@ impl Options {
             .vars(self.vars.clone())
             .maybe(self.module_types.as_deref(), ConvertSpec::module_types)
             .dtype(dtype)
+            .copy_files(self.copy_files)
             .maybe(self.expect.as_deref(), ConvertSpec::expect))
     }
 }

@@ -24,7 +24,9 @@ use crate::writer::{AtomicFile, OutputKind, SafetensorsWriter, ShardOptions};
 mod spec;
 
 pub use crate::report::ConvertReport;
-pub use spec::{convert, open_and_plan, plan_checkpoint, provenance, rule_set, ConvertSpec};
+pub use spec::{
+    convert, merge_index_from, open_and_plan, plan_checkpoint, provenance, rule_set, ConvertSpec,
+};
 
 /// Output bytes per backend call: large enough to amortise calls and syscalls, small
 /// enough that two bands stay far below the memory budget.
@@ -393,7 +395,15 @@ impl<'a> Converter<'a> {
     ) -> Result<ConvertReport> {
         let layout = OutputLayout::sharded(self.plan, shard.max_shard_bytes)?;
         let metadata = layout.metadata_of(&self.base_metadata(opts));
-        let output = Output::shards(dir, &layout, &metadata, shard.worker, opts.force, self.ckpt)?;
+        let output = Output::shards(
+            dir,
+            &layout,
+            &metadata,
+            shard.worker,
+            opts.force,
+            self.ckpt,
+            &self.plan.files,
+        )?;
         self.write_output(dir, output, &metadata, opts, progress)
     }
 
@@ -487,6 +497,7 @@ impl<'a> Converter<'a> {
             shards_present: done.shards_present,
             shards: done.shards,
             index: done.index,
+            copied: done.copied,
             reused: done.reused,
             outputs: done.outputs,
         })

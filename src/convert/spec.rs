@@ -42,6 +42,8 @@ pub struct ConvertSpec {
     pub(crate) max_shard_size: Option<u64>,
     pub(crate) worker: Option<Worker>,
     pub(crate) interrupt: Option<Interrupt>,
+    /// Leave the model folder's files (config, tokenizer, …) out of a folder output.
+    pub(crate) no_copy_files: bool,
 }
 
 impl ConvertSpec {
@@ -177,6 +179,14 @@ impl ConvertSpec {
         self
     }
 
+    /// Whether a folder output receives the model folder's files (`config.json`, the
+    /// tokenizer, …) when the input is a model folder; on unless turned off
+    /// (`--no-copy-files`).
+    pub fn copy_files(mut self, copy: bool) -> ConvertSpec {
+        self.no_copy_files = !copy;
+        self
+    }
+
     /// The preset, if one was given.
     pub fn preset_name(&self) -> Option<&str> {
         self.preset.as_deref()
@@ -225,9 +235,15 @@ impl ConvertSpec {
 /// unless the spec allows them. The expectation is not checked here (see
 /// [`ConvertSpec::check_expectation`]), so a caller can show the plan that failed it.
 pub fn open_and_plan(input: impl AsRef<Path>, spec: &ConvertSpec) -> Result<(Checkpoint, Plan)> {
+    let input = input.as_ref();
     let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
-    let ckpt = Checkpoint::open_with(input.as_ref(), &spec.open_options())?;
-    let plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
+    let ckpt = Checkpoint::open_with(input, &spec.open_options())?;
+    let mut plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
+    if !spec.no_copy_files {
+        if let Some(dir) = crate::model::model_dir(input) {
+            plan.files = crate::model::model_files(&dir)?;
+        }
+    }
     Ok((ckpt, plan))
 }
 
@@ -310,4 +326,31 @@ pub fn provenance(spec: &ConvertSpec, plan: &Plan) -> BTreeMap<String, String> {
         "unmatched": plan.unmatched.len(),
     });
     BTreeMap::from([("relayout".to_string(), value.to_string())])
+}
+
+/// [`crate::merge_index`] for the workers of a conversion of a model folder: checks the
+/// shard set in `dir` and writes its index together with the model folder's files of
+/// `input` (config.json, the tokenizer, …) as a conversion by `spec` writes them, in one
+/// commit. Refused, with nothing written, when a file is there already with other bytes
+/// and `spec` does not force.
+pub fn merge_index_from(
+    dir: &Path,
+    input: &Path,
+    spec: &ConvertSpec,
+) -> Result<crate::writer::shard::MergeReport> {
+    let spec = spec.clone().allow_unmatched(true);
+    let (ckpt, plan) = open_and_plan(input, &spec)?;
+    let mut staged = Vec::with_capacity(plan.files.len());
+    for f in &plan.files {
+        let path = dir.join(f.name());
+        crate::writer::output::check_not_input(&ckpt, &path)?;
+        if !spec.force
+            && std::fs::symlink_metadata(&path).is_ok()
+            && !crate::writer::output::same_bytes(&path, f)?
+        {
+            return Err(Error::OutputExists { path });
+        }
+        staged.push(crate::writer::output::stage_copy(&path, f)?);
+    }
+    crate::writer::shard::merge_index_with(dir, staged)
 }

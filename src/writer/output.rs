@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::model::ModelFile;
 use crate::reader::Checkpoint;
 use crate::writer::shard::{
-    merge_index, parse_dir_shards, shards_present, OutputFile, OutputLayout, Worker, INDEX_NAME,
+    merge_index_with, parse_dir_shards, shards_present, OutputFile, OutputLayout, Worker,
+    INDEX_NAME,
 };
 use crate::writer::AtomicFile;
 
@@ -73,8 +75,11 @@ pub(crate) fn check_space(
     dir: &Path,
     files: &[(PathBuf, &OutputFile)],
     metadata: &BTreeMap<String, String>,
+    copies: &[(PathBuf, &ModelFile)],
 ) -> Result<()> {
-    let mut needed = 0u64;
+    let mut needed = copies
+        .iter()
+        .fold(0u64, |n, (_, f)| n.saturating_add(f.bytes()));
     for (_, f) in files {
         let header = crate::writer::header_bytes(&f.header, metadata)?.len() as u64;
         needed = needed.saturating_add(8 + header).saturating_add(f.bytes);
@@ -219,6 +224,8 @@ pub(crate) struct Output<'l> {
     reused: Vec<PathBuf>,
     /// Written and synced, committed together at the end.
     pending: Vec<AtomicFile>,
+    /// The model folder's files to write beside the shards, with their paths.
+    copies: Vec<(PathBuf, &'l ModelFile)>,
     shards: Option<ShardSet>,
 }
 
@@ -239,6 +246,8 @@ pub(crate) struct Committed {
     pub reused: Vec<PathBuf>,
     /// The index, when this run wrote it (or a worker's merge did).
     pub index: Option<PathBuf>,
+    /// The model folder's files written beside the shards.
+    pub copied: Vec<PathBuf>,
     /// Shards in the whole set (0 for one file), and how many exist now.
     pub shards: usize,
     pub shards_present: usize,
@@ -259,12 +268,13 @@ impl<'l> Output<'l> {
         })?;
         let todo = vec![(out.to_path_buf(), file)];
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
-        check_space(parent.unwrap_or(Path::new(".")), &todo, metadata)?;
+        check_space(parent.unwrap_or(Path::new(".")), &todo, metadata, &[])?;
         Ok(Output {
             layout,
             todo,
             reused: Vec::new(),
             pending: Vec::new(),
+            copies: Vec::new(),
             shards: None,
         })
     }
@@ -274,6 +284,12 @@ impl<'l> Output<'l> {
     /// index and an older set's shards must be absent unless `force`. With one, only its
     /// shards are written: one already there with exactly the expected header and size
     /// is kept, any other is refused unless `force`.
+    ///
+    /// `files` (the model folder's config, tokenizer, …) are written with the index, in
+    /// the same commit: by this run, or by the worker that completes the set. The same
+    /// rules hold for them as for shards; a worker keeps one already there with the
+    /// same bytes.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn shards(
         dir: &Path,
         layout: &'l OutputLayout,
@@ -281,6 +297,7 @@ impl<'l> Output<'l> {
         worker: Option<Worker>,
         force: bool,
         ckpt: &Checkpoint,
+        files: &'l [ModelFile],
     ) -> Result<Output<'l>> {
         let index = dir.join(INDEX_NAME);
         let folder = OutputFolder::open(dir, worker.is_none())?;
@@ -304,6 +321,22 @@ impl<'l> Output<'l> {
             .enumerate()
             .filter(|(k, _)| worker.is_none_or(|w| w.owns(*k)))
             .map(|(_, f)| (dir.join(&f.name), f));
+        let mut copies = Vec::with_capacity(files.len());
+        for f in files {
+            let path = dir.join(f.name());
+            check_not_input(ckpt, &path)?;
+            if same_file(&path, f.source()) {
+                return Err(Error::OutputIsInput { path });
+            }
+            let exists = std::fs::symlink_metadata(&path).is_ok();
+            if exists && worker.is_some() && !force && !same_bytes(&path, f)? {
+                return Err(Error::Shard {
+                    path,
+                    detail: "exists but is not this conversion's copy of the model folder's file (pass --force to replace it)".to_string(),
+                });
+            }
+            copies.push((path, f));
+        }
         let mut reused = Vec::new();
         let mut todo = Vec::new();
         match worker {
@@ -313,6 +346,7 @@ impl<'l> Output<'l> {
                     let taken = todo
                         .iter()
                         .map(|(p, _)| p.clone())
+                        .chain(copies.iter().map(|(p, _)| p.clone()))
                         .chain([index])
                         .chain(stale.iter().cloned())
                         .find(|p| std::fs::symlink_metadata(p).is_ok());
@@ -338,12 +372,13 @@ impl<'l> Output<'l> {
                 }
             }
         }
-        check_space(dir, &todo, metadata)?;
+        check_space(dir, &todo, metadata, &copies)?;
         Ok(Output {
             layout,
             todo,
             reused,
             pending: Vec::new(),
+            copies,
             shards: Some(ShardSet {
                 dir: dir.to_path_buf(),
                 folder,
@@ -384,6 +419,7 @@ impl<'l> Output<'l> {
             outputs,
             reused: std::mem::take(&mut self.reused),
             index: None,
+            copied: Vec::new(),
             shards: 0,
             shards_present: 0,
         };
@@ -398,9 +434,15 @@ impl<'l> Output<'l> {
             // so one look at the folder serves both.
             done.shards_present = shards_present(&set.dir, self.layout);
             if done.shards_present == count {
-                done.index = Some(merge_index(&set.dir)?.index);
+                let staged = self.stage_copies()?;
+                ready()?;
+                done.index = Some(merge_index_with(&set.dir, staged)?.index);
+                done.copied = self.copies.iter().map(|(p, _)| p.clone()).collect();
             }
         } else {
+            let staged = self.stage_copies()?;
+            self.pending.extend(staged);
+            done.copied = self.copies.iter().map(|(p, _)| p.clone()).collect();
             let index = set.dir.join(INDEX_NAME);
             let mut idx = AtomicFile::create(&index, true)?;
             idx.write_all(&self.layout.index_bytes())?;
@@ -418,4 +460,82 @@ impl<'l> Output<'l> {
         set.folder.keep();
         Ok(done)
     }
+
+    /// The model folder's files, each written and synced as a temporary file.
+    fn stage_copies(&self) -> Result<Vec<AtomicFile>> {
+        self.copies
+            .iter()
+            .map(|(path, f)| stage_copy(path, f))
+            .collect()
+    }
+}
+
+/// Writes `file` to a temporary file for `target`: its rewritten content, or the source's
+/// bytes streamed, which must still be as many as when the folder was listed.
+pub(crate) fn stage_copy(target: &Path, file: &ModelFile) -> Result<AtomicFile> {
+    let mut out = AtomicFile::create(target, true)?;
+    match file.content() {
+        Some(bytes) => out.write_all(bytes)?,
+        None => {
+            use std::io::Read;
+            let src = file.source();
+            let input = open_regular(src)?;
+            let mut limited = input.take(file.bytes().saturating_add(1));
+            let mut buf = vec![0u8; 1 << 20];
+            let mut copied = 0u64;
+            loop {
+                let n = limited.read(&mut buf).map_err(|e| Error::io(src, e))?;
+                if n == 0 {
+                    break;
+                }
+                copied += n as u64;
+                out.write_all(&buf[..n])?;
+            }
+            if copied != file.bytes() {
+                return Err(Error::InputChanged {
+                    path: src.to_path_buf(),
+                    detail: format!(
+                        "was {} bytes when the folder was listed, now {copied}",
+                        file.bytes()
+                    ),
+                });
+            }
+        }
+    }
+    out.sync()?;
+    Ok(out)
+}
+
+/// Opens a file for reading, refusing anything but a regular file (a FIFO would block).
+fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::ModelFile {
+            path: path.to_path_buf(),
+            detail: "is not a regular file (a FIFO, socket or device); refusing to read it"
+                .to_string(),
+        });
+    }
+    std::fs::File::open(path).map_err(|e| Error::io(path, e))
+}
+
+/// Whether `path` already holds exactly what `file` would write.
+pub(crate) fn same_bytes(path: &Path, file: &ModelFile) -> Result<bool> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.len() != file.bytes() {
+        return Ok(false);
+    }
+    let have = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(match file.content() {
+        Some(bytes) => have == bytes,
+        None => {
+            let src = open_regular(file.source())?;
+            let mut want = Vec::new();
+            use std::io::Read;
+            src.take(file.bytes().saturating_add(1))
+                .read_to_end(&mut want)
+                .map_err(|e| Error::io(file.source(), e))?;
+            have == want
+        }
+    })
 }

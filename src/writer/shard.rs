@@ -270,7 +270,13 @@ impl OutputLayout {
             .iter()
             .flat_map(|f| f.header.iter().map(|h| (h.name.clone(), f.name.clone())))
             .collect();
-        index_bytes(&map, self.total_bytes)
+        index_bytes(&map, self.total_bytes, self.total_parameters())
+    }
+
+    /// Elements of every tensor in the set: the index's `total_parameters`, as mlx-lm
+    /// and transformers write it (quantized weights count their packed elements).
+    pub fn total_parameters(&self) -> u64 {
+        total_parameters(self.files.iter().flat_map(|f| f.header.iter()))
     }
 }
 
@@ -339,8 +345,15 @@ fn layout_digest<'a>(
 
 /// The index JSON: `{"metadata": {"total_size": …}, "weight_map": {…}}`, keys sorted,
 /// indented like `transformers` writes it.
-fn index_bytes(weight_map: &BTreeMap<String, String>, total_size: u64) -> Vec<u8> {
-    let doc = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+fn index_bytes(
+    weight_map: &BTreeMap<String, String>,
+    total_size: u64,
+    total_parameters: u64,
+) -> Vec<u8> {
+    let doc = json!({
+        "metadata": {"total_size": total_size, "total_parameters": total_parameters},
+        "weight_map": weight_map,
+    });
     let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
     text.push('\n');
     text.into_bytes()
@@ -452,6 +465,7 @@ pub struct MergeReport {
     pub(crate) tensors: usize,
     /// Bytes of tensor data over all shards.
     pub(crate) total_size: u64,
+    pub(crate) copied: Vec<PathBuf>,
 }
 
 /// Read access; the fields are set by the crate, which keeps them consistent.
@@ -474,6 +488,11 @@ impl MergeReport {
     /// Bytes of tensor data over all shards.
     pub fn total_size(&self) -> u64 {
         self.total_size
+    }
+
+    /// The model folder's files written with the index.
+    pub fn copied(&self) -> &[PathBuf] {
+        &self.copied
     }
 }
 
@@ -501,6 +520,16 @@ pub(crate) fn shards_present(dir: &Path, layout: &OutputLayout) -> usize {
         .count()
 }
 
+fn total_parameters<'a>(headers: impl Iterator<Item = &'a HeaderEntry>) -> u64 {
+    headers
+        .map(|h| {
+            h.shape
+                .iter()
+                .fold(1u64, |n, &d| n.saturating_mul(d as u64))
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
 /// Checks a complete shard set in `dir`, written by one process or by many workers, and
 /// writes its index ([`INDEX_NAME`], atomically, replacing an old one).
 ///
@@ -510,6 +539,12 @@ pub(crate) fn shards_present(dir: &Path, layout: &OutputLayout) -> usize {
 /// tensors the tag's digest records. A missing, foreign or stale shard is an error that
 /// names it, and nothing is written.
 pub fn merge_index(dir: &Path) -> Result<MergeReport> {
+    merge_index_with(dir, Vec::new())
+}
+
+/// [`merge_index`], committing `with` (the model folder's files, written and synced)
+/// together with the index once the set checks out; on an error none of them appears.
+pub(crate) fn merge_index_with(dir: &Path, with: Vec<AtomicFile>) -> Result<MergeReport> {
     let err = |detail: String| Error::Shard {
         path: dir.to_path_buf(),
         detail,
@@ -649,14 +684,20 @@ pub fn merge_index(dir: &Path) -> Result<MergeReport> {
             .ok_or_else(|| err("the shards' sizes overflow".to_string()))?;
     }
     let index = dir.join(INDEX_NAME);
+    let parameters = total_parameters(shards.iter().flat_map(|s| s.header.iter()));
     let mut out = AtomicFile::create(&index, true)?;
-    out.write_all(&index_bytes(&weight_map, total))?;
-    out.commit()?;
+    out.write_all(&index_bytes(&weight_map, total, parameters))?;
+    out.sync()?;
+    let copied = with.iter().map(|f| f.target().to_path_buf()).collect();
+    let mut files = with;
+    files.push(out);
+    AtomicFile::commit_all(files)?;
     Ok(MergeReport {
         index,
         shards: n,
         tensors: weight_map.len(),
         total_size: total,
+        copied,
     })
 }
 
