@@ -71,6 +71,9 @@ struct Params {
     full_x: u32,
     full_y: u32,
     edge_bottom: u32,
+    // NaN bits: 0 torch's (above), 1 mlx's astype: any NaN to bf16 0x7FC0, to f16 from
+    // f32/bf16 0x7D00 with the sign, f16 to f32 the payload with the quiet bit set.
+    nan_mode: u32,
 }
 
 const F64: u32 = 0u;
@@ -211,6 +214,28 @@ fn load_f32(i: u32) -> u32 {
     }
 }
 
+// A 16-bit result with mlx's NaN when params.nan_mode asks for it.
+fn nan16(r: u32) -> u32 {
+    if (params.nan_mode == 0u) {
+        return r;
+    }
+    if (TO == BF16 && (r & 0x7FFFu) > 0x7F80u) {
+        return 0x7FC0u;
+    }
+    if (TO == F16 && (r & 0x7FFFu) > 0x7C00u) {
+        return (r & 0x8000u) | 0x7D00u;
+    }
+    return r;
+}
+
+// An f32 result with mlx's NaN when params.nan_mode asks for it (f16 sources only).
+fn nan32(r: u32) -> u32 {
+    if (params.nan_mode != 0u && FROM == F16 && (r & 0x7FFFFFFFu) > 0x7F800000u) {
+        return r | 0x00400000u;
+    }
+    return r;
+}
+
 // Element i converted to a 16-bit target.
 fn half_of(i: u32) -> u32 {
     if (FROM == TO) {
@@ -219,9 +244,9 @@ fn half_of(i: u32) -> u32 {
     }
     let x = load_f32(i);
     if (TO == F16) {
-        return f32_to_f16(x);
+        return nan16(f32_to_f16(x));
     }
-    return f32_to_bf16(x);
+    return nan16(f32_to_bf16(x));
 }
 
 // Converts the elements of output word w.
@@ -229,7 +254,7 @@ fn convert_word(w: u32) {
     let n = params.count;
     if (TO == F32) {
         if (w < n) {
-            dst[w] = load_f32(w);
+            dst[w] = nan32(load_f32(w));
         }
         return;
     }
@@ -263,12 +288,12 @@ fn main(
 fn convert_one(i: u32) -> u32 {
     let x = load_f32(i);
     if (TO == F32) {
-        return x;
+        return nan32(x);
     }
     if (TO == F16) {
-        return f32_to_f16(x);
+        return nan16(f32_to_f16(x));
     }
-    return f32_to_bf16(x);
+    return nan16(f32_to_bf16(x));
 }
 
 // Output word w of column c, whose batch starts at source element e: rows w * PER_WORD

@@ -82,6 +82,20 @@ pub enum Error {
     #[error("{}: model folder: {detail}", path.display())]
     ModelFile { path: PathBuf, detail: String },
 
+    #[error("{}: model_type '{model_type}' has no family in preset mlx-lm (families: {families}); pass --rules with a rule file for it", path.display())]
+    UnknownModelType {
+        path: PathBuf,
+        model_type: String,
+        families: String,
+    },
+
+    #[error("{}: {detail}, and preset mlx-lm picks the family by its model_type (families: {families}); pass --rules with a rule file for the model", path.display())]
+    NoModelType {
+        path: PathBuf,
+        detail: String,
+        families: String,
+    },
+
     #[error("rules {origin}: {detail}")]
     Rules { origin: String, detail: String },
 

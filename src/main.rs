@@ -52,9 +52,11 @@ struct RuleArgs {
     /// `json.dump({n: type(m).__name__ for n, m in model.named_modules()}, f)`
     #[arg(long, value_name = "FILE")]
     module_types: Option<PathBuf>,
-    /// Convert every floating tensor to bf16, f16 or f32 (integer and bool tensors never change)
-    #[arg(long, value_name = "bf16|f16|f32", value_parser = parse_dtype)]
-    dtype: Option<relayout::DType>,
+    /// Convert every floating tensor to bf16, f16 or f32 (or bfloat16, float16, float32;
+    /// integer and bool tensors never change); `source` keeps every source dtype where the
+    /// preset would take the config's (mlx-lm)
+    #[arg(long, value_name = "bf16|f16|f32|source", value_parser = parse_dtype)]
+    dtype: Option<String>,
     /// Fail unless the output has exactly these tensor names, shapes and dtypes: a JSON
     /// {name: {"shape": [...], "dtype": ...}}, a .safetensors or a Flax .msgpack file
     #[arg(long, value_name = "FILE")]
@@ -65,8 +67,13 @@ struct RuleArgs {
     no_copy_files: bool,
 }
 
-fn parse_dtype(s: &str) -> std::result::Result<relayout::DType, String> {
-    relayout::PlanOptions::parse_dtype(s).map_err(|e| e.to_string())
+fn parse_dtype(s: &str) -> std::result::Result<String, String> {
+    if s.eq_ignore_ascii_case("source") {
+        return Ok(s.to_string());
+    }
+    relayout::PlanOptions::parse_dtype(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{e}, or source"))
 }
 
 impl RuleArgs {
@@ -75,7 +82,12 @@ impl RuleArgs {
         for s in &self.set {
             opts.set(s)?;
         }
-        Ok(ConvertSpec::new()
+        let spec = ConvertSpec::new();
+        let spec = match &self.dtype {
+            Some(name) => spec.dtype_name(name)?,
+            None => spec,
+        };
+        Ok(spec
             .maybe(self.preset.as_deref(), ConvertSpec::preset)
             .rule_files(&self.rules)
             .maybe(self.key.as_deref(), ConvertSpec::key)
@@ -83,7 +95,6 @@ impl RuleArgs {
             .allow_expand(self.allow_expand)
             .vars(opts.vars)
             .maybe(self.module_types.as_deref(), ConvertSpec::module_types)
-            .dtype(self.dtype)
             .copy_files(!self.no_copy_files)
             .maybe(self.expect.as_deref(), ConvertSpec::expect))
     }
@@ -387,6 +398,9 @@ fn plan(
                     .unwrap_or_default()
             )?;
         }
+    }
+    if let Some(from) = report.dtype_from() {
+        writeln!(out, "output dtype: {from} (--dtype source keeps the source's)")?;
     }
     if !report.copied().is_empty() {
         writeln!(
@@ -730,14 +744,30 @@ fn verify(out: &mut String, path: PathBuf, expect: PathBuf, as_json: bool) -> Re
 
 fn presets(out: &mut String, show: Option<String>) -> Result<()> {
     match show {
-        Some(name) => {
-            RuleSet::preset(&name)?;
-            write!(out, "{}", RuleSet::preset_source(&name).unwrap_or_default())?;
-        }
+        Some(name) => match name.split_once('/') {
+            Some((preset, family)) => match RuleSet::family_source(preset, family) {
+                Some(text) => write!(out, "{text}")?,
+                None => anyhow::bail!(
+                    "no family '{family}' in preset '{preset}' (`relayout presets` lists them)"
+                ),
+            },
+            None => {
+                RuleSet::preset(&name)?;
+                write!(out, "{}", RuleSet::preset_source(&name).unwrap_or_default())?;
+            }
+        },
         None => {
             for name in RuleSet::preset_names() {
                 let set = RuleSet::preset(name)?;
                 writeln!(out, "{name:<6} {}", set.description())?;
+                for (family, fset) in RuleSet::families(name) {
+                    writeln!(
+                        out,
+                        "  {name}/{family:<12} model_type {}: {}",
+                        fset.model_types().join(", "),
+                        fset.description()
+                    )?;
+                }
             }
         }
     }

@@ -28,6 +28,9 @@ pub struct PlanEntry {
     pub(crate) target_shape: Vec<usize>,
     /// The rule that produced this entry, for reports.
     pub(crate) rule: String,
+    /// The sources of a stacked target, index by index (`source` is the first); empty
+    /// for a target made of one source.
+    pub(crate) stack: Vec<(usize, String)>,
     /// Something the user should check, e.g. a layout decided from a name alone.
     pub(crate) warning: Option<String>,
 }
@@ -85,6 +88,22 @@ impl PlanEntry {
         &self.rule
     }
 
+    /// The sources of a stacked target as (tensor index, name), in stack order (the
+    /// first is [`PlanEntry::source`]); empty for a target made of one source. Each is
+    /// sliced and permuted alike, and they fill the target's leading axis.
+    pub fn stack(&self) -> &[(usize, String)] {
+        &self.stack
+    }
+
+    /// Every source tensor the entry reads, by index.
+    pub fn sources(&self) -> Vec<usize> {
+        if self.stack.is_empty() {
+            vec![self.source]
+        } else {
+            self.stack.iter().map(|(i, _)| *i).collect()
+        }
+    }
+
     /// Something the user should check, e.g. a layout decided from a name alone.
     pub fn warning(&self) -> Option<&str> {
         self.warning.as_deref()
@@ -131,6 +150,15 @@ impl PlanEntry {
 
     /// The shape the permutation produces, before any reshape.
     pub fn permuted_shape(&self) -> Vec<usize> {
+        let mut out = self.part_shape();
+        if !self.stack.is_empty() {
+            out.insert(0, self.stack.len());
+        }
+        out
+    }
+
+    /// The permuted shape of one part (of the one source, or of each stacked source).
+    fn part_shape(&self) -> Vec<usize> {
         let mut shape = self.source_shape.clone();
         if let Some(s) = self.slice {
             if let Some(n) = shape.get_mut(s.axis) {
@@ -152,6 +180,9 @@ impl PlanEntry {
     /// `reshape`, `cast F32->BF16`, joined with ` + `.
     pub fn describe_op(&self) -> String {
         let mut parts = Vec::new();
+        if !self.stack.is_empty() {
+            parts.push(format!("stack[0..{}]", self.stack.len()));
+        }
         if let Some(s) = self.slice {
             parts.push(format!(
                 "slice[{}:{}..{}]",
@@ -224,6 +255,14 @@ pub struct Plan {
     /// The model folder's files a folder output receives beside the weights (config,
     /// tokenizer, …): set by [`crate::open_and_plan`] when the input is a model folder.
     pub(crate) files: Vec<crate::model::ModelFile>,
+    /// The NaN bits of the plan's casts (the rule files' `output.nan`).
+    pub(crate) nan: crate::layout::cast::NanPolicy,
+    /// Where the output dtype came from when the preset took it from the model's config
+    /// (`bfloat16 from config.json 'torch_dtype'`).
+    pub(crate) dtype_from: Option<String>,
+    /// `__metadata__` entries the rule files ask every output file to carry
+    /// (`{"format": "mlx"}`).
+    pub(crate) metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// Read access; the fields are set by the crate, which keeps them consistent.
@@ -231,6 +270,22 @@ impl Plan {
     /// Output tensors, in source order.
     pub fn entries(&self) -> &[PlanEntry] {
         &self.entries
+    }
+
+    /// Where the output dtype came from when the preset took it from the model's config
+    /// (`bfloat16 from config.json 'torch_dtype'`); `None` otherwise.
+    pub fn dtype_from(&self) -> Option<&str> {
+        self.dtype_from.as_deref()
+    }
+
+    /// `__metadata__` entries the rule files ask every output file to carry.
+    pub fn metadata(&self) -> &std::collections::BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The NaN bits of the plan's casts: torch's, or mlx's `astype` (preset `mlx-lm`).
+    pub fn nan(&self) -> crate::layout::cast::NanPolicy {
+        self.nan
     }
 
     /// The model folder's files a folder output receives beside the weights.

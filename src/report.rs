@@ -180,6 +180,8 @@ pub struct PlanReport {
     pub(crate) max_workers: Option<usize>,
     /// The model folder's files a folder output receives beside the weights.
     pub(crate) copied: Vec<FileRow>,
+    /// Where the output dtype came from when the preset took it from the config.
+    pub(crate) dtype_from: Option<String>,
 }
 
 /// One file of the model folder that a folder output receives (`config.json`, the
@@ -273,6 +275,12 @@ impl PlanReport {
     pub fn copied(&self) -> &[FileRow] {
         &self.copied
     }
+
+    /// Where the output dtype came from when the preset took it from the model's config
+    /// (`bfloat16 from config.json 'torch_dtype'`).
+    pub fn dtype_from(&self) -> Option<&str> {
+        self.dtype_from.as_deref()
+    }
 }
 
 /// One output tensor of a [`PlanReport`].
@@ -301,10 +309,18 @@ pub struct PlanRow {
     pub(crate) bytes: u64,
     /// The shard file it is written to, for a sharded layout.
     pub(crate) shard: Option<String>,
+    /// The sources of a stacked target, in stack order (`source` is the first); empty
+    /// for a target made of one source.
+    pub(crate) stack: Vec<String>,
 }
 
 /// Read access; the fields are set by the crate, which keeps them consistent.
 impl PlanRow {
+    /// The sources of a stacked target, in stack order; empty for one source.
+    pub fn stack(&self) -> &[String] {
+        &self.stack
+    }
+
     /// Source tensor name.
     pub fn source(&self) -> &str {
         &self.source
@@ -444,6 +460,7 @@ impl PlanReport {
                 warning: e.warning.clone(),
                 bytes: Converter::entry_bytes(e)? as u64,
                 shard,
+                stack: e.stack.iter().map(|(_, n)| n.clone()).collect(),
             });
         }
         let shards = layout.map(|l| {
@@ -468,6 +485,7 @@ impl PlanReport {
             shards,
             total_size: layout.map(|l| l.total_bytes),
             max_workers: layout.map(|l| l.files.len()),
+            dtype_from: plan.dtype_from.clone(),
             copied: plan
                 .files
                 .iter()

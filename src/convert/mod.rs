@@ -150,35 +150,62 @@ impl<'a> Converter<'a> {
     /// The job that produces `entry`, the one place a plan entry becomes work: the
     /// gather over its (sliced) source, the element conversion, and its bands.
     fn job(&self, entry: &PlanEntry) -> Result<Job<'a>> {
-        let t = self
-            .ckpt
-            .tensors()
-            .get(entry.source)
-            .ok_or_else(|| Error::Layout {
-                detail: format!(
-                    "plan entry '{}' names a missing source tensor",
-                    entry.source_name
-                ),
+        let sources = entry.sources();
+        let mut parts = Vec::with_capacity(sources.len());
+        let mut elements = 0usize;
+        let mut dtype = entry.source_dtype;
+        for (k, &source) in sources.iter().enumerate() {
+            let name = entry
+                .stack
+                .get(k)
+                .map_or(entry.source_name.as_str(), |(_, n)| n.as_str());
+            let t = self
+                .ckpt
+                .tensors()
+                .get(source)
+                .ok_or_else(|| Error::Layout {
+                    detail: format!(
+                        "plan entry '{}' names a missing source tensor '{name}'",
+                        entry.target
+                    ),
+                })?;
+            if t.dtype != entry.source_dtype {
+                return Err(Error::Layout {
+                    detail: format!(
+                        "'{}': part '{name}' is {}, the entry's source dtype {}",
+                        entry.target, t.dtype, entry.source_dtype
+                    ),
+                });
+            }
+            dtype = t.dtype;
+            let mut op = self.ckpt.layout_op(t, &entry.perm)?;
+            if let Some(s) = entry.slice {
+                op = op.sliced(s.axis, s.start, s.len)?;
+            }
+            let g = op.simplify();
+            elements = elements.checked_add(g.len()).ok_or_else(|| Error::Layout {
+                detail: format!("'{}' has more elements than fit in memory", entry.target),
             })?;
-        let mut op = self.ckpt.layout_op(t, &entry.perm)?;
-        if let Some(s) = entry.slice {
-            op = op.sliced(s.axis, s.start, s.len)?;
+            parts.push((self.ckpt.storage_bytes(t), g));
         }
-        let g = op.simplify();
-        let cast = Cast::new(t.dtype, entry.dtype)?;
+        let cast = Cast::new(dtype, entry.dtype)?.map(|c| c.with_nan(self.plan.nan));
         // A reshape is free on the contiguous output, but must keep the element count.
-        if crate::layout::checked_numel(&entry.target_shape) != Some(g.len()) {
+        if crate::layout::checked_numel(&entry.target_shape) != Some(elements) {
             return Err(Error::Layout {
                 detail: format!(
-                    "'{}': target shape {:?} does not hold the {} elements of '{}'",
+                    "'{}': target shape {:?} does not hold the {elements} elements of '{}'{}",
                     entry.target,
                     entry.target_shape,
-                    g.len(),
-                    entry.source_name
+                    entry.source_name,
+                    if sources.len() > 1 {
+                        format!(" and the {} other stacked parts", sources.len() - 1)
+                    } else {
+                        String::new()
+                    }
                 ),
             });
         }
-        Job::new(vec![(self.ckpt.storage_bytes(t), g)], cast, self.band_bytes)
+        Job::new(parts, cast, self.band_bytes)
     }
 
     /// The jobs of `entries`, in order.
@@ -271,8 +298,10 @@ impl<'a> Converter<'a> {
                         detail: format!("the backend finished job {job}, which was not given"),
                     })?;
                     // A source read by several entries (split parts) goes after its last.
-                    if run.finish_source(entry.source) {
-                        self.release(entry, true);
+                    for source in entry.sources() {
+                        if run.finish_source(source) {
+                            self.release_source(source);
+                        }
                     }
                     run.state.tensors_done += 1;
                 }
@@ -517,7 +546,14 @@ impl<'a> Converter<'a> {
         if !last {
             return;
         }
-        if let Some(t) = self.ckpt.tensors().get(entry.source) {
+        for source in entry.sources() {
+            self.release_source(source);
+        }
+    }
+
+    /// Lets the pages of source tensor `source` go, unless its storage is shared.
+    fn release_source(&self, source: usize) {
+        if let Some(t) = self.ckpt.tensors().get(source) {
             if !self.ckpt.shares_storage(t) {
                 self.ckpt.release(t);
             }
@@ -658,7 +694,9 @@ impl Run {
         let mut readers_left: HashMap<usize, usize> = HashMap::new();
         for (e, b) in entries.iter().zip(bytes) {
             state.bytes_total += b;
-            *readers_left.entry(e.source).or_default() += 1;
+            for source in e.sources() {
+                *readers_left.entry(source).or_default() += 1;
+            }
         }
         Run {
             state,

@@ -11,6 +11,7 @@ use crate::plan::Plan;
 use crate::reader::{Checkpoint, OpenOptions};
 use crate::rules::{ModuleTypes, PlanOptions, RuleSet};
 use crate::writer::shard::Worker;
+use crate::model::ModelConfig;
 use crate::writer::OutputKind;
 
 /// Everything [`convert`] needs besides the two paths, built step by step:
@@ -44,6 +45,9 @@ pub struct ConvertSpec {
     pub(crate) interrupt: Option<Interrupt>,
     /// Leave the model folder's files (config, tokenizer, …) out of a folder output.
     pub(crate) no_copy_files: bool,
+    /// `--dtype source`: keep every source dtype, even where the preset would take the
+    /// config's.
+    pub(crate) keep_source_dtype: bool,
 }
 
 impl ConvertSpec {
@@ -142,14 +146,23 @@ impl ConvertSpec {
         self
     }
 
-    /// Output dtype of every floating tensor (`--dtype`); `None` keeps each source's.
+    /// Output dtype of every floating tensor (`--dtype`); `None` keeps each source's
+    /// (or, with the `mlx-lm` preset, takes the config's declared dtype).
     pub fn dtype(mut self, dtype: Option<DType>) -> ConvertSpec {
         self.dtype = dtype;
+        self.keep_source_dtype = false;
         self
     }
 
-    /// [`ConvertSpec::dtype`] by name, as `--dtype` and Python's `dtype=` take it.
+    /// [`ConvertSpec::dtype`] by name, as `--dtype` and Python's `dtype=` take it:
+    /// `bf16`, `f16`, `f32` (or `bfloat16`, `float16`, `float32`), or `source`, which
+    /// keeps every source dtype even where the preset would take the config's.
     pub fn dtype_name(self, name: &str) -> Result<ConvertSpec> {
+        if name.eq_ignore_ascii_case("source") {
+            let mut spec = self.dtype(None);
+            spec.keep_source_dtype = true;
+            return Ok(spec);
+        }
         Ok(self.dtype(Some(PlanOptions::parse_dtype(name)?)))
     }
 
@@ -216,7 +229,8 @@ impl ConvertSpec {
         Ok(())
     }
 
-    /// The planning options the spec describes; reads the module-types file.
+    /// The planning options the spec describes; reads the module-types file. The model
+    /// config is `None` here; [`open_and_plan`] reads it when the rules need it.
     pub fn plan_options(&self) -> Result<PlanOptions> {
         Ok(PlanOptions {
             vars: self.vars.clone(),
@@ -225,6 +239,7 @@ impl ConvertSpec {
                 .as_deref()
                 .map(ModuleTypes::from_file)
                 .transpose()?,
+            config: None,
             dtype: self.dtype,
         })
     }
@@ -236,34 +251,70 @@ impl ConvertSpec {
 /// [`ConvertSpec::check_expectation`]), so a caller can show the plan that failed it.
 pub fn open_and_plan(input: impl AsRef<Path>, spec: &ConvertSpec) -> Result<(Checkpoint, Plan)> {
     let input = input.as_ref();
-    let rules = rule_set(spec.preset.as_deref(), &spec.rules)?;
+    let dir = crate::model::model_dir(input);
+    let config_path = dir.as_ref().map(|d| d.join(crate::model::CONFIG_NAME));
+    let is_family_preset = spec.preset.as_deref() == Some(crate::rules::MLX_LM_PRESET);
+    let config = match &config_path {
+        Some(path) if is_family_preset => Some(ModelConfig::from_file(path)?),
+        _ => None,
+    };
+    let rules = crate::rules::rule_set_for(spec.preset.as_deref(), &spec.rules, config.as_ref(), input)?;
+    // Other presets and rule files read the config only when a rule needs it.
+    let config = match (config, &config_path) {
+        (None, Some(path)) if rules.needs_config() => Some(ModelConfig::from_file(path)?),
+        (c, _) => c,
+    };
     let ckpt = Checkpoint::open_with(input, &spec.open_options())?;
-    let mut plan = plan_checkpoint(&ckpt, &rules, &spec.plan_options()?, spec.allow_unmatched)?;
+    let mut opts = spec.plan_options()?;
+    let mut dtype_from = None;
+    if rules.output().dtype_from_config() && opts.dtype.is_none() && !spec.keep_source_dtype {
+        if let Some((d, key)) = config.as_ref().and_then(ModelConfig::declared_dtype) {
+            opts.dtype = Some(d);
+            dtype_from = Some(format!(
+                "{} from {} '{key}'",
+                d.numpy_name(),
+                crate::model::CONFIG_NAME
+            ));
+        }
+    }
+    opts.config = config;
+    let mut plan = plan_checkpoint(&ckpt, &rules, &opts, spec.allow_unmatched)?;
+    plan.dtype_from = dtype_from;
     if !spec.no_copy_files {
-        if let Some(dir) = crate::model::model_dir(input) {
-            plan.files = crate::model::model_files(&dir)?;
+        if let Some(dir) = &dir {
+            plan.files = crate::model::model_files(dir)?;
+            if rules.output().mlx_lm_config() {
+                rewrite_config(&mut plan, opts.config.as_ref())?;
+            }
         }
     }
     Ok((ckpt, plan))
 }
 
-/// Builds the rule set of a preset and/or rule files.
-pub fn rule_set(preset: Option<&str>, rule_files: &[PathBuf]) -> Result<RuleSet> {
-    let mut rules = match preset {
-        Some(name) => Some(RuleSet::preset(name)?),
-        None => None,
+/// The model folder's `config.json` in `plan.files` replaced by mlx-lm's form of it.
+fn rewrite_config(plan: &mut Plan, config: Option<&ModelConfig>) -> Result<()> {
+    let Some(config) = config else {
+        return Ok(());
     };
-    for file in rule_files {
-        let over = RuleSet::from_file(file)?;
-        rules = Some(match rules {
-            Some(base) => base.layered(over),
-            None => over,
-        });
+    let generation = plan
+        .files
+        .iter()
+        .find(|f| f.name() == "generation_config.json")
+        .map(|f| f.source().to_path_buf());
+    let text = config.mlx_lm_text(generation.as_deref(), &BTreeMap::new())?;
+    for f in &mut plan.files {
+        if f.name() == crate::model::CONFIG_NAME {
+            *f = f.clone().rewritten(text);
+            break;
+        }
     }
-    rules.ok_or_else(|| Error::Rules {
-        origin: "(none)".to_string(),
-        detail: "give a preset or at least one rule file".to_string(),
-    })
+    Ok(())
+}
+
+/// Builds the rule set of a preset and/or rule files. The `mlx-lm` preset needs the
+/// model's config to pick its family: use [`open_and_plan`] for it.
+pub fn rule_set(preset: Option<&str>, rule_files: &[PathBuf]) -> Result<RuleSet> {
+    crate::rules::rule_set_for(preset, rule_files, None, Path::new("."))
 }
 
 /// Plans `ckpt`, failing when tensors match no rule unless `allow_unmatched`.
@@ -325,7 +376,9 @@ pub fn provenance(spec: &ConvertSpec, plan: &Plan) -> BTreeMap<String, String> {
         "dropped": plan.dropped.len(),
         "unmatched": plan.unmatched.len(),
     });
-    BTreeMap::from([("relayout".to_string(), value.to_string())])
+    let mut metadata = plan.metadata.clone();
+    metadata.insert("relayout".to_string(), value.to_string());
+    metadata
 }
 
 /// [`crate::merge_index`] for the workers of a conversion of a model folder: checks the

@@ -31,6 +31,21 @@ const PAR_THRESHOLD: usize = 1 << 20;
 /// task, small enough to balance over every core.
 const PAR_CHUNK_ELEMS: usize = 64 << 10;
 
+/// The bits a cast gives a NaN. Every other value converts the same way under both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NanPolicy {
+    /// PyTorch's `tensor.to()` (and ml_dtypes'): narrowing gives the target's quiet NaN
+    /// with the source's sign (bf16 `0x7FC0`/`0xFFC0`, f16 `0x7E00`/`0xFE00`); widening
+    /// keeps every bit.
+    #[default]
+    Torch,
+    /// mlx's `astype` on the CPU (mlx 0.32): any NaN to bf16 is `0x7FC0` (sign dropped);
+    /// to f16 from f32 or bf16 `0x7D00` with the source's sign; f16 to f32 keeps the
+    /// payload and sets the quiet bit; bf16 to f32 keeps every bit.
+    Mlx,
+}
+
 /// A conversion from one floating dtype to another. Only [`Cast::new`] builds one, so
 /// a `Cast` always names two different dtypes among F64, F32, F16 and BF16 with a
 /// target other than F64.
@@ -38,6 +53,7 @@ const PAR_CHUNK_ELEMS: usize = 64 << 10;
 pub struct Cast {
     from: DType,
     to: DType,
+    nan: NanPolicy,
 }
 
 impl Cast {
@@ -52,7 +68,21 @@ impl Cast {
                 detail: format!("no conversion from {from} to {to}"),
             });
         }
-        Ok(Some(Cast { from, to }))
+        Ok(Some(Cast {
+            from,
+            to,
+            nan: NanPolicy::Torch,
+        }))
+    }
+
+    /// The same conversion with the NaN bits of `nan`.
+    pub fn with_nan(self, nan: NanPolicy) -> Cast {
+        Cast { nan, ..self }
+    }
+
+    /// The NaN bits it gives.
+    pub fn nan(self) -> NanPolicy {
+        self.nan
     }
 
     pub fn from(self) -> DType {
@@ -91,6 +121,9 @@ pub fn cast_slice(cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
     let f32_of = u32::from_le_bytes;
     let half_of = u16::from_le_bytes;
     let f64_of = u64::from_le_bytes;
+    if cast.nan == NanPolicy::Mlx {
+        return cast_slice_mlx(cast, src, dst);
+    }
     match (cast.from, cast.to) {
         (DType::F32, DType::BF16) => run(src, dst, |s| f32_to_bf16(f32_of(s)).to_le_bytes()),
         (DType::F32, DType::F16) => run(src, dst, |s| f32_to_f16(f32_of(s)).to_le_bytes()),
@@ -114,6 +147,70 @@ pub fn cast_slice(cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
         (from, to) => Err(Error::Layout {
             detail: format!("no conversion from {from} to {to}"),
         }),
+    }
+}
+
+/// [`cast_slice`] with mlx's NaN bits: torch's conversion, then the NaN of the output
+/// replaced by mlx's (branch-free selects, so the loops still vectorise).
+fn cast_slice_mlx(cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
+    let f32_of = u32::from_le_bytes;
+    let half_of = u16::from_le_bytes;
+    let f64_of = u64::from_le_bytes;
+    let bf = mlx_nan_bf16;
+    let h = mlx_nan_f16;
+    match (cast.from, cast.to) {
+        (DType::F32, DType::BF16) => run(src, dst, |s| bf(f32_to_bf16(f32_of(s))).to_le_bytes()),
+        (DType::F32, DType::F16) => run(src, dst, |s| h(f32_to_f16(f32_of(s))).to_le_bytes()),
+        (DType::BF16, DType::F32) => run(src, dst, |s| bf16_to_f32(half_of(s)).to_le_bytes()),
+        (DType::F16, DType::F32) => run(src, dst, |s| {
+            mlx_nan_f32_from_f16(f16_to_f32(half_of(s))).to_le_bytes()
+        }),
+        (DType::BF16, DType::F16) => run(src, dst, |s| {
+            h(f32_to_f16(bf16_to_f32(half_of(s)))).to_le_bytes()
+        }),
+        (DType::F16, DType::BF16) => run(src, dst, |s| {
+            bf(f32_to_bf16(f16_to_f32(half_of(s)))).to_le_bytes()
+        }),
+        (DType::F64, DType::F32) => run(src, dst, |s| f64_to_f32(f64_of(s)).to_le_bytes()),
+        (DType::F64, DType::BF16) => run(src, dst, |s| {
+            bf(f32_to_bf16(f64_to_f32(f64_of(s)))).to_le_bytes()
+        }),
+        (DType::F64, DType::F16) => run(src, dst, |s| {
+            h(f32_to_f16(f64_to_f32(f64_of(s)))).to_le_bytes()
+        }),
+        (from, to) => Err(Error::Layout {
+            detail: format!("no conversion from {from} to {to}"),
+        }),
+    }
+}
+
+/// mlx's bf16 NaN: `0x7FC0` whatever the sign.
+#[inline(always)]
+fn mlx_nan_bf16(r: u16) -> u16 {
+    if (r & 0x7FFF) > 0x7F80 {
+        0x7FC0
+    } else {
+        r
+    }
+}
+
+/// mlx's f16 NaN from f32 or bf16: `0x7D00` with the sign.
+#[inline(always)]
+fn mlx_nan_f16(r: u16) -> u16 {
+    if (r & 0x7FFF) > 0x7C00 {
+        (r & 0x8000) | 0x7D00
+    } else {
+        r
+    }
+}
+
+/// mlx's f16-to-f32 NaN: the widened payload with the quiet bit set.
+#[inline(always)]
+fn mlx_nan_f32_from_f16(r: u32) -> u32 {
+    if (r & 0x7FFF_FFFF) > 0x7F80_0000 {
+        r | 0x0040_0000
+    } else {
+        r
     }
 }
 
@@ -385,6 +482,18 @@ pub(crate) fn reference_cast(cast: Cast, bits: u64) -> u64 {
     let mag = bits & (from.sign_bit() - 1);
     let sign = if negative { to.sign_bit() } else { 0 };
     let is_inf_or_nan = mag >= from.inf();
+    if mag > from.inf() && cast.nan == NanPolicy::Mlx {
+        // mlx's astype: to bf16 one NaN, unsigned; to f16 0x7D00 signed; to f32 from
+        // f16 the payload with the quiet bit; from bf16 every bit.
+        let payload = || (mag & from.mant_mask()) << (to.mant_bits - from.mant_bits);
+        return match (cast.from, cast.to) {
+            (_, DType::BF16) => 0x7FC0,
+            (_, DType::F16) => sign | 0x7D00,
+            (DType::F16, _) => sign | to.inf() | payload() | (1 << (to.mant_bits - 1)),
+            (DType::BF16, _) => sign | to.inf() | payload(),
+            _ => sign | to.inf() | (1 << (to.mant_bits - 1)),
+        };
+    }
     if mag > from.inf() {
         // NaN: widening keeps the payload at the top of the mantissa, narrowing gives
         // the target's canonical quiet NaN.
@@ -417,7 +526,49 @@ mod tests {
     use super::*;
 
     fn cast(from: DType, to: DType) -> Cast {
-        Cast { from, to }
+        Cast {
+            from,
+            to,
+            nan: NanPolicy::Torch,
+        }
+    }
+
+    #[test]
+    fn mlx_nan_bits_match_the_oracle_and_what_mlx_astype_gives() {
+        let halves: Vec<u64> = (0..=0xFFFF).collect();
+        let mut f32s: Vec<u64> = (0..=0xFFFFu64).map(|hi| hi << 16 | (hi * 7919) & 0xFFFF).collect();
+        f32s.extend([0x7FC0_0000, 0xFFC0_0000, 0x7F80_0001, 0xFF80_0001, 0x7FFF_FFFF, 0x7FA0_0000]);
+        let mlx = |from, to| cast(from, to).with_nan(NanPolicy::Mlx);
+        for (from, to, pats) in [
+            (DType::F32, DType::BF16, &f32s),
+            (DType::F32, DType::F16, &f32s),
+            (DType::BF16, DType::F32, &halves),
+            (DType::F16, DType::F32, &halves),
+            (DType::BF16, DType::F16, &halves),
+            (DType::F16, DType::BF16, &halves),
+        ] {
+            let got = check(mlx(from, to), pats);
+            let torch = check(cast(from, to), pats);
+            for ((&p, &g), &t) in pats.iter().zip(&got).zip(&torch) {
+                if !is_nan(from, p) {
+                    assert_eq!(g, t, "{from} -> {to} of {p:#x}: only NaNs differ");
+                }
+            }
+        }
+        // Recorded from mlx 0.32.4's astype on the CPU.
+        let one = |from, to, p| check(mlx(from, to), &[p])[0];
+        for (p, want) in [(0x7FC0_0000, 0x7FC0), (0xFFC0_0000, 0x7FC0), (0xFF80_0001, 0x7FC0)] {
+            assert_eq!(one(DType::F32, DType::BF16, p), want);
+        }
+        for (p, want) in [(0x7FC0_0000, 0x7D00), (0xFFC0_0000, 0xFD00), (0x7FA0_0000, 0x7D00)] {
+            assert_eq!(one(DType::F32, DType::F16, p), want);
+        }
+        for (p, want) in [(0x7E00, 0x7FC0_0000), (0xFC01, 0xFFC0_2000), (0x7D00, 0x7FE0_0000)] {
+            assert_eq!(one(DType::F16, DType::F32, p), want);
+        }
+        assert_eq!(one(DType::BF16, DType::F32, 0xFF81), 0xFF81_0000);
+        assert_eq!(one(DType::BF16, DType::F16, 0xFF81), 0xFD00);
+        assert_eq!(one(DType::F16, DType::BF16, 0xFC01), 0x7FC0);
     }
 
     /// xorshift64*, fixed seeds: the same patterns on every run.

@@ -110,18 +110,120 @@ use crate::layout::cast::is_castable;
 use crate::plan::{Plan, PlanEntry, Skipped, Slice};
 use crate::reader::TensorInfo;
 
-use pattern::{merge_digits, NameParts, PathGlob, PermSpec, ReshapeSpec, Template};
+use pattern::{merge_digits, NameParts, PathGlob, PermSpec, ReshapeSpec, Template, TensorPattern};
+
+pub use crate::layout::cast::NanPolicy;
+use crate::model::ModelConfig;
 
 /// Rule files larger than this are refused before reading: a real one is a few KiB.
 const MAX_RULE_FILE_BYTES: u64 = 1 << 20;
 
 /// The built-in presets, as (name, embedded TOML).
-const PRESETS: [(&str, &str); 3] = [
+const PRESETS: [(&str, &str); 4] = [
     ("flax", include_str!("presets/flax.toml")),
     ("nnx", include_str!("presets/nnx.toml")),
     ("mlx", include_str!("presets/mlx.toml")),
+    (MLX_LM_PRESET, include_str!("presets/mlx-lm.toml")),
 ];
-const PRESET_NAMES: [&str; 3] = [PRESETS[0].0, PRESETS[1].0, PRESETS[2].0];
+const PRESET_NAMES: [&str; 4] = [PRESETS[0].0, PRESETS[1].0, PRESETS[2].0, PRESETS[3].0];
+
+/// The preset whose rules depend on the model: it reads `model_type` from `config.json`
+/// and layers that family's file over its own.
+pub const MLX_LM_PRESET: &str = "mlx-lm";
+
+/// The families of the `mlx-lm` preset, as (name, embedded TOML); each file declares the
+/// `model_type`s it serves.
+const MLX_LM_FAMILIES: [(&str, &str); 11] = [
+    ("llama", include_str!("presets/mlx-lm/llama.toml")),
+    ("qwen2", include_str!("presets/mlx-lm/qwen2.toml")),
+    ("qwen3", include_str!("presets/mlx-lm/qwen3.toml")),
+    ("gemma2", include_str!("presets/mlx-lm/gemma2.toml")),
+    ("gemma3_text", include_str!("presets/mlx-lm/gemma3_text.toml")),
+    ("phi3", include_str!("presets/mlx-lm/phi3.toml")),
+    ("gpt2", include_str!("presets/mlx-lm/gpt2.toml")),
+    ("starcoder2", include_str!("presets/mlx-lm/starcoder2.toml")),
+    ("olmo2", include_str!("presets/mlx-lm/olmo2.toml")),
+    ("mixtral", include_str!("presets/mlx-lm/mixtral.toml")),
+    ("qwen3_moe", include_str!("presets/mlx-lm/qwen3_moe.toml")),
+];
+
+/// The rule set a conversion uses: the preset (for `mlx-lm`, its base layered under the
+/// family of `config`'s `model_type`), then each rule file over it. `input` names the
+/// checkpoint in the error when the `mlx-lm` preset finds no config.
+pub(crate) fn rule_set_for(
+    preset: Option<&str>,
+    rule_files: &[std::path::PathBuf],
+    config: Option<&ModelConfig>,
+    input: &Path,
+) -> Result<RuleSet> {
+    let mut rules = match preset {
+        Some(MLX_LM_PRESET) => {
+            let base = RuleSet::preset(MLX_LM_PRESET)?;
+            let model_type = match config {
+                Some(c) => c.model_type()?.map(|t| (t, c.path())),
+                None => None,
+            };
+            let family = match model_type {
+                Some((t, _)) => RuleSet::family(MLX_LM_PRESET, t)?,
+                None => None,
+            };
+            match (family, model_type) {
+                (Some(f), _) => Some(base.layered(f)),
+                // A user's rule file supplies the family.
+                _ if !rule_files.is_empty() => Some(base),
+                (None, Some((t, path))) => {
+                    return Err(Error::UnknownModelType {
+                        path: path.to_path_buf(),
+                        model_type: t.to_string(),
+                        families: family_list(),
+                    })
+                }
+                (None, None) => {
+                    return Err(Error::NoModelType {
+                        path: config.map_or_else(
+                            || {
+                                crate::model::model_dir(input)
+                                    .unwrap_or_else(|| {
+                                        input.parent().unwrap_or(input).to_path_buf()
+                                    })
+                                    .join(crate::model::CONFIG_NAME)
+                            },
+                            |c| c.path().to_path_buf(),
+                        ),
+                        detail: if config.is_some() {
+                            "has no 'model_type'".to_string()
+                        } else {
+                            "is missing".to_string()
+                        },
+                        families: family_list(),
+                    })
+                }
+            }
+        }
+        Some(name) => Some(RuleSet::preset(name)?),
+        None => None,
+    };
+    for file in rule_files {
+        let over = RuleSet::from_file(file)?;
+        rules = Some(match rules {
+            Some(base) => base.layered(over),
+            None => over,
+        });
+    }
+    rules.ok_or_else(|| Error::Rules {
+        origin: "(none)".to_string(),
+        detail: "give a preset or at least one rule file".to_string(),
+    })
+}
+
+/// "llama (llama, mistral), qwen2 (qwen2), …" for errors.
+fn family_list() -> String {
+    RuleSet::families(MLX_LM_PRESET)
+        .iter()
+        .map(|(name, set)| format!("{name} ({})", set.model_types().join(", ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// An ordered list of rules, from one or more presets and rule files.
 ///
@@ -151,6 +253,215 @@ pub struct RuleSet {
     rules: Vec<Rule>,
     sources: Vec<String>,
     description: String,
+    settings: FileSettings,
+}
+
+/// What a rule file says besides its rules: the model types a family serves, defaults
+/// for config keys, checks of counts against the tensors, and how the output is written.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FileSettings {
+    pub(crate) model_types: Vec<String>,
+    pub(crate) config_defaults: BTreeMap<String, serde_json::Value>,
+    pub(crate) counts: Vec<CountCheck>,
+    pub(crate) output: OutputSettings,
+}
+
+/// A rule file's `[output]` table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutputSettings {
+    /// `__metadata__` entries of every output file (`{"format": "mlx"}`).
+    pub(crate) metadata: BTreeMap<String, String>,
+    /// Write `config.json` as `mlx_lm.convert` does (`config = "mlx-lm"`).
+    pub(crate) mlx_lm_config: bool,
+    /// The NaN bits of casts (`nan = "mlx"`); `None` keeps torch's.
+    pub(crate) nan: Option<NanPolicy>,
+    /// Without `--dtype`, cast floating tensors to the config's declared dtype
+    /// (`dtype = "config"`).
+    pub(crate) dtype_from_config: bool,
+}
+
+impl OutputSettings {
+    /// `__metadata__` entries every output file carries.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// True when `config.json` is written as `mlx_lm.convert` writes it.
+    pub fn mlx_lm_config(&self) -> bool {
+        self.mlx_lm_config
+    }
+
+    /// The NaN bits of casts.
+    pub fn nan(&self) -> NanPolicy {
+        self.nan.unwrap_or_default()
+    }
+
+    /// True when floating tensors take the config's declared dtype without `--dtype`.
+    pub fn dtype_from_config(&self) -> bool {
+        self.dtype_from_config
+    }
+
+    /// `over`'s settings where it sets them, else these.
+    fn layered(mut self, over: &OutputSettings) -> OutputSettings {
+        self.metadata.extend(over.metadata.clone());
+        self.mlx_lm_config |= over.mlx_lm_config;
+        self.nan = over.nan.or(self.nan);
+        self.dtype_from_config |= over.dtype_from_config;
+        self
+    }
+}
+
+/// A check that the tensors matching `pattern` carry every `index` in `0..count`, once.
+#[derive(Clone, Debug)]
+pub(crate) struct CountCheck {
+    pub(crate) patterns: Vec<TensorPattern>,
+    pub(crate) index: String,
+    pub(crate) count: Count,
+}
+
+/// A count: fixed, or rendered from config values and variables.
+#[derive(Clone, Debug)]
+pub(crate) enum Count {
+    Fixed(usize),
+    /// A `--set` variable (`"{experts}"`).
+    Var(String),
+    /// `{config.KEY}` text.
+    Template(Template),
+}
+
+impl Count {
+    /// The count, at most `limit` (what the tensors could possibly satisfy).
+    fn resolve(
+        &self,
+        vars: &BTreeMap<String, String>,
+        names: &NameParts<'_>,
+        limit: usize,
+    ) -> std::result::Result<usize, String> {
+        let (n, from) = match self {
+            Count::Fixed(n) => (n.to_string(), format!("{n}")),
+            Count::Var(v) => match vars.get(v) {
+                Some(value) => (value.clone(), format!("--set {v}={value}")),
+                None => return Err(format!("variable '{v}' is not set (pass --set {v}=N)")),
+            },
+            Count::Template(t) => {
+                let text = t.render(names)?;
+                (text.clone(), format!("'{t}' = {text}"))
+            }
+        };
+        match n.trim().parse::<usize>() {
+            Ok(k) if k > 0 && k <= limit => Ok(k),
+            Ok(k) if k > 0 => Err(format!(
+                "the count ({from}) is more than the {limit} tensors there are"
+            )),
+            _ => Err(format!("the count ({from}) is not a positive integer")),
+        }
+    }
+}
+
+impl std::fmt::Display for Count {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Count::Fixed(n) => write!(f, "{n}"),
+            Count::Var(v) => write!(f, "{{{v}}}"),
+            Count::Template(t) => write!(f, "{t}"),
+        }
+    }
+}
+
+/// The tensors one stacking rule maps to one target, by index.
+struct StackGroup {
+    rule: String,
+    origin: String,
+    count: usize,
+    /// Where the stacked entry goes in the plan (its first part's place).
+    slot: usize,
+    members: Vec<Option<PlanEntry>>,
+}
+
+impl StackGroup {
+    fn add(&mut self, k: usize, entry: PlanEntry) -> Result<()> {
+        let err = |detail: String| Error::Rules {
+            origin: self.origin.clone(),
+            detail: format!("rule '{}', stacked target '{}': {detail}", self.rule, entry.target),
+        };
+        match self.members.get_mut(k) {
+            None => Err(err(format!(
+                "'{}' has index {k}, outside 0..{}",
+                entry.source_name, self.count
+            ))),
+            Some(Some(first)) => Err(err(format!(
+                "index {k} is given twice, by '{}' and '{}'",
+                first.source_name, entry.source_name
+            ))),
+            Some(slot) => {
+                *slot = Some(entry);
+                Ok(())
+            }
+        }
+    }
+
+    /// The stacked entry: every index present, every part alike.
+    fn finish(self) -> Result<PlanEntry> {
+        let err = |target: &str, detail: String| Error::Rules {
+            origin: self.origin.clone(),
+            detail: format!("rule '{}', stacked target '{target}': {detail}", self.rule),
+        };
+        let present: Vec<&PlanEntry> = self.members.iter().flatten().collect();
+        let Some(&first) = present.first() else {
+            return Err(err("?", "no parts".to_string()));
+        };
+        let missing: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_none())
+            .map(|(k, _)| k.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(err(
+                &first.target,
+                format!(
+                    "{} of its {} parts are missing: index {} (it has '{}' and {} more)",
+                    missing.len(),
+                    self.count,
+                    missing.join(", "),
+                    first.source_name,
+                    present.len() - 1
+                ),
+            ));
+        }
+        for m in &present[1..] {
+            if m.source_shape != first.source_shape || m.source_dtype != first.source_dtype {
+                return Err(err(
+                    &first.target,
+                    format!(
+                        "'{}' is {} {:?}, but '{}' is {} {:?}: stacked parts must be alike",
+                        m.source_name,
+                        m.source_dtype,
+                        m.source_shape,
+                        first.source_name,
+                        first.source_dtype,
+                        first.source_shape
+                    ),
+                ));
+            }
+        }
+        let mut entry = first.clone();
+        entry.stack = present
+            .iter()
+            .map(|m| (m.source, m.source_name.clone()))
+            .collect();
+        entry.target_shape.insert(0, self.count);
+        Ok(entry)
+    }
+}
+
+/// Stacks every tensor the rule maps to one target along a new leading axis, ordered by
+/// the capture `index` (`0..count`).
+#[derive(Clone, Debug)]
+pub(crate) struct StackSpec {
+    pub(crate) index: String,
+    pub(crate) count: Count,
 }
 
 /// One rule: conditions on a tensor, and what to do with a tensor that meets them.
@@ -165,6 +476,10 @@ pub struct Rule {
 
 #[derive(Clone, Debug, Default)]
 struct Conditions {
+    /// The whole name (any of the patterns), with captures for the target.
+    tensor: Option<Vec<TensorPattern>>,
+    /// Config values that must hold (a missing key takes the file's default).
+    config_is: Vec<(String, serde_json::Value)>,
     leaf: Option<Vec<String>>,
     /// Inclusive bounds.
     rank: Option<(usize, Option<usize>)>,
@@ -195,6 +510,7 @@ struct MapAction {
     target: Template,
     perm: Option<PermSpec>,
     split: Option<SplitSpec>,
+    stack: Option<StackSpec>,
     reshape: Option<ReshapeSpec>,
     /// Output dtype of floating tensors; wins over [`PlanOptions::dtype`].
     dtype: Option<DType>,
@@ -226,6 +542,50 @@ struct Subject<'a> {
     parent_siblings: &'a HashSet<&'a str>,
     /// The module's class, when `--module-types` gives it.
     module_type: Option<&'a str>,
+    /// The model's config values (with the rule files' defaults).
+    config: &'a ConfigView<'a>,
+}
+
+/// The model's config as rules see it: its values, else the rule files' defaults.
+pub(crate) struct ConfigView<'a> {
+    config: Option<&'a ModelConfig>,
+    defaults: &'a BTreeMap<String, serde_json::Value>,
+}
+
+impl ConfigView<'_> {
+    fn get(&self, key: &str) -> Option<&serde_json::Value> {
+        self.config
+            .and_then(|c| c.get(key))
+            .or_else(|| self.defaults.get(key))
+    }
+
+    /// A value as rule text (`{config.KEY}`): strings, integers and booleans.
+    fn text(&self, key: &str) -> std::result::Result<String, String> {
+        if let Some(c) = self.config {
+            if c.get(key).is_some() {
+                return c.text(key).map_err(|e| e.to_string());
+            }
+        }
+        match self.defaults.get(key) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(serde_json::Value::Bool(b)) => Ok(b.to_string()),
+            Some(serde_json::Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
+            _ => Err(match self.config {
+                Some(c) => format!("{}: key '{key}' is not set", c.path().display()),
+                None => format!(
+                    "'{{config.{key}}}' needs the model's config.json, and there is none"
+                ),
+            }),
+        }
+    }
+}
+
+/// Whether a config value equals a rule's: numbers by value, the rest exactly.
+fn same_value(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
 }
 
 /// What planning takes besides the tensors.
@@ -235,6 +595,8 @@ pub struct PlanOptions {
     pub vars: BTreeMap<String, String>,
     /// The model's module classes (`--module-types`), for `module_type` conditions.
     pub module_types: Option<ModuleTypes>,
+    /// The model's `config.json`, for `config_is` conditions and `{config.KEY}`.
+    pub config: Option<ModelConfig>,
     /// Output dtype of every floating tensor (`--dtype`); a rule's own `dtype` wins.
     pub dtype: Option<DType>,
 }
@@ -358,7 +720,13 @@ impl Rule {
         let c = &self.conditions;
         let rank = s.info.shape.len();
         let last = s.components.last();
-        c.leaf
+        c.tensor
+            .as_ref()
+            .is_none_or(|ps| ps.iter().any(|p| p.matches(&s.info.name).is_some()))
+            && c.config_is.iter().all(|(k, want)| {
+                s.config.get(k).is_some_and(|have| same_value(have, want))
+            })
+            && c.leaf
             .as_ref()
             .is_none_or(|l| l.iter().any(|x| x == s.leaf))
             && c.rank
@@ -412,6 +780,44 @@ impl RuleSet {
         &PRESET_NAMES
     }
 
+    /// The families of a preset that has them (`mlx-lm`), by name, each parsed: its
+    /// [`RuleSet::model_types`] and rules. Empty for the other presets.
+    pub fn families(preset: &str) -> Vec<(&'static str, RuleSet)> {
+        if preset != MLX_LM_PRESET {
+            return Vec::new();
+        }
+        MLX_LM_FAMILIES
+            .iter()
+            .filter_map(|(name, text)| {
+                RuleSet::from_toml(text, &format!("preset {preset}/{name}"))
+                    .ok()
+                    .map(|set| (*name, set))
+            })
+            .collect()
+    }
+
+    /// The family of `preset` serving `model_type`, if there is one.
+    pub fn family(preset: &str, model_type: &str) -> Result<Option<RuleSet>> {
+        if preset != MLX_LM_PRESET {
+            return Ok(None);
+        }
+        for (name, text) in MLX_LM_FAMILIES {
+            let set = RuleSet::from_toml(text, &format!("preset {preset}/{name}"))?;
+            if set.model_types().iter().any(|t| t == model_type) {
+                return Ok(Some(set));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The embedded TOML of a family (`mlx-lm/llama`).
+    pub fn family_source(preset: &str, name: &str) -> Option<&'static str> {
+        (preset == MLX_LM_PRESET)
+            .then(|| MLX_LM_FAMILIES.iter().find(|(n, _)| *n == name))
+            .flatten()
+            .map(|(_, t)| *t)
+    }
+
     /// The embedded TOML of a built-in preset, to show or to start a rule file from.
     pub fn preset_source(name: &str) -> Option<&'static str> {
         PRESETS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
@@ -419,12 +825,42 @@ impl RuleSet {
 
     /// Parses a rule file's text; `origin` names it in errors and in the plan.
     pub fn from_toml(text: &str, origin: &str) -> Result<RuleSet> {
-        let (description, rules) = syntax::parse(text, origin)?;
+        let (description, settings, rules) = syntax::parse(text, origin)?;
         Ok(RuleSet {
             rules,
             sources: vec![origin.to_string()],
             description,
+            settings,
         })
+    }
+
+    /// The `config.json` model types the set's files declare they serve (a family file
+    /// of the `mlx-lm` preset).
+    pub fn model_types(&self) -> &[String] {
+        &self.settings.model_types
+    }
+
+    /// How the output is written (the files' `[output]` tables).
+    pub fn output(&self) -> &OutputSettings {
+        &self.settings.output
+    }
+
+    /// True when a rule reads the model's config (`config_is`, `{config.KEY}`) or the
+    /// output needs it.
+    pub fn needs_config(&self) -> bool {
+        let s = &self.settings;
+        s.output.mlx_lm_config
+            || s.output.dtype_from_config
+            || !s.counts.is_empty()
+            || self.rules.iter().any(|r| {
+                !r.conditions.config_is.is_empty()
+                    || match &r.action {
+                        Action::Map(a) => {
+                            a.target.config_keys().next().is_some() || a.stack.is_some()
+                        }
+                        Action::Drop => false,
+                    }
+            })
     }
 
     /// The `description` of the file this set came from (the base of a layered set).
@@ -448,10 +884,20 @@ impl RuleSet {
         rules.extend(self.rules);
         let mut sources = self.sources;
         sources.extend(over.sources);
+        let mut settings = self.settings;
+        settings.output = settings.output.layered(&over.settings.output);
+        for (k, v) in over.settings.config_defaults {
+            settings.config_defaults.insert(k, v);
+        }
+        settings.counts.extend(over.settings.counts);
+        if settings.model_types.is_empty() {
+            settings.model_types = over.settings.model_types;
+        }
         RuleSet {
             rules,
             sources,
             description: self.description,
+            settings,
         }
     }
 
@@ -470,7 +916,8 @@ impl RuleSet {
         self.plan_with(tensors, &PlanOptions::default())
     }
 
-    /// [`RuleSet::plan`] with rule variables, module classes and an output dtype.
+    /// [`RuleSet::plan`] with rule variables, module classes, the model's config and an
+    /// output dtype.
     pub fn plan_with(&self, tensors: &[TensorInfo], opts: &PlanOptions) -> Result<Plan> {
         let mut siblings: HashMap<&str, HashSet<&str>> = HashMap::new();
         for t in tensors {
@@ -478,12 +925,20 @@ impl RuleSet {
             siblings.entry(module).or_default().insert(leaf);
         }
         let empty = HashSet::new();
+        let view = ConfigView {
+            config: opts.config.as_ref(),
+            defaults: &self.settings.config_defaults,
+        };
+        let config_text = |k: &str| view.text(k);
         let mut plan = Plan {
             sources: self.sources.clone(),
+            nan: self.settings.output.nan(),
+            metadata: self.settings.output.metadata.clone(),
             ..Plan::default()
         };
         // Target name → source name, to report both sides of a collision.
         let mut taken: HashMap<String, String> = HashMap::new();
+        let mut stacks: HashMap<String, StackGroup> = HashMap::new();
         let mut shadow = Shadowing::new(self);
 
         for (index, info) in tensors.iter().enumerate() {
@@ -505,6 +960,7 @@ impl RuleSet {
                 },
                 module_type: opts.module_types.as_ref().and_then(|m| m.get(module)),
                 components,
+                config: &view,
             };
             let mut matching = self
                 .rules
@@ -531,6 +987,12 @@ impl RuleSet {
                 }
                 Action::Map(action) => action,
             };
+            let captures = rule
+                .conditions
+                .tensor
+                .as_ref()
+                .and_then(|ps| ps.iter().find_map(|p| p.matches(&info.name)))
+                .unwrap_or_default();
             let merged = merge_digits(&subject.components);
             let parent_merged =
                 merge_digits(&subject.components[..subject.components.len().saturating_sub(1)]);
@@ -542,6 +1004,8 @@ impl RuleSet {
                 parent,
                 parent_merged: &parent_merged,
                 part: "",
+                captures: &captures,
+                config: Some(&config_text),
             };
             for entry in rule.entries(action, index, info, &names, opts)? {
                 if entry.target == "__metadata__" || entry.target.is_empty() {
@@ -552,6 +1016,50 @@ impl RuleSet {
                             info.name, entry.target
                         ),
                     });
+                }
+                if let Some(stack) = &action.stack {
+                    let rule_err = |detail: String| Error::Rules {
+                        origin: rule.origin.clone(),
+                        detail: format!("rule '{}', tensor '{}': {detail}", rule.name, info.name),
+                    };
+                    let value = captures
+                        .iter()
+                        .find(|(n, _)| *n == stack.index)
+                        .map_or("", |(_, v)| v.as_str());
+                    let k: usize = value.parse().map_err(|_| {
+                        rule_err(format!(
+                            "the stack index {{{}}} is '{value}', not an integer",
+                            stack.index
+                        ))
+                    })?;
+                    if let Some(group) = stacks.get_mut(&entry.target) {
+                        group.add(k, entry)?;
+                        continue;
+                    }
+                    if let Some(first) = taken.get(entry.target.as_str()) {
+                        return Err(Error::TargetCollision {
+                            first: first.clone(),
+                            second: info.name.clone(),
+                            target: entry.target,
+                        });
+                    }
+                    let count = stack
+                        .count
+                        .resolve(&opts.vars, &names, tensors.len())
+                        .map_err(rule_err)?;
+                    taken.insert(entry.target.clone(), info.name.clone());
+                    let mut group = StackGroup {
+                        rule: rule.name.clone(),
+                        origin: rule.origin.clone(),
+                        count,
+                        slot: plan.entries.len(),
+                        members: vec![None; count],
+                    };
+                    let target = entry.target.clone();
+                    plan.entries.push(entry.clone());
+                    group.add(k, entry)?;
+                    stacks.insert(target, group);
+                    continue;
                 }
                 if let Some(first) = taken.get(entry.target.as_str()) {
                     return Err(Error::TargetCollision {
@@ -564,8 +1072,80 @@ impl RuleSet {
                 plan.entries.push(entry);
             }
         }
+        let mut groups: Vec<StackGroup> = stacks.into_values().collect();
+        groups.sort_by_key(|g| g.slot);
+        for g in groups {
+            let slot = g.slot;
+            plan.entries[slot] = g.finish()?;
+        }
+        self.check_counts(tensors, opts, &config_text)?;
         plan.unreachable = shadow.report(self, tensors);
         Ok(plan)
+    }
+
+    /// The files' `[[count]]` checks: the indices the tensors carry are exactly
+    /// `0..count` (a config's layer or expert count that disagrees with the tensors).
+    fn check_counts(
+        &self,
+        tensors: &[TensorInfo],
+        opts: &PlanOptions,
+        config_text: pattern::ConfigText<'_>,
+    ) -> Result<()> {
+        for check in &self.settings.counts {
+            let mut seen = std::collections::BTreeSet::new();
+            for t in tensors {
+                let Some(caps) = check.patterns.iter().find_map(|p| p.matches(&t.name)) else {
+                    continue;
+                };
+                let value = caps
+                    .iter()
+                    .find(|(n, _)| *n == check.index)
+                    .map_or("", |(_, v)| v.as_str());
+                if let Ok(k) = value.parse::<usize>() {
+                    seen.insert(k);
+                }
+            }
+            let names = NameParts {
+                name: "",
+                module: "",
+                module_merged: "",
+                leaf: "",
+                parent: "",
+                parent_merged: "",
+                part: "",
+                captures: &[],
+                config: Some(config_text),
+            };
+            let fail = |detail: String| Error::Rules {
+                origin: self.sources.join(" + "),
+                detail: format!("count check of '{}': {detail}", check.patterns[0]),
+            };
+            let count = check
+                .count
+                .resolve(&opts.vars, &names, usize::MAX)
+                .map_err(fail)?;
+            let expected: std::collections::BTreeSet<usize> = (0..count).collect();
+            if seen != expected {
+                let shown = |s: &std::collections::BTreeSet<usize>| {
+                    let v: Vec<String> = s.iter().take(12).map(ToString::to_string).collect();
+                    let more = s.len().saturating_sub(12);
+                    if more > 0 {
+                        format!("{} and {more} more", v.join(", "))
+                    } else if v.is_empty() {
+                        "none".to_string()
+                    } else {
+                        v.join(", ")
+                    }
+                };
+                return Err(fail(format!(
+                    "{} = {count}, but the tensors have {{{}}} = {}",
+                    check.count,
+                    check.index,
+                    shown(&seen)
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -653,7 +1233,10 @@ impl Rule {
         };
         let mut entries = Vec::with_capacity(parts.len());
         for (part, slice) in parts {
-            let target = action.target.render(&NameParts { part, ..*names });
+            let target = action
+                .target
+                .render(&NameParts { part, ..*names })
+                .map_err(&rule_err)?;
             if target.is_empty() {
                 return Err(rule_err(format!(
                     "target '{}' renders empty",
@@ -671,6 +1254,7 @@ impl Rule {
                 perm: perm.clone(),
                 target_shape: Vec::new(),
                 rule: self.name.clone(),
+                stack: Vec::new(),
                 warning: match (&opts.module_types, &action.warn_with_module_types) {
                     (Some(_), Some(w)) => Some(names.fill(w)),
                     _ => action.warn.as_ref().map(|w| names.fill(w)),

@@ -336,6 +336,10 @@ pub(crate) struct Template {
 enum Piece {
     Text(String),
     Var(Var),
+    /// A component the rule's `tensor` pattern captured (`{layer}`).
+    Capture(String),
+    /// A value of the model's `config.json` (`{config.num_local_experts}`).
+    Config(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,6 +352,10 @@ enum Var {
     ParentMerged,
     Part,
 }
+
+/// What a template reads from the model's `config.json`: the value of a dotted key as
+/// text, or why there is none.
+pub(crate) type ConfigText<'a> = &'a dyn Fn(&str) -> Result<String, String>;
 
 const VARS: [(&str, Var); 7] = [
     ("name", Var::Name),
@@ -370,15 +378,29 @@ pub(crate) struct NameParts<'a> {
     pub parent_merged: &'a str,
     /// The name of the split part being rendered; empty outside a split.
     pub part: &'a str,
+    /// What the rule's `tensor` pattern captured, by name.
+    pub captures: &'a [(String, String)],
+    /// The model's config values, when there is a config.
+    pub config: Option<ConfigText<'a>>,
 }
 
 impl NameParts<'_> {
     /// `text` with every `{placeholder}` replaced: for messages, which, unlike targets,
     /// keep empty pieces and braces they do not know.
     pub(crate) fn fill(&self, text: &str) -> String {
-        VARS.iter().fold(text.to_string(), |acc, &(n, v)| {
+        let known = VARS.iter().fold(text.to_string(), |acc, &(n, v)| {
             acc.replace(&format!("{{{n}}}"), self.get(v))
+        });
+        self.captures.iter().fold(known, |acc, (n, v)| {
+            acc.replace(&format!("{{{n}}}"), v)
         })
+    }
+
+    fn capture(&self, name: &str) -> &str {
+        self.captures
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("", |(_, v)| v.as_str())
     }
 
     fn get(&self, v: Var) -> &str {
@@ -395,7 +417,14 @@ impl NameParts<'_> {
 }
 
 impl Template {
+    /// A template with the built-in placeholders and `{config.KEY}` only.
+    #[cfg(test)]
     pub(crate) fn new(text: &str) -> Result<Template, String> {
+        Template::with_captures(text, &[])
+    }
+
+    /// A template that may also name the `captures` of the rule's `tensor` pattern.
+    pub(crate) fn with_captures(text: &str, captures: &[String]) -> Result<Template, String> {
         let err = |why: String| format!("target '{text}': {why}");
         let mut segments = vec![Vec::new()];
         let mut literal = String::new();
@@ -426,19 +455,34 @@ impl Template {
                             None => return Err(err("'{' is never closed".into())),
                         }
                     }
-                    let v = VARS
-                        .iter()
-                        .find(|(n, _)| *n == var.trim())
-                        .map(|(_, v)| *v)
-                        .ok_or_else(|| {
-                            err(format!(
-                                "unknown placeholder '{{{var}}}' (known: {})",
-                                VARS.map(|(n, _)| format!("{{{n}}}")).join(", ")
-                            ))
-                        })?;
+                    let name = var.trim();
+                    let piece = if let Some(key) = name.strip_prefix("config.") {
+                        if key.is_empty() || key.split('.').any(str::is_empty) {
+                            return Err(err(format!("'{{{var}}}' names no config key")));
+                        }
+                        Piece::Config(key.to_string())
+                    } else if captures.iter().any(|c| c == name) {
+                        Piece::Capture(name.to_string())
+                    } else {
+                        let v = VARS
+                            .iter()
+                            .find(|(n, _)| *n == name)
+                            .map(|(_, v)| *v)
+                            .ok_or_else(|| {
+                                err(format!(
+                                    "unknown placeholder '{{{var}}}' (known: {}, {{config.KEY}}{})",
+                                    VARS.map(|(n, _)| format!("{{{n}}}")).join(", "),
+                                    captures
+                                        .iter()
+                                        .map(|c| format!(", {{{c}}}"))
+                                        .collect::<String>()
+                                ))
+                            })?;
+                        Piece::Var(v)
+                    };
                     flush(&mut literal, &mut segments);
                     if let Some(seg) = segments.last_mut() {
-                        seg.push(Piece::Var(v));
+                        seg.push(piece);
                     }
                 }
                 '}' => {
@@ -471,15 +515,41 @@ impl Template {
             .any(|p| *p == Piece::Var(Var::Part))
     }
 
-    pub(crate) fn render(&self, parts: &NameParts<'_>) -> String {
+    /// True when the template names the capture `name`.
+    pub(crate) fn uses_capture(&self, name: &str) -> bool {
+        self.segments
+            .iter()
+            .flatten()
+            .any(|p| matches!(p, Piece::Capture(c) if c == name))
+    }
+
+    /// The config keys the template reads.
+    pub(crate) fn config_keys(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().flatten().filter_map(|p| match p {
+            Piece::Config(k) => Some(k.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The rendered name; an error when a `{config.KEY}` has no value.
+    pub(crate) fn render(&self, parts: &NameParts<'_>) -> Result<String, String> {
         let mut out = String::new();
         for seg in &self.segments {
             let mut piece = String::new();
             for p in seg {
-                piece.push_str(match p {
-                    Piece::Text(t) => t,
-                    Piece::Var(v) => parts.get(*v),
-                });
+                match p {
+                    Piece::Text(t) => piece.push_str(t),
+                    Piece::Var(v) => piece.push_str(parts.get(*v)),
+                    Piece::Capture(c) => piece.push_str(parts.capture(c)),
+                    Piece::Config(key) => match parts.config {
+                        Some(lookup) => piece.push_str(&lookup(key)?),
+                        None => {
+                            return Err(format!(
+                                "'{{config.{key}}}' needs the model's config.json, and there is none"
+                            ))
+                        }
+                    },
+                }
             }
             if !piece.is_empty() {
                 if !out.is_empty() {
@@ -488,7 +558,142 @@ impl Template {
                 out.push_str(&piece);
             }
         }
-        out
+        Ok(out)
+    }
+}
+
+/// A whole tensor name with named captures, `model.layers.{layer}.mlp.experts.{e}.w1.weight`:
+/// text matches itself, `{x}` one or more characters inside one dot-separated component,
+/// `{*x}` one or more whole components (`transformer.{*rest}`). Two captures must be
+/// separated by text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TensorPattern {
+    text: String,
+    pieces: Vec<NamePiece>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NamePiece {
+    Text(String),
+    /// A capture, and whether it spans whole components, dots included (`{*rest}`).
+    Capture(String, bool),
+}
+
+/// Most captures one pattern may hold.
+const MAX_CAPTURES: usize = 8;
+
+impl TensorPattern {
+    pub(crate) fn new(text: &str) -> Result<TensorPattern, String> {
+        let err = |why: &str| format!("tensor pattern '{text}': {why}");
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            match rest.find('{') {
+                Some(0) => {
+                    let end = rest.find('}').ok_or_else(|| err("'{' is never closed"))?;
+                    let inner = rest[1..end].trim();
+                    let (name, multi) = match inner.strip_prefix('*') {
+                        Some(n) => (n.trim(), true),
+                        None => (inner, false),
+                    };
+                    let ok = !name.is_empty()
+                        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if !ok {
+                        return Err(err(&format!(
+                            "'{{{name}}}' is not a capture name (letters, digits, '_')"
+                        )));
+                    }
+                    if VARS.iter().any(|(n, _)| *n == name) || name == "config" {
+                        return Err(err(&format!(
+                            "'{{{name}}}' is a built-in placeholder; name the capture otherwise"
+                        )));
+                    }
+                    if matches!(pieces.last(), Some(NamePiece::Capture(..))) {
+                        return Err(err("two captures need text between them"));
+                    }
+                    if pieces
+                        .iter()
+                        .any(|p| matches!(p, NamePiece::Capture(c, _) if c == name))
+                    {
+                        return Err(err(&format!("'{{{name}}}' is captured twice")));
+                    }
+                    pieces.push(NamePiece::Capture(name.to_string(), multi));
+                    rest = &rest[end + 1..];
+                }
+                found => {
+                    let end = found.unwrap_or(rest.len());
+                    if rest[..end].contains('}') {
+                        return Err(err("'}' without '{'"));
+                    }
+                    pieces.push(NamePiece::Text(rest[..end].to_string()));
+                    rest = &rest[end..];
+                }
+            }
+        }
+        if pieces.is_empty() {
+            return Err(err("is empty"));
+        }
+        if pieces.len() > 2 * MAX_CAPTURES + 1 {
+            return Err(err(&format!("holds more than {MAX_CAPTURES} captures")));
+        }
+        Ok(TensorPattern {
+            text: text.to_string(),
+            pieces,
+        })
+    }
+
+    /// The capture names, in order.
+    pub(crate) fn captures(&self) -> Vec<String> {
+        self.pieces
+            .iter()
+            .filter_map(|p| match p {
+                NamePiece::Capture(c, _) => Some(c.clone()),
+                NamePiece::Text(_) => None,
+            })
+            .collect()
+    }
+
+    /// The captures when `name` matches, in order.
+    pub(crate) fn matches(&self, name: &str) -> Option<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        match_pieces(&self.pieces, name, &mut out).then_some(out)
+    }
+}
+
+/// Backtracking over the pieces; a capture never crosses a '.' (a `{*x}` one spans whole
+/// components: it starts and ends at a component boundary), and captures are separated
+/// by text.
+fn match_pieces(pieces: &[NamePiece], name: &str, out: &mut Vec<(String, String)>) -> bool {
+    match pieces.split_first() {
+        None => name.is_empty(),
+        Some((NamePiece::Text(t), rest)) => {
+            name.strip_prefix(t.as_str())
+                .is_some_and(|tail| match_pieces(rest, tail, out))
+        }
+        Some((NamePiece::Capture(c, multi), rest)) => {
+            let limit = if *multi {
+                name.len()
+            } else {
+                name.find('.').unwrap_or(name.len())
+            };
+            for len in 1..=limit {
+                if *multi && name.as_bytes().get(len).is_some_and(|&b| b != b'.') {
+                    continue;
+                }
+                out.push((c.clone(), name[..len].to_string()));
+                if match_pieces(rest, &name[len..], out) {
+                    return true;
+                }
+                out.pop();
+            }
+            false
+        }
+    }
+}
+
+impl fmt::Display for TensorPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
     }
 }
 
@@ -745,11 +950,13 @@ mod tests {
             parent: "",
             parent_merged: "",
             part: "",
+            captures: &[],
+            config: None,
         };
         let t = Template::new("params.{module_merged}.{leaf}").unwrap();
-        assert_eq!(t.render(&parts), "params.w");
+        assert_eq!(t.render(&parts).unwrap(), "params.w");
         let t = Template::new("{{x}}.{ leaf }").unwrap();
-        assert_eq!(t.render(&parts), "{x}.w");
+        assert_eq!(t.render(&parts).unwrap(), "{x}.w");
         let parts = NameParts {
             name: "a.0.b.w",
             module: "a.0.b",
@@ -758,11 +965,13 @@ mod tests {
             parent: "a.0",
             parent_merged: "a_0",
             part: "key",
+            captures: &[],
+            config: None,
         };
         let t = Template::new("p.{module}.{module_merged}.{leaf}_x").unwrap();
-        assert_eq!(t.render(&parts), "p.a.0.b.a_0.b.w_x");
+        assert_eq!(t.render(&parts).unwrap(), "p.a.0.b.a_0.b.w_x");
         let t = Template::new("{parent}.{parent_merged}.{part}").unwrap();
-        assert_eq!(t.render(&parts), "a.0.a_0.key");
+        assert_eq!(t.render(&parts).unwrap(), "a.0.a_0.key");
         assert!(t.uses_part());
         assert_eq!(
             parts.fill("at '{parent}' {unknown} {{part}}"),
@@ -781,5 +990,53 @@ mod tests {
         assert_eq!(merge_digits(&["0", "1"]), "0_1");
         assert_eq!(merge_digits(&["x1", "a0"]), "x1.a0");
         assert_eq!(merge_digits(&[]), "");
+    }
+
+    #[test]
+    fn tensor_patterns_capture_whole_pieces_of_components() {
+        let p = TensorPattern::new("model.layers.{layer}.mlp.experts.{e}.w1.weight").unwrap();
+        assert_eq!(p.captures(), ["layer", "e"]);
+        let got = p.matches("model.layers.12.mlp.experts.3.w1.weight").unwrap();
+        assert_eq!(
+            got,
+            [("layer".to_string(), "12".to_string()), ("e".to_string(), "3".to_string())]
+        );
+        assert!(p.matches("model.layers.1.2.mlp.experts.3.w1.weight").is_none());
+        assert!(p.matches("model.layers.1.mlp.experts.3.w1.weight.x").is_none());
+        assert!(p.matches("model.layers..mlp.experts.3.w1.weight").is_none());
+        let r = TensorPattern::new("transformer.{*rest}").unwrap();
+        assert_eq!(r.matches("transformer.h.0.attn.w").unwrap()[0].1, "h.0.attn.w");
+        assert!(r.matches("transformer.").is_none());
+        let m = TensorPattern::new("{*pre}.experts.{e}.w").unwrap();
+        assert_eq!(m.matches("a.b.experts.3.w").unwrap()[0].1, "a.b");
+        assert!(m.matches("a.bexperts.3.w").is_none());
+        let q = TensorPattern::new("h.{i}_x.{j}").unwrap();
+        assert_eq!(q.matches("h.a_x_x.b").unwrap()[0].1, "a_x");
+        for bad in ["", "a.{", "a.}", "{a}{b}", "{x}.{x}", "{leaf}.w", "{a-b}", "{}"] {
+            assert!(TensorPattern::new(bad).is_err(), "{bad} accepted");
+        }
+        let t = Template::with_captures("m.{layer}.{config.n}.{leaf}", &p.captures()).unwrap();
+        assert!(t.uses_capture("layer") && !t.uses_capture("e"));
+        assert_eq!(t.config_keys().collect::<Vec<_>>(), ["n"]);
+        assert!(Template::new("m.{layer}").is_err());
+        assert!(Template::new("m.{config.}").is_err());
+        let caps = [("layer".to_string(), "4".to_string())];
+        let lookup = |k: &str| -> Result<String, String> {
+            if k == "n" { Ok("8".into()) } else { Err(format!("no {k}")) }
+        };
+        let parts = NameParts {
+            name: "a.w",
+            module: "a",
+            module_merged: "a",
+            leaf: "w",
+            parent: "",
+            parent_merged: "",
+            part: "",
+            captures: &caps,
+            config: Some(&lookup),
+        };
+        assert_eq!(t.render(&parts).unwrap(), "m.4.8.w");
+        let missing = Template::new("{config.other}").unwrap();
+        assert!(missing.render(&parts).unwrap_err().contains("no other"));
     }
 }

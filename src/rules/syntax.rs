@@ -8,8 +8,11 @@ use serde::Deserialize;
 
 use std::collections::BTreeMap;
 
-use super::pattern::{Glob, PathGlob, PermSpec, ReshapeSpec, Template};
-use super::{Action, Conditions, MapAction, Rule, SplitSpec};
+use super::pattern::{Glob, PathGlob, PermSpec, ReshapeSpec, Template, TensorPattern};
+use super::{
+    Action, Conditions, CountCheck, FileSettings, MapAction, NanPolicy, OutputSettings, Rule,
+    SplitSpec, StackSpec,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -18,8 +21,42 @@ use crate::error::{Error, Result};
 struct RawFile {
     #[serde(default)]
     description: Option<String>,
+    /// The `config.json` model types a family file serves.
+    #[serde(default)]
+    model_types: Option<Vec<String>>,
+    /// Values assumed for config keys the model's config.json lacks.
+    #[serde(default)]
+    config_defaults: Option<toml::Table>,
+    #[serde(default)]
+    output: Option<RawOutput>,
+    #[serde(default)]
+    count: Vec<RawCount>,
     #[serde(default)]
     rule: Vec<toml::Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    metadata: Option<BTreeMap<String, String>>,
+    config: Option<String>,
+    nan: Option<String>,
+    dtype: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCount {
+    tensor: Strings,
+    index: String,
+    count: toml::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStack {
+    index: String,
+    count: toml::Value,
 }
 
 #[derive(Deserialize)]
@@ -28,6 +65,8 @@ struct RawRule {
     name: String,
     #[serde(default)]
     description: Option<String>,
+    tensor: Option<Strings>,
+    config_is: Option<toml::Table>,
     leaf: Option<Strings>,
     rank: Option<Rank>,
     source_dtype: Option<DTypes>,
@@ -41,9 +80,10 @@ struct RawRule {
     module_type: Option<Globs>,
     #[serde(default)]
     drop: bool,
-    target: Option<TargetTemplate>,
+    target: Option<String>,
     perm: Option<Perm>,
     split: Option<RawSplit>,
+    stack: Option<RawStack>,
     reshape: Option<String>,
     dtype: Option<toml::Value>,
     requires: Option<BTreeMap<String, String>>,
@@ -74,16 +114,127 @@ fn parse_output_dtype(v: &toml::Value) -> std::result::Result<DType, String> {
     }
 }
 
-/// Parses one rule file into its description and rules; `origin` names it in errors and
-/// in plan provenance.
-pub(super) fn parse(text: &str, origin: &str) -> Result<(String, Vec<Rule>)> {
-    let raw: RawFile = toml::from_str(text).map_err(|e| Error::Rules {
+/// A stack's or a count check's `count`: a positive integer, or a template of
+/// `{config.KEY}` / `--set` variables that renders to one.
+fn parse_count(v: &toml::Value) -> std::result::Result<super::Count, String> {
+    match v {
+        toml::Value::Integer(n) if *n > 0 => Ok(super::Count::Fixed(*n as usize)),
+        toml::Value::String(t)
+            if t.trim().starts_with('{')
+                && t.trim().ends_with('}')
+                && !t.trim()[1..].trim_start().starts_with("config.")
+                && t.trim()[1..t.trim().len() - 1]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            Ok(super::Count::Var(t.trim()[1..t.trim().len() - 1].to_string()))
+        }
+        toml::Value::String(t) => Template::with_captures(t, &[])
+            .map(super::Count::Template)
+            .map_err(|e| format!("count {e}")),
+        other => Err(format!(
+            "count must be a positive integer or a template such as \"{{config.num_local_experts}}\", not {other}"
+        )),
+    }
+}
+
+fn toml_to_json(v: &toml::Value) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+fn parse_settings(raw: &mut RawFile, origin: &str) -> Result<FileSettings> {
+    let fail = |detail: String| Error::Rules {
+        origin: origin.to_string(),
+        detail,
+    };
+    let mut settings = FileSettings {
+        model_types: raw.model_types.take().unwrap_or_default(),
+        config_defaults: raw
+            .config_defaults
+            .take()
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| (k.clone(), toml_to_json(v)))
+            .collect(),
+        ..FileSettings::default()
+    };
+    if let Some(out) = raw.output.take() {
+        let nan = match out.nan.as_deref() {
+            None => None,
+            Some("mlx") => Some(NanPolicy::Mlx),
+            Some("torch") => Some(NanPolicy::Torch),
+            Some(other) => {
+                return Err(fail(format!(
+                    "output.nan '{other}' is not \"torch\" or \"mlx\""
+                )))
+            }
+        };
+        if let Some(c) = out.config.as_deref() {
+            if c != "mlx-lm" {
+                return Err(fail(format!("output.config '{c}' is not \"mlx-lm\"")));
+            }
+        }
+        if let Some(d) = out.dtype.as_deref() {
+            if d != "config" {
+                return Err(fail(format!("output.dtype '{d}' is not \"config\"")));
+            }
+        }
+        settings.output = OutputSettings {
+            metadata: out.metadata.unwrap_or_default(),
+            mlx_lm_config: out.config.is_some(),
+            nan,
+            dtype_from_config: out.dtype.is_some(),
+        };
+    }
+    for c in std::mem::take(&mut raw.count) {
+        let patterns = tensor_patterns(&c.tensor.0).map_err(&fail)?;
+        if !patterns[0].captures().contains(&c.index) {
+            return Err(fail(format!(
+                "count check of '{}': index '{}' is not one of its captures",
+                patterns[0], c.index
+            )));
+        }
+        settings.counts.push(CountCheck {
+            patterns,
+            index: c.index,
+            count: parse_count(&c.count).map_err(&fail)?,
+        });
+    }
+    Ok(settings)
+}
+
+/// One or more tensor patterns, all with the same captures (a target may name them).
+fn tensor_patterns(texts: &[String]) -> std::result::Result<Vec<TensorPattern>, String> {
+    let patterns = texts
+        .iter()
+        .map(|t| TensorPattern::new(t))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut want = patterns[0].captures();
+    want.sort();
+    for p in &patterns[1..] {
+        let mut have = p.captures();
+        have.sort();
+        if have != want {
+            return Err(format!(
+                "tensor patterns '{}' and '{p}' capture different names",
+                patterns[0]
+            ));
+        }
+    }
+    Ok(patterns)
+}
+
+/// Parses one rule file into its description, settings and rules; `origin` names it in
+/// errors and in plan provenance.
+pub(super) fn parse(text: &str, origin: &str) -> Result<(String, FileSettings, Vec<Rule>)> {
+    let mut raw: RawFile = toml::from_str(text).map_err(|e| Error::Rules {
         origin: origin.to_string(),
         detail: match e.span() {
             Some(span) => format!("{}: {}", position(text, span.start), e.message().trim()),
             None => e.message().trim().to_string(),
         },
     })?;
+    let settings = parse_settings(&mut raw, origin)?;
     let raw_description = raw.description.unwrap_or_default();
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rule.len());
     for spanned in raw.rule {
@@ -99,22 +250,60 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, Vec<Rule>)> {
         if rules.iter().any(|x| x.name == r.name) {
             return Err(fail("a rule of this name comes earlier in the file".into()));
         }
+        let tensor = r
+            .tensor
+            .as_ref()
+            .map(|t| tensor_patterns(&t.0))
+            .transpose()
+            .map_err(&fail)?;
+        let captures = tensor
+            .as_ref()
+            .map(|t| t[0].captures())
+            .unwrap_or_default();
+        let target = r
+            .target
+            .as_deref()
+            .map(|t| Template::with_captures(t, &captures))
+            .transpose()
+            .map_err(&fail)?;
         let has_map_keys = r.perm.is_some()
             || r.split.is_some()
+            || r.stack.is_some()
             || r.reshape.is_some()
             || r.dtype.is_some()
             || r.requires.is_some()
             || r.warn.is_some()
             || r.warn_with_module_types.is_some();
         let action =
-            match (r.drop, r.target) {
+            match (r.drop, target) {
                 (true, None) if !has_map_keys => Action::Drop,
                 (true, _) => return Err(fail(
-                    "'drop = true' takes no target, perm, split, reshape, dtype, requires or warn"
+                    "'drop = true' takes no target, perm, split, stack, reshape, dtype, requires or warn"
                         .into(),
                 )),
                 (false, Some(target)) => {
-                    let target = target.0;
+                    let stack = match r.stack {
+                        None => None,
+                        Some(st) => {
+                            if !captures.contains(&st.index) {
+                                return Err(fail(format!(
+                                    "stack index '{}' must be a capture of the rule's 'tensor' pattern ({})",
+                                    st.index,
+                                    if captures.is_empty() { "it has none".to_string() } else { captures.join(", ") }
+                                )));
+                            }
+                            if target.uses_capture(&st.index) {
+                                return Err(fail(format!(
+                                    "the target names the stack index '{{{}}}', so every part would be its own target",
+                                    st.index
+                                )));
+                            }
+                            Some(StackSpec {
+                                index: st.index,
+                                count: parse_count(&st.count).map_err(&fail)?,
+                            })
+                        }
+                    };
                     let split = match r.split {
                         None => None,
                         Some(sp) => {
@@ -160,6 +349,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, Vec<Rule>)> {
                         target,
                         perm: r.perm.map(|p| p.0),
                         split,
+                        stack,
                         reshape,
                         dtype,
                         requires: r.requires.unwrap_or_default(),
@@ -186,6 +376,13 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, Vec<Rule>)> {
             description: r.description.unwrap_or_default(),
             origin: origin.to_string(),
             conditions: Conditions {
+                tensor,
+                config_is: r
+                    .config_is
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), toml_to_json(v)))
+                    .collect(),
                 leaf: r.leaf.map(|s| s.0),
                 rank,
                 dtype: r.source_dtype.map(|d| d.0),
@@ -205,7 +402,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, Vec<Rule>)> {
             action,
         });
     }
-    Ok((raw_description, rules))
+    Ok((raw_description, settings, rules))
 }
 
 /// `line L, column C` of a byte offset, for messages that point into the file.
@@ -288,17 +485,6 @@ impl<'de> Deserialize<'de> for DTypes {
             })
             .collect::<Result<_, _>>()
             .map(DTypes)
-    }
-}
-
-struct TargetTemplate(Template);
-
-impl<'de> Deserialize<'de> for TargetTemplate {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Template::new(&s)
-            .map(TargetTemplate)
-            .map_err(de::Error::custom)
     }
 }
 

@@ -244,7 +244,7 @@ fn to_u32(v: usize, what: &str) -> Result<u32> {
 pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatch> {
     match kind {
         KernelKind::Transpose2d { .. } => return dispatch_2d(g),
-        KernelKind::Cast(c) => return cast_dispatch(g.len(), c.to(), max_groups),
+        KernelKind::Cast(c) => return cast_dispatch(g.len(), c, max_groups),
         KernelKind::TransposeCast(c) => return transpose_cast_dispatch(g, c, max_groups),
         _ => {}
     }
@@ -430,6 +430,7 @@ fn transpose_cast_dispatch(g: &Gather, c: Cast, max_groups: u32) -> Result<Dispa
     for (slot, (v, what)) in p[2..].iter_mut().zip(values) {
         *slot = to_u32(v, what)?;
     }
+    p[CAST_NAN_WORD] = nan_code(c);
     // Every source element index, and for f64 its word index, must fit a u32.
     let last = g.src_extent().saturating_mul(c.from().size() / 4);
     to_u32(last.max(g.src_extent()), "source extent")?;
@@ -471,6 +472,13 @@ pub struct Kernels {
     transpose_cast: [[wgpu::ComputePipeline; CASTS]; 2],
 }
 
+/// The uniform word of cast.wgsl's `nan_mode`: 0 torch's NaN bits, 1 mlx's.
+const CAST_NAN_WORD: usize = 14;
+
+fn nan_code(c: Cast) -> u32 {
+    u32::from(c.nan() == crate::layout::cast::NanPolicy::Mlx)
+}
+
 /// Output words one cast.wgsl invocation converts (its `WORDS`).
 const CAST_WORDS: u64 = 4;
 
@@ -495,9 +503,11 @@ fn cast_index(c: Cast) -> usize {
 
 /// The uniform block and workgroups of a cast of `count` elements into `to`-sized
 /// elements: one invocation per [`CAST_WORDS`] output words.
-pub fn cast_dispatch(count: usize, to: DType, max_groups: u32) -> Result<Dispatch> {
+pub fn cast_dispatch(count: usize, c: Cast, max_groups: u32) -> Result<Dispatch> {
+    let to = c.to();
     let mut p = [0u32; PARAMS_WORDS];
     p[1] = to_u32(count, "element count")?;
+    p[CAST_NAN_WORD] = nan_code(c);
     let words = (count as u64 * to.size() as u64).div_ceil(4);
     Ok(Dispatch {
         params: p,

@@ -402,7 +402,7 @@ impl Gpu {
                 keep.push(p);
             }
             if let Some(c) = cast {
-                let d = kernel::cast_dispatch(g.len(), c.to(), self.max_groups)?;
+                let d = kernel::cast_dispatch(g.len(), c, self.max_groups)?;
                 let p = params(&d);
                 let group = self.bind_group(&p, gathered.as_ref().unwrap_or(&input), out);
                 self.record(
@@ -1094,7 +1094,7 @@ impl Gpu {
             .next_multiple_of(4)
             .max(4);
         self.ensure_cast(slot, words);
-        let d = kernel::cast_dispatch(count, c.to(), self.max_groups)?;
+        let d = kernel::cast_dispatch(count, c, self.max_groups)?;
         self.queue
             .write_buffer(&slot.cast_params, 0, bytemuck::cast_slice(&d.params));
         let from = c.from().size();
