@@ -400,7 +400,10 @@ fn plan(
         }
     }
     if let Some(from) = report.dtype_from() {
-        writeln!(out, "output dtype: {from} (--dtype source keeps the source's)")?;
+        writeln!(
+            out,
+            "output dtype: {from} (--dtype source keeps the source's)"
+        )?;
     }
     if !report.copied().is_empty() {
         writeln!(

@@ -132,7 +132,8 @@ class PlanEntry:
     """What one output tensor is made of: ``source`` sliced along ``slice`` (axis, start,
     length) when set, its axes permuted by ``perm`` (output axis k is source axis
     ``perm[k]``), reshaped to ``target_shape`` and converted to ``dtype``; ``shard`` is
-    the output file it goes to in a sharded layout."""
+    the output file it goes to in a sharded layout; ``stack`` the sources of a stacked
+    target (MoE experts), which fill its leading axis in order."""
 
     source: str
     target: str
@@ -147,6 +148,7 @@ class PlanEntry:
     warning: Optional[str]
     bytes: int
     shard: Optional[str]
+    stack: Tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -162,6 +164,7 @@ class PlanEntry:
                 "target_shape": tuple(d["target_shape"]),
                 "perm": tuple(d["perm"]),
                 "slice": None if d["slice"] is None else Slice(**d["slice"]),
+                "stack": tuple(d["stack"]),
             }
         )
 
@@ -198,7 +201,9 @@ class CopiedFile:
 
 @dataclass(frozen=True)
 class Plan:
-    """The whole mapping of a checkpoint (``plan``; ``plan --json``'s keys). ``shards``,
+    """The whole mapping of a checkpoint (``plan``; ``plan --json``'s keys); ``copied``: the
+    model folder's files a folder output receives; ``dtype_from``: where the output dtype
+    came from when the preset took it from config.json. ``shards``,
     ``total_size`` and ``max_workers`` are set for a sharded layout (``max_shard_size``)."""
 
     path: str
@@ -211,6 +216,7 @@ class Plan:
     total_size: Optional[int]
     max_workers: Optional[int]
     copied: List[CopiedFile]
+    dtype_from: Optional[str]
 
     @property
     def rules(self) -> List[str]:

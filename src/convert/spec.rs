@@ -7,11 +7,11 @@ use crate::backend::{BackendOptions, Device};
 use crate::convert::{ConvertReport, Converter, Interrupt, Progress, WriteOptions};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::ModelConfig;
 use crate::plan::Plan;
 use crate::reader::{Checkpoint, OpenOptions};
 use crate::rules::{ModuleTypes, PlanOptions, RuleSet};
 use crate::writer::shard::Worker;
-use crate::model::ModelConfig;
 use crate::writer::OutputKind;
 
 /// Everything [`convert`] needs besides the two paths, built step by step:
@@ -258,7 +258,8 @@ pub fn open_and_plan(input: impl AsRef<Path>, spec: &ConvertSpec) -> Result<(Che
         Some(path) if is_family_preset => Some(ModelConfig::from_file(path)?),
         _ => None,
     };
-    let rules = crate::rules::rule_set_for(spec.preset.as_deref(), &spec.rules, config.as_ref(), input)?;
+    let rules =
+        crate::rules::rule_set_for(spec.preset.as_deref(), &spec.rules, config.as_ref(), input)?;
     // Other presets and rule files read the config only when a rule needs it.
     let config = match (config, &config_path) {
         (None, Some(path)) if rules.needs_config() => Some(ModelConfig::from_file(path)?),

@@ -536,8 +536,17 @@ mod tests {
     #[test]
     fn mlx_nan_bits_match_the_oracle_and_what_mlx_astype_gives() {
         let halves: Vec<u64> = (0..=0xFFFF).collect();
-        let mut f32s: Vec<u64> = (0..=0xFFFFu64).map(|hi| hi << 16 | (hi * 7919) & 0xFFFF).collect();
-        f32s.extend([0x7FC0_0000, 0xFFC0_0000, 0x7F80_0001, 0xFF80_0001, 0x7FFF_FFFF, 0x7FA0_0000]);
+        let mut f32s: Vec<u64> = (0..=0xFFFFu64)
+            .map(|hi| hi << 16 | (hi * 7919) & 0xFFFF)
+            .collect();
+        f32s.extend([
+            0x7FC0_0000,
+            0xFFC0_0000,
+            0x7F80_0001,
+            0xFF80_0001,
+            0x7FFF_FFFF,
+            0x7FA0_0000,
+        ]);
         let mlx = |from, to| cast(from, to).with_nan(NanPolicy::Mlx);
         for (from, to, pats) in [
             (DType::F32, DType::BF16, &f32s),
@@ -557,13 +566,25 @@ mod tests {
         }
         // Recorded from mlx 0.32.4's astype on the CPU.
         let one = |from, to, p| check(mlx(from, to), &[p])[0];
-        for (p, want) in [(0x7FC0_0000, 0x7FC0), (0xFFC0_0000, 0x7FC0), (0xFF80_0001, 0x7FC0)] {
+        for (p, want) in [
+            (0x7FC0_0000, 0x7FC0),
+            (0xFFC0_0000, 0x7FC0),
+            (0xFF80_0001, 0x7FC0),
+        ] {
             assert_eq!(one(DType::F32, DType::BF16, p), want);
         }
-        for (p, want) in [(0x7FC0_0000, 0x7D00), (0xFFC0_0000, 0xFD00), (0x7FA0_0000, 0x7D00)] {
+        for (p, want) in [
+            (0x7FC0_0000, 0x7D00),
+            (0xFFC0_0000, 0xFD00),
+            (0x7FA0_0000, 0x7D00),
+        ] {
             assert_eq!(one(DType::F32, DType::F16, p), want);
         }
-        for (p, want) in [(0x7E00, 0x7FC0_0000), (0xFC01, 0xFFC0_2000), (0x7D00, 0x7FE0_0000)] {
+        for (p, want) in [
+            (0x7E00, 0x7FC0_0000),
+            (0xFC01, 0xFFC0_2000),
+            (0x7D00, 0x7FE0_0000),
+        ] {
             assert_eq!(one(DType::F16, DType::F32, p), want);
         }
         assert_eq!(one(DType::BF16, DType::F32, 0xFF81), 0xFF81_0000);

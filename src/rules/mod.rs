@@ -138,7 +138,10 @@ const MLX_LM_FAMILIES: [(&str, &str); 11] = [
     ("qwen2", include_str!("presets/mlx-lm/qwen2.toml")),
     ("qwen3", include_str!("presets/mlx-lm/qwen3.toml")),
     ("gemma2", include_str!("presets/mlx-lm/gemma2.toml")),
-    ("gemma3_text", include_str!("presets/mlx-lm/gemma3_text.toml")),
+    (
+        "gemma3_text",
+        include_str!("presets/mlx-lm/gemma3_text.toml"),
+    ),
     ("phi3", include_str!("presets/mlx-lm/phi3.toml")),
     ("gpt2", include_str!("presets/mlx-lm/gpt2.toml")),
     ("starcoder2", include_str!("presets/mlx-lm/starcoder2.toml")),
@@ -382,7 +385,10 @@ impl StackGroup {
     fn add(&mut self, k: usize, entry: PlanEntry) -> Result<()> {
         let err = |detail: String| Error::Rules {
             origin: self.origin.clone(),
-            detail: format!("rule '{}', stacked target '{}': {detail}", self.rule, entry.target),
+            detail: format!(
+                "rule '{}', stacked target '{}': {detail}",
+                self.rule, entry.target
+            ),
         };
         match self.members.get_mut(k) {
             None => Err(err(format!(
@@ -572,11 +578,19 @@ impl ConfigView<'_> {
             Some(serde_json::Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
             _ => Err(match self.config {
                 Some(c) => format!("{}: key '{key}' is not set", c.path().display()),
-                None => format!(
-                    "'{{config.{key}}}' needs the model's config.json, and there is none"
-                ),
+                None => {
+                    format!("'{{config.{key}}}' needs the model's config.json, and there is none")
+                }
             }),
         }
+    }
+}
+
+/// `detail`, naming the config file the values came from.
+fn with_config_path(detail: String, opts: &PlanOptions) -> String {
+    match &opts.config {
+        Some(c) => format!("{detail} (in {})", c.path().display()),
+        None => detail,
     }
 }
 
@@ -723,12 +737,12 @@ impl Rule {
         c.tensor
             .as_ref()
             .is_none_or(|ps| ps.iter().any(|p| p.matches(&s.info.name).is_some()))
-            && c.config_is.iter().all(|(k, want)| {
-                s.config.get(k).is_some_and(|have| same_value(have, want))
-            })
+            && c.config_is
+                .iter()
+                .all(|(k, want)| s.config.get(k).is_some_and(|have| same_value(have, want)))
             && c.leaf
-            .as_ref()
-            .is_none_or(|l| l.iter().any(|x| x == s.leaf))
+                .as_ref()
+                .is_none_or(|l| l.iter().any(|x| x == s.leaf))
             && c.rank
                 .is_none_or(|(min, max)| rank >= min && max.is_none_or(|m| rank <= m))
             && c.dtype.as_ref().is_none_or(|d| d.contains(&s.info.dtype))
@@ -1046,7 +1060,7 @@ impl RuleSet {
                     let count = stack
                         .count
                         .resolve(&opts.vars, &names, tensors.len())
-                        .map_err(rule_err)?;
+                        .map_err(|e| rule_err(with_config_path(e, opts)))?;
                     taken.insert(entry.target.clone(), info.name.clone());
                     let mut group = StackGroup {
                         rule: rule.name.clone(),
@@ -1123,7 +1137,7 @@ impl RuleSet {
             let count = check
                 .count
                 .resolve(&opts.vars, &names, usize::MAX)
-                .map_err(fail)?;
+                .map_err(|e| fail(with_config_path(e, opts)))?;
             let expected: std::collections::BTreeSet<usize> = (0..count).collect();
             if seen != expected {
                 let shown = |s: &std::collections::BTreeSet<usize>| {

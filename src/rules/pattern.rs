@@ -391,9 +391,9 @@ impl NameParts<'_> {
         let known = VARS.iter().fold(text.to_string(), |acc, &(n, v)| {
             acc.replace(&format!("{{{n}}}"), self.get(v))
         });
-        self.captures.iter().fold(known, |acc, (n, v)| {
-            acc.replace(&format!("{{{n}}}"), v)
-        })
+        self.captures
+            .iter()
+            .fold(known, |acc, (n, v)| acc.replace(&format!("{{{n}}}"), v))
     }
 
     fn capture(&self, name: &str) -> &str {
@@ -543,11 +543,9 @@ impl Template {
                     Piece::Capture(c) => piece.push_str(parts.capture(c)),
                     Piece::Config(key) => match parts.config {
                         Some(lookup) => piece.push_str(&lookup(key)?),
-                        None => {
-                            return Err(format!(
-                                "'{{config.{key}}}' needs the model's config.json, and there is none"
-                            ))
-                        }
+                        None => return Err(format!(
+                            "'{{config.{key}}}' needs the model's config.json, and there is none"
+                        )),
                     },
                 }
             }
@@ -666,10 +664,9 @@ impl TensorPattern {
 fn match_pieces(pieces: &[NamePiece], name: &str, out: &mut Vec<(String, String)>) -> bool {
     match pieces.split_first() {
         None => name.is_empty(),
-        Some((NamePiece::Text(t), rest)) => {
-            name.strip_prefix(t.as_str())
-                .is_some_and(|tail| match_pieces(rest, tail, out))
-        }
+        Some((NamePiece::Text(t), rest)) => name
+            .strip_prefix(t.as_str())
+            .is_some_and(|tail| match_pieces(rest, tail, out)),
         Some((NamePiece::Capture(c, multi), rest)) => {
             let limit = if *multi {
                 name.len()
@@ -996,23 +993,37 @@ mod tests {
     fn tensor_patterns_capture_whole_pieces_of_components() {
         let p = TensorPattern::new("model.layers.{layer}.mlp.experts.{e}.w1.weight").unwrap();
         assert_eq!(p.captures(), ["layer", "e"]);
-        let got = p.matches("model.layers.12.mlp.experts.3.w1.weight").unwrap();
+        let got = p
+            .matches("model.layers.12.mlp.experts.3.w1.weight")
+            .unwrap();
         assert_eq!(
             got,
-            [("layer".to_string(), "12".to_string()), ("e".to_string(), "3".to_string())]
+            [
+                ("layer".to_string(), "12".to_string()),
+                ("e".to_string(), "3".to_string())
+            ]
         );
-        assert!(p.matches("model.layers.1.2.mlp.experts.3.w1.weight").is_none());
-        assert!(p.matches("model.layers.1.mlp.experts.3.w1.weight.x").is_none());
+        assert!(p
+            .matches("model.layers.1.2.mlp.experts.3.w1.weight")
+            .is_none());
+        assert!(p
+            .matches("model.layers.1.mlp.experts.3.w1.weight.x")
+            .is_none());
         assert!(p.matches("model.layers..mlp.experts.3.w1.weight").is_none());
         let r = TensorPattern::new("transformer.{*rest}").unwrap();
-        assert_eq!(r.matches("transformer.h.0.attn.w").unwrap()[0].1, "h.0.attn.w");
+        assert_eq!(
+            r.matches("transformer.h.0.attn.w").unwrap()[0].1,
+            "h.0.attn.w"
+        );
         assert!(r.matches("transformer.").is_none());
         let m = TensorPattern::new("{*pre}.experts.{e}.w").unwrap();
         assert_eq!(m.matches("a.b.experts.3.w").unwrap()[0].1, "a.b");
         assert!(m.matches("a.bexperts.3.w").is_none());
         let q = TensorPattern::new("h.{i}_x.{j}").unwrap();
         assert_eq!(q.matches("h.a_x_x.b").unwrap()[0].1, "a_x");
-        for bad in ["", "a.{", "a.}", "{a}{b}", "{x}.{x}", "{leaf}.w", "{a-b}", "{}"] {
+        for bad in [
+            "", "a.{", "a.}", "{a}{b}", "{x}.{x}", "{leaf}.w", "{a-b}", "{}",
+        ] {
             assert!(TensorPattern::new(bad).is_err(), "{bad} accepted");
         }
         let t = Template::with_captures("m.{layer}.{config.n}.{leaf}", &p.captures()).unwrap();
@@ -1022,7 +1033,11 @@ mod tests {
         assert!(Template::new("m.{config.}").is_err());
         let caps = [("layer".to_string(), "4".to_string())];
         let lookup = |k: &str| -> Result<String, String> {
-            if k == "n" { Ok("8".into()) } else { Err(format!("no {k}")) }
+            if k == "n" {
+                Ok("8".into())
+            } else {
+                Err(format!("no {k}"))
+            }
         };
         let parts = NameParts {
             name: "a.w",

@@ -256,10 +256,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, FileSettings, V
             .map(|t| tensor_patterns(&t.0))
             .transpose()
             .map_err(&fail)?;
-        let captures = tensor
-            .as_ref()
-            .map(|t| t[0].captures())
-            .unwrap_or_default();
+        let captures = tensor.as_ref().map(|t| t[0].captures()).unwrap_or_default();
         let target = r
             .target
             .as_deref()

@@ -570,7 +570,7 @@ fn unknown_preset_lists_the_available_ones() {
     match RuleSet::preset("keras") {
         Err(Error::UnknownPreset { name, available }) => {
             assert_eq!(name, "keras");
-            assert_eq!(available, "flax, nnx, mlx");
+            assert_eq!(available, "flax, nnx, mlx, mlx-lm");
         }
         other => panic!("expected UnknownPreset, got {other:?}"),
     }
@@ -578,7 +578,7 @@ fn unknown_preset_lists_the_available_ones() {
 
 #[test]
 fn every_preset_parses_and_its_source_is_embedded() {
-    assert_eq!(RuleSet::preset_names(), ["flax", "nnx", "mlx"]);
+    assert_eq!(RuleSet::preset_names(), ["flax", "nnx", "mlx", "mlx-lm"]);
     for name in RuleSet::preset_names() {
         let text = RuleSet::preset_source(name).unwrap();
         assert!(text.contains("[[rule]]"));
@@ -1207,4 +1207,80 @@ fn name_warnings_never_advise_module_types_when_it_was_given() {
         .entries
         .iter()
         .all(|e| e.warning.as_deref() == Some("b")));
+}
+
+#[test]
+fn every_mlx_lm_family_parses_and_no_two_serve_one_model_type() {
+    let mut seen = std::collections::HashMap::new();
+    for (name, text) in MLX_LM_FAMILIES {
+        let set = RuleSet::from_toml(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!set.model_types().is_empty(), "{name} serves no model_type");
+        for t in set.model_types() {
+            assert!(seen.insert(t.clone(), name).is_none(), "{t} is served twice");
+        }
+    }
+    assert_eq!(RuleSet::families(MLX_LM_PRESET).len(), MLX_LM_FAMILIES.len());
+    assert!(RuleSet::families("flax").is_empty());
+}
+
+#[test]
+fn rule_file_syntax_of_stacks_captures_and_config_is_checked_where_written() {
+    let bad = [
+        // A stack index that the tensor pattern does not capture.
+        "[[rule]]\nname = \"s\"\ntensor = \"a.{x}.w\"\nstack = { index = \"e\", count = 2 }\ntarget = \"t\"",
+        // A target that names the stack index: every part its own target.
+        "[[rule]]\nname = \"s\"\ntensor = \"a.{e}.w\"\nstack = { index = \"e\", count = 2 }\ntarget = \"t.{e}\"",
+        // A capture the rule has not got.
+        "[[rule]]\nname = \"s\"\ntensor = \"a.{e}.w\"\ntarget = \"t.{f}\"",
+        "[[rule]]\nname = \"s\"\ntensor = \"a.{e}.w\"\nstack = { index = \"e\", count = 0 }\ntarget = \"t\"",
+        "[[rule]]\nname = \"s\"\ntensor = [\"a.{e}.w\", \"b.{f}.w\"]\ntarget = \"t\"",
+        "[[rule]]\nname = \"s\"\ndrop = true\nstack = { index = \"e\", count = 2 }",
+        "[output]\nnan = \"numpy\"",
+        "[output]\nconfig = \"hf\"",
+        "[[count]]\ntensor = \"a.{x}.w\"\nindex = \"y\"\ncount = 2",
+    ];
+    for text in bad {
+        assert!(RuleSet::from_toml(text, "t.toml").is_err(), "accepted:\n{text}");
+    }
+}
+
+#[test]
+fn stacks_collect_by_target_in_index_order_and_take_counts_from_variables() {
+    let rules = RuleSet::from_toml(
+        r#"
+[[rule]]
+name = "s"
+tensor = "l.{layer}.e.{e}.w"
+stack = { index = "e", count = "{n}" }
+target = "l.{layer}.stacked"
+"#,
+        "t.toml",
+    )
+    .unwrap();
+    // Indices out of order, two layers interleaved.
+    let tensors = f32s(&[
+        ("l.0.e.2.w", &[3, 4]),
+        ("l.1.e.0.w", &[3, 4]),
+        ("l.0.e.0.w", &[3, 4]),
+        ("l.0.e.1.w", &[3, 4]),
+        ("l.1.e.2.w", &[3, 4]),
+        ("l.1.e.1.w", &[3, 4]),
+    ]);
+    let mut opts = PlanOptions::default();
+    assert!(rules.plan_with(&tensors, &opts).unwrap_err().to_string().contains("--set n="));
+    opts.set("n=3").unwrap();
+    let plan = rules.plan_with(&tensors, &opts).unwrap();
+    assert_eq!(plan.entries.len(), 2);
+    let l0 = &plan.entries[0];
+    assert_eq!(l0.target, "l.0.stacked");
+    assert_eq!(l0.target_shape, [3, 3, 4]);
+    let order: Vec<&str> = l0.stack.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(order, ["l.0.e.0.w", "l.0.e.1.w", "l.0.e.2.w"]);
+    assert_eq!(l0.sources(), [2, 3, 0]);
+    opts.set("n=4").unwrap();
+    let e = rules.plan_with(&tensors, &opts).unwrap_err().to_string();
+    assert!(e.contains("missing: index 3"), "{e}");
+    opts.set("n=99").unwrap();
+    let e = rules.plan_with(&tensors, &opts).unwrap_err().to_string();
+    assert!(e.contains("more than the 6 tensors"), "{e}");
 }

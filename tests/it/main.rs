@@ -11,6 +11,7 @@ mod gpu_backend;
 mod gpu_traffic;
 mod hardening;
 mod library_api;
+mod mlx_lm;
 mod model_folder;
 mod ops;
 mod reports;
