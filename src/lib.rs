@@ -93,7 +93,7 @@ pub use reader::{
     Checkpoint, Format, OpenOptions, StorageRange, TensorInfo, EXPANSION_FLOOR, MAX_EXPANSION,
 };
 pub use report::{FileRow, InspectReport, PlanReport, PlanRow, ShardRow, TensorRow};
-pub use rules::{ModuleTypes, PlanOptions, Rule, RuleSet};
+pub use rules::{ModuleTypes, NanPolicy, OutputSettings, PlanOptions, Rule, RuleSet};
 pub use verify::{verify_file, verify_report, Expectation, Mismatch, VerifyReport};
 /// The wgpu this crate is built with, for [`Converter::for_each_on_device`] callers.
 #[cfg(feature = "gpu")]

@@ -90,6 +90,30 @@
 //! none), or an explicit list, `[1, 0]`, where output axis `k` is source axis `perm[k]`.
 //! A pattern that cannot fit a matched tensor's rank is an error, not a skip.
 //!
+//! Whole names, stacks and the model's config:
+//!
+//! - `tensor = "model.layers.{layer}.mlp.experts.{e}.{w}.weight"` (or a list of patterns
+//!   with the same captures) holds when the whole name matches: text matches itself,
+//!   `{x}` one or more characters inside one component, `{*x}` one or more whole
+//!   components. Captures are placeholders of the rule's target (`{layer}`).
+//! - `stack = { index = "e", count = "{config.num_local_experts}" }`: all tensors the
+//!   rule maps to one target (the target must not name `index`) are stacked along a new
+//!   leading axis, ordered by the integer the `index` capture holds, which must cover
+//!   `0..count` once each, with one shape and dtype; `count` is an integer,
+//!   `"{config.KEY}"` or a `--set` variable (`"{n}"`). Slice, perm, reshape and dtype
+//!   apply to every part alike.
+//! - `config_is = { tie_word_embeddings = true }` holds when the model's `config.json`
+//!   has those values; `{config.KEY}` (dotted into nested objects) in a target or count
+//!   reads one. A file's `[config_defaults]` table gives values for keys the config lacks.
+//! - `[[count]]` tables (`tensor`, `index`, `count`) check that the indices the tensors
+//!   matching `tensor` carry are exactly `0..count` (a config's layer count against the
+//!   layers there are).
+//! - `model_types = ["llama", "mistral"]` names the `config.json` model types a family
+//!   file serves; an `[output]` table sets every file's `metadata = { … }`,
+//!   `config = "mlx-lm"` (config.json written as mlx-lm writes it), `nan = "mlx"` (casts
+//!   with mlx's NaN bits, see [`NanPolicy`]) and `dtype = "config"` (without `--dtype`,
+//!   the config's declared dtype).
+//!
 //! Rules may also carry a `description`; a file may carry a top-level `description`.
 //! Unknown keys are errors, so a typo cannot silently disable a condition.
 //! [`RuleSet::layered`] puts a user's file in front of a preset, so the user's rules win

@@ -493,7 +493,10 @@ fn readme_toml_blocks() -> Vec<String> {
 
 #[test]
 fn readme_rule_file_example_works_as_written() {
-    let blocks = readme_toml_blocks();
+    let blocks: Vec<String> = readme_toml_blocks()
+        .into_iter()
+        .filter(|b| b.starts_with("# my-rules.toml"))
+        .collect();
     assert_eq!(blocks.len(), 1, "README toml blocks: {blocks:?}");
     let user = RuleSet::from_toml(&blocks[0], "README.md").unwrap();
     let rules = RuleSet::preset("flax").unwrap().layered(user);
@@ -559,4 +562,50 @@ fn readme_rule_file_example_works_as_written() {
         plan.entry_for("dec.upsample1.weight").unwrap().perm(),
         [2, 3, 1, 0]
     );
+}
+
+#[test]
+fn readme_family_rule_file_example_stacks_and_checks_as_written() {
+    let blocks: Vec<String> = readme_toml_blocks()
+        .into_iter()
+        .filter(|b| b.starts_with("# my_moe.toml"))
+        .collect();
+    assert_eq!(blocks.len(), 1, "README toml blocks: {blocks:?}");
+    let family = RuleSet::from_toml(&blocks[0], "README.md").unwrap();
+    assert_eq!(family.model_types(), ["my_moe"]);
+    let rules = RuleSet::from_toml("[[rule]]\nname = \"keep\"\ntarget = \"{name}\"", "base")
+        .unwrap()
+        .layered(family);
+    let info = |name: String, shape: &[usize]| {
+        relayout::TensorInfo::contiguous(&name, DType::F32, shape.to_vec())
+    };
+    let mut tensors = Vec::new();
+    for l in 0..2 {
+        tensors.push(info(format!("model.layers.{l}.self_attn.q_proj.weight"), &[4, 4]));
+        tensors.push(info(format!("model.layers.{l}.self_attn.rotary_emb.inv_freq"), &[2]));
+        for e in 0..8 {
+            tensors.push(info(format!("model.layers.{l}.moe.experts.{e}.w1.weight"), &[6, 4]));
+        }
+    }
+    let config = |text: &str| {
+        relayout::model::ModelConfig::from_text(text, std::path::Path::new("config.json")).unwrap()
+    };
+    let opts = PlanOptions {
+        config: Some(config(r#"{"model_type": "my_moe", "num_hidden_layers": 2}"#)),
+        ..PlanOptions::default()
+    };
+    let plan = rules.plan_with(&tensors, &opts).unwrap();
+    let stacked = plan
+        .entries()
+        .iter()
+        .find(|e| e.target() == "model.layers.1.moe.switch_mlp.w1.weight")
+        .unwrap();
+    assert_eq!(stacked.target_shape(), [8, 6, 4], "num_experts from config_defaults");
+    assert_eq!(plan.dropped().len(), 2);
+    let opts = PlanOptions {
+        config: Some(config(r#"{"model_type": "my_moe", "num_hidden_layers": 3}"#)),
+        ..PlanOptions::default()
+    };
+    let err = rules.plan_with(&tensors, &opts).unwrap_err().to_string();
+    assert!(err.contains("num_hidden_layers") && err.contains("0, 1"), "{err}");
 }

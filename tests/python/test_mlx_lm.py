@@ -218,3 +218,24 @@ def test_the_readme_expectation_snippet_passes_for_every_family(tmp_path):
         )
         assert run.returncode == 0, (model_type, run.stderr)
         shutil.rmtree(theirs)
+
+
+def test_a_torch_bin_folder_converts_to_what_mlx_lm_makes_of_its_safetensors_copy(tmp_path):
+    """mlx-lm reads only safetensors: it converts a safetensors copy of the same weights,
+    relayout the `pytorch_model.bin` (written as torch.save writes it, without torch)."""
+    require("mlx.core", "mlx_lm", "tokenizers", "safetensors")
+    src = tmp_path / "hf"
+    hf_models.write_model(src, "qwen2", torch_dtype="bfloat16", tied_lm_head=True)
+    bin_dir = tmp_path / "hf-bin"
+    bin_dir.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, bin_dir / f.name)
+    subprocess.run([sys.executable, str(HERE / "torch_bin.py"), str(src / "model.safetensors"),
+                    str(bin_dir / "pytorch_model.bin")], check=True)
+    ours, theirs = tmp_path / "relayout", tmp_path / "mlx_lm"
+    relayout_convert(bin_dir, ours)
+    mlx_lm_convert(src, theirs)
+    assert_same_tensors(ours, theirs)
+    assert json.loads((ours / "config.json").read_text()) == json.loads(
+        (theirs / "config.json").read_text())
