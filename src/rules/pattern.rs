@@ -543,9 +543,11 @@ impl Template {
                     Piece::Capture(c) => piece.push_str(parts.capture(c)),
                     Piece::Config(key) => match parts.config {
                         Some(lookup) => piece.push_str(&lookup(key)?),
-                        None => return Err(format!(
+                        None => {
+                            return Err(format!(
                             "'{{config.{key}}}' needs the model's config.json, and there is none"
-                        )),
+                        ))
+                        }
                     },
                 }
             }

@@ -1216,10 +1216,16 @@ fn every_mlx_lm_family_parses_and_no_two_serve_one_model_type() {
         let set = RuleSet::from_toml(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(!set.model_types().is_empty(), "{name} serves no model_type");
         for t in set.model_types() {
-            assert!(seen.insert(t.clone(), name).is_none(), "{t} is served twice");
+            assert!(
+                seen.insert(t.clone(), name).is_none(),
+                "{t} is served twice"
+            );
         }
     }
-    assert_eq!(RuleSet::families(MLX_LM_PRESET).len(), MLX_LM_FAMILIES.len());
+    assert_eq!(
+        RuleSet::families(MLX_LM_PRESET).len(),
+        MLX_LM_FAMILIES.len()
+    );
     assert!(RuleSet::families("flax").is_empty());
 }
 
@@ -1240,7 +1246,10 @@ fn rule_file_syntax_of_stacks_captures_and_config_is_checked_where_written() {
         "[[count]]\ntensor = \"a.{x}.w\"\nindex = \"y\"\ncount = 2",
     ];
     for text in bad {
-        assert!(RuleSet::from_toml(text, "t.toml").is_err(), "accepted:\n{text}");
+        assert!(
+            RuleSet::from_toml(text, "t.toml").is_err(),
+            "accepted:\n{text}"
+        );
     }
 }
 
@@ -1267,7 +1276,11 @@ target = "l.{layer}.stacked"
         ("l.1.e.1.w", &[3, 4]),
     ]);
     let mut opts = PlanOptions::default();
-    assert!(rules.plan_with(&tensors, &opts).unwrap_err().to_string().contains("--set n="));
+    assert!(rules
+        .plan_with(&tensors, &opts)
+        .unwrap_err()
+        .to_string()
+        .contains("--set n="));
     opts.set("n=3").unwrap();
     let plan = rules.plan_with(&tensors, &opts).unwrap();
     assert_eq!(plan.entries.len(), 2);

@@ -581,17 +581,28 @@ fn readme_family_rule_file_example_stacks_and_checks_as_written() {
     };
     let mut tensors = Vec::new();
     for l in 0..2 {
-        tensors.push(info(format!("model.layers.{l}.self_attn.q_proj.weight"), &[4, 4]));
-        tensors.push(info(format!("model.layers.{l}.self_attn.rotary_emb.inv_freq"), &[2]));
+        tensors.push(info(
+            format!("model.layers.{l}.self_attn.q_proj.weight"),
+            &[4, 4],
+        ));
+        tensors.push(info(
+            format!("model.layers.{l}.self_attn.rotary_emb.inv_freq"),
+            &[2],
+        ));
         for e in 0..8 {
-            tensors.push(info(format!("model.layers.{l}.moe.experts.{e}.w1.weight"), &[6, 4]));
+            tensors.push(info(
+                format!("model.layers.{l}.moe.experts.{e}.w1.weight"),
+                &[6, 4],
+            ));
         }
     }
     let config = |text: &str| {
         relayout::model::ModelConfig::from_text(text, std::path::Path::new("config.json")).unwrap()
     };
     let opts = PlanOptions {
-        config: Some(config(r#"{"model_type": "my_moe", "num_hidden_layers": 2}"#)),
+        config: Some(config(
+            r#"{"model_type": "my_moe", "num_hidden_layers": 2}"#,
+        )),
         ..PlanOptions::default()
     };
     let plan = rules.plan_with(&tensors, &opts).unwrap();
@@ -600,12 +611,21 @@ fn readme_family_rule_file_example_stacks_and_checks_as_written() {
         .iter()
         .find(|e| e.target() == "model.layers.1.moe.switch_mlp.w1.weight")
         .unwrap();
-    assert_eq!(stacked.target_shape(), [8, 6, 4], "num_experts from config_defaults");
+    assert_eq!(
+        stacked.target_shape(),
+        [8, 6, 4],
+        "num_experts from config_defaults"
+    );
     assert_eq!(plan.dropped().len(), 2);
     let opts = PlanOptions {
-        config: Some(config(r#"{"model_type": "my_moe", "num_hidden_layers": 3}"#)),
+        config: Some(config(
+            r#"{"model_type": "my_moe", "num_hidden_layers": 3}"#,
+        )),
         ..PlanOptions::default()
     };
     let err = rules.plan_with(&tensors, &opts).unwrap_err().to_string();
-    assert!(err.contains("num_hidden_layers") && err.contains("0, 1"), "{err}");
+    assert!(
+        err.contains("num_hidden_layers") && err.contains("0, 1"),
+        "{err}"
+    );
 }
