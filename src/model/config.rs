@@ -3,11 +3,9 @@
 //! `mlx-lm` preset reads checked for its type, each error naming the file and the key.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::dtype::DType;
@@ -239,15 +237,8 @@ fn kind(v: &Value) -> &'static str {
 /// Parses JSON refusing duplicate keys and nesting deeper than [`MAX_CONFIG_DEPTH`];
 /// the error names the key path where it failed and the line and column.
 fn parse_strict(text: &str, path: &Path) -> Result<Value> {
-    let mut de = serde_json::Deserializer::from_str(text);
     let mut trail = Vec::new();
-    let result = Strict {
-        depth: 0,
-        trail: &mut trail,
-    }
-    .deserialize(&mut de)
-    .and_then(|v| de.end().map(|()| v));
-    result.map_err(|e| {
+    crate::reader::safetensors::strict_json_at(text, MAX_CONFIG_DEPTH, &mut trail).map_err(|e| {
         let mut detail = e.to_string();
         let at = text
             .lines()
@@ -264,105 +255,6 @@ fn parse_strict(text: &str, path: &Path) -> Result<Value> {
         }
         config_error(path, &trail.join("."), detail)
     })
-}
-
-/// A [`Value`] seed that tracks its depth and the key path being read.
-struct Strict<'t> {
-    depth: usize,
-    trail: &'t mut Vec<String>,
-}
-
-impl<'de> DeserializeSeed<'de> for Strict<'_> {
-    type Value = Value;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Strict<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-
-    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Value, E> {
-        serde_json::Number::from_f64(v)
-            .map(Value::Number)
-            .ok_or_else(|| E::custom("a number too large for a float"))
-    }
-
-    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
-        Ok(Value::String(v.to_string()))
-    }
-
-    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
-        Ok(Value::String(v))
-    }
-
-    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
-        if self.depth >= MAX_CONFIG_DEPTH {
-            return Err(de::Error::custom(format!(
-                "nested deeper than {MAX_CONFIG_DEPTH} levels"
-            )));
-        }
-        let mut out = Vec::new();
-        let mut i = 0usize;
-        loop {
-            self.trail.push(i.to_string());
-            let next = seq.next_element_seed(Strict {
-                depth: self.depth + 1,
-                trail: self.trail,
-            })?;
-            self.trail.pop();
-            match next {
-                Some(v) => out.push(v),
-                None => break,
-            }
-            i += 1;
-        }
-        Ok(Value::Array(out))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
-        if self.depth >= MAX_CONFIG_DEPTH {
-            return Err(de::Error::custom(format!(
-                "nested deeper than {MAX_CONFIG_DEPTH} levels"
-            )));
-        }
-        let mut out = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if out.contains_key(&key) {
-                self.trail.push(key.clone());
-                return Err(de::Error::custom(format!("the key '{key}' appears twice")));
-            }
-            self.trail.push(key.clone());
-            let v = map.next_value_seed(Strict {
-                depth: self.depth + 1,
-                trail: self.trail,
-            })?;
-            self.trail.pop();
-            out.insert(key, v);
-        }
-        Ok(Value::Object(out))
-    }
 }
 
 /// JSON as Python's `json.dump(obj, f, indent=4)` writes it: `", "`-free separators with

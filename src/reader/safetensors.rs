@@ -183,18 +183,48 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
 /// depth): the reference implementations refuse such headers, and taking either entry
 /// would let two readers see different tensors in one file.
 pub(crate) fn strict_json(text: &str) -> std::result::Result<Value, serde_json::Error> {
+    strict_json_at(text, usize::MAX, &mut Vec::new())
+}
+
+/// [`strict_json`] that also refuses arrays and objects nested deeper than `max_depth`,
+/// and leaves in `trail` the key path (object keys, array indices) where it failed.
+pub(crate) fn strict_json_at(
+    text: &str,
+    max_depth: usize,
+    trail: &mut Vec<String>,
+) -> std::result::Result<Value, serde_json::Error> {
     use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 
-    struct Strict;
+    struct Strict<'t> {
+        depth: usize,
+        max_depth: usize,
+        trail: &'t mut Vec<String>,
+    }
 
-    impl<'de> DeserializeSeed<'de> for Strict {
-        type Value = Value;
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
-            d.deserialize_any(Strict)
+    impl Strict<'_> {
+        fn nested<E: serde::de::Error>(&mut self) -> std::result::Result<Strict<'_>, E> {
+            if self.depth >= self.max_depth {
+                return Err(E::custom(format!(
+                    "nested deeper than {} levels",
+                    self.max_depth
+                )));
+            }
+            Ok(Strict {
+                depth: self.depth + 1,
+                max_depth: self.max_depth,
+                trail: self.trail,
+            })
         }
     }
 
-    impl<'de> Visitor<'de> for Strict {
+    impl<'de> DeserializeSeed<'de> for Strict<'_> {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Strict<'_> {
         type Value = Value;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON value")
@@ -223,20 +253,37 @@ pub(crate) fn strict_json(text: &str) -> std::result::Result<Value, serde_json::
         fn visit_none<E>(self) -> std::result::Result<Value, E> {
             Ok(Value::Null)
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
+        fn visit_seq<A: SeqAccess<'de>>(
+            mut self,
+            mut seq: A,
+        ) -> std::result::Result<Value, A::Error> {
             let mut out = Vec::new();
-            while let Some(v) = seq.next_element_seed(Strict)? {
-                out.push(v);
+            loop {
+                let index = out.len().to_string();
+                let inner = self.nested()?;
+                inner.trail.push(index);
+                let next = seq.next_element_seed(inner)?;
+                self.trail.pop();
+                match next {
+                    Some(v) => out.push(v),
+                    None => break,
+                }
             }
             Ok(Value::Array(out))
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(
+            mut self,
+            mut map: A,
+        ) -> std::result::Result<Value, A::Error> {
             let mut out = serde_json::Map::new();
             while let Some(key) = map.next_key::<String>()? {
-                let value = map.next_value_seed(Strict)?;
+                let inner = self.nested()?;
+                inner.trail.push(key.clone());
+                let value = map.next_value_seed(inner)?;
                 if out.contains_key(&key) {
                     return Err(A::Error::custom(format!("the key '{key}' appears twice")));
                 }
+                self.trail.pop();
                 out.insert(key, value);
             }
             Ok(Value::Object(out))
@@ -244,7 +291,12 @@ pub(crate) fn strict_json(text: &str) -> std::result::Result<Value, serde_json::
     }
 
     let mut de = serde_json::Deserializer::from_str(text);
-    let value = Strict.deserialize(&mut de)?;
+    let value = Strict {
+        depth: 0,
+        max_depth,
+        trail,
+    }
+    .deserialize(&mut de)?;
     de.end()?;
     Ok(value)
 }
