@@ -125,6 +125,10 @@ pub enum Error {
     #[error("invalid layout op: {detail}")]
     Layout { detail: String },
 
+    /// Quantization parameters `mx.quantize` does not accept (the allowed ones named).
+    #[error("quantization: {detail}")]
+    Quantization { detail: String },
+
     #[error("{}: output already exists (pass --force to overwrite)", path.display())]
     OutputExists { path: PathBuf },
 

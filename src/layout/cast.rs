@@ -186,7 +186,7 @@ fn cast_slice_mlx(cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
 
 /// mlx's bf16 NaN: `0x7FC0` whatever the sign.
 #[inline(always)]
-fn mlx_nan_bf16(r: u16) -> u16 {
+pub(crate) fn mlx_nan_bf16(r: u16) -> u16 {
     if (r & 0x7FFF) > 0x7F80 {
         0x7FC0
     } else {
@@ -196,7 +196,7 @@ fn mlx_nan_bf16(r: u16) -> u16 {
 
 /// mlx's f16 NaN from f32 or bf16: `0x7D00` with the sign.
 #[inline(always)]
-fn mlx_nan_f16(r: u16) -> u16 {
+pub(crate) fn mlx_nan_f16(r: u16) -> u16 {
     if (r & 0x7FFF) > 0x7C00 {
         (r & 0x8000) | 0x7D00
     } else {
@@ -281,7 +281,7 @@ where
 /// into the kept bits exactly when the dropped half is above the tie, or at it with an
 /// odd kept part; the carry runs into the exponent for overflow to inf.
 #[inline(always)]
-fn f32_to_bf16(x: u32) -> u16 {
+pub(crate) fn f32_to_bf16(x: u32) -> u16 {
     let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
     let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
     let quiet = ((x >> 16) & 0x8000) | 0x7FC0;
@@ -290,7 +290,7 @@ fn f32_to_bf16(x: u32) -> u16 {
 
 /// f32 to f16, round to nearest even, subnormals rounded, overflow to inf.
 #[inline(always)]
-fn f32_to_f16(x: u32) -> u16 {
+pub(crate) fn f32_to_f16(x: u32) -> u16 {
     let sign = (x >> 16) & 0x8000;
     let a = x & 0x7FFF_FFFF;
     // Normal f16 (a >= 2^-14): rebias the exponent by 127 - 15 and round off 13 bits;
@@ -321,13 +321,13 @@ fn f32_to_f16(x: u32) -> u16 {
 
 /// bf16 to f32: exact, NaN payloads included.
 #[inline(always)]
-fn bf16_to_f32(h: u16) -> u32 {
+pub(crate) fn bf16_to_f32(h: u16) -> u32 {
     u32::from(h) << 16
 }
 
 /// f16 to f32: exact; NaN payloads move to the top of the f32 mantissa.
 #[inline(always)]
-fn f16_to_f32(h: u16) -> u32 {
+pub(crate) fn f16_to_f32(h: u16) -> u32 {
     let h = u32::from(h);
     let sign = (h & 0x8000) << 16;
     let a = h & 0x7FFF;

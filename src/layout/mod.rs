@@ -11,6 +11,7 @@
 use crate::error::{Error, Result};
 
 pub mod cast;
+pub mod quant;
 pub use cast::Cast;
 
 /// Element sizes the backends move, in bytes.

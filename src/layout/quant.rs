@@ -1,0 +1,577 @@
+//! Quantization as mlx's `mx.quantize` does it on the CPU (mlx 0.32.4), bit for bit: the
+//! parameters it accepts ([`Quant`]) and a naive per-group oracle ([`Quant::quantize`])
+//! that the fast paths are compared to.
+//!
+//! Groups run along the last axis; a row's codes form one little-endian bit stream
+//! (the first value in the lowest bits of the first word), so a group of `g` values of
+//! `b` bits fills `g * b / 32` whole `uint32` words.
+//!
+//! What mlx does, and so what this does:
+//! - **affine** (bits 1–6 or 8, group 32/64/128): in f32, over the group's values as
+//!   f32, `max`/`min` skip NaN; `scale = max((max - min) / (2^b - 1), 1e-7)`, signed
+//!   towards the edge of larger magnitude, then snapped so that edge is an exact code
+//!   (`edge / round(edge / scale)`), `bias` that edge; each code is
+//!   `clamp(rint((w - bias) / scale), 0, 2^b - 1)`, NaN packing as 0. Scales and biases
+//!   are rounded to the weight's dtype only when stored. With 1 bit the scale is
+//!   `max - min` and the bias `min`. A group of equal values gets a scale of about
+//!   −1e-7 and its value as bias; a group holding +inf gets a NaN scale.
+//! - **mxfp4 / mxfp8** (group 32, bits 4 / 8): the shared scale is the power of two
+//!   `2^e`, `e` the least integer with `2^e >= amax / max_code` (6 or 448, divided in
+//!   the weight's dtype), stored as the byte `e + 127`; each value divided by it (in
+//!   the weight's dtype) becomes the nearest e2m1 code (ties to the smaller magnitude,
+//!   as mlx's first-minimum search gives) or an e4m3 byte (round to nearest even,
+//!   saturating at 448). A group with inf or NaN gets scale byte 0 (0x80 from f32) and
+//!   codes from dividing by zero.
+//! - **nvfp4** (group 16, bits 4): the scale is `amax / 6` (in the weight's dtype)
+//!   rounded to e4m3, stored as that byte; values are divided by the decoded scale.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::layout::cast::{f16_to_f32, f32_to_bf16, f32_to_f16, mlx_nan_bf16, mlx_nan_f16};
+
+/// A quantization format: how values become codes and scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantMode {
+    /// A scale and a bias per group, `bits`-bit unsigned codes (mlx-lm's default).
+    Affine,
+    /// OCP microscaling: e2m1 codes, a power-of-two (e8m0) scale per 32 values.
+    Mxfp4,
+    /// OCP microscaling: e4m3 codes, a power-of-two (e8m0) scale per 32 values.
+    Mxfp8,
+    /// NVIDIA's fp4: e2m1 codes, an e4m3 scale per 16 values.
+    Nvfp4,
+}
+
+impl QuantMode {
+    /// Every mode, in the order mlx-lm lists them.
+    pub const ALL: [QuantMode; 4] = [
+        QuantMode::Affine,
+        QuantMode::Mxfp4,
+        QuantMode::Nvfp4,
+        QuantMode::Mxfp8,
+    ];
+
+    /// The name mlx and mlx-lm use (`affine`, `mxfp4`, `mxfp8`, `nvfp4`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantMode::Affine => "affine",
+            QuantMode::Mxfp4 => "mxfp4",
+            QuantMode::Mxfp8 => "mxfp8",
+            QuantMode::Nvfp4 => "nvfp4",
+        }
+    }
+
+    /// The mode named `name`; an error listing the modes otherwise.
+    pub fn parse(name: &str) -> Result<QuantMode> {
+        QuantMode::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| quant_err(format!("unknown mode '{name}' ({})", mode_names())))
+    }
+
+    /// mlx-lm's (group size, bits) when none are given.
+    pub fn defaults(self) -> (usize, u32) {
+        match self {
+            QuantMode::Affine => (64, 4),
+            QuantMode::Mxfp4 => (32, 4),
+            QuantMode::Nvfp4 => (16, 4),
+            QuantMode::Mxfp8 => (32, 8),
+        }
+    }
+}
+
+impl std::fmt::Display for QuantMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn mode_names() -> String {
+    QuantMode::ALL.map(QuantMode::name).join(", ")
+}
+
+/// Bit widths and group sizes `mx.quantize` accepts in affine mode.
+pub const AFFINE_BITS: [u32; 7] = [1, 2, 3, 4, 5, 6, 8];
+pub const AFFINE_GROUP_SIZES: [usize; 3] = [32, 64, 128];
+
+/// Quantization parameters `mx.quantize` accepts, checked by [`Quant::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Quant {
+    mode: QuantMode,
+    bits: u32,
+    group_size: usize,
+}
+
+impl Quant {
+    /// `mode` with `bits` and `group_size`, each defaulting as in mlx-lm; an error
+    /// naming the allowed values for a pair mlx refuses.
+    pub fn new(mode: QuantMode, bits: Option<u32>, group_size: Option<usize>) -> Result<Quant> {
+        let (g0, b0) = mode.defaults();
+        let (bits, group_size) = (bits.unwrap_or(b0), group_size.unwrap_or(g0));
+        match mode {
+            QuantMode::Affine => {
+                if !AFFINE_BITS.contains(&bits) {
+                    return Err(quant_err(format!(
+                        "affine quantization takes bits {AFFINE_BITS:?}, not {bits}"
+                    )));
+                }
+                if !AFFINE_GROUP_SIZES.contains(&group_size) {
+                    return Err(quant_err(format!(
+                        "affine quantization takes group sizes {AFFINE_GROUP_SIZES:?}, not {group_size}"
+                    )));
+                }
+            }
+            _ if (group_size, bits) != (g0, b0) => {
+                return Err(quant_err(format!(
+                    "{mode} quantization takes group size {g0} and {b0} bits only, not group size {group_size} and {bits} bits"
+                )));
+            }
+            _ => {}
+        }
+        Ok(Quant {
+            mode,
+            bits,
+            group_size,
+        })
+    }
+
+    pub fn mode(self) -> QuantMode {
+        self.mode
+    }
+
+    pub fn bits(self) -> u32 {
+        self.bits
+    }
+
+    pub fn group_size(self) -> usize {
+        self.group_size
+    }
+
+    /// `uint32` words one group packs into (`group_size * bits / 32`, whole).
+    pub fn words_per_group(self) -> usize {
+        self.group_size * self.bits as usize / 32
+    }
+
+    /// Bytes of one group's scale (and, affine, of its bias): the weight's element size
+    /// for affine, one byte for the fp modes.
+    pub fn scale_size(self, dtype: DType) -> usize {
+        match self.mode {
+            QuantMode::Affine => dtype.size(),
+            _ => 1,
+        }
+    }
+
+    /// Whether the format stores a bias per group.
+    pub fn has_biases(self) -> bool {
+        self.mode == QuantMode::Affine
+    }
+
+    /// The dtype of the stored scales: the weight's for affine, `uint8` otherwise.
+    pub fn scale_dtype(self, dtype: DType) -> DType {
+        match self.mode {
+            QuantMode::Affine => dtype,
+            _ => DType::U8,
+        }
+    }
+
+    /// The oracle: quantizes `values` (whole groups of `dtype` values as their `f32`
+    /// bits, widened exactly) into `packed` (`words_per_group` little-endian words per
+    /// group), `scales` and `biases` (`scale_size` bytes per group; `biases` empty for
+    /// the fp modes), one group at a time, as mlx does.
+    pub fn quantize(
+        self,
+        dtype: DType,
+        values: &[f32],
+        packed: &mut [u8],
+        scales: &mut [u8],
+        biases: &mut [u8],
+    ) -> Result<()> {
+        let g = self.group_size;
+        let groups = values.len() / g;
+        let ss = self.scale_size(dtype);
+        let bias_bytes = if self.has_biases() { groups * ss } else { 0 };
+        if values.len() % g != 0
+            || packed.len() != groups * self.words_per_group() * 4
+            || scales.len() != groups * ss
+            || biases.len() != bias_bytes
+            || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        {
+            return Err(Error::Layout {
+                detail: format!(
+                    "quantizing {} {dtype} values in groups of {g} into {} packed, {} scale and {} bias bytes",
+                    values.len(),
+                    packed.len(),
+                    scales.len(),
+                    biases.len()
+                ),
+            });
+        }
+        let mut codes = vec![0u8; g];
+        let wb = self.words_per_group() * 4;
+        for k in 0..groups {
+            let group = &values[k * g..(k + 1) * g];
+            let scale = &mut scales[k * ss..(k + 1) * ss];
+            match self.mode {
+                QuantMode::Affine => {
+                    let (s, b) = affine_group(group, self.bits, &mut codes);
+                    store(dtype, s, scale);
+                    store(dtype, b, &mut biases[k * ss..(k + 1) * ss]);
+                }
+                QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
+                    scale[0] = mx_group(dtype, group, self.bits, &mut codes);
+                }
+                QuantMode::Nvfp4 => scale[0] = nv_group(dtype, group, &mut codes),
+            }
+            pack(&codes, self.bits, &mut packed[k * wb..(k + 1) * wb]);
+        }
+        Ok(())
+    }
+}
+
+fn quant_err(detail: String) -> Error {
+    Error::Quantization { detail }
+}
+
+/// `std::max(a, b)` (`a < b ? b : a`): a NaN `b` is skipped.
+#[inline(always)]
+fn cmax(a: f32, b: f32) -> f32 {
+    if a < b {
+        b
+    } else {
+        a
+    }
+}
+
+/// `std::min(a, b)` (`b < a ? b : a`): a NaN `b` is skipped.
+#[inline(always)]
+fn cmin(a: f32, b: f32) -> f32 {
+    if b < a {
+        b
+    } else {
+        a
+    }
+}
+
+/// One affine group: its codes into `codes`, and its (scale, bias) in f32.
+pub(crate) fn affine_group(w: &[f32], bits: u32, codes: &mut [u8]) -> (f32, f32) {
+    let n_bins = ((1u32 << bits) - 1) as f32;
+    let eps = 1e-7f32;
+    let (mut max, mut min) = (f32::NEG_INFINITY, f32::INFINITY);
+    for &x in w {
+        max = cmax(max, x);
+        min = cmin(min, x);
+    }
+    let (scale, bias) = if bits == 1 {
+        (cmax(max - min, eps), min)
+    } else {
+        let s = cmax((max - min) / n_bins, eps);
+        let towards_min = min.abs() > max.abs();
+        let s = if towards_min { s } else { -s };
+        let edge = if towards_min { min } else { max };
+        let q0 = (edge / s).round_ties_even();
+        if q0 != 0.0 {
+            (edge / q0, edge)
+        } else {
+            (s, 0.0)
+        }
+    };
+    for (c, &x) in codes.iter_mut().zip(w) {
+        let v = cmin(cmax(((x - bias) / scale).round_ties_even(), 0.0), n_bins);
+        // NaN survives both clamps and packs as 0, as mlx's cast to an integer gives.
+        *c = if v.is_nan() { 0 } else { v as u8 };
+    }
+    (scale, bias)
+}
+
+/// `x` rounded to `dtype` (as mlx converts), still as f32.
+#[inline(always)]
+pub(crate) fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::BF16 => f32::from_bits(u32::from(mlx_nan_bf16(f32_to_bf16(x.to_bits()))) << 16),
+        DType::F16 => f32::from_bits(f16_to_f32(mlx_nan_f16(f32_to_f16(x.to_bits())))),
+        _ => x,
+    }
+}
+
+/// Stores `x` as `dtype`'s little-endian bytes (mlx's NaN bits).
+#[inline(always)]
+pub(crate) fn store(dtype: DType, x: f32, out: &mut [u8]) {
+    match dtype {
+        DType::BF16 => out.copy_from_slice(&mlx_nan_bf16(f32_to_bf16(x.to_bits())).to_le_bytes()),
+        DType::F16 => out.copy_from_slice(&mlx_nan_f16(f32_to_f16(x.to_bits())).to_le_bytes()),
+        _ => out.copy_from_slice(&x.to_bits().to_le_bytes()),
+    }
+}
+
+/// x86's division: a NaN operand comes back quieted (the first one if both), and an
+/// invalid quotient (0/0, inf/inf) is the negative default NaN; the bytes of an fp8 code
+/// depend on that sign.
+#[inline(always)]
+fn div_x86(a: f32, b: f32) -> f32 {
+    if a.is_nan() {
+        f32::from_bits(a.to_bits() | 0x0040_0000)
+    } else if b.is_nan() {
+        f32::from_bits(b.to_bits() | 0x0040_0000)
+    } else {
+        let q = a / b;
+        if q.is_nan() {
+            f32::from_bits(0xFFC0_0000)
+        } else {
+            q
+        }
+    }
+}
+
+/// `static_cast<int32_t>(float)` on x86: truncation, and `i32::MIN` for NaN, infinities
+/// and values out of range.
+#[inline(always)]
+fn to_i32_x86(x: f32) -> i32 {
+    if x.is_finite() && x > -2_147_483_904.0 && x < 2_147_483_648.0 {
+        x as i32
+    } else {
+        i32::MIN
+    }
+}
+
+/// `2^e` in f32, exact (0 below the smallest subnormal's half, inf above the range).
+#[inline(always)]
+fn exp2_f32(e: f32) -> f32 {
+    if e.is_nan() {
+        return e;
+    }
+    (e.clamp(-2000.0, 2000.0) as f64).exp2() as f32
+}
+
+/// The e2m1 values in code order (sign bit 3).
+const FP4: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// The e2m1 code nearest `x`: the first of the least distances `|x - v|` (each rounded
+/// to `dist`), 0 when every distance is NaN.
+#[inline(always)]
+fn fp4_code(x: f32, dist: DType) -> u8 {
+    let d = |v: f32| round_to(dist, x - v).abs();
+    let mut best = d(FP4[0]);
+    let mut code = 0u8;
+    for (i, &v) in FP4.iter().enumerate().skip(1) {
+        let di = d(v);
+        if di < best {
+            best = di;
+            code = i as u8;
+        }
+    }
+    code
+}
+
+/// f32 to e4m3 (saturating to 448, NaN to ±448 as mlx's `ToFP8`), round to nearest even.
+#[inline(always)]
+pub(crate) fn to_fp8(x: f32) -> u8 {
+    let bits = x.to_bits();
+    let sign = bits & 0x8000_0000;
+    let a = bits ^ sign;
+    let r = if a >= 543 << 21 {
+        0x7E
+    } else if a < 121 << 23 {
+        // Below e4m3's smallest normal: adding 2^14 rounds to multiples of 2^-9 in f32.
+        let low = f32::from_bits(a) + 16384.0;
+        low.to_bits().wrapping_sub(141 << 23) & 0xFF
+    } else {
+        let odd = (a >> 20) & 1;
+        (a.wrapping_add((((7i32 - 127) << 23) as u32).wrapping_add(0x7FFFF + odd)) >> 20) & 0xFF
+    };
+    (r | (sign >> 24)) as u8
+}
+
+/// e4m3 to f32, exact; `0x7F`/`0xFF` are NaN.
+#[inline(always)]
+pub(crate) fn from_fp8(b: u8) -> f32 {
+    let e = i32::from((b >> 3) & 0xF);
+    let m = f32::from(b & 7);
+    let v = if b & 0x7F == 0x7F {
+        f32::NAN
+    } else if e == 0 {
+        m / 8.0 * (2f32).powi(-6)
+    } else {
+        (1.0 + m / 8.0) * (2f32).powi(e - 7)
+    };
+    if b & 0x80 != 0 {
+        -v
+    } else {
+        v
+    }
+}
+
+/// The largest absolute value of a group, NaN if it holds one (as mlx's `max`).
+#[inline(always)]
+fn amax(w: &[f32]) -> f32 {
+    let mut m = 0f32;
+    for &x in w {
+        let a = x.abs();
+        if a.is_nan() {
+            return a;
+        }
+        m = m.max(a);
+    }
+    m
+}
+
+/// One mxfp4/mxfp8 group: codes into `codes`, the scale byte returned.
+pub(crate) fn mx_group(dtype: DType, w: &[f32], bits: u32, codes: &mut [u8]) -> u8 {
+    let maxval = if bits == 4 { 6.0 } else { 448.0 };
+    let s = round_to(dtype, div_x86(amax(w), maxval));
+    let l2 = round_to(dtype, (f64::from(s)).log2() as f32);
+    let mut e = to_i32_x86(l2.round_ties_even());
+    if exp2_f32(e as f32) < s {
+        e = e.wrapping_add(1);
+    }
+    let e_t = if s == 0.0 {
+        0.0
+    } else {
+        round_to(dtype, e as f32)
+    };
+    let p = round_to(dtype, exp2_f32(e_t));
+    for (c, &x) in codes.iter_mut().zip(w) {
+        let q = round_to(dtype, div_x86(x, p));
+        *c = if bits == 4 {
+            fp4_code(q, dtype)
+        } else {
+            to_fp8(q)
+        };
+    }
+    (to_i32_x86(round_to(dtype, e_t + 127.0)) & 0xFF) as u8
+}
+
+/// One nvfp4 group: codes into `codes`, the e4m3 scale byte returned.
+pub(crate) fn nv_group(dtype: DType, w: &[f32], codes: &mut [u8]) -> u8 {
+    let s = round_to(dtype, div_x86(amax(w), 6.0));
+    let byte = to_fp8(s);
+    let sd = round_to(dtype, from_fp8(byte));
+    for (c, &x) in codes.iter_mut().zip(w) {
+        *c = fp4_code(round_to(dtype, div_x86(x, sd)), DType::F32);
+    }
+    byte
+}
+
+/// Packs `bits`-bit codes as one little-endian bit stream, lowest bits first.
+pub(crate) fn pack(codes: &[u8], bits: u32, out: &mut [u8]) {
+    out.fill(0);
+    let mut at = 0usize;
+    for &c in codes {
+        for b in 0..bits as usize {
+            if (c >> b) & 1 == 1 {
+                out[(at + b) / 8] |= 1 << ((at + b) % 8);
+            }
+        }
+        at += bits as usize;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::cast::bf16_to_f32;
+
+    const FIXTURE: &[u8] = include_bytes!("../../tests/fixtures/quant/mx_quantize.safetensors");
+
+    fn widen(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+        match dtype {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
+                .collect(),
+            _ => bytes
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(f16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_oracle_gives_mx_quantizes_bytes_for_every_mode_bit_width_group_and_edge_case() {
+        let st = safetensors::SafeTensors::deserialize(FIXTURE).unwrap();
+        let mut checked = 0;
+        for (name, dtype) in [
+            ("float32", DType::F32),
+            ("float16", DType::F16),
+            ("bfloat16", DType::BF16),
+        ] {
+            let input = st.tensor(&format!("in.{name}")).unwrap();
+            let rows = input.shape()[0];
+            let values = widen(dtype, input.data());
+            let mut cases: Vec<Quant> = AFFINE_GROUP_SIZES
+                .iter()
+                .flat_map(|&g| {
+                    AFFINE_BITS
+                        .iter()
+                        .map(move |&b| Quant::new(QuantMode::Affine, Some(b), Some(g)).unwrap())
+                })
+                .collect();
+            for mode in [QuantMode::Mxfp4, QuantMode::Mxfp8, QuantMode::Nvfp4] {
+                cases.push(Quant::new(mode, None, None).unwrap());
+            }
+            for q in cases {
+                let key = format!("{}.{name}.g{}.b{}", q.mode(), q.group_size(), q.bits());
+                let want = |s: &str| st.tensor(&format!("{key}.{s}")).unwrap().data().to_vec();
+                let (ww, ws) = (want("w"), want("s"));
+                let wb = if q.has_biases() { want("b") } else { vec![] };
+                let (mut w, mut s, mut b) = (
+                    vec![0xAA; ww.len()],
+                    vec![0xAA; ws.len()],
+                    vec![0xAA; wb.len()],
+                );
+                q.quantize(dtype, &values, &mut w, &mut s, &mut b).unwrap();
+                let cols = values.len() / rows;
+                let per_row = cols / q.group_size();
+                for (k, (got, want)) in s
+                    .chunks(q.scale_size(dtype))
+                    .zip(ws.chunks(q.scale_size(dtype)))
+                    .enumerate()
+                {
+                    assert_eq!(
+                        got,
+                        want,
+                        "{key}: scale of group {} of row {}",
+                        k % per_row,
+                        k / per_row
+                    );
+                }
+                assert_eq!(b, wb, "{key}: biases");
+                let row_bytes = w.len() / rows;
+                for (r, (got, want)) in w.chunks(row_bytes).zip(ww.chunks(row_bytes)).enumerate() {
+                    assert_eq!(got, want, "{key}: packed row {r}");
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 3 * (21 + 3));
+    }
+
+    #[test]
+    fn parameters_mx_refuses_are_refused_with_the_allowed_values() {
+        assert_eq!(
+            Quant::new(QuantMode::Affine, None, None)
+                .unwrap()
+                .group_size(),
+            64
+        );
+        assert_eq!(Quant::new(QuantMode::Mxfp8, None, None).unwrap().bits(), 8);
+        for (mode, bits, group) in [
+            (QuantMode::Affine, 7, 64),
+            (QuantMode::Affine, 4, 16),
+            (QuantMode::Mxfp4, 8, 32),
+            (QuantMode::Nvfp4, 4, 32),
+            (QuantMode::Mxfp8, 4, 32),
+        ] {
+            let e = Quant::new(mode, Some(bits), Some(group)).unwrap_err();
+            assert!(matches!(e, Error::Quantization { .. }), "{e}");
+        }
+        let e = QuantMode::parse("fp8").unwrap_err().to_string();
+        assert!(e.contains("affine, mxfp4, nvfp4, mxfp8"), "{e}");
+    }
+}
