@@ -187,6 +187,41 @@ impl Quant {
         scales: &mut [u8],
         biases: &mut [u8],
     ) -> Result<()> {
+        self.check_buffers(dtype, values, packed, scales, biases)?;
+        let g = self.group_size;
+        let groups = values.len() / g;
+        let ss = self.scale_size(dtype);
+        let mut codes = vec![0u8; g];
+        let wb = self.words_per_group() * 4;
+        for k in 0..groups {
+            let group = &values[k * g..(k + 1) * g];
+            let scale = &mut scales[k * ss..(k + 1) * ss];
+            match self.mode {
+                QuantMode::Affine => {
+                    let (s, b) = affine_group(group, self.bits, &mut codes);
+                    store(dtype, s, scale);
+                    store(dtype, b, &mut biases[k * ss..(k + 1) * ss]);
+                }
+                QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
+                    scale[0] = mx_group(dtype, group, self.bits, &mut codes);
+                }
+                QuantMode::Nvfp4 => scale[0] = nv_group(dtype, group, &mut codes),
+            }
+            pack(&codes, self.bits, &mut packed[k * wb..(k + 1) * wb]);
+        }
+        Ok(())
+    }
+
+    /// Checks what both quantize paths rely on: whole groups of a float dtype, and
+    /// output buffers of exactly the packed words, scales and (affine) biases they make.
+    fn check_buffers(
+        self,
+        dtype: DType,
+        values: &[f32],
+        packed: &[u8],
+        scales: &[u8],
+        biases: &[u8],
+    ) -> Result<()> {
         let g = self.group_size;
         let groups = values.len() / g;
         let ss = self.scale_size(dtype);
@@ -206,24 +241,6 @@ impl Quant {
                     biases.len()
                 ),
             });
-        }
-        let mut codes = vec![0u8; g];
-        let wb = self.words_per_group() * 4;
-        for k in 0..groups {
-            let group = &values[k * g..(k + 1) * g];
-            let scale = &mut scales[k * ss..(k + 1) * ss];
-            match self.mode {
-                QuantMode::Affine => {
-                    let (s, b) = affine_group(group, self.bits, &mut codes);
-                    store(dtype, s, scale);
-                    store(dtype, b, &mut biases[k * ss..(k + 1) * ss]);
-                }
-                QuantMode::Mxfp4 | QuantMode::Mxfp8 => {
-                    scale[0] = mx_group(dtype, group, self.bits, &mut codes);
-                }
-                QuantMode::Nvfp4 => scale[0] = nv_group(dtype, group, &mut codes),
-            }
-            pack(&codes, self.bits, &mut packed[k * wb..(k + 1) * wb]);
         }
         Ok(())
     }
@@ -245,21 +262,13 @@ impl Quant {
         scales: &mut [u8],
         biases: &mut [u8],
     ) -> Result<()> {
-        let g = self.group_size;
-        if self.mode != QuantMode::Affine || values.len() % g != 0 {
+        if self.mode != QuantMode::Affine {
             return self.quantize(dtype, values, packed, scales, biases);
         }
-        let groups = values.len() / g;
+        self.check_buffers(dtype, values, packed, scales, biases)?;
+        let g = self.group_size;
         let ss = dtype.size();
         let wb = self.words_per_group() * 4;
-        if packed.len() != groups * wb
-            || scales.len() != groups * ss
-            || biases.len() != groups * ss
-            || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-        {
-            // The oracle words the error.
-            return self.quantize(dtype, values, packed, scales, biases);
-        }
         let mut codes = [0u8; 128];
         let per = values
             .chunks_exact(g)
@@ -298,20 +307,7 @@ fn affine_group_fast(w: &[f32], bits: u32, codes: &mut [u8]) -> (f32, f32) {
         return affine_group(w, bits, codes);
     }
     let n_bins = ((1u32 << bits) - 1) as f32;
-    let (scale, bias) = if bits == 1 {
-        (cmax(hi - lo, 1e-7), lo)
-    } else {
-        let s = cmax((hi - lo) / n_bins, 1e-7);
-        let towards_min = lo.abs() > hi.abs();
-        let s = if towards_min { s } else { -s };
-        let edge = if towards_min { lo } else { hi };
-        let q0 = (edge / s).round_ties_even();
-        if q0 != 0.0 {
-            (edge / q0, edge)
-        } else {
-            (s, 0.0)
-        }
-    };
+    let (scale, bias) = affine_params(hi, lo, bits);
     // Clamping before rounding gives the same code (the bounds are whole numbers), and
     // inside [0, 255] adding and taking away 1.5 * 2^23 rounds to nearest even. NaN
     // survives the clamp and casts to 0, as in the oracle.
@@ -383,29 +379,37 @@ fn cmin(a: f32, b: f32) -> f32 {
     }
 }
 
+/// An affine group's (scale, bias) from its `max` and `min` (NaN skipped), in f32: the scale
+/// signed towards the edge of larger magnitude and snapped so that edge is an exact code.
+/// With 1 bit, the range and the minimum.
+#[inline(always)]
+fn affine_params(max: f32, min: f32, bits: u32) -> (f32, f32) {
+    let eps = 1e-7f32;
+    if bits == 1 {
+        return (cmax(max - min, eps), min);
+    }
+    let n_bins = ((1u32 << bits) - 1) as f32;
+    let s = cmax((max - min) / n_bins, eps);
+    let towards_min = min.abs() > max.abs();
+    let s = if towards_min { s } else { -s };
+    let edge = if towards_min { min } else { max };
+    let q0 = (edge / s).round_ties_even();
+    if q0 != 0.0 {
+        (edge / q0, edge)
+    } else {
+        (s, 0.0)
+    }
+}
+
 /// One affine group: its codes into `codes`, and its (scale, bias) in f32.
 pub(crate) fn affine_group(w: &[f32], bits: u32, codes: &mut [u8]) -> (f32, f32) {
     let n_bins = ((1u32 << bits) - 1) as f32;
-    let eps = 1e-7f32;
     let (mut max, mut min) = (f32::NEG_INFINITY, f32::INFINITY);
     for &x in w {
         max = cmax(max, x);
         min = cmin(min, x);
     }
-    let (scale, bias) = if bits == 1 {
-        (cmax(max - min, eps), min)
-    } else {
-        let s = cmax((max - min) / n_bins, eps);
-        let towards_min = min.abs() > max.abs();
-        let s = if towards_min { s } else { -s };
-        let edge = if towards_min { min } else { max };
-        let q0 = (edge / s).round_ties_even();
-        if q0 != 0.0 {
-            (edge / q0, edge)
-        } else {
-            (s, 0.0)
-        }
-    };
+    let (scale, bias) = affine_params(max, min, bits);
     for (c, &x) in codes.iter_mut().zip(w) {
         let v = cmin(cmax(((x - bias) / scale).round_ties_even(), 0.0), n_bins);
         // NaN survives both clamps and packs as 0, as mlx's cast to an integer gives.
