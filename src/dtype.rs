@@ -19,11 +19,13 @@ pub enum DType {
     Bool,
     F8E4M3,
     F8E5M2,
+    /// Packed quantized words (mlx's quantized weights).
+    U32,
 }
 
 impl DType {
     /// Every dtype, in the order used for reports.
-    pub const ALL: [DType; 12] = [
+    pub const ALL: [DType; 13] = [
         DType::F64,
         DType::F32,
         DType::F16,
@@ -36,13 +38,14 @@ impl DType {
         DType::Bool,
         DType::F8E4M3,
         DType::F8E5M2,
+        DType::U32,
     ];
 
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             DType::F64 | DType::I64 => 8,
-            DType::F32 | DType::I32 => 4,
+            DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F16 | DType::BF16 | DType::I16 => 2,
             DType::I8 | DType::U8 | DType::Bool | DType::F8E4M3 | DType::F8E5M2 => 1,
         }
@@ -65,6 +68,7 @@ impl DType {
             DType::Bool => ("BOOL", &["bool", "bool_"], "BoolStorage", None),
             DType::F8E4M3 => ("F8_E4M3", &["float8_e4m3fn"], "Float8_e4m3fnStorage", None),
             DType::F8E5M2 => ("F8_E5M2", &["float8_e5m2"], "Float8_e5m2Storage", None),
+            DType::U32 => ("U32", &["uint32"], "UInt32Storage", None),
         };
         Names {
             safetensors,

@@ -2,6 +2,7 @@
 //! consumed by the converter; it does no I/O.
 
 use crate::dtype::DType;
+use crate::layout::quant::{Quant, QuantMode, Quantize};
 
 /// One output tensor: where it comes from and how it is made, in this order: a slice of
 /// the source along one axis, a permutation of the axes, a reshape of the (contiguous)
@@ -33,6 +34,69 @@ pub struct PlanEntry {
     pub(crate) stack: Vec<(usize, String)>,
     /// Something the user should check, e.g. a layout decided from a name alone.
     pub(crate) warning: Option<String>,
+    /// What the rule says about quantizing the tensor (`quantize = …`), if anything.
+    pub(crate) quant_rule: Option<QuantLayer>,
+    /// How the tensor is quantized, when it is: its outputs are then the packed
+    /// weight, its scales and (affine) its biases.
+    pub(crate) quant: Option<Quant>,
+    /// The per-layer entry the model's `config.json` records for it (a predicate's or a
+    /// recipe's parameters), if any.
+    pub(crate) quant_layer: Option<QuantLayer>,
+    /// Why a weight that could be quantized was left whole.
+    pub(crate) kept_whole: Option<String>,
+}
+
+/// Per-layer quantization parameters as mlx-lm records them in `config.json`: each key
+/// present only when given (`group_size` may be present as `null`), `quantize = false`
+/// as `off`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QuantLayer {
+    /// Leave the tensor whole (`quantize = false`).
+    pub(crate) off: bool,
+    pub(crate) group_size: Option<Option<usize>>,
+    pub(crate) bits: Option<u32>,
+    pub(crate) mode: Option<QuantMode>,
+}
+
+impl QuantLayer {
+    /// `quantize = false`.
+    pub fn is_off(&self) -> bool {
+        self.off
+    }
+
+    /// The entry as mlx-lm writes it: `{"group_size": 64, "bits": 8}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        if let Some(g) = self.group_size {
+            m.insert("group_size".into(), g.into());
+        }
+        if let Some(b) = self.bits {
+            m.insert("bits".into(), b.into());
+        }
+        if let Some(mode) = self.mode {
+            m.insert("mode".into(), mode.name().into());
+        }
+        serde_json::Value::Object(m)
+    }
+
+    /// The parameters these give, each missing one defaulting as mlx does for the mode
+    /// (affine when none is named).
+    pub fn quant(&self) -> crate::Result<Quant> {
+        Quant::new(
+            self.mode.unwrap_or(QuantMode::Affine),
+            self.bits,
+            self.group_size.flatten(),
+        )
+    }
+}
+
+/// One tensor of the output: name, dtype, shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
 }
 
 /// Read access; the fields are set by the crate, which keeps them consistent.
@@ -107,6 +171,70 @@ impl PlanEntry {
     /// Something the user should check, e.g. a layout decided from a name alone.
     pub fn warning(&self) -> Option<&str> {
         self.warning.as_deref()
+    }
+
+    /// How the tensor is quantized, if it is.
+    pub fn quant(&self) -> Option<Quant> {
+        self.quant
+    }
+
+    /// The per-layer entry `config.json` records for it, if any.
+    pub fn quant_layer(&self) -> Option<&QuantLayer> {
+        self.quant_layer.as_ref()
+    }
+
+    /// Why a weight that could be quantized was left whole, when it was.
+    pub fn kept_whole(&self) -> Option<&str> {
+        self.kept_whole.as_deref()
+    }
+
+    /// The quantize op of the entry, if it is quantized.
+    pub(crate) fn quantize_op(&self) -> crate::Result<Option<Quantize>> {
+        self.quant.map(|q| Quantize::new(q, self.dtype)).transpose()
+    }
+
+    /// The tensors the entry writes: the target, or for a quantized weight `X.weight`
+    /// (`uint32`, the last axis packed), `X.scales` and (affine) `X.biases` (the last
+    /// axis one per group).
+    pub fn outputs(&self) -> Vec<OutputTensor> {
+        let Some(q) = self.quant else {
+            return vec![OutputTensor {
+                name: self.target.clone(),
+                dtype: self.dtype,
+                shape: self.target_shape.clone(),
+            }];
+        };
+        let base = self.target.strip_suffix(".weight").unwrap_or(&self.target);
+        let (lead, cols) = match self.target_shape.split_last() {
+            Some((&c, lead)) => (lead.to_vec(), c),
+            None => (Vec::new(), 0),
+        };
+        let with = |last: usize| {
+            let mut s = lead.clone();
+            s.push(last);
+            s
+        };
+        let groups = cols / q.group_size();
+        let mut out = vec![
+            OutputTensor {
+                name: self.target.clone(),
+                dtype: DType::U32,
+                shape: with(cols * q.bits() as usize / 32),
+            },
+            OutputTensor {
+                name: format!("{base}.scales"),
+                dtype: q.scale_dtype(self.dtype),
+                shape: with(groups),
+            },
+        ];
+        if q.has_biases() {
+            out.push(OutputTensor {
+                name: format!("{base}.biases"),
+                dtype: self.dtype,
+                shape: with(groups),
+            });
+        }
+        out
     }
 }
 
@@ -200,6 +328,14 @@ impl PlanEntry {
         if self.dtype != self.source_dtype {
             parts.push(format!("cast {}->{}", self.source_dtype, self.dtype));
         }
+        if let Some(q) = self.quant {
+            parts.push(format!(
+                "quantize {} {}-bit g{}",
+                q.mode(),
+                q.bits(),
+                q.group_size()
+            ));
+        }
         if parts.is_empty() {
             "copy".to_string()
         } else {
@@ -263,6 +399,9 @@ pub struct Plan {
     /// `__metadata__` entries the rule files ask every output file to carry
     /// (`{"format": "mlx"}`).
     pub(crate) metadata: std::collections::BTreeMap<String, String>,
+    /// The `quantization` object of a quantized conversion's `config.json`, as mlx-lm
+    /// writes it (top-level parameters and per-layer entries).
+    pub(crate) quantization: Option<serde_json::Value>,
 }
 
 /// Read access; the fields are set by the crate, which keeps them consistent.
@@ -276,6 +415,11 @@ impl Plan {
     /// (`bfloat16 from config.json 'torch_dtype'`); `None` otherwise.
     pub fn dtype_from(&self) -> Option<&str> {
         self.dtype_from.as_deref()
+    }
+
+    /// The `quantization` object `config.json` gets, for a quantized conversion.
+    pub fn quantization(&self) -> Option<&serde_json::Value> {
+        self.quantization.as_ref()
     }
 
     /// `__metadata__` entries the rule files ask every output file to carry.

@@ -12,8 +12,12 @@ use std::sync::Arc;
 use bytemuck::Pod;
 use rayon::prelude::*;
 
-use crate::backend::{check_buffers, gather_then_cast_in, Backend, Staging, CAST_STAGE_BYTES};
+use crate::backend::{
+    check_buffers, check_quantize_buffers, gather_then_cast_in, quantize_staged, Backend,
+    Staging, CAST_STAGE_BYTES,
+};
 use crate::error::{Error, Result};
+use crate::layout::quant::Quantize;
 use crate::layout::{Cast, Gather};
 
 internal! {
@@ -225,6 +229,61 @@ impl Backend for Cpu {
         match &self.pool {
             Some(pool) => pool.install(run),
             None => run(),
+        }
+    }
+
+    fn gather_quantize(
+        &self,
+        g: &Gather,
+        cast: Option<Cast>,
+        op: &Quantize,
+        src: &[u8],
+        dsts: &mut [&mut [u8]],
+    ) -> Result<()> {
+        check_quantize_buffers(g, cast, op, src, dsts)?;
+        // Pieces of whole groups, each gathered, cast and quantized on one thread in a
+        // stage that stays in its cache: the gather and the quantization are one pass.
+        let inline = Cpu {
+            pool: None,
+            tuning: Tuning {
+                par_threshold: usize::MAX,
+                ..self.tuning
+            },
+        };
+        let gs = op.quant().group_size();
+        let from = g.elem_size;
+        let per = (CAST_STAGE_BYTES.min(self.tuning.par_chunk) / from / gs).max(1) * gs;
+        let mut rests: Vec<&mut [u8]> = dsts.iter_mut().map(|d| &mut **d).collect();
+        let emitted: Vec<usize> = (0..op.output_count()).filter(|&k| op.emits(k)).collect();
+        let mut pieces = Vec::new();
+        for (_, piece) in g.split(per * from) {
+            let mut outs = Vec::with_capacity(emitted.len());
+            for (rest, &k) in rests.iter_mut().zip(&emitted) {
+                let len = op.output_bytes(k, piece.len()).unwrap_or(usize::MAX);
+                if len > rest.len() {
+                    return Err(layout_err("quantize piece outside its buffers".to_string()));
+                }
+                let (head, tail) = std::mem::take(rest).split_at_mut(len);
+                *rest = tail;
+                outs.push(head);
+            }
+            pieces.push((piece, outs));
+        }
+        let parallel = g.len() * from >= self.tuning.par_threshold && pieces.len() > 1;
+        let run = |stage: &mut Vec<u8>, (piece, mut outs): (Gather, Vec<&mut [u8]>)| {
+            quantize_staged(&inline, &piece, cast, op, src, &mut outs, true, stage)
+        };
+        let go = move || {
+            if parallel {
+                pieces.into_par_iter().try_for_each_init(Vec::new, run)
+            } else {
+                let mut stage = Vec::new();
+                pieces.into_iter().try_for_each(|p| run(&mut stage, p))
+            }
+        };
+        match &self.pool {
+            Some(pool) => pool.install(go),
+            None => go(),
         }
     }
 

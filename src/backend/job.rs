@@ -11,6 +11,7 @@
 //! that call, never between calls.
 
 use crate::error::{Error, Result};
+use crate::layout::quant::Quantize;
 use crate::layout::{Cast, Gather};
 
 /// Where some of a band's bytes go: `len` bytes at byte `at` of output `output` of its
@@ -119,6 +120,7 @@ impl<'a> Part<'a> {
 pub struct Job<'a> {
     parts: Vec<Part<'a>>,
     cast: Option<Cast>,
+    quantize: Option<Quantize>,
     outputs: Vec<usize>,
 }
 
@@ -215,8 +217,70 @@ impl<'a> Job<'a> {
         Ok(Job {
             parts,
             cast,
+            quantize: None,
             outputs,
         })
+    }
+
+    /// A job quantizing `parts` (each `(source, gather)` the next whole rows of the
+    /// weight, converted by `cast` to `op.dtype()` first) by `op`: one output per
+    /// emitted output of the op, every band whole groups whose packed words are at most
+    /// `band_bytes` (at least one group). Each gather's last axis must hold whole groups.
+    pub fn quantized(
+        parts: Vec<(&'a [u8], Gather)>,
+        cast: Option<Cast>,
+        op: Quantize,
+        band_bytes: usize,
+    ) -> Result<Job<'a>> {
+        let g = op.quant().group_size();
+        let to = op.dtype().size();
+        if cast.map_or(false, |c| c.to() != op.dtype()) {
+            return Err(job_err(format!(
+                "a quantize job of {} values cannot take a cast to another dtype",
+                op.dtype()
+            )));
+        }
+        let from = cast.map_or(to, |c| c.from().size());
+        let bits = op.quant().bits() as usize;
+        // Whole groups per band, sized by the packed words (the output that streams).
+        let per_band = (band_bytes.saturating_mul(8) / bits / g).max(1).saturating_mul(g);
+        let emitted: Vec<usize> = (0..op.output_count()).filter(|&k| op.emits(k)).collect();
+        let mut filled = vec![0usize; emitted.len()];
+        let mut built = Vec::with_capacity(parts.len());
+        for (src, gather) in parts {
+            gather.validate()?;
+            if gather.elem_size != from {
+                return Err(job_err(format!(
+                    "a gather of {}-byte elements cannot be quantized from {from}-byte ones",
+                    gather.elem_size
+                )));
+            }
+            let last = gather.shape.last().copied().unwrap_or(1);
+            if last % g != 0 {
+                return Err(job_err(format!(
+                    "rows of {last} values are not whole groups of {g}"
+                )));
+            }
+            crate::backend::check_source(&gather, src)?;
+            let mut bands = Vec::new();
+            for (_, piece) in gather.split(per_band.saturating_mul(from)) {
+                let n = piece.len();
+                if n % g != 0 {
+                    return Err(job_err(format!("a band of {n} values is not whole groups")));
+                }
+                let mut spans = Vec::with_capacity(emitted.len());
+                for (o, &k) in emitted.iter().enumerate() {
+                    let len = op.output_bytes(k, n).ok_or_else(overflow)?;
+                    spans.push(Span::new(o, filled[o], len));
+                    filled[o] = filled[o].checked_add(len).ok_or_else(overflow)?;
+                }
+                bands.push(Band::new(piece, spans));
+            }
+            built.push(Part::new(src, gather, bands));
+        }
+        let mut job = Job::with_outputs(built, cast, filled)?;
+        job.quantize = Some(op);
+        Ok(job)
     }
 
     pub fn parts(&self) -> &[Part<'a>] {
@@ -226,6 +290,12 @@ impl<'a> Job<'a> {
     /// The element conversion every part's output goes through, if any.
     pub fn cast(&self) -> Option<Cast> {
         self.cast
+    }
+
+    /// The quantize op every band goes through after its cast, if any: then the job's
+    /// outputs are the op's emitted outputs.
+    pub fn quantize(&self) -> Option<&Quantize> {
+        self.quantize.as_ref()
     }
 
     /// Byte size of each output, in the order the sink receives them (an element-wise
@@ -355,10 +425,15 @@ pub fn run_on_host<B: crate::backend::Backend + ?Sized>(
     for (j, job) in jobs.iter().enumerate() {
         for part in job.parts() {
             for band in part.bands() {
-                let dst = single(sink.band(j, band.spans())?)?;
-                match job.cast() {
-                    None => backend.gather(band.gather(), part.src(), dst)?,
-                    Some(c) => backend.gather_cast(band.gather(), c, part.src(), dst)?,
+                let mut dsts = sink.band(j, band.spans())?;
+                if let Some(q) = job.quantize() {
+                    backend.gather_quantize(band.gather(), job.cast(), q, part.src(), &mut dsts)?;
+                } else {
+                    let dst = single(dsts)?;
+                    match job.cast() {
+                        None => backend.gather(band.gather(), part.src(), dst)?,
+                        Some(c) => backend.gather_cast(band.gather(), c, part.src(), dst)?,
+                    }
                 }
                 progress(Step::Band {
                     job: j,

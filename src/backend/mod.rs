@@ -2,6 +2,7 @@
 //! place a backend is chosen is [`select`].
 
 use crate::error::{Error, Result};
+use crate::layout::quant::{widen_to_f32, Quantize};
 use crate::layout::{cast, Cast, Gather};
 
 pub mod cpu;
@@ -33,6 +34,22 @@ pub trait Backend: Send + Sync {
     /// size of `cast.from()`, and `dst` receives exactly `g.len()` elements of
     /// `cast.to()`. Every backend gives the same bytes.
     fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()>;
+
+    /// Runs `g` (converted by `cast`, if any, to `op.dtype()`) and quantizes the values
+    /// by `op` into `dsts`, one buffer per emitted output of the op, each exactly its
+    /// bytes. `g` holds whole groups: its last axis is a multiple of the group size.
+    /// Every backend gives the bytes of the oracle, [`crate::layout::Quant::quantize`];
+    /// this default runs it.
+    fn gather_quantize(
+        &self,
+        g: &Gather,
+        cast: Option<Cast>,
+        op: &Quantize,
+        src: &[u8],
+        dsts: &mut [&mut [u8]],
+    ) -> Result<()> {
+        quantize_staged(self, g, cast, op, src, dsts, false, &mut Vec::new())
+    }
 
     /// Runs every job in order, each band computed (and converted by the job's cast)
     /// into the slice `sink` hands out for it; `progress` hears of every band and job
@@ -302,4 +319,71 @@ pub(crate) fn check_buffers(g: &Gather, src: &[u8], dst: &[u8]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Checks what [`Backend::gather_quantize`] relies on: whole groups, the values' element
+/// size, one buffer per emitted output, each of its bytes.
+pub(crate) fn check_quantize_buffers(
+    g: &Gather,
+    cast: Option<Cast>,
+    op: &Quantize,
+    src: &[u8],
+    dsts: &[&mut [u8]],
+) -> Result<()> {
+    g.validate()?;
+    let gs = op.quant().group_size();
+    let from = cast.map_or(op.dtype(), |c| c.from());
+    let err = |detail: String| Err(Error::Layout { detail });
+    if cast.is_some_and(|c| c.to() != op.dtype()) || g.elem_size != from.size() {
+        return err(format!(
+            "a gather of {}-byte elements cannot be quantized as {}",
+            g.elem_size,
+            op.dtype()
+        ));
+    }
+    if g.shape.last().copied().unwrap_or(1) % gs != 0 {
+        return err(format!("rows of {:?} are not whole groups of {gs}", g.shape));
+    }
+    let want: Vec<usize> = (0..op.output_count())
+        .filter(|&k| op.emits(k))
+        .map(|k| op.output_bytes(k, g.len()).unwrap_or(usize::MAX))
+        .collect();
+    let got: Vec<usize> = dsts.iter().map(|d| d.len()).collect();
+    if want != got {
+        return err(format!(
+            "quantize output buffers hold {got:?} bytes, the op writes {want:?}"
+        ));
+    }
+    check_source(g, src)
+}
+
+/// `gather_quantize` on the host: `g` gathered (and cast) by `backend` into `stage`,
+/// widened to f32, then quantized by the oracle or (`fast`) the fast path.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_staged<B: Backend + ?Sized>(
+    backend: &B,
+    g: &Gather,
+    cast: Option<Cast>,
+    op: &Quantize,
+    src: &[u8],
+    dsts: &mut [&mut [u8]],
+    fast: bool,
+    stage: &mut Vec<u8>,
+) -> Result<()> {
+    check_quantize_buffers(g, cast, op, src, dsts)?;
+    let bytes = g
+        .len()
+        .checked_mul(op.dtype().size())
+        .ok_or_else(|| Error::Layout {
+            detail: "quantize stage overflows".to_string(),
+        })?;
+    stage.clear();
+    stage.resize(bytes, 0);
+    match cast {
+        None => backend.gather(g, src, stage)?,
+        Some(c) => backend.gather_cast(g, c, src, stage)?,
+    }
+    let mut values = Vec::with_capacity(g.len());
+    widen_to_f32(op.dtype(), stage, &mut values)?;
+    op.run(&values, dsts, fast)
 }

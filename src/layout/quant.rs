@@ -602,6 +602,131 @@ pub(crate) fn pack(codes: &[u8], bits: u32, out: &mut [u8]) {
     }
 }
 
+/// The quantize op of a job: groups of `quant.group_size()` values of `dtype` (the
+/// weight's dtype, after any cast) become the packed weight, its scales and (affine)
+/// its biases: the op's outputs, in that order. `emit` says which of them the job
+/// writes; the others are computed and dropped (an output written elsewhere in the
+/// file, by another job).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Quantize {
+    quant: Quant,
+    dtype: DType,
+    emit: [bool; 3],
+}
+
+impl Quantize {
+    /// Every output of quantizing `dtype` values by `quant`; `dtype` must be a float.
+    pub fn new(quant: Quant, dtype: DType) -> Result<Quantize> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(quant_err(format!(
+                "only f32, f16 and bf16 weights are quantized, not {dtype}"
+            )));
+        }
+        Ok(Quantize {
+            quant,
+            dtype,
+            emit: [true, true, quant.has_biases()],
+        })
+    }
+
+    /// The same op writing only the outputs `keep` names (indices into
+    /// [`Quantize::output_count`]).
+    pub fn only(mut self, keep: std::ops::Range<usize>) -> Quantize {
+        for (k, e) in self.emit.iter_mut().enumerate() {
+            *e = *e && keep.contains(&k);
+        }
+        self
+    }
+
+    pub fn quant(&self) -> Quant {
+        self.quant
+    }
+
+    /// The dtype of the values quantized.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Outputs the op makes: 3 for affine (weight, scales, biases), 2 otherwise.
+    pub fn output_count(&self) -> usize {
+        2 + usize::from(self.quant.has_biases())
+    }
+
+    /// Whether output `k` is written by the job.
+    pub fn emits(&self, k: usize) -> bool {
+        self.emit.get(k).copied().unwrap_or(false)
+    }
+
+    /// Bytes of output `k` (whether emitted or not) for `elems` values, whole groups;
+    /// `None` when they overflow.
+    pub fn output_bytes(&self, k: usize, elems: usize) -> Option<usize> {
+        let groups = elems / self.quant.group_size;
+        match k {
+            0 => groups.checked_mul(self.quant.words_per_group() * 4),
+            1 => groups.checked_mul(self.quant.scale_size(self.dtype)),
+            2 if self.quant.has_biases() => groups.checked_mul(self.dtype.size()),
+            _ => Some(0),
+        }
+    }
+
+    /// Quantizes `values` (whole groups, the dtype's values widened to f32) into `outs`,
+    /// one buffer per emitted output in order; the outputs not emitted go to scratch.
+    /// `fast` picks [`Quant::quantize_fast`], else the oracle.
+    pub fn run(&self, values: &[f32], outs: &mut [&mut [u8]], fast: bool) -> Result<()> {
+        let n = values.len();
+        let mut scratch: [Vec<u8>; 3] = Default::default();
+        let mut bufs: [&mut [u8]; 3] = [&mut [], &mut [], &mut []];
+        let mut given = outs.iter_mut();
+        for (k, (buf, s)) in bufs.iter_mut().zip(scratch.iter_mut()).enumerate() {
+            if k >= self.output_count() {
+                break;
+            }
+            if self.emits(k) {
+                *buf = given.next().map(|b| &mut **b).ok_or_else(|| {
+                    quant_err("fewer output buffers than emitted outputs".to_string())
+                })?;
+            } else {
+                let len = self
+                    .output_bytes(k, n)
+                    .ok_or_else(|| quant_err("output size overflows".to_string()))?;
+                s.resize(len, 0);
+                *buf = s.as_mut_slice();
+            }
+        }
+        if given.next().is_some() {
+            return Err(quant_err("more output buffers than emitted outputs".to_string()));
+        }
+        let [w, s, b] = bufs;
+        if fast {
+            self.quant.quantize_fast(self.dtype, values, w, s, b)
+        } else {
+            self.quant.quantize(self.dtype, values, w, s, b)
+        }
+    }
+}
+
+/// Widens `bytes` (little-endian `dtype` elements, a float dtype) to f32, exactly.
+pub(crate) fn widen_to_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
+    out.clear();
+    match dtype {
+        DType::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        DType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| {
+            f32::from_bits(crate::layout::cast::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+        })),
+        DType::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(f16_to_f32(u16::from_le_bytes([c[0], c[1]])))),
+        ),
+        other => return Err(quant_err(format!("cannot quantize {other} values"))),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

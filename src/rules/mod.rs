@@ -551,6 +551,9 @@ struct MapAction {
     /// The message instead of `warn` when `--module-types` was given, so a note never
     /// advises passing an option the user already passed.
     warn_with_module_types: Option<String>,
+    /// `quantize = false` or `quantize = { bits, group_size, mode }`: what a quantized
+    /// conversion does with the rule's tensors (a family's quantization predicate).
+    quantize: Option<crate::plan::QuantLayer>,
 }
 
 /// Equal parts along one source axis (negative counts from the end), each its own target.
@@ -1297,6 +1300,10 @@ impl Rule {
                     (Some(_), Some(w)) => Some(names.fill(w)),
                     _ => action.warn.as_ref().map(|w| names.fill(w)),
                 },
+                quant_rule: action.quantize.clone(),
+                quant: None,
+                quant_layer: None,
+                kept_whole: None,
             };
             let permuted = entry.permuted_shape();
             entry.target_shape = match &action.reshape {

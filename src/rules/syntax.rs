@@ -89,6 +89,7 @@ struct RawRule {
     requires: Option<BTreeMap<String, String>>,
     warn: Option<String>,
     warn_with_module_types: Option<String>,
+    quantize: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -112,6 +113,42 @@ fn parse_output_dtype(v: &toml::Value) -> std::result::Result<DType, String> {
         Some(name) => output_dtype(name).ok_or_else(|| format!("dtype '{name}': {moved}")),
         None => Err(moved.to_string()),
     }
+}
+
+/// `quantize = false` or `quantize = { bits = 8, group_size = 64 }` (and an optional
+/// `mode`): the parameters are checked as `mx.quantize` checks them.
+fn parse_quantize(v: &toml::Value) -> std::result::Result<crate::plan::QuantLayer, String> {
+    use crate::layout::quant::QuantMode;
+    let form = "'quantize' is false or a table of bits, group_size and mode, e.g. { bits = 8, group_size = 64 }";
+    let layer = match v {
+        toml::Value::Boolean(false) => crate::plan::QuantLayer {
+            off: true,
+            ..Default::default()
+        },
+        toml::Value::Table(t) => {
+            let mut layer = crate::plan::QuantLayer::default();
+            for (k, v) in t {
+                let int = || {
+                    v.as_integer()
+                        .filter(|n| (1..=1 << 16).contains(n))
+                        .ok_or_else(|| format!("quantize.{k} must be a positive integer"))
+                };
+                match k.as_str() {
+                    "bits" => layer.bits = Some(int()? as u32),
+                    "group_size" => layer.group_size = Some(Some(int()? as usize)),
+                    "mode" => {
+                        let name = v.as_str().ok_or("quantize.mode must be a string")?;
+                        layer.mode = Some(QuantMode::parse(name).map_err(|e| e.to_string())?);
+                    }
+                    other => return Err(format!("quantize.{other}: unknown key; {form}")),
+                }
+            }
+            layer.quant().map_err(|e| format!("quantize: {e}"))?;
+            layer
+        }
+        _ => return Err(form.to_string()),
+    };
+    Ok(layer)
 }
 
 /// A stack's or a count check's `count`: a positive integer, or a template of
@@ -270,12 +307,13 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, FileSettings, V
             || r.dtype.is_some()
             || r.requires.is_some()
             || r.warn.is_some()
-            || r.warn_with_module_types.is_some();
+            || r.warn_with_module_types.is_some()
+            || r.quantize.is_some();
         let action =
             match (r.drop, target) {
                 (true, None) if !has_map_keys => Action::Drop,
                 (true, _) => return Err(fail(
-                    "'drop = true' takes no target, perm, split, stack, reshape, dtype, requires or warn"
+                    "'drop = true' takes no target, perm, split, stack, reshape, dtype, quantize, requires or warn"
                         .into(),
                 )),
                 (false, Some(target)) => {
@@ -342,6 +380,12 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, FileSettings, V
                         .map(parse_output_dtype)
                         .transpose()
                         .map_err(&fail)?;
+                    let quantize = r
+                        .quantize
+                        .as_ref()
+                        .map(parse_quantize)
+                        .transpose()
+                        .map_err(&fail)?;
                     Action::Map(Box::new(MapAction {
                         target,
                         perm: r.perm.map(|p| p.0),
@@ -352,6 +396,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<(String, FileSettings, V
                         requires: r.requires.unwrap_or_default(),
                         warn: r.warn,
                         warn_with_module_types: r.warn_with_module_types,
+                        quantize,
                     }))
                 }
                 (false, None) => {

@@ -19,9 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{
-    check_buffers, check_cast_buffers, single, Backend, Band, Job, Part, Sink, Step,
+    check_buffers, check_cast_buffers, check_quantize_buffers, quantize_staged, single, Backend,
+    Band, Job, Part, Sink, Step,
 };
 use crate::error::{Error, Result};
+use crate::layout::quant::Quantize;
 use crate::layout::{Cast, Gather};
 
 pub use device::{list_adapters, open as open_device, AdapterReport, GpuOptions, ADAPTER_ENV};
@@ -798,6 +800,7 @@ impl Gpu {
             }
             done = j;
             let cast = jobs.get(j).and_then(Job::cast);
+            let quantize = jobs.get(j).and_then(Job::quantize);
             let held = match prefetched.take() {
                 Some((p, h)) if p == u => {
                     self.prefetched.fetch_add(1, Ordering::Relaxed);
@@ -809,8 +812,11 @@ impl Gpu {
                 .get(u + 1)
                 .map(|&(nj, np)| (np, jobs.get(nj).and_then(Job::cast)));
             let budget = HELD_BUDGET.saturating_sub(held.as_ref().map_or(0, Held::bytes));
+            // Quantized bands are gathered (and cast) on the device, then quantized on
+            // the host.
             let pieces = held
                 .as_ref()
+                .filter(|_| quantize.is_none())
                 .and_then(|h| self.band_pieces(part.bands(), &h.windows, cast));
             match (pieces, &held) {
                 (Some(pieces), Some(h)) => {
@@ -853,16 +859,35 @@ impl Gpu {
                         Some((np, _)) => self.prefetch(np, budget)?.map(|h| (u + 1, h)),
                         None => None,
                     };
+                    let mut stage = Vec::new();
                     for band in part.bands() {
-                        let dst = single(sink.band(j, band.spans())?)?;
-                        self.gather_with(
-                            slots,
-                            held.as_ref(),
-                            band.gather(),
-                            cast,
-                            part.src(),
-                            dst,
-                        )?;
+                        let mut dsts = sink.band(j, band.spans())?;
+                        if let Some(q) = quantize {
+                            let device = DeviceGather {
+                                gpu: self,
+                                slots: Mutex::new(&mut *slots),
+                                held: held.as_ref(),
+                            };
+                            quantize_staged(
+                                &device,
+                                band.gather(),
+                                cast,
+                                q,
+                                part.src(),
+                                &mut dsts,
+                                true,
+                                &mut stage,
+                            )?;
+                        } else {
+                            self.gather_with(
+                                slots,
+                                held.as_ref(),
+                                band.gather(),
+                                cast,
+                                part.src(),
+                                single(dsts)?,
+                            )?;
+                        }
                         progress(Step::Band {
                             job: j,
                             bytes: band.bytes(),
@@ -1430,7 +1455,43 @@ enum Input<'s> {
     Held(&'s wgpu::Buffer),
 }
 
+/// The device's gathers over a run's locked ring and a part's held windows, as a
+/// backend: what the host's quantization of a band is staged through.
+struct DeviceGather<'g, 's> {
+    gpu: &'g Gpu,
+    slots: Mutex<&'s mut [Slot]>,
+    held: Option<&'g Held>,
+}
+
+impl Backend for DeviceGather<'_, '_> {
+    fn name(&self) -> String {
+        self.gpu.name.clone()
+    }
+
+    fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        let mut slots = lock(&self.slots);
+        self.gpu.gather_with(&mut slots, self.held, g, None, src, dst)
+    }
+
+    fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        let mut slots = lock(&self.slots);
+        self.gpu.gather_with(&mut slots, self.held, g, Some(cast), src, dst)
+    }
+}
+
 impl Backend for Gpu {
+    fn gather_quantize(
+        &self,
+        g: &Gather,
+        cast: Option<Cast>,
+        op: &Quantize,
+        src: &[u8],
+        dsts: &mut [&mut [u8]],
+    ) -> Result<()> {
+        check_quantize_buffers(g, cast, op, src, dsts)?;
+        quantize_staged(self, g, cast, op, src, dsts, true, &mut Vec::new())
+    }
+
     fn name(&self) -> String {
         self.name.clone()
     }
