@@ -88,7 +88,9 @@ pub use convert::{
 pub use dtype::DType;
 pub use error::{human_bytes, Error, Result};
 pub use layout::{Gather, LayoutOp};
-pub use plan::{Plan, PlanEntry, Skipped, Slice};
+pub use layout::quant::{Quant, QuantMode};
+pub use model::quantize::{QuantizeOptions, Recipe};
+pub use plan::{OutputTensor, Plan, PlanEntry, QuantLayer, Skipped, Slice};
 pub use reader::{
     Checkpoint, Format, OpenOptions, StorageRange, TensorInfo, EXPANSION_FLOOR, MAX_EXPANSION,
 };

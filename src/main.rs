@@ -65,6 +65,29 @@ struct RuleArgs {
     /// tokenizer, *.py, LICENSE*, README.md) into a folder output
     #[arg(long)]
     no_copy_files: bool,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+/// mlx-lm's quantization flags (`mlx_lm.convert -q` is `--quantize` here: `-q` is
+/// `--quiet`).
+#[derive(clap::Args)]
+struct QuantArgs {
+    /// Quantize as `mlx_lm.convert -q` does (the mlx-lm preset only)
+    #[arg(long)]
+    quantize: bool,
+    /// Bits per weight (default per mode: affine 4, mxfp4 4, nvfp4 4, mxfp8 8)
+    #[arg(long, value_name = "BITS")]
+    q_bits: Option<u32>,
+    /// Values per group (default per mode: affine 64, mxfp4 32, nvfp4 16, mxfp8 32)
+    #[arg(long, value_name = "N")]
+    q_group_size: Option<usize>,
+    /// affine, mxfp4, mxfp8 or nvfp4 (default affine)
+    #[arg(long, value_name = "MODE")]
+    q_mode: Option<String>,
+    /// mlx-lm's mixed-precision recipe: mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6
+    #[arg(long, value_name = "RECIPE")]
+    quant_predicate: Option<String>,
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<String, String> {
@@ -87,7 +110,16 @@ impl RuleArgs {
             Some(name) => spec.dtype_name(name)?,
             None => spec,
         };
+        let q = &self.quant;
+        let quantize = relayout::QuantizeOptions::from_flags(
+            q.quantize,
+            q.q_bits,
+            q.q_group_size,
+            q.q_mode.as_deref(),
+            q.quant_predicate.as_deref(),
+        )?;
         Ok(spec
+            .quantize(quantize)
             .maybe(self.preset.as_deref(), ConvertSpec::preset)
             .rule_files(&self.rules)
             .maybe(self.key.as_deref(), ConvertSpec::key)

@@ -470,7 +470,7 @@ impl PlanReport {
                 .map(|(k, f)| ShardRow {
                     name: f.name.clone(),
                     bytes: f.bytes,
-                    tensors: f.entries.len(),
+                    tensors: f.header.len(),
                     worker: workers.filter(|&n| n > 0).map(|n| k % n),
                 })
                 .collect()

@@ -147,9 +147,10 @@ impl<'a> Converter<'a> {
         self
     }
 
-    /// The job that produces `entry`, the one place a plan entry becomes work: the
-    /// gather over its (sliced) source, the element conversion, and its bands.
-    fn job(&self, entry: &PlanEntry) -> Result<Job<'a>> {
+    /// The job that produces `entry`'s outputs `outputs` (see [`PlanEntry::outputs`]),
+    /// the one place a plan entry becomes work: the gather over its (sliced) source, the
+    /// element conversion, the quantization, and its bands.
+    fn job(&self, entry: &PlanEntry, outputs: std::ops::Range<usize>) -> Result<Job<'a>> {
         let sources = entry.sources();
         let mut parts = Vec::with_capacity(sources.len());
         let mut elements = 0usize;
@@ -205,12 +206,24 @@ impl<'a> Converter<'a> {
                 ),
             });
         }
-        Job::new(parts, cast, self.band_bytes)
+        match entry.quantize_op()? {
+            Some(op) => Job::quantized(parts, cast, op.only(outputs), self.band_bytes),
+            None => Job::new(parts, cast, self.band_bytes),
+        }
+        .map_err(|e| match e {
+            Error::Layout { detail } => Error::Layout {
+                detail: format!("'{}': {detail}", entry.target),
+            },
+            other => other,
+        })
     }
 
-    /// The jobs of `entries`, in order.
+    /// The jobs writing every output of each of `entries`, in order.
     fn jobs(&self, entries: &[&PlanEntry]) -> Result<Vec<Job<'a>>> {
-        entries.iter().map(|e| self.job(e)).collect()
+        entries
+            .iter()
+            .map(|e| self.job(e, 0..e.outputs().len()))
+            .collect()
     }
 
     /// Bytes of one output tensor; an error when its shape overflows.
@@ -224,15 +237,24 @@ impl<'a> Converter<'a> {
         })
     }
 
-    /// Converts one tensor into `dst`, which must hold exactly its bytes.
+    /// Converts one entry into `dst`, which must hold exactly its bytes
+    /// ([`Converter::entry_bytes`]): for a quantized weight, its outputs one after the
+    /// other (packed words, scales, biases; see [`PlanEntry::outputs`]).
     pub fn convert_into(&self, entry: &PlanEntry, dst: &mut [u8]) -> Result<()> {
-        let jobs = [self.job(entry)?];
+        let jobs = self.jobs(&[entry])?;
         check_buffer(entry, dst.len(), jobs[0].out_bytes())?;
         let interrupt = self.interrupt.as_ref();
         Interrupt::check(interrupt)?;
+        let mut bufs = Vec::new();
+        let mut rest = dst;
+        for &n in jobs[0].outputs() {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            bufs.push(head);
+            rest = tail;
+        }
         self.backend.run(
             &jobs,
-            &mut Buffers::new(&mut [dst], &jobs)?,
+            &mut Buffers::new(&mut bufs, &jobs)?,
             &mut |step| match step {
                 Step::Band { .. } => {
                     self.ckpt.check_reads()?;
@@ -246,25 +268,42 @@ impl<'a> Converter<'a> {
         Ok(())
     }
 
-    /// Converts every tensor of the plan into the caller's buffers, `dsts[i]` holding
-    /// exactly the bytes of `plan.entries[i]` (see [`Converter::entry_bytes`]): the way
-    /// loaders fill arrays they allocated, with no copy in between. Every length is
-    /// checked before any work; `progress` hears about every band and every tensor.
+    /// Converts every tensor of the plan into the caller's buffers, one per output
+    /// tensor of every entry in plan order ([`PlanEntry::outputs`]: one for a plain
+    /// entry, the packed weight, scales and biases of a quantized one), each holding
+    /// exactly that tensor's bytes: the way loaders fill arrays they allocated, with no
+    /// copy in between. Every length is checked before any work; `progress` hears about
+    /// every band and every tensor.
     pub fn fill(&self, dsts: &mut [&mut [u8]], progress: &mut dyn FnMut(Progress)) -> Result<()> {
         let entries: Vec<&PlanEntry> = self.plan.entries.iter().collect();
-        if dsts.len() != entries.len() {
+        let tensors: Vec<(String, usize)> = entries
+            .iter()
+            .flat_map(|e| e.outputs())
+            .map(|t| {
+                let n = crate::layout::checked_bytes(&t.shape, t.dtype.size());
+                (t.name, n.unwrap_or(usize::MAX))
+            })
+            .collect();
+        if dsts.len() != tensors.len() {
             return Err(Error::Layout {
                 detail: format!(
                     "{} buffers for a plan of {} tensors",
                     dsts.len(),
-                    entries.len()
+                    tensors.len()
                 ),
             });
         }
-        let jobs = self.jobs(&entries)?;
-        for ((entry, dst), job) in entries.iter().zip(dsts.iter()).zip(&jobs) {
-            check_buffer(entry, dst.len(), job.out_bytes())?;
+        for ((name, want), dst) in tensors.iter().zip(dsts.iter()) {
+            if dst.len() != *want {
+                return Err(Error::Layout {
+                    detail: format!(
+                        "buffer of {} bytes for '{name}', which needs {want}",
+                        dst.len()
+                    ),
+                });
+            }
         }
+        let jobs = self.jobs(&entries)?;
         let mut run = Run::new(&entries, jobs.iter().map(|j| j.out_bytes() as u64));
         progress(run.state);
         let interrupt = self.interrupt.as_ref();
@@ -355,7 +394,15 @@ impl<'a> Converter<'a> {
         )?;
         for entry in &self.plan.entries {
             Interrupt::check(self.interrupt.as_ref())?;
-            let job = self.job(entry)?;
+            if entry.quant.is_some() {
+                return Err(Error::Layout {
+                    detail: format!(
+                        "'{}' is quantized: device buffers are made for plain tensors only",
+                        entry.target
+                    ),
+                });
+            }
+            let job = self.job(entry, 0..1)?;
             let [part] = job.parts() else {
                 return Err(Error::Layout {
                     detail: format!(
@@ -453,17 +500,19 @@ impl<'a> Converter<'a> {
         };
         let files = output.todo().to_vec();
         let mut entries = Vec::new();
+        let mut jobs = Vec::new();
         for (_, file) in &files {
-            for &i in &file.entries {
-                entries.push(self.plan.entries.get(i).ok_or_else(|| Error::Layout {
+            for (&i, outputs) in file.entries.iter().zip(&file.outputs) {
+                let entry = self.plan.entries.get(i).ok_or_else(|| Error::Layout {
                     detail: format!(
                         "output file {} names plan entry {i}, which does not exist",
                         file.name
                     ),
-                })?);
+                })?;
+                jobs.push(self.job(entry, outputs.clone())?);
+                entries.push(entry);
             }
         }
-        let jobs = self.jobs(&entries)?;
         let mut run = Run::new(&entries, jobs.iter().map(|j| j.out_bytes() as u64));
         run.state.bytes_total = files.iter().map(|(_, f)| f.bytes).sum();
         progress(run.state);

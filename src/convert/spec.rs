@@ -48,6 +48,8 @@ pub struct ConvertSpec {
     /// `--dtype source`: keep every source dtype, even where the preset would take the
     /// config's.
     pub(crate) keep_source_dtype: bool,
+    /// Quantize as mlx-lm's `convert -q` does (the `mlx-lm` preset only).
+    pub(crate) quantize: Option<crate::model::quantize::QuantizeOptions>,
 }
 
 impl ConvertSpec {
@@ -200,6 +202,19 @@ impl ConvertSpec {
         self
     }
 
+    /// Quantize the output as `mlx_lm.convert -q` does, with these parameters (`None`:
+    /// no quantization). Only the `mlx-lm` preset takes it; the parameters are checked
+    /// when the conversion is planned, before any work.
+    pub fn quantize(mut self, opts: Option<crate::model::quantize::QuantizeOptions>) -> ConvertSpec {
+        self.quantize = opts;
+        self
+    }
+
+    /// The quantization asked for, if any.
+    pub fn quantize_options(&self) -> Option<&crate::model::quantize::QuantizeOptions> {
+        self.quantize.as_ref()
+    }
+
     /// The preset, if one was given.
     pub fn preset_name(&self) -> Option<&str> {
         self.preset.as_deref()
@@ -251,6 +266,18 @@ impl ConvertSpec {
 /// [`ConvertSpec::check_expectation`]), so a caller can show the plan that failed it.
 pub fn open_and_plan(input: impl AsRef<Path>, spec: &ConvertSpec) -> Result<(Checkpoint, Plan)> {
     let input = input.as_ref();
+    if let Some(q) = &spec.quantize {
+        if spec.preset.as_deref() != Some(crate::rules::MLX_LM_PRESET) {
+            return Err(Error::Quantization {
+                detail: format!(
+                    "quantized output is mlx-lm's format: it takes --preset {}, not {}",
+                    crate::rules::MLX_LM_PRESET,
+                    spec.preset.as_deref().map_or("no preset".to_string(), |p| format!("'{p}'"))
+                ),
+            });
+        }
+        q.quant()?;
+    }
     let dir = crate::model::model_dir(input);
     let config_path = dir.as_ref().map(|d| d.join(crate::model::CONFIG_NAME));
     let is_family_preset = spec.preset.as_deref() == Some(crate::rules::MLX_LM_PRESET);
@@ -281,6 +308,9 @@ pub fn open_and_plan(input: impl AsRef<Path>, spec: &ConvertSpec) -> Result<(Che
     opts.config = config;
     let mut plan = plan_checkpoint(&ckpt, &rules, &opts, spec.allow_unmatched)?;
     plan.dtype_from = dtype_from;
+    if let Some(q) = &spec.quantize {
+        crate::model::quantize::apply(&mut plan, q)?;
+    }
     if !spec.no_copy_files {
         if let Some(dir) = &dir {
             plan.files = crate::model::model_files(dir)?;
@@ -302,7 +332,12 @@ fn rewrite_config(plan: &mut Plan, config: Option<&ModelConfig>) -> Result<()> {
         .iter()
         .find(|f| f.name() == "generation_config.json")
         .map(|f| f.source().to_path_buf());
-    let text = config.mlx_lm_text(generation.as_deref(), &BTreeMap::new())?;
+    let mut extra = BTreeMap::new();
+    if let Some(q) = &plan.quantization {
+        extra.insert("quantization".to_string(), q.clone());
+        extra.insert("quantization_config".to_string(), q.clone());
+    }
+    let text = config.mlx_lm_text(generation.as_deref(), &extra)?;
     for f in &mut plan.files {
         if f.name() == crate::model::CONFIG_NAME {
             *f = f.clone().rewritten(text);

@@ -7,6 +7,7 @@
 //! the weights ([`crate::writer`]), unless copying is turned off.
 
 pub(crate) mod config;
+pub mod quantize;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

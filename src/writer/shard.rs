@@ -101,10 +101,15 @@ pub fn parse_shard_name(name: &str) -> Option<(usize, usize)> {
     (k >= 1 && k <= n && shard_name(k, n) == name).then_some((k, n))
 }
 
-/// Bytes of one output tensor, checked: a shape whose size overflows is an error naming
-/// the tensor.
+/// Bytes an entry writes (all its output tensors), checked: a shape whose size
+/// overflows is an error naming the tensor.
 pub fn entry_bytes(entry: &PlanEntry) -> Result<u64> {
-    tensor_bytes(&entry.target, &entry.target_shape, entry.dtype)
+    entry.outputs().iter().try_fold(0u64, |acc, t| {
+        let b = tensor_bytes(&t.name, &t.shape, t.dtype)?;
+        acc.checked_add(b).ok_or_else(|| Error::Layout {
+            detail: format!("'{}' overflows 2^64 bytes", entry.target),
+        })
+    })
 }
 
 fn tensor_bytes(name: &str, shape: &[usize], dtype: DType) -> Result<u64> {
@@ -120,8 +125,13 @@ fn tensor_bytes(name: &str, shape: &[usize], dtype: DType) -> Result<u64> {
 pub struct OutputFile {
     /// File name (inside the output folder for shards).
     pub(crate) name: String,
-    /// Indices of the plan entries it holds, in the order they are written.
+    /// Indices of the plan entries it holds, in the order they are written: one job
+    /// each. An entry appears twice when its outputs are written apart (a quantized
+    /// weight whose `uint8` scales would leave the tensors after it unaligned).
     pub(crate) entries: Vec<usize>,
+    /// For each of `entries`, the range of the entry's outputs
+    /// ([`PlanEntry::outputs`]) written there.
+    pub(crate) outputs: Vec<std::ops::Range<usize>>,
     /// Its header, in the same order.
     pub(crate) header: Vec<HeaderEntry>,
     /// Bytes of tensor data.
@@ -135,9 +145,16 @@ impl OutputFile {
         &self.name
     }
 
-    /// Indices of the plan entries it holds, in the order they are written.
+    /// Indices of the plan entries it holds, in the order they are written (see
+    /// [`OutputFile::outputs`]).
     pub fn entries(&self) -> &[usize] {
         &self.entries
+    }
+
+    /// For each of [`OutputFile::entries`], the range of the entry's outputs written
+    /// there: all of them, or, for an entry written in two places, each part.
+    pub fn outputs(&self) -> &[std::ops::Range<usize>] {
+        &self.outputs
     }
 
     /// Its header, in the same order.
@@ -156,7 +173,12 @@ impl OutputFile {
 /// Inside each file the tensors are ordered by descending element size, then by name
 /// (the order of the reference `safetensors` serializer): the header is padded to 8
 /// bytes, so every tensor then starts at a file offset that is a multiple of its element
-/// size, as zero-copy loaders need, without holes in the data.
+/// size, as zero-copy loaders need, without holes in the data. A quantized weight is
+/// placed by its packed `uint32` words, its scales and biases right after it (they are
+/// made in the same pass, so nothing waits for them): affine scales and biases come in
+/// pairs and end on a word boundary. One-byte scales that would not (a group count
+/// that is not a multiple of 4) go with the one-byte tensors, made by a second pass
+/// over the weight's source rather than held.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutputLayout {
     /// The files, in shard order.
@@ -237,7 +259,12 @@ impl OutputLayout {
 
     /// For every plan entry, the index of the file it is written to.
     pub fn file_of_entries(&self) -> Vec<usize> {
-        let n = self.files.iter().map(|f| f.entries.len()).sum();
+        let n = self
+            .files
+            .iter()
+            .flat_map(|f| f.entries.iter().map(|&i| i + 1))
+            .max()
+            .unwrap_or(0);
         let mut of = vec![0; n];
         for (k, f) in self.files.iter().enumerate() {
             for &i in &f.entries {
@@ -280,33 +307,54 @@ impl OutputLayout {
     }
 }
 
-fn output_file(plan: &Plan, name: String, mut entries: Vec<usize>) -> Result<OutputFile> {
-    let get = |i: usize| &plan.entries[i];
-    entries.sort_by(|&a, &b| {
-        let (a, b) = (get(a), get(b));
-        b.dtype
-            .size()
-            .cmp(&a.dtype.size())
-            .then_with(|| a.target.cmp(&b.target))
-    });
-    let mut bytes = 0u64;
-    let mut header = Vec::with_capacity(entries.len());
+fn output_file(plan: &Plan, name: String, entries: Vec<usize>) -> Result<OutputFile> {
+    // The pieces each entry is written as, with the element size and name that place
+    // them.
+    let mut items = Vec::with_capacity(entries.len());
     for &i in &entries {
-        let e = get(i);
-        bytes = bytes
-            .checked_add(entry_bytes(e)?)
-            .ok_or_else(|| Error::Layout {
-                detail: format!("the output file {name} would exceed 2^64 bytes"),
-            })?;
-        header.push(HeaderEntry {
-            name: e.target.clone(),
-            dtype: e.dtype,
-            shape: e.target_shape.clone(),
-        });
+        let e = plan.entries.get(i).ok_or_else(|| Error::Layout {
+            detail: format!("output file {name} names plan entry {i}, which does not exist"),
+        })?;
+        let outs = e.outputs();
+        let apart = e.quant.is_some_and(|q| !q.has_biases())
+            && outs.get(1).is_some_and(|s| {
+                crate::layout::checked_numel(&s.shape).is_some_and(|n| n % 4 != 0)
+            });
+        let ranges = if apart {
+            vec![0..1, 1..outs.len()]
+        } else {
+            vec![0..outs.len()]
+        };
+        for r in ranges {
+            let first = &outs[r.start];
+            items.push((first.dtype.size(), first.name.clone(), i, r));
+        }
+    }
+    items.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let mut bytes = 0u64;
+    let mut header = Vec::with_capacity(items.len());
+    let (mut order, mut ranges) = (Vec::with_capacity(items.len()), Vec::new());
+    for (_, _, i, r) in items {
+        let outs = plan.entries[i].outputs();
+        for t in &outs[r.clone()] {
+            bytes = bytes
+                .checked_add(tensor_bytes(&t.name, &t.shape, t.dtype)?)
+                .ok_or_else(|| Error::Layout {
+                    detail: format!("the output file {name} would exceed 2^64 bytes"),
+                })?;
+            header.push(HeaderEntry {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            });
+        }
+        order.push(i);
+        ranges.push(r);
     }
     Ok(OutputFile {
         name,
-        entries,
+        entries: order,
+        outputs: ranges,
         header,
         bytes,
     })
