@@ -337,7 +337,7 @@ pub(crate) mod tests {
                 "params.fc.bias": {"shape": [10], "dtype": "BF16"},
                 "a": {"shape": [], "dtype": "mlx.core.bool"},
                 "b": {"shape": [2], "dtype": null},
-                "c": {"shape": [3], "dtype": "uint32"}}"#,
+                "c": {"shape": [3], "dtype": "uint64"}}"#,
         )
         .unwrap();
         assert_eq!(e.len(), 5);
@@ -345,7 +345,7 @@ pub(crate) mod tests {
         assert_eq!(e["params.fc.bias"], want(&[10], Some(DType::BF16)));
         assert_eq!(e["a"], want(&[], Some(DType::Bool)));
         assert_eq!(e["b"], want(&[2], None));
-        assert_eq!(e["c"].dtype, Some(Want::Other("uint32".into())));
+        assert_eq!(e["c"].dtype, Some(Want::Other("uint64".into())));
     }
 
     #[test]
