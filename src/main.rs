@@ -387,14 +387,17 @@ fn plan(
     for e in report.entries() {
         writeln!(
             out,
-            "{:<40} -> {:<44} {:?} -> {:?} {} [{}]{}",
+            "{:<40} -> {:<44} {:?} -> {:?} {} [{}]{}{}",
             e.source(),
             e.target(),
             e.source_shape(),
             e.target_shape(),
             e.op(),
             e.rule(),
-            e.shard().map(|n| format!(" in {n}")).unwrap_or_default()
+            e.shard().map(|n| format!(" in {n}")).unwrap_or_default(),
+            e.kept_whole()
+                .map(|w| format!(" (left whole: {w})"))
+                .unwrap_or_default()
         )?;
     }
     for s in report.dropped() {
@@ -435,6 +438,22 @@ fn plan(
         writeln!(
             out,
             "output dtype: {from} (--dtype source keeps the source's)"
+        )?;
+    }
+    if let Some(q) = report.quantization() {
+        let quantized = report
+            .entries()
+            .iter()
+            .filter(|e| e.quantize().is_some())
+            .count();
+        let whole = report
+            .entries()
+            .iter()
+            .filter(|e| e.kept_whole().is_some())
+            .count();
+        writeln!(
+            out,
+            "quantization: {quantized} weight(s) quantized, {whole} left whole; config.json gets {q}"
         )?;
     }
     if !report.copied().is_empty() {

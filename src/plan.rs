@@ -92,7 +92,7 @@ impl QuantLayer {
 }
 
 /// One tensor of the output: name, dtype, shape.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct OutputTensor {
     pub name: String,
     pub dtype: DType,

@@ -182,6 +182,8 @@ pub struct PlanReport {
     pub(crate) copied: Vec<FileRow>,
     /// Where the output dtype came from when the preset took it from the config.
     pub(crate) dtype_from: Option<String>,
+    /// The `quantization` object `config.json` gets, for a quantized conversion.
+    pub(crate) quantization: Option<serde_json::Value>,
 }
 
 /// One file of the model folder that a folder output receives (`config.json`, the
@@ -281,6 +283,11 @@ impl PlanReport {
     pub fn dtype_from(&self) -> Option<&str> {
         self.dtype_from.as_deref()
     }
+
+    /// The `quantization` object `config.json` gets, for a quantized conversion.
+    pub fn quantization(&self) -> Option<&serde_json::Value> {
+        self.quantization.as_ref()
+    }
 }
 
 /// One output tensor of a [`PlanReport`].
@@ -312,10 +319,35 @@ pub struct PlanRow {
     /// The sources of a stacked target, in stack order (`source` is the first); empty
     /// for a target made of one source.
     pub(crate) stack: Vec<String>,
+    /// How the tensor is quantized (mode, bits, group_size), when it is.
+    pub(crate) quantize: Option<crate::layout::quant::Quant>,
+    /// The per-layer entry `config.json` records for it (a predicate's or a recipe's
+    /// parameters), if any.
+    pub(crate) quant_config: Option<serde_json::Value>,
+    /// Why a weight that could be quantized was left whole.
+    pub(crate) kept_whole: Option<String>,
+    /// The tensors it writes: the target, or a quantized weight's packed words, scales
+    /// and biases.
+    pub(crate) outputs: Vec<crate::plan::OutputTensor>,
 }
 
 /// Read access; the fields are set by the crate, which keeps them consistent.
 impl PlanRow {
+    /// How the tensor is quantized, when it is.
+    pub fn quantize(&self) -> Option<crate::layout::quant::Quant> {
+        self.quantize
+    }
+
+    /// Why a weight that could be quantized was left whole.
+    pub fn kept_whole(&self) -> Option<&str> {
+        self.kept_whole.as_deref()
+    }
+
+    /// The tensors it writes.
+    pub fn outputs(&self) -> &[crate::plan::OutputTensor] {
+        &self.outputs
+    }
+
     /// The sources of a stacked target, in stack order; empty for one source.
     pub fn stack(&self) -> &[String] {
         &self.stack
@@ -461,6 +493,10 @@ impl PlanReport {
                 bytes: Converter::entry_bytes(e)? as u64,
                 shard,
                 stack: e.stack.iter().map(|(_, n)| n.clone()).collect(),
+                quantize: e.quant,
+                quant_config: e.quant_layer.as_ref().map(crate::plan::QuantLayer::to_json),
+                kept_whole: e.kept_whole.clone(),
+                outputs: e.outputs(),
             });
         }
         let shards = layout.map(|l| {
@@ -486,6 +522,7 @@ impl PlanReport {
             total_size: layout.map(|l| l.total_bytes),
             max_workers: layout.map(|l| l.files.len()),
             dtype_from: plan.dtype_from.clone(),
+            quantization: plan.quantization.clone(),
             copied: plan
                 .files
                 .iter()

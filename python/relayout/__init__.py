@@ -87,6 +87,11 @@ class LoadOptions(TypedDict, total=False):
     module_types: Optional[PathLike]
     expect: Optional[PathLike]
     progress: ProgressArg
+    quantize: bool
+    q_bits: Optional[int]
+    q_group_size: Optional[int]
+    q_mode: Optional[str]
+    quant_predicate: Optional[str]
 
 
 # The report classes below are built from the JSON of the library's report structs,
@@ -133,7 +138,10 @@ class PlanEntry:
     length) when set, its axes permuted by ``perm`` (output axis k is source axis
     ``perm[k]``), reshaped to ``target_shape`` and converted to ``dtype``; ``shard`` is
     the output file it goes to in a sharded layout; ``stack`` the sources of a stacked
-    target (MoE experts), which fill its leading axis in order."""
+    target (MoE experts), which fill its leading axis in order. A quantized weight has
+    ``quantize`` (mode, bits, group_size), ``quant_config`` (its per-layer entry in
+    config.json, if any) and ``outputs``, the tensors it writes (packed ``uint32`` words,
+    scales, biases); ``kept_whole`` says why a weight that could be quantized was not."""
 
     source: str
     target: str
@@ -149,6 +157,10 @@ class PlanEntry:
     bytes: int
     shard: Optional[str]
     stack: Tuple[str, ...] = ()
+    quantize: Optional[Dict[str, Any]] = None
+    quant_config: Optional[Dict[str, Any]] = None
+    kept_whole: Optional[str] = None
+    outputs: Tuple[Dict[str, Any], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -165,6 +177,7 @@ class PlanEntry:
                 "perm": tuple(d["perm"]),
                 "slice": None if d["slice"] is None else Slice(**d["slice"]),
                 "stack": tuple(d["stack"]),
+                "outputs": tuple(d["outputs"]),
             }
         )
 
@@ -203,7 +216,8 @@ class CopiedFile:
 class Plan:
     """The whole mapping of a checkpoint (``plan``; ``plan --json``'s keys); ``copied``: the
     model folder's files a folder output receives; ``dtype_from``: where the output dtype
-    came from when the preset took it from config.json. ``shards``,
+    came from when the preset took it from config.json; ``quantization``: the object a
+    quantized conversion's config.json gets. ``shards``,
     ``total_size`` and ``max_workers`` are set for a sharded layout (``max_shard_size``)."""
 
     path: str
@@ -217,6 +231,7 @@ class Plan:
     max_workers: Optional[int]
     copied: List[CopiedFile]
     dtype_from: Optional[str]
+    quantization: Optional[Dict[str, Any]] = None
 
     @property
     def rules(self) -> List[str]:
@@ -414,6 +429,11 @@ def _options(
     module_types: Optional[PathLike],
     expect: Optional[PathLike],
     copy_files: bool = True,
+    quantize: bool = False,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
+    q_mode: Optional[str] = None,
+    quant_predicate: Optional[str] = None,
 ) -> "_native._Options":
     """The keywords as the native layer takes them: one dict, paths as str."""
     return {
@@ -429,6 +449,11 @@ def _options(
         "module_types": _opt_path(module_types),
         "expect": _opt_path(expect),
         "copy_files": copy_files,
+        "quantize": quantize,
+        "q_bits": q_bits,
+        "q_group_size": q_group_size,
+        "q_mode": q_mode,
+        "quant_predicate": quant_predicate,
     }
 
 
@@ -447,6 +472,11 @@ def load(
     module_types: Optional[PathLike] = None,
     expect: Optional[PathLike] = None,
     progress: ProgressArg = False,
+    quantize: bool = False,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
+    q_mode: Optional[str] = None,
+    quant_predicate: Optional[str] = None,
 ) -> Dict[str, np.ndarray]:
     """Loads ``src`` converted by ``preset`` (and/or ``rules`` files) as
     ``{target name: numpy.ndarray}``.
@@ -459,11 +489,26 @@ def load(
     ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"reference"``. ``progress=True`` shows a tqdm
     bar (when tqdm is installed); a callable receives :class:`Progress` after every band.
     The GIL is released while converting; Ctrl-C stops the load within one band.
+    ``quantize=True`` (preset ``mlx-lm``) quantizes as ``mlx_lm.convert -q`` does, with
+    ``q_bits``, ``q_group_size``, ``q_mode`` and ``quant_predicate`` as its flags: a
+    quantized weight ``X.weight`` comes as ``X.weight`` (``uint32``), ``X.scales`` and
+    (affine) ``X.biases``.
     """
-    options = _options(
-        preset, rules, set, dtype, device, adapter, key, allow_unmatched, allow_expand,
-        module_types, expect,
-    )
+    return _load(
+        src,
+        _options(
+            preset, rules, set, dtype, device, adapter, key, allow_unmatched, allow_expand,
+            module_types, expect, True, quantize, q_bits, q_group_size, q_mode,
+            quant_predicate,
+        ),
+        progress,
+    )[0]
+
+
+def _load(
+    src: PathLike, options: "_native._Options", progress: ProgressArg
+) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
+    """The arrays and the quantization config of a load."""
     session = _native.Session(_fspath(src), options)
     targets = session.targets()
     dtypes = {name: numpy_dtype(name) for name in builtins.set(t[2] for t in targets)}
@@ -474,7 +519,11 @@ def load(
         session.fill(arrays, bar.native())
     finally:
         bar.close()
-    return {name: a for (name, _, _), a in zip(targets, arrays)}
+    quantization = session.quantization()
+    return (
+        {name: a for (name, _, _), a in zip(targets, arrays)},
+        None if quantization is None else json.loads(quantization),
+    )
 
 
 def _physical_memory() -> Optional[int]:
@@ -536,19 +585,59 @@ def load_flax(
     return _nest(flat, int_keys=preset == "nnx")
 
 
+class MlxWeights(Dict[str, Any]):
+    """``{name: mlx.core.array}`` from :func:`load_mlx`, with ``quantization``: the
+    ``quantization`` object of the model's config for a quantized load (``None``
+    otherwise), what ``mlx_lm`` needs to build the quantized model before
+    ``load_weights``."""
+
+    quantization: Optional[Dict[str, Any]] = None
+
+
 def load_mlx(
     src: PathLike,
     preset: str = "mlx",
     **options: "Unpack[LoadOptions]",
-) -> Dict[str, Any]:
+) -> MlxWeights:
     """Loads ``src`` as ``{name: mlx.core.array}``, ready for
-    ``model.load_weights(list(weights.items()))``. The keywords are :func:`load`'s."""
+    ``model.load_weights(list(weights.items()))``. The keywords are :func:`load`'s; with
+    ``quantize=True`` (preset ``mlx-lm``) the weights are quantized as
+    ``mlx_lm.convert -q`` quantizes them and ``weights.quantization`` holds the config's
+    ``quantization`` object (for ``mlx.nn.quantize`` with a class predicate reading it,
+    as ``mlx_lm.utils.load_model`` does)."""
     try:
         import mlx.core as mx
     except ImportError as e:
         raise MissingDependencyError("load_mlx needs mlx: pip install mlx") from e
-    flat = load(src, preset, **options)
-    out: Dict[str, Any] = {}
+    opts = dict(options)
+    progress = opts.pop("progress", False)
+    flat, quantization = _load(
+        src,
+        _options(
+            preset,
+            opts.pop("rules", None),
+            opts.pop("set", None),
+            opts.pop("dtype", None),
+            opts.pop("device", "auto"),
+            opts.pop("adapter", None),
+            opts.pop("key", None),
+            opts.pop("allow_unmatched", False),
+            opts.pop("allow_expand", False),
+            opts.pop("module_types", None),
+            opts.pop("expect", None),
+            True,
+            opts.pop("quantize", False),
+            opts.pop("q_bits", None),
+            opts.pop("q_group_size", None),
+            opts.pop("q_mode", None),
+            opts.pop("quant_predicate", None),
+        ),
+        progress,
+    )
+    if opts:
+        raise TypeError(f"load_mlx() got unexpected keyword arguments {sorted(opts)}")
+    out = MlxWeights()
+    out.quantization = quantization
     for name, a in flat.items():
         kind = a.dtype.name
         if kind == "bfloat16":
@@ -583,6 +672,11 @@ def convert(
     max_shard_size: Union[int, str, None] = None,
     copy_files: bool = True,
     progress: ProgressArg = False,
+    quantize: bool = False,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
+    q_mode: Optional[str] = None,
+    quant_predicate: Optional[str] = None,
 ) -> Report:
     """``relayout convert``: writes ``src`` converted to ``dst``, atomically (a failed or
     interrupted run leaves nothing). ``dst`` ending in ``.safetensors`` is one file;
@@ -600,7 +694,8 @@ def convert(
     try:
         options = _options(
             preset, rules, set, dtype, device, adapter, key, allow_unmatched, allow_expand,
-            module_types, expect, copy_files,
+            module_types, expect, copy_files, quantize, q_bits, q_group_size, q_mode,
+            quant_predicate,
         )
         r = _native.convert(_fspath(src), _fspath(dst), options, force, max_shard_size, bar.native())
     finally:
@@ -623,6 +718,11 @@ def plan(
     max_shard_size: Union[int, str, None] = None,
     shards: Optional[int] = None,
     copy_files: bool = True,
+    quantize: bool = False,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
+    q_mode: Optional[str] = None,
+    quant_predicate: Optional[str] = None,
 ) -> Plan:
     """What ``load``/``convert`` would do, nothing converted (``relayout plan --json``):
     every entry's source, target, shapes, dtypes, op and rule; the dropped and unmatched
@@ -632,7 +732,8 @@ def plan(
         max_shard_size = _native.parse_size(max_shard_size)
     options = _options(
         preset, rules, set, dtype, "cpu", None, key, allow_unmatched, allow_expand,
-        module_types, expect, copy_files,
+        module_types, expect, copy_files, quantize, q_bits, q_group_size, q_mode,
+        quant_predicate,
     )
     return Plan._from(json.loads(_native.plan(_fspath(src), options, max_shard_size, shards)))
 
@@ -666,6 +767,7 @@ __all__ = [
     "load",
     "load_flax",
     "load_mlx",
+    "MlxWeights",
     "convert",
     "plan",
     "inspect",

@@ -19,6 +19,11 @@ class _Options(TypedDict):
     module_types: Optional[str]
     expect: Optional[str]
     copy_files: bool
+    quantize: bool
+    q_bits: Optional[int]
+    q_group_size: Optional[int]
+    q_mode: Optional[str]
+    quant_predicate: Optional[str]
 
 class Session:
     def __init__(self, src: str, options: _Options) -> None: ...
@@ -26,6 +31,7 @@ class Session:
     @property
     def backend(self) -> str: ...
     def fill(self, arrays: Sequence[Any], progress: _Progress = None) -> None: ...
+    def quantization(self) -> Optional[str]: ...
 
 # The reports are JSON text of the library's report structs (the CLI's --json).
 def plan(

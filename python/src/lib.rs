@@ -42,6 +42,11 @@ struct Options {
     module_types: Option<PathBuf>,
     expect: Option<PathBuf>,
     copy_files: bool,
+    quantize: bool,
+    q_bits: Option<u32>,
+    q_group_size: Option<usize>,
+    q_mode: Option<String>,
+    quant_predicate: Option<String>,
 }
 
 impl Options {
@@ -57,7 +62,16 @@ impl Options {
             .map(relayout::PlanOptions::parse_dtype)
             .transpose()
             .map_err(value_error)?;
+        let quantize = relayout::QuantizeOptions::from_flags(
+            self.quantize,
+            self.q_bits,
+            self.q_group_size,
+            self.q_mode.as_deref(),
+            self.quant_predicate.as_deref(),
+        )
+        .map_err(value_error)?;
         Ok(ConvertSpec::new()
+            .quantize(quantize)
             .backend(backend)
             .maybe(self.preset.as_deref(), ConvertSpec::preset)
             .rule_files(&self.rules)
@@ -143,6 +157,7 @@ fn classify(
         E::TargetCollision { .. } => ("PlanError", "TargetCollision", None, None),
         E::Unmatched { .. } => ("UnmatchedError", "Unmatched", None, None),
         E::Layout { .. } => ("PlanError", "Layout", None, None),
+        E::Quantization { .. } => ("PlanError", "Quantization", None, None),
         E::Expectation { path, .. } => ("VerifyError", "Expectation", Some(path), None),
         E::Verify { file, .. } => ("VerifyError", "Verify", Some(file), None),
         E::OutputExists { path } => ("OutputExistsError", "OutputExists", Some(path), None),
@@ -260,14 +275,21 @@ impl Session {
         built.map_err(|e| to_py(py, e))
     }
 
-    /// `(target, shape, dtype)` of every output tensor, in plan order.
+    /// `(name, shape, dtype)` of every output tensor, in plan order: one per entry, or
+    /// a quantized weight's packed words, scales and biases.
     fn targets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let list = PyList::empty(py);
-        for e in self.plan.entries() {
-            let shape = PyTuple::new(py, e.target_shape())?;
-            list.append((e.target(), shape, e.dtype().safetensors_name()))?;
+        for t in self.plan.entries().iter().flat_map(|e| e.outputs()) {
+            let shape = PyTuple::new(py, &t.shape)?;
+            list.append((t.name, shape, t.dtype.safetensors_name()))?;
         }
         Ok(list)
+    }
+
+    /// The `quantization` object of a quantized conversion's config (JSON text), or
+    /// `None`.
+    fn quantization(&self) -> Option<String> {
+        self.plan.quantization().map(|q| q.to_string())
     }
 
     /// The backend's name, e.g. `cpu (2 threads)` or `gpu (llvmpipe, Vulkan)`.
@@ -277,7 +299,8 @@ impl Session {
     }
 
     /// Converts every tensor into `arrays` (NumPy arrays the caller allocated, one per
-    /// target in plan order, C-contiguous, writable, of exactly the target's bytes).
+    /// output tensor of `targets()` in order, C-contiguous, writable, of exactly the
+    /// tensor's bytes).
     #[pyo3(signature = (arrays, progress=None))]
     fn fill(
         &self,
@@ -285,16 +308,18 @@ impl Session {
         arrays: Vec<Bound<'_, PyAny>>,
         progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        if arrays.len() != self.plan.entries().len() {
+        let outputs: Vec<relayout::OutputTensor> =
+            self.plan.entries().iter().flat_map(|e| e.outputs()).collect();
+        if arrays.len() != outputs.len() {
             return Err(PyValueError::new_err(format!(
                 "{} arrays for {} tensors",
                 arrays.len(),
-                self.plan.entries().len()
+                outputs.len()
             )));
         }
         let mut raw: Vec<(usize, usize)> = Vec::with_capacity(arrays.len());
-        for (a, e) in arrays.iter().zip(self.plan.entries()) {
-            raw.push(writable_buffer(a, e.target())?);
+        for (a, t) in arrays.iter().zip(&outputs) {
+            raw.push(writable_buffer(a, &t.name)?);
         }
         // Two arrays sharing memory would be written twice over.
         let mut sorted: Vec<(usize, usize)> = raw.iter().copied().filter(|r| r.1 > 0).collect();

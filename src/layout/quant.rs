@@ -96,7 +96,7 @@ pub const AFFINE_BITS: [u32; 7] = [1, 2, 3, 4, 5, 6, 8];
 pub const AFFINE_GROUP_SIZES: [usize; 3] = [32, 64, 128];
 
 /// Quantization parameters `mx.quantize` accepts, checked by [`Quant::new`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Quant {
     mode: QuantMode,
     bits: u32,

@@ -231,7 +231,7 @@ fn not_a_candidate(entry: &PlanEntry) -> Option<String> {
         2 => None,
         3 if entry.target.contains("switch_mlp") => None,
         n => Some(format!(
-            "a {n}-D weight: mlx-lm quantizes Linear, Embedding and stacked expert (switch_mlp) weights only"
+            "{n}-D, not a Linear, Embedding or switch_mlp weight"
         )),
     }
 }
