@@ -14,6 +14,7 @@ mod library_api;
 mod mlx_lm;
 mod model_folder;
 mod ops;
+mod quantized;
 mod reports;
 mod sharded;
 mod stacked;
