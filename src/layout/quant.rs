@@ -825,7 +825,7 @@ mod tests {
         let mut kind = 0u64;
         for i in 0..n {
             if i % 32 == 0 {
-                kind = next() % 12;
+                kind = next() % 13;
             }
             let r = next();
             let u = (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
@@ -850,6 +850,13 @@ mod tests {
                         u * 1e-3
                     }
                 }
+                // Positive values with zeros of both signs scattered among them: the
+                // minimum is a zero whose sign depends on the order it is found in.
+                (12, _) => match r % 5 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    _ => u.abs() + 0.5,
+                },
                 _ => u * (1u64 << (kind * 2)) as f32,
             };
             out.push(round_to(dtype, v));
@@ -905,5 +912,39 @@ mod tests {
         }
         let e = QuantMode::parse("fp8").unwrap_err().to_string();
         assert!(e.contains("affine, mxfp4, nvfp4, mxfp8"), "{e}");
+    }
+}
+#[cfg(test)]
+mod zero_sign {
+    use super::*;
+
+    /// With 1 bit the bias is the group's minimum itself, so a zero minimum keeps the
+    /// sign of the first zero found: the fast path's lanes find them in another order
+    /// (here lane 1's +0 before lane 2's −0) and must take the oracle's.
+    #[test]
+    fn a_one_bit_group_whose_minimum_is_zero_keeps_the_oracles_sign() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (neg, pos) in [(2, 9), (9, 2), (0, 31), (31, 0), (5, 6)] {
+                let mut v = vec![1.0f32; 32];
+                v[neg] = -0.0;
+                v[pos] = 0.0;
+                let q = Quant::new(QuantMode::Affine, Some(1), Some(32)).unwrap();
+                let ss = q.scale_size(dtype);
+                let run = |fast: bool| {
+                    let (mut w, mut s, mut z) = (vec![0; 4], vec![0; ss], vec![0; ss]);
+                    if fast {
+                        q.quantize_fast(dtype, &v, &mut w, &mut s, &mut z).unwrap();
+                    } else {
+                        q.quantize(dtype, &v, &mut w, &mut s, &mut z).unwrap();
+                    }
+                    (w, s, z)
+                };
+                let want = run(false);
+                // The oracle's bias is the first zero's: -0 when it comes first.
+                let negative = want.2[ss - 1] & 0x80 != 0;
+                assert_eq!(negative, neg < pos, "{dtype} -0 at {neg}, +0 at {pos}");
+                assert_eq!(run(true), want, "{dtype} -0 at {neg}, +0 at {pos}");
+            }
+        }
     }
 }
