@@ -494,6 +494,50 @@ def load(
     quantized weight ``X.weight`` comes as ``X.weight`` (``uint32``), ``X.scales`` and
     (affine) ``X.biases``.
     """
+    return _load_full(
+        src,
+        preset,
+        rules=rules,
+        set=set,
+        dtype=dtype,
+        device=device,
+        adapter=adapter,
+        key=key,
+        allow_unmatched=allow_unmatched,
+        allow_expand=allow_expand,
+        module_types=module_types,
+        expect=expect,
+        progress=progress,
+        quantize=quantize,
+        q_bits=q_bits,
+        q_group_size=q_group_size,
+        q_mode=q_mode,
+        quant_predicate=quant_predicate,
+    )[0]
+
+
+def _load_full(
+    src: PathLike,
+    preset: Optional[str],
+    *,
+    rules: Rules = None,
+    set: Optional[Mapping[str, Any]] = None,
+    dtype: Any = None,
+    device: str = "auto",
+    adapter: Optional[str] = None,
+    key: Optional[str] = None,
+    allow_unmatched: bool = False,
+    allow_expand: bool = False,
+    module_types: Optional[PathLike] = None,
+    expect: Optional[PathLike] = None,
+    progress: ProgressArg = False,
+    quantize: bool = False,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
+    q_mode: Optional[str] = None,
+    quant_predicate: Optional[str] = None,
+) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
+    """:func:`load`, and the quantization config of a quantized load."""
     return _load(
         src,
         _options(
@@ -502,7 +546,7 @@ def load(
             quant_predicate,
         ),
         progress,
-    )[0]
+    )
 
 
 def _load(
@@ -609,33 +653,7 @@ def load_mlx(
         import mlx.core as mx
     except ImportError as e:
         raise MissingDependencyError("load_mlx needs mlx: pip install mlx") from e
-    opts = dict(options)
-    progress = opts.pop("progress", False)
-    flat, quantization = _load(
-        src,
-        _options(
-            preset,
-            opts.pop("rules", None),
-            opts.pop("set", None),
-            opts.pop("dtype", None),
-            opts.pop("device", "auto"),
-            opts.pop("adapter", None),
-            opts.pop("key", None),
-            opts.pop("allow_unmatched", False),
-            opts.pop("allow_expand", False),
-            opts.pop("module_types", None),
-            opts.pop("expect", None),
-            True,
-            opts.pop("quantize", False),
-            opts.pop("q_bits", None),
-            opts.pop("q_group_size", None),
-            opts.pop("q_mode", None),
-            opts.pop("quant_predicate", None),
-        ),
-        progress,
-    )
-    if opts:
-        raise TypeError(f"load_mlx() got unexpected keyword arguments {sorted(opts)}")
+    flat, quantization = _load_full(src, preset, **options)
     out = MlxWeights()
     out.quantization = quantization
     for name, a in flat.items():
