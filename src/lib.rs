@@ -87,8 +87,8 @@ pub use convert::{
 };
 pub use dtype::DType;
 pub use error::{human_bytes, Error, Result};
-pub use layout::{Gather, LayoutOp};
 pub use layout::quant::{Quant, QuantMode};
+pub use layout::{Gather, LayoutOp};
 pub use model::quantize::{QuantizeOptions, Recipe};
 pub use plan::{OutputTensor, Plan, PlanEntry, QuantLayer, Skipped, Slice};
 pub use reader::{

@@ -308,8 +308,12 @@ impl Session {
         arrays: Vec<Bound<'_, PyAny>>,
         progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let outputs: Vec<relayout::OutputTensor> =
-            self.plan.entries().iter().flat_map(|e| e.outputs()).collect();
+        let outputs: Vec<relayout::OutputTensor> = self
+            .plan
+            .entries()
+            .iter()
+            .flat_map(|e| e.outputs())
+            .collect();
         if arrays.len() != outputs.len() {
             return Err(PyValueError::new_err(format!(
                 "{} arrays for {} tensors",

@@ -13,8 +13,8 @@ use bytemuck::Pod;
 use rayon::prelude::*;
 
 use crate::backend::{
-    check_buffers, check_quantize_buffers, gather_then_cast_in, quantize_staged, Backend,
-    Staging, CAST_STAGE_BYTES,
+    check_buffers, check_quantize_buffers, gather_then_cast_in, quantize_staged, Backend, Staging,
+    CAST_STAGE_BYTES,
 };
 use crate::error::{Error, Result};
 use crate::layout::quant::Quantize;

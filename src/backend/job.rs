@@ -234,7 +234,7 @@ impl<'a> Job<'a> {
     ) -> Result<Job<'a>> {
         let g = op.quant().group_size();
         let to = op.dtype().size();
-        if cast.map_or(false, |c| c.to() != op.dtype()) {
+        if cast.is_some_and(|c| c.to() != op.dtype()) {
             return Err(job_err(format!(
                 "a quantize job of {} values cannot take a cast to another dtype",
                 op.dtype()
@@ -243,7 +243,9 @@ impl<'a> Job<'a> {
         let from = cast.map_or(to, |c| c.from().size());
         let bits = op.quant().bits() as usize;
         // Whole groups per band, sized by the packed words (the output that streams).
-        let per_band = (band_bytes.saturating_mul(8) / bits / g).max(1).saturating_mul(g);
+        let per_band = (band_bytes.saturating_mul(8) / bits / g)
+            .max(1)
+            .saturating_mul(g);
         let emitted: Vec<usize> = (0..op.output_count()).filter(|&k| op.emits(k)).collect();
         let mut filled = vec![0usize; emitted.len()];
         let mut built = Vec::with_capacity(parts.len());

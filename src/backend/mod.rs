@@ -38,7 +38,7 @@ pub trait Backend: Send + Sync {
     /// Runs `g` (converted by `cast`, if any, to `op.dtype()`) and quantizes the values
     /// by `op` into `dsts`, one buffer per emitted output of the op, each exactly its
     /// bytes. `g` holds whole groups: its last axis is a multiple of the group size.
-    /// Every backend gives the bytes of the oracle, [`crate::layout::Quant::quantize`];
+    /// Every backend gives the bytes of the oracle, [`crate::layout::quant::Quant::quantize`];
     /// this default runs it.
     fn gather_quantize(
         &self,
@@ -342,7 +342,10 @@ pub(crate) fn check_quantize_buffers(
         ));
     }
     if g.shape.last().copied().unwrap_or(1) % gs != 0 {
-        return err(format!("rows of {:?} are not whole groups of {gs}", g.shape));
+        return err(format!(
+            "rows of {:?} are not whole groups of {gs}",
+            g.shape
+        ));
     }
     let want: Vec<usize> = (0..op.output_count())
         .filter(|&k| op.emits(k))

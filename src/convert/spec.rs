@@ -205,7 +205,10 @@ impl ConvertSpec {
     /// Quantize the output as `mlx_lm.convert -q` does, with these parameters (`None`:
     /// no quantization). Only the `mlx-lm` preset takes it; the parameters are checked
     /// when the conversion is planned, before any work.
-    pub fn quantize(mut self, opts: Option<crate::model::quantize::QuantizeOptions>) -> ConvertSpec {
+    pub fn quantize(
+        mut self,
+        opts: Option<crate::model::quantize::QuantizeOptions>,
+    ) -> ConvertSpec {
         self.quantize = opts;
         self
     }
@@ -272,7 +275,9 @@ pub fn open_and_plan(input: impl AsRef<Path>, spec: &ConvertSpec) -> Result<(Che
                 detail: format!(
                     "quantized output is mlx-lm's format: it takes --preset {}, not {}",
                     crate::rules::MLX_LM_PRESET,
-                    spec.preset.as_deref().map_or("no preset".to_string(), |p| format!("'{p}'"))
+                    spec.preset
+                        .as_deref()
+                        .map_or("no preset".to_string(), |p| format!("'{p}'"))
                 ),
             });
         }

@@ -694,7 +694,9 @@ impl Quantize {
             }
         }
         if given.next().is_some() {
-            return Err(quant_err("more output buffers than emitted outputs".to_string()));
+            return Err(quant_err(
+                "more output buffers than emitted outputs".to_string(),
+            ));
         }
         let [w, s, b] = bufs;
         if fast {
@@ -715,7 +717,9 @@ pub(crate) fn widen_to_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Re
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         ),
         DType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| {
-            f32::from_bits(crate::layout::cast::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            f32::from_bits(crate::layout::cast::bf16_to_f32(u16::from_le_bytes([
+                c[0], c[1],
+            ])))
         })),
         DType::F16 => out.extend(
             bytes

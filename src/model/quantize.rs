@@ -134,7 +134,10 @@ impl QuantizeOptions {
             )));
         }
         let opts = QuantizeOptions {
-            mode: mode.map(QuantMode::parse).transpose()?.unwrap_or(QuantMode::Affine),
+            mode: mode
+                .map(QuantMode::parse)
+                .transpose()?
+                .unwrap_or(QuantMode::Affine),
             bits,
             group_size,
             recipe: recipe.map(Recipe::parse).transpose()?,
@@ -199,9 +202,9 @@ pub(crate) fn apply(plan: &mut Plan, opts: &QuantizeOptions) -> Result<()> {
                 entry.kept_whole = Some(format!("rule '{}' sets quantize = false", entry.rule));
                 continue;
             }
-            Some(l) => l.quant().map_err(|e| {
-                quant_err(format!("'{}': {e}", entry.target))
-            })?,
+            Some(l) => l
+                .quant()
+                .map_err(|e| quant_err(format!("'{}': {e}", entry.target)))?,
             None => top,
         };
         if cols % quant.group_size() != 0 {
@@ -297,18 +300,12 @@ impl RecipeRun {
         };
         let n = self.layers as i64;
         let more = index < n / 8 || index >= 7 * n / 8 || (index - n / 8).rem_euclid(3) == 2;
-        let (low, high) = self.recipe.bits();
-        let bits = if ["v_proj", "v_a_proj", "v_b_proj"]
+        let (low, high_bits) = self.recipe.bits();
+        let v_proj = ["v_proj", "v_a_proj", "v_b_proj"]
             .iter()
-            .any(|k| path.contains(k))
-            && more
-            || path.contains("down_proj") && more
-            || path.contains("lm_head")
-        {
-            high
-        } else {
-            low
-        };
+            .any(|k| path.contains(k));
+        let high = (v_proj || path.contains("down_proj")) && more || path.contains("lm_head");
+        let bits = if high { high_bits } else { low };
         Ok(QuantLayer {
             off: false,
             group_size: Some(self.group_size),

@@ -320,10 +320,10 @@ fn output_file(plan: &Plan, name: String, entries: Vec<usize>) -> Result<OutputF
             && outs.get(1).is_some_and(|s| {
                 crate::layout::checked_numel(&s.shape).is_some_and(|n| n % 4 != 0)
             });
-        let ranges = if apart {
+        let ranges: Vec<std::ops::Range<usize>> = if apart {
             vec![0..1, 1..outs.len()]
         } else {
-            vec![0..outs.len()]
+            std::iter::once(0..outs.len()).collect()
         };
         for r in ranges {
             let first = &outs[r.start];

@@ -203,12 +203,25 @@ fn quantized_tensors_equal_the_oracle_on_every_backend_band_mode_and_dtype() {
                 s = s.rule_file(&rules);
             }
             let (ckpt, plan) = open_and_plan(model, &s).unwrap();
-            quantized += plan.entries().iter().filter(|e| e.quant().is_some()).count();
-            let want = fill(&ckpt, &plan, &relayout::backend::reference::Reference, 1 << 20);
+            quantized += plan
+                .entries()
+                .iter()
+                .filter(|e| e.quant().is_some())
+                .count();
+            let want = fill(
+                &ckpt,
+                &plan,
+                &relayout::backend::reference::Reference,
+                1 << 20,
+            );
             for b in &backends {
                 for band in [1, 96, 4096, 1 << 20] {
                     let got = fill(&ckpt, &plan, b.as_ref(), band);
-                    let what = format!("case {k} {} on {} at band {band}", model.display(), b.name());
+                    let what = format!(
+                        "case {k} {} on {} at band {band}",
+                        model.display(),
+                        b.name()
+                    );
                     assert_same_tensors(&got, &want, &what);
                 }
             }
@@ -258,7 +271,11 @@ fn aligned_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
         }
         let path = dir.join(&name);
         for (t, dtype, at) in offsets(&path) {
-            assert_eq!(at % elem_size(&dtype), 0, "{name}: {t} ({dtype}) starts at {at}");
+            assert_eq!(
+                at % elem_size(&dtype),
+                0,
+                "{name}: {t} ({dtype}) starts at {at}"
+            );
         }
         all.extend(load_safetensors(&path));
     }
@@ -277,17 +294,36 @@ fn run(args: &[&OsStr]) -> (bool, String) {
 fn quantized_files_keep_every_tensor_aligned_in_one_file_shards_and_workers() {
     let dir = scratch("quantized-files");
     let model = llama(&dir.join("hf"), DType::F32);
-    for (mode, dtype) in [("mxfp8", "bf16"), ("mxfp4", "f32"), ("affine", "f16"), ("nvfp4", "bf16")] {
+    for (mode, dtype) in [
+        ("mxfp8", "bf16"),
+        ("mxfp4", "f32"),
+        ("affine", "f16"),
+        ("nvfp4", "bf16"),
+    ] {
         let q = options(QuantMode::parse(mode).unwrap(), None, None);
         let (ckpt, plan) = open_and_plan(&model, &spec(q, Some(dtype))).unwrap();
-        let want = fill(&ckpt, &plan, &relayout::backend::reference::Reference, 1 << 20);
+        let want = fill(
+            &ckpt,
+            &plan,
+            &relayout::backend::reference::Reference,
+            1 << 20,
+        );
         if mode == "mxfp8" {
             // 37 rows of two groups: 74 one-byte scales, not whole words.
             assert_eq!(want["model.embed_tokens.scales"].bytes.len(), 74);
         }
         let common = [
-            "convert", "--preset", "mlx-lm", "--device", "cpu", "--quantize", "--q-mode", mode,
-            "--dtype", dtype, "-q",
+            "convert",
+            "--preset",
+            "mlx-lm",
+            "--device",
+            "cpu",
+            "--quantize",
+            "--q-mode",
+            mode,
+            "--dtype",
+            dtype,
+            "-q",
         ];
         for (tag, extra) in [
             ("one", vec![]),
@@ -302,9 +338,7 @@ fn quantized_files_keep_every_tensor_aligned_in_one_file_shards_and_workers() {
             let (ok, err) = run(&args);
             assert!(ok, "{mode} {tag}: {err}");
             let got = aligned_tensors(&out);
-            let plain: BTreeMap<String, Tensor> = got
-                .into_iter()
-                .collect();
+            let plain: BTreeMap<String, Tensor> = got.into_iter().collect();
             assert_same_tensors(&plain, &want, &format!("{mode} {tag}"));
             let config: Value =
                 serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
@@ -334,18 +368,52 @@ fn quantization_flags_are_refused_before_any_work_with_the_reason() {
     let model = llama(&dir.join("hf"), DType::F32);
     let out = dir.join("out");
     let cases: [(&[&str], &[&str]); 9] = [
-        (&["--q-bits", "4"], &["--q-bits", "--quantize", "-q is --quiet"]),
-        (&["--quant-predicate", "mixed_3_6"], &["--quant-predicate", "--quantize"]),
-        (&["--quantize", "--q-bits", "7"], &["affine", "[1, 2, 3, 4, 5, 6, 8]", "7"]),
-        (&["--quantize", "--q-group-size", "48"], &["[32, 64, 128]", "48"]),
-        (&["--quantize", "--q-mode", "mxfp4", "--q-bits", "8"], &["mxfp4", "group size 32 and 4 bits"]),
-        (&["--quantize", "--q-mode", "nvfp4", "--q-group-size", "32"], &["nvfp4", "16"]),
-        (&["--quantize", "--q-mode", "int4"], &["int4", "affine, mxfp4, nvfp4, mxfp8"]),
         (
-            &["--quantize", "--q-mode", "mxfp8", "--quant-predicate", "mixed_3_6"],
-            &["mixed_3_6", "affine", "Quant predicates only support 'affine' quantization."],
+            &["--q-bits", "4"],
+            &["--q-bits", "--quantize", "-q is --quiet"],
         ),
-        (&["--quantize", "--quant-predicate", "mixed_9_9"], &["mixed_9_9", "mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6"]),
+        (
+            &["--quant-predicate", "mixed_3_6"],
+            &["--quant-predicate", "--quantize"],
+        ),
+        (
+            &["--quantize", "--q-bits", "7"],
+            &["affine", "[1, 2, 3, 4, 5, 6, 8]", "7"],
+        ),
+        (
+            &["--quantize", "--q-group-size", "48"],
+            &["[32, 64, 128]", "48"],
+        ),
+        (
+            &["--quantize", "--q-mode", "mxfp4", "--q-bits", "8"],
+            &["mxfp4", "group size 32 and 4 bits"],
+        ),
+        (
+            &["--quantize", "--q-mode", "nvfp4", "--q-group-size", "32"],
+            &["nvfp4", "16"],
+        ),
+        (
+            &["--quantize", "--q-mode", "int4"],
+            &["int4", "affine, mxfp4, nvfp4, mxfp8"],
+        ),
+        (
+            &[
+                "--quantize",
+                "--q-mode",
+                "mxfp8",
+                "--quant-predicate",
+                "mixed_3_6",
+            ],
+            &[
+                "mixed_3_6",
+                "affine",
+                "Quant predicates only support 'affine' quantization.",
+            ],
+        ),
+        (
+            &["--quantize", "--quant-predicate", "mixed_9_9"],
+            &["mixed_9_9", "mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6"],
+        ),
     ];
     for (flags, needles) in cases {
         for cmd in ["convert", "plan"] {
@@ -373,7 +441,10 @@ fn quantization_flags_are_refused_before_any_work_with_the_reason() {
         OsStr::new("mlx"),
         OsStr::new("--quantize"),
     ]);
-    assert!(!ok && err.contains("mlx-lm") && err.contains("'mlx'"), "{err}");
+    assert!(
+        !ok && err.contains("mlx-lm") && err.contains("'mlx'"),
+        "{err}"
+    );
     assert!(!out.exists());
     // A recipe on a model without down_proj (GPT-2) fails as mlx-lm's does.
     let gpt2 = dir.join("gpt2");
@@ -398,7 +469,10 @@ fn quantization_flags_are_refused_before_any_work_with_the_reason() {
         OsStr::new("--quant-predicate"),
         OsStr::new("mixed_3_4"),
     ]);
-    assert!(!ok && err.contains("Model does not have expected keys for mixed quant."), "{err}");
+    assert!(
+        !ok && err.contains("Model does not have expected keys for mixed quant."),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -432,17 +506,29 @@ fn the_rule_languages_quantize_key_is_the_predicate_config_json_records() {
     for l in 0..2 {
         let v = format!("model.layers.{l}.self_attn.v_proj");
         assert_eq!(q[&v], json!({"bits": 8, "group_size": 32}));
-        assert!(q.get(format!("model.layers.{l}.self_attn.q_proj")).is_none());
+        assert!(q
+            .get(format!("model.layers.{l}.self_attn.q_proj"))
+            .is_none());
     }
     let by_target = |t: &str| plan.entries().iter().find(|e| e.target() == t).unwrap();
     let q0 = by_target("model.layers.0.self_attn.q_proj.weight");
     assert!(q0.quant().is_none());
-    assert!(q0.kept_whole().unwrap().contains("quantize = false"), "{:?}", q0.kept_whole());
+    assert!(
+        q0.kept_whole().unwrap().contains("quantize = false"),
+        "{:?}",
+        q0.kept_whole()
+    );
     let down = by_target("model.layers.0.mlp.down_proj.weight");
     assert!(down.quant().is_none());
-    assert!(down.kept_whole().unwrap().contains("96 is not a multiple of the group size 64"));
+    assert!(down
+        .kept_whole()
+        .unwrap()
+        .contains("96 is not a multiple of the group size 64"));
     let v0 = by_target("model.layers.0.self_attn.v_proj.weight");
-    assert_eq!((v0.quant().unwrap().bits(), v0.quant().unwrap().group_size()), (8, 32));
+    assert_eq!(
+        (v0.quant().unwrap().bits(), v0.quant().unwrap().group_size()),
+        (8, 32)
+    );
     let names: Vec<String> = v0.outputs().into_iter().map(|t| t.name).collect();
     assert_eq!(
         names,
@@ -463,7 +549,11 @@ fn the_rule_languages_quantize_key_is_the_predicate_config_json_records() {
         OsStr::new("--quantize"),
         OsStr::new("--json"),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(&report["quantization"], q);
     let row = report["entries"]
@@ -472,7 +562,10 @@ fn the_rule_languages_quantize_key_is_the_predicate_config_json_records() {
         .iter()
         .find(|e| e["target"] == "model.layers.1.self_attn.v_proj.weight")
         .unwrap();
-    assert_eq!(row["quantize"], json!({"mode": "affine", "bits": 8, "group_size": 32}));
+    assert_eq!(
+        row["quantize"],
+        json!({"mode": "affine", "bits": 8, "group_size": 32})
+    );
     assert_eq!(row["quant_config"], json!({"bits": 8, "group_size": 32}));
     assert_eq!(row["outputs"][0]["dtype"], "U32");
     let text = relayout(&[
@@ -485,10 +578,20 @@ fn the_rule_languages_quantize_key_is_the_predicate_config_json_records() {
         OsStr::new("--quantize"),
     ]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("quantize affine 8-bit g32 [wide-v]"), "{text}");
-    assert!(text.contains("(left whole: rule 'whole-q' sets quantize = false)"), "{text}");
+    assert!(
+        text.contains("quantize affine 8-bit g32 [wide-v]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(left whole: rule 'whole-q' sets quantize = false)"),
+        "{text}"
+    );
     // A bad quantize key is a rules error naming the rule.
-    std::fs::write(&rules, "[[rule]]\nname = \"x\"\ntarget = \"{name}\"\nquantize = { bits = 7 }\n").unwrap();
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"x\"\ntarget = \"{name}\"\nquantize = { bits = 7 }\n",
+    )
+    .unwrap();
     let err = open_and_plan(&model, &s).unwrap_err().to_string();
     assert!(err.contains("x") && err.contains("bits"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();

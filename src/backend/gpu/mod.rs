@@ -1470,12 +1470,14 @@ impl Backend for DeviceGather<'_, '_> {
 
     fn gather(&self, g: &Gather, src: &[u8], dst: &mut [u8]) -> Result<()> {
         let mut slots = lock(&self.slots);
-        self.gpu.gather_with(&mut slots, self.held, g, None, src, dst)
+        self.gpu
+            .gather_with(&mut slots, self.held, g, None, src, dst)
     }
 
     fn gather_cast(&self, g: &Gather, cast: Cast, src: &[u8], dst: &mut [u8]) -> Result<()> {
         let mut slots = lock(&self.slots);
-        self.gpu.gather_with(&mut slots, self.held, g, Some(cast), src, dst)
+        self.gpu
+            .gather_with(&mut slots, self.held, g, Some(cast), src, dst)
     }
 }
 
