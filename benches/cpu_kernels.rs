@@ -183,5 +183,87 @@ fn casts(c: &mut Criterion) {
     grp.finish();
 }
 
-criterion_group!(benches, kernels, casts_in_cache, casts);
+/// bf16 values in [-1, 1) (sign, exponent 0x70..0x7E, any mantissa): weights, not NaNs.
+fn weights_bf16(bytes: usize) -> Vec<u8> {
+    let mut v = source(bytes);
+    for (i, b) in v.iter_mut().enumerate().skip(1).step_by(2) {
+        *b = (*b & 0x80) | (0x38 + (i as u8 ^ *b) % 7);
+    }
+    v
+}
+
+/// Quantization of 64 MiB of bf16 weights (out of cache) on the CPU backend's threads,
+/// fused with the gather, against a 1-thread memcpy of the source bytes: affine at 4 and
+/// 8 bits (the targets), the other modes and a transposed source reported beside them.
+fn quantize(c: &mut Criterion) {
+    use relayout::layout::quant::{Quant, QuantMode, Quantize};
+    let bytes = 64 << 20;
+    let (rows, cols) = (8192, bytes / 2 / 8192);
+    let src = weights_bf16(bytes);
+    let mut copy = vec![0u8; bytes];
+    let cpu = Cpu::new();
+    let mut grp = c.benchmark_group("quantize 64MiB bf16");
+    grp.throughput(Throughput::Bytes(bytes as u64));
+    grp.sample_size(10);
+    grp.bench_function("memcpy 1 thread", |b| {
+        b.iter(|| copy.copy_from_slice(black_box(&src)));
+    });
+    let rowwise = Gather::from_parts(2, vec![rows, cols], vec![cols, 1], 0);
+    let cases = [
+        (
+            "affine 4-bit g64",
+            QuantMode::Affine,
+            Some(4),
+            Some(64),
+            false,
+        ),
+        (
+            "affine 8-bit g64",
+            QuantMode::Affine,
+            Some(8),
+            Some(64),
+            false,
+        ),
+        (
+            "affine 4-bit g32",
+            QuantMode::Affine,
+            Some(4),
+            Some(32),
+            false,
+        ),
+        (
+            "affine 4-bit g64 transposed source",
+            QuantMode::Affine,
+            Some(4),
+            Some(64),
+            true,
+        ),
+        ("mxfp4", QuantMode::Mxfp4, None, None, false),
+        ("mxfp8", QuantMode::Mxfp8, None, None, false),
+        ("nvfp4", QuantMode::Nvfp4, None, None, false),
+    ];
+    for (label, mode, bits, group, transposed) in cases {
+        let q = Quant::new(mode, bits, group).unwrap();
+        let op = Quantize::new(q, DType::BF16).unwrap();
+        // The transposed case reads a (cols, rows) source column by column.
+        let g = if transposed {
+            transpose(2, cols, rows)
+        } else {
+            rowwise.clone()
+        };
+        let mut outs: Vec<Vec<u8>> = (0..op.output_count())
+            .map(|k| vec![0u8; op.output_bytes(k, g.len()).unwrap()])
+            .collect();
+        grp.bench_function(label, |b| {
+            b.iter(|| {
+                let mut dsts: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                cpu.gather_quantize(black_box(&g), None, &op, black_box(&src), &mut dsts)
+                    .unwrap()
+            });
+        });
+    }
+    grp.finish();
+}
+
+criterion_group!(benches, kernels, casts_in_cache, casts, quantize);
 criterion_main!(benches);

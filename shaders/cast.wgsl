@@ -178,24 +178,6 @@ fn f32_to_f16(x: u32) -> u32 {
     return sign | rne_shift32(sig, s);
 }
 
-fn f16_to_f32(h: u32) -> u32 {
-    let sign = (h & 0x8000u) << 16u;
-    let e = (h >> 10u) & 0x1Fu;
-    let m = h & 0x3FFu;
-    if (e == 0x1Fu) {
-        return sign | 0x7F800000u | (m << 13u);
-    }
-    if (e == 0u) {
-        if (m == 0u) {
-            return sign;
-        }
-        // m * 2^-24 with its leading bit at p: exponent p - 24, the rest the mantissa.
-        let p = firstLeadingBit(m);
-        return sign | ((p + 103u) << 23u) | ((m << (23u - p)) & 0x7FFFFFu);
-    }
-    return sign | ((e + 112u) << 23u) | (m << 13u);
-}
-
 // Element i of the source as f32 bits (f16 and bf16 widened exactly, f64 rounded once).
 fn load_f32(i: u32) -> u32 {
     switch FROM {

@@ -596,3 +596,105 @@ fn the_rule_languages_quantize_key_is_the_predicate_config_json_records() {
     assert!(err.contains("x") && err.contains("bits"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Hostile f32 values as bits: NaNs of both signs and several payloads, infinities,
+/// subnormals, zeros of both signs, the largest finite values, equal runs, values whose
+/// differences round at a tie, and plain weights, in runs of 16 so whole groups of one
+/// kind occur too.
+fn hostile_f32(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::with_capacity(n * 4);
+    let mut kind = 0;
+    for i in 0..n {
+        if i % 16 == 0 {
+            kind = rng.below(9);
+        }
+        let r = rng.next();
+        let plain = f32::from_bits(0x3800_0000 | (r as u32 & 0x007F_FFFF))
+            * if r & 1 << 40 != 0 { -1.0 } else { 1.0 };
+        let v: u32 = match (kind, r % 211) {
+            (_, 0) => 0x7FC0_0000 | (r >> 32) as u32 & 0x003F_FFFF,
+            (_, 1) => 0xFF80_0001 | (r >> 32) as u32 & 0x003F_FFFF,
+            (_, 2) => 0x7F80_0000,
+            (_, 3) => 0xFF80_0000,
+            (0, _) => 0x3E80_0000,
+            (1, _) => [0, 0x8000_0000][(r >> 33) as usize & 1],
+            (2, _) => (r >> 20) as u32 & 0x807F_FFFF,
+            (3, _) => 0x7F7F_FFFF ^ ((r >> 31) as u32 & 0x8000_0001),
+            (4, _) if r % 7 == 0 => 0x4700_0000,
+            (5, _) => [0, 0x8000_0000, 0x3F80_0000][(r >> 33) as usize % 3],
+            // ±(1 + a few ulps): extremes whose difference is a tie to round.
+            (6, _) => 0x3F80_0000 | (r >> 32) as u32 & 0x8000_0007,
+            _ => plain.to_bits(),
+        };
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The GPU's quantize kernel (and the CPU's fast path) against the oracle, byte for
+/// byte, for every affine bit width and group size, f32/f16/bf16 values (the 16-bit ones
+/// made by the gather's own cast), row-major and transposed, over group counts that cross
+/// the words of a group, the 256 groups of a workgroup and the chunks of a band.
+#[test]
+fn the_quantize_kernels_give_the_oracles_bytes_over_a_hostile_grid() {
+    use relayout::layout::cast::Cast;
+    use relayout::layout::quant::{Quant, QuantMode, Quantize, AFFINE_BITS, AFFINE_GROUP_SIZES};
+    use relayout::Gather;
+    let reference = relayout::backend::reference::Reference;
+    let backends = all_backends();
+    let mut checked = 0;
+    for (i, &g) in AFFINE_GROUP_SIZES.iter().enumerate() {
+        for &bits in &AFFINE_BITS {
+            for (j, groups) in [1usize, 3, 255, 257, 600].into_iter().enumerate() {
+                let src = hostile_f32(groups * g, (i * 100 + j) as u64 + u64::from(bits));
+                for (dtype, transposed) in [
+                    (DType::F32, false),
+                    (DType::BF16, false),
+                    (DType::F16, true),
+                    (DType::F32, true),
+                ] {
+                    let q = Quant::new(QuantMode::Affine, Some(bits), Some(g)).unwrap();
+                    let op = Quantize::new(q, dtype).unwrap();
+                    let cast = Cast::new(DType::F32, dtype).unwrap();
+                    let n = groups * g;
+                    // Transposed: the (cols, rows) source read column by column.
+                    let (rows, cols) = if groups % 3 == 0 {
+                        (3, n / 3)
+                    } else {
+                        (groups, g)
+                    };
+                    let gather = if transposed {
+                        Gather::from_parts(4, vec![rows, cols], vec![1, rows], 0)
+                    } else {
+                        Gather::from_parts(4, vec![rows, cols], vec![cols, 1], 0)
+                    };
+                    let run = |b: &dyn relayout::Backend| {
+                        let mut outs: Vec<Vec<u8>> = (0..op.output_count())
+                            .map(|k| vec![0xA5; op.output_bytes(k, n).unwrap()])
+                            .collect();
+                        let mut dsts: Vec<&mut [u8]> =
+                            outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                        b.gather_quantize(&gather, cast, &op, &src, &mut dsts)
+                            .unwrap();
+                        outs
+                    };
+                    let want = run(&reference);
+                    for b in &backends {
+                        let got = run(b.as_ref());
+                        for (k, (x, y)) in got.iter().zip(&want).enumerate() {
+                            if let Some(at) = x.iter().zip(y).position(|(a, b)| a != b) {
+                                panic!(
+                                    "{}: g{g} b{bits} x{groups} {dtype} transposed={transposed}: output {k} differs at byte {at}",
+                                    b.name()
+                                );
+                            }
+                        }
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 7 * 5 * 4);
+}

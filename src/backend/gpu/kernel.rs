@@ -470,6 +470,8 @@ pub struct Kernels {
     cast: [wgpu::ComputePipeline; CASTS],
     /// cast.wgsl's fused `transpose` entry point, indexed by edge, [`cast_index`].
     transpose_cast: [[wgpu::ComputePipeline; CASTS]; 2],
+    /// quantize.wgsl: affine groups, one per invocation.
+    pub quantize: wgpu::ComputePipeline,
 }
 
 /// The uniform word of cast.wgsl's `nan_mode`: 0 torch's NaN bits, 1 mlx's.
@@ -574,6 +576,7 @@ impl Kernels {
         let transpose_2d_module = module("transpose2d.wgsl", source::TRANSPOSE_2D);
         let copy_module = module("copy.wgsl", source::COPY);
         let cast_module = module("cast.wgsl", source::CAST);
+        let quantize_module = module("quantize.wgsl", source::QUANTIZE);
         let entry =
             |m: &wgpu::ShaderModule, label: &str, entry: &str, constants: &[(&str, f64)]| {
                 device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -637,6 +640,7 @@ impl Kernels {
                     entry(&cast_module, "transpose cast", "transpose", &constants)
                 })
             }),
+            quantize: pipeline(&quantize_module, "quantize", &[]),
             layout,
         }
     }

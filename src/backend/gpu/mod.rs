@@ -318,10 +318,7 @@ impl Gpu {
             .ok_or_else(|| gpu_err("tensor source outside the source"))?;
         let mut local = g.clone();
         local.offset = 0;
-        let fits = words(window.len()) as usize <= self.binding
-            && words(g.out_bytes().max(out_len)) as usize <= self.binding
-            && local.shape.len() <= chunk::MAX_RANK;
-        if !fits {
+        if !self.fits_on_device(g, cast, window.len()) {
             let mut host = vec![0u8; out_len];
             match cast {
                 Some(c) => self.gather_cast(g, c, src, &mut host)?,
@@ -345,6 +342,136 @@ impl Gpu {
         result?;
         self.check_faults()?;
         Ok(out)
+    }
+
+    /// Whether [`Gpu::gather_to_buffer`] computes `g` on the device in one go: its
+    /// source window (`window` bytes) and output fit one binding each.
+    fn fits_on_device(&self, g: &Gather, cast: Option<Cast>, window: usize) -> bool {
+        let words = |n: usize| n.next_multiple_of(4).max(4);
+        let out_len = match cast {
+            Some(c) => crate::backend::cast_out_bytes(g, c),
+            None => g.out_bytes(),
+        };
+        words(window) <= self.binding
+            && words(g.out_bytes().max(out_len)) <= self.binding
+            && g.shape.len() <= chunk::MAX_RANK
+    }
+
+    /// Quantizes `g` (cast by `cast`) on the device when the op is affine and the
+    /// piece fits the device's bindings: the gathered values stay there, quantize.wgsl
+    /// packs each group's codes and computes its scale and bias in f32, and only those
+    /// are read back (the scales and biases rounded to the weight's dtype here, a few
+    /// bytes per group). Returns false, having done nothing, when it does not apply.
+    fn quantize_on_device(
+        &self,
+        g: &Gather,
+        cast: Option<Cast>,
+        op: &Quantize,
+        src: &[u8],
+        dsts: &mut [&mut [u8]],
+    ) -> Result<bool> {
+        use crate::layout::quant::{store, QuantMode};
+        use wgpu::BufferUsages as U;
+        let q = op.quant();
+        if q.mode() != QuantMode::Affine || g.is_empty() {
+            return Ok(false);
+        }
+        let es = g.elem_size;
+        let window = (g.src_extent() - g.offset) * es;
+        let groups = g.len() / q.group_size();
+        let wpg = q.words_per_group();
+        let out_words = groups * (wpg + 2);
+        if !self.fits_on_device(g, cast, window)
+            || out_words * 4 > self.binding
+            || u32::try_from(out_words).is_err()
+        {
+            return Ok(false);
+        }
+        check_quantize_buffers(g, cast, op, src, dsts)?;
+        let dtype_code = match op.dtype() {
+            crate::DType::F32 => 1u32,
+            crate::DType::F16 => 2,
+            _ => 3,
+        };
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let run = || -> Result<Vec<u8>> {
+            let values = self.gather_to_buffer(g, cast, src)?;
+            let out = self.buffer(
+                "quantized",
+                (out_words * 4) as u64,
+                U::STORAGE | U::COPY_SRC,
+            );
+            let mut p = [0u32; kernel::PARAMS_WORDS];
+            p[..5].copy_from_slice(&[
+                groups as u32,
+                q.group_size() as u32,
+                q.bits(),
+                dtype_code,
+                (groups * wpg) as u32,
+            ]);
+            let params = self.buffer(
+                "quantize params",
+                (kernel::PARAMS_WORDS * 4) as u64,
+                U::UNIFORM | U::COPY_DST,
+            );
+            self.queue
+                .write_buffer(&params, 0, bytemuck::cast_slice(&p));
+            let group = self.bind_group(&params, &values, &out);
+            let (x, y, z) =
+                kernel::split_groups((groups as u64).div_ceil(kernel::WORKGROUP), self.max_groups)?;
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("quantize"),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("quantize"),
+                    timestamp_writes: None,
+                });
+                pass.set_bind_group(0, &group, &[]);
+                pass.set_pipeline(&self.kernels.quantize);
+                pass.dispatch_workgroups(x, y, z);
+            }
+            self.queue.submit([encoder.finish()]);
+            let mut host = vec![0u8; out_words * 4];
+            self.read_buffer(&out, &mut host, "quantized output")?;
+            self.read_back
+                .fetch_add(host.len() as u64, Ordering::Relaxed);
+            Ok(host)
+        };
+        let host = run();
+        let oom = pollster::block_on(oom.pop());
+        let validation = pollster::block_on(validation.pop());
+        if let Some(e) = oom.or(validation) {
+            return Err(gpu_err(e.to_string()));
+        }
+        let host = host?;
+        self.check_faults()?;
+        let (packed, pairs) = host.split_at(groups * wpg * 4);
+        let ss = op.dtype().size();
+        let mut outs = dsts.iter_mut();
+        if op.emits(0) {
+            let d = outs
+                .next()
+                .ok_or_else(|| gpu_err("no buffer for the packed words"))?;
+            d.copy_from_slice(packed);
+        }
+        for k in [1usize, 2] {
+            if !op.emits(k) {
+                continue;
+            }
+            let d = outs
+                .next()
+                .ok_or_else(|| gpu_err("no buffer for the scales"))?;
+            for (pair, out) in pairs.chunks_exact(8).zip(d.chunks_exact_mut(ss)) {
+                let at = (k - 1) * 4;
+                let bits = u32::from_le_bytes([pair[at], pair[at + 1], pair[at + 2], pair[at + 3]]);
+                store(op.dtype(), f32::from_bits(bits), out);
+            }
+        }
+        Ok(true)
     }
 
     fn gather_on_device(
@@ -862,7 +989,33 @@ impl Gpu {
                     let mut stage = Vec::new();
                     for band in part.bands() {
                         let mut dsts = sink.band(j, band.spans())?;
-                        if let Some(q) = quantize {
+                        if let Some(q) = quantize
+                            .filter(|q| q.quant().mode() == crate::layout::quant::QuantMode::Affine)
+                        {
+                            if !self.quantize_on_device(
+                                band.gather(),
+                                cast,
+                                q,
+                                part.src(),
+                                &mut dsts,
+                            )? {
+                                let device = DeviceGather {
+                                    gpu: self,
+                                    slots: Mutex::new(&mut *slots),
+                                    held: held.as_ref(),
+                                };
+                                quantize_staged(
+                                    &device,
+                                    band.gather(),
+                                    cast,
+                                    q,
+                                    part.src(),
+                                    &mut dsts,
+                                    true,
+                                    &mut stage,
+                                )?;
+                            }
+                        } else if let Some(q) = quantize {
                             let device = DeviceGather {
                                 gpu: self,
                                 slots: Mutex::new(&mut *slots),
@@ -1292,7 +1445,6 @@ impl Gpu {
     /// Fills `dst` (a whole number of words) with the first bytes of `buffer` (a
     /// `COPY_SRC` buffer), copied through a mapped staging buffer; `what` names it in
     /// errors.
-    #[cfg_attr(not(any(feature = "bench", feature = "internals")), allow(dead_code))]
     fn read_buffer(&self, buffer: &wgpu::Buffer, dst: &mut [u8], what: &str) -> Result<()> {
         let size = dst.len() as u64;
         let staging = self.buffer(
@@ -1491,6 +1643,9 @@ impl Backend for Gpu {
         dsts: &mut [&mut [u8]],
     ) -> Result<()> {
         check_quantize_buffers(g, cast, op, src, dsts)?;
+        if self.quantize_on_device(g, cast, op, src, dsts)? {
+            return Ok(());
+        }
         quantize_staged(self, g, cast, op, src, dsts, true, &mut Vec::new())
     }
 

@@ -23,16 +23,19 @@ pub const TRANSPOSE_2D: &str = assemble!("transpose2d.wgsl");
 /// Word copy, the baseline for benchmarks.
 pub const COPY: &str = assemble!("copy.wgsl");
 /// Element conversions between f64, f32, f16 and bf16, on the bits.
-pub const CAST: &str = assemble!("cast.wgsl");
+pub const CAST: &str = assemble!("cast.wgsl", "floats.wgsl");
+/// mlx's affine quantization of whole groups, float arithmetic emulated on the bits.
+pub const QUANTIZE: &str = assemble!("quantize.wgsl", "floats.wgsl");
 
 /// Every kernel's assembled source with its own file's name, for validation and error
 /// messages.
-pub const ALL: [(&str, &str); 5] = [
+pub const ALL: [(&str, &str); 6] = [
     ("gather.wgsl", GATHER),
     ("transpose.wgsl", TRANSPOSE),
     ("transpose2d.wgsl", TRANSPOSE_2D),
     ("copy.wgsl", COPY),
     ("cast.wgsl", CAST),
+    ("quantize.wgsl", QUANTIZE),
 ];
 
 #[cfg(test)]
