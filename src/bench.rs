@@ -334,12 +334,110 @@ fn gpu_rows(
             baseline: Some(format!("copy, {es}-byte elements")),
         });
     }
+    // quantize.wgsl over resident bf16 weights, by the bytes read, against the copy
+    // kernel over 2-byte elements; checked against the CPU first.
+    let n = (ksize / 2 / 4096).max(1) * 4096;
+    let values = weights_bf16(n * 2);
+    for (name, op) in quant_cases() {
+        if op.quant().mode() != crate::layout::quant::QuantMode::Affine {
+            continue;
+        }
+        status(&format!("gpu {name}"));
+        let r = match gpu.resident_quantize(&values, &op) {
+            Ok(r) => r,
+            Err(_) => continue,
+        };
+        r.run()?;
+        let got = r.read()?;
+        let want = cpu_quantize(&Cpu::new(), &op, &values)?;
+        let packed = want[0].len();
+        let mut scales = vec![0u8; want[1].len()];
+        for (pair, out) in got[packed..]
+            .chunks_exact(8)
+            .zip(scales.chunks_exact_mut(2))
+        {
+            let bits = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
+            crate::layout::quant::store(DType::BF16, f32::from_bits(bits), out);
+        }
+        if got[..packed] != want[0][..] || scales != want[1] {
+            return Err(Error::Gpu {
+                detail: format!("benchmark: the {name} kernel computed other bytes than the CPU"),
+            });
+        }
+        let t = best(opts.min_time, || {
+            let started = Instant::now();
+            r.run()?;
+            Ok(started.elapsed())
+        })?;
+        let v = gbps(values.len(), t);
+        rows.push(BenchRow {
+            group: "gpu kernel",
+            name,
+            gb_per_s: v,
+            ratio: Some(v / copy_for(2, status)?),
+            baseline: Some("copy, 2-byte elements".into()),
+        });
+    }
     Ok(BenchAdapter {
         name,
         driver,
         backend,
         software,
     })
+}
+
+/// bf16 weights in [-1, 1) (no NaN or inf), the quantize kernels' input.
+fn weights_bf16(n: usize) -> Vec<u8> {
+    let mut v = pattern(n);
+    for (i, b) in v.iter_mut().enumerate().skip(1).step_by(2) {
+        *b = (*b & 0x80) | (0x38 + (i as u8 ^ *b) % 7);
+    }
+    v
+}
+
+/// The quantizations measured: mlx-lm's default and 8-bit affine, and the MX/NV modes
+/// (on the CPU; the GPU runs affine).
+fn quant_cases() -> Vec<(String, crate::layout::quant::Quantize)> {
+    use crate::layout::quant::{Quant, QuantMode, Quantize};
+    let mut out = Vec::new();
+    for (mode, bits) in [
+        (QuantMode::Affine, Some(4)),
+        (QuantMode::Affine, Some(8)),
+        (QuantMode::Mxfp4, None),
+        (QuantMode::Mxfp8, None),
+        (QuantMode::Nvfp4, None),
+    ] {
+        if let Ok(op) = Quant::new(mode, bits, None).and_then(|q| Quantize::new(q, DType::BF16)) {
+            let q = op.quant();
+            out.push((
+                format!(
+                    "quantize BF16 {} {}-bit g{}",
+                    q.mode(),
+                    q.bits(),
+                    q.group_size()
+                ),
+                op,
+            ));
+        }
+    }
+    out
+}
+
+/// The CPU's quantization of `values` (contiguous bf16, whole rows of 4096): every
+/// output, in order.
+fn cpu_quantize(
+    cpu: &Cpu,
+    op: &crate::layout::quant::Quantize,
+    values: &[u8],
+) -> Result<Vec<Vec<u8>>> {
+    let n = values.len() / 2;
+    let g = Gather::from_parts(2, vec![n / 4096, 4096], vec![4096, 1], 0);
+    let mut outs: Vec<Vec<u8>> = (0..op.output_count())
+        .map(|k| vec![0u8; op.output_bytes(k, n).unwrap_or(0)])
+        .collect();
+    let mut dsts: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    cpu.gather_quantize(&g, None, op, values, &mut dsts)?;
+    Ok(outs)
 }
 
 fn cpu_rows(
@@ -377,6 +475,25 @@ fn cpu_rows(
             Ok(started.elapsed())
         })?;
         let v = gbps(bytes, t);
+        rows.push(BenchRow {
+            group: "cpu kernel",
+            name: format!("{name} ({} threads)", rayon::current_num_threads()),
+            gb_per_s: v,
+            ratio: Some(v / memcpy),
+            baseline: Some("memcpy (1 thread)".into()),
+        });
+    }
+    // Quantization of bf16 weights, measured by the bytes read (the source).
+    let n = (size / 2 / 4096).max(1) * 4096;
+    let values = weights_bf16(n * 2);
+    for (name, op) in quant_cases() {
+        status(&format!("cpu {name}"));
+        let t = best(opts.min_time, || {
+            let started = Instant::now();
+            std::hint::black_box(cpu_quantize(cpu, &op, &values)?);
+            Ok(started.elapsed())
+        })?;
+        let v = gbps(values.len(), t);
         rows.push(BenchRow {
             group: "cpu kernel",
             name: format!("{name} ({} threads)", rayon::current_num_threads()),

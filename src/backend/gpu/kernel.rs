@@ -50,6 +50,8 @@ pub enum KernelKind {
     /// cast.wgsl's `transpose` entry point: a batched 2-D transpose and the conversion in
     /// one pass ([`Plane2d::for_cast`]).
     TransposeCast(Cast),
+    /// quantize.wgsl over contiguous gathered values ([`quantize_dispatch`]).
+    Quantize,
 }
 
 /// The most workgroups per dispatch dimension every device offers (the WebGPU minimum);
@@ -295,12 +297,53 @@ pub fn dispatch(g: &Gather, kind: KernelKind, max_groups: u32) -> Result<Dispatc
             p[1] = to_u32(words as usize, "word count")?;
             words.div_ceil(COPY_WORDS_PER_GROUP * planes(g.elem_size) as u64)
         }
+        KernelKind::Quantize => {
+            return Err(Error::Gpu {
+                detail: "quantize.wgsl is dispatched by quantize_dispatch".to_string(),
+            })
+        }
         KernelKind::Transpose2d { .. } | KernelKind::Cast(_) | KernelKind::TransposeCast(_) => 0,
     };
     Ok(Dispatch {
         params: p,
         passes: passes(&[(Part::Main, split_groups(groups, max_groups)?)]),
     })
+}
+
+/// quantize.wgsl over `values` contiguous values of `op.dtype()` (whole groups), one
+/// group per invocation: the packed words first, then a (scale, bias) pair of f32 bits
+/// per group. Returns the dispatch and the output's size in words.
+pub fn quantize_dispatch(
+    values: usize,
+    op: &crate::layout::quant::Quantize,
+    max_groups: u32,
+) -> Result<(Dispatch, usize)> {
+    let q = op.quant();
+    let groups = values / q.group_size();
+    let packed = groups * q.words_per_group();
+    let words = packed + 2 * groups;
+    let dtype = match op.dtype() {
+        DType::F32 => 1,
+        DType::F16 => 2,
+        _ => 3,
+    };
+    let mut p = [0u32; PARAMS_WORDS];
+    p[..5].copy_from_slice(&[
+        to_u32(groups, "group count")?,
+        to_u32(q.group_size(), "group size")?,
+        q.bits(),
+        dtype,
+        to_u32(packed, "packed words")?,
+    ]);
+    to_u32(words, "output words")?;
+    let workgroups = (groups as u64).div_ceil(WORKGROUP);
+    Ok((
+        Dispatch {
+            params: p,
+            passes: passes(&[(Part::Main, split_groups(workgroups, max_groups)?)]),
+        },
+        words,
+    ))
 }
 
 /// transpose2d.wgsl's uniform block: every stride in words, per block row / column /
@@ -471,7 +514,7 @@ pub struct Kernels {
     /// cast.wgsl's fused `transpose` entry point, indexed by edge, [`cast_index`].
     transpose_cast: [[wgpu::ComputePipeline; CASTS]; 2],
     /// quantize.wgsl: affine groups, one per invocation.
-    pub quantize: wgpu::ComputePipeline,
+    quantize: wgpu::ComputePipeline,
 }
 
 /// The uniform word of cast.wgsl's `nan_mode`: 0 torch's NaN bits, 1 mlx's.
@@ -664,6 +707,7 @@ impl Kernels {
             KernelKind::TransposeCast(c) => {
                 &self.transpose_cast[usize::from(part == Part::Edge)][cast_index(c)]
             }
+            KernelKind::Quantize => &self.quantize,
         }
     }
 }

@@ -388,54 +388,28 @@ impl Gpu {
             return Ok(false);
         }
         check_quantize_buffers(g, cast, op, src, dsts)?;
-        let dtype_code = match op.dtype() {
-            crate::DType::F32 => 1u32,
-            crate::DType::F16 => 2,
-            _ => 3,
-        };
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let run = || -> Result<Vec<u8>> {
             let values = self.gather_to_buffer(g, cast, src)?;
-            let out = self.buffer(
-                "quantized",
-                (out_words * 4) as u64,
-                U::STORAGE | U::COPY_SRC,
-            );
-            let mut p = [0u32; kernel::PARAMS_WORDS];
-            p[..5].copy_from_slice(&[
-                groups as u32,
-                q.group_size() as u32,
-                q.bits(),
-                dtype_code,
-                (groups * wpg) as u32,
-            ]);
+            let (d, words) = kernel::quantize_dispatch(g.len(), op, self.max_groups)?;
+            let out = self.buffer("quantized", (words * 4) as u64, U::STORAGE | U::COPY_SRC);
             let params = self.buffer(
                 "quantize params",
                 (kernel::PARAMS_WORDS * 4) as u64,
                 U::UNIFORM | U::COPY_DST,
             );
             self.queue
-                .write_buffer(&params, 0, bytemuck::cast_slice(&p));
+                .write_buffer(&params, 0, bytemuck::cast_slice(&d.params));
             let group = self.bind_group(&params, &values, &out);
-            let (x, y, z) =
-                kernel::split_groups((groups as u64).div_ceil(kernel::WORKGROUP), self.max_groups)?;
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("quantize"),
                 });
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("quantize"),
-                    timestamp_writes: None,
-                });
-                pass.set_bind_group(0, &group, &[]);
-                pass.set_pipeline(&self.kernels.quantize);
-                pass.dispatch_workgroups(x, y, z);
-            }
+            self.record(&mut encoder, &group, KernelKind::Quantize, 4, &d);
             self.queue.submit([encoder.finish()]);
-            let mut host = vec![0u8; out_words * 4];
+            let mut host = vec![0u8; words * 4];
             self.read_buffer(&out, &mut host, "quantized output")?;
             self.read_back
                 .fetch_add(host.len() as u64, Ordering::Relaxed);
@@ -1544,6 +1518,44 @@ impl Gpu {
             bind_group,
             kind,
             elem_size: g.elem_size,
+            dispatch: d,
+            out_bytes,
+        })
+    }
+    }
+
+    internal! {
+    /// Uploads `values` (contiguous values of `op.dtype()`, whole groups) once and
+    /// prepares quantize.wgsl over them (benchmarks); `read` gives the packed words, then
+    /// the (scale, bias) f32 pairs.
+    pub fn resident_quantize(&self, values: &[u8], op: &crate::layout::quant::Quantize) -> Result<Resident<'_>> {
+        use wgpu::BufferUsages as U;
+        let n = values.len() / op.dtype().size();
+        let (d, words) = kernel::quantize_dispatch(n, op, self.max_groups)?;
+        let in_bytes = (values.len() as u64).next_multiple_of(4).max(4);
+        let out_bytes = (words as u64 * 4).max(4);
+        if in_bytes.max(out_bytes) > self.binding as u64 {
+            return Err(gpu_err("resident quantization exceeds the binding limit"));
+        }
+        let input = self.buffer("resident input", in_bytes, U::STORAGE | U::COPY_DST);
+        let output = self.buffer("resident output", out_bytes, U::STORAGE | U::COPY_SRC);
+        let params = self.buffer(
+            "resident params",
+            (kernel::PARAMS_WORDS * 4) as u64,
+            U::UNIFORM | U::COPY_DST,
+        );
+        let mut padded = values.to_vec();
+        padded.resize(in_bytes as usize, 0);
+        self.queue.write_buffer(&input, 0, &padded);
+        self.queue
+            .write_buffer(&params, 0, bytemuck::cast_slice(&d.params));
+        let bind_group = self.bind_group(&params, &input, &output);
+        Ok(Resident {
+            gpu: self,
+            output,
+            bind_group,
+            kind: KernelKind::Quantize,
+            elem_size: 4,
             dispatch: d,
             out_bytes,
         })
