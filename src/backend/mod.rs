@@ -2,7 +2,7 @@
 //! place a backend is chosen is [`select`].
 
 use crate::error::{Error, Result};
-use crate::layout::quant::{widen_to_f32, Quantize};
+use crate::layout::quant::Quantize;
 use crate::layout::{cast, Cast, Gather};
 
 pub mod cpu;
@@ -374,19 +374,23 @@ pub(crate) fn quantize_staged<B: Backend + ?Sized>(
     stage: &mut Vec<u8>,
 ) -> Result<()> {
     check_quantize_buffers(g, cast, op, src, dsts)?;
-    let bytes = g
-        .len()
-        .checked_mul(op.dtype().size())
-        .ok_or_else(|| Error::Layout {
-            detail: "quantize stage overflows".to_string(),
+    let es = op.dtype().size();
+    if cast.is_none() && g.is_copy() {
+        // Contiguous values of the right dtype: quantized where they lie.
+        let run = g.offset * es..(g.offset + g.len()) * es;
+        let values = src.get(run).ok_or_else(|| Error::Layout {
+            detail: "quantize source outside the source".to_string(),
         })?;
+        return op.run_bytes(values, dsts, fast);
+    }
+    let bytes = g.len().checked_mul(es).ok_or_else(|| Error::Layout {
+        detail: "quantize stage overflows".to_string(),
+    })?;
     stage.clear();
     stage.resize(bytes, 0);
     match cast {
         None => backend.gather(g, src, stage)?,
         Some(c) => backend.gather_cast(g, c, src, stage)?,
     }
-    let mut values = Vec::with_capacity(g.len());
-    widen_to_f32(op.dtype(), stage, &mut values)?;
-    op.run(&values, dsts, fast)
+    op.run_bytes(stage, dsts, fast)
 }

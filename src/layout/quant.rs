@@ -187,7 +187,7 @@ impl Quant {
         scales: &mut [u8],
         biases: &mut [u8],
     ) -> Result<()> {
-        self.check_buffers(dtype, values, packed, scales, biases)?;
+        self.check_buffers(dtype, values.len(), packed, scales, biases)?;
         let g = self.group_size;
         let groups = values.len() / g;
         let ss = self.scale_size(dtype);
@@ -217,16 +217,16 @@ impl Quant {
     fn check_buffers(
         self,
         dtype: DType,
-        values: &[f32],
+        n: usize,
         packed: &[u8],
         scales: &[u8],
         biases: &[u8],
     ) -> Result<()> {
         let g = self.group_size;
-        let groups = values.len() / g;
+        let groups = n / g;
         let ss = self.scale_size(dtype);
         let bias_bytes = if self.has_biases() { groups * ss } else { 0 };
-        if values.len() % g != 0
+        if n % g != 0
             || packed.len() != groups * self.words_per_group() * 4
             || scales.len() != groups * ss
             || biases.len() != bias_bytes
@@ -234,8 +234,7 @@ impl Quant {
         {
             return Err(Error::Layout {
                 detail: format!(
-                    "quantizing {} {dtype} values in groups of {g} into {} packed, {} scale and {} bias bytes",
-                    values.len(),
+                    "quantizing {n} {dtype} values in groups of {g} into {} packed, {} scale and {} bias bytes",
                     packed.len(),
                     scales.len(),
                     biases.len()
@@ -265,23 +264,110 @@ impl Quant {
         if self.mode != QuantMode::Affine {
             return self.quantize(dtype, values, packed, scales, biases);
         }
-        self.check_buffers(dtype, values, packed, scales, biases)?;
-        let g = self.group_size;
-        let ss = dtype.size();
-        let wb = self.words_per_group() * 4;
-        let mut codes = [0u8; 128];
-        let per = values
-            .chunks_exact(g)
-            .zip(packed.chunks_exact_mut(wb))
-            .zip(scales.chunks_exact_mut(ss).zip(biases.chunks_exact_mut(ss)));
-        for ((group, out), (scale, bias)) in per {
-            let codes = &mut codes[..g];
-            let (s, b) = affine_group_fast(group, self.bits, codes);
-            store(dtype, s, scale);
-            store(dtype, b, bias);
-            pack_fast(codes, self.bits, out);
-        }
+        self.check_buffers(dtype, values.len(), packed, scales, biases)?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // The f32 values as they are: the same groups through the same code.
+        affine_rows(self, DType::F32, dtype, &bytes, packed, scales, biases);
         Ok(())
+    }
+
+    /// [`Quant::quantize_fast`] straight from little-endian `dtype` elements (whole
+    /// groups), each group widened in a stack buffer: no pass over memory besides the
+    /// one reading them. With AVX2 (found at run time) the same code is compiled for
+    /// it.
+    pub fn quantize_fast_bytes(
+        self,
+        dtype: DType,
+        values: &[u8],
+        packed: &mut [u8],
+        scales: &mut [u8],
+        biases: &mut [u8],
+    ) -> Result<()> {
+        let es = dtype.size();
+        if values.len() % es != 0 {
+            return Err(quant_err(format!(
+                "{} bytes are not whole {dtype} values",
+                values.len()
+            )));
+        }
+        if self.mode != QuantMode::Affine {
+            let mut wide = Vec::with_capacity(values.len() / es);
+            widen_to_f32(dtype, values, &mut wide)?;
+            return self.quantize(dtype, &wide, packed, scales, biases);
+        }
+        self.check_buffers(dtype, values.len() / es, packed, scales, biases)?;
+        #[cfg(all(target_arch = "x86_64", not(relayout_portable)))]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            unsafe { affine_rows_avx2(self, dtype, dtype, values, packed, scales, biases) };
+            return Ok(());
+        }
+        affine_rows(self, dtype, dtype, values, packed, scales, biases);
+        Ok(())
+    }
+}
+
+/// [`affine_rows`] compiled for AVX2.
+#[cfg(all(target_arch = "x86_64", not(relayout_portable)))]
+#[target_feature(enable = "avx2")]
+unsafe fn affine_rows_avx2(
+    q: Quant,
+    input: DType,
+    dtype: DType,
+    values: &[u8],
+    packed: &mut [u8],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) {
+    affine_rows(q, input, dtype, values, packed, scales, biases)
+}
+
+/// Affine groups of `input` elements (checked sizes), scales and biases stored as
+/// `dtype`.
+#[inline(always)]
+fn affine_rows(
+    q: Quant,
+    input: DType,
+    dtype: DType,
+    values: &[u8],
+    packed: &mut [u8],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) {
+    let g = q.group_size;
+    let es = input.size();
+    let ss = dtype.size();
+    let wb = q.words_per_group() * 4;
+    let mut wide = [0f32; 128];
+    let mut codes = [0u8; 128];
+    let per = values
+        .chunks_exact(g * es)
+        .zip(packed.chunks_exact_mut(wb))
+        .zip(scales.chunks_exact_mut(ss).zip(biases.chunks_exact_mut(ss)));
+    for ((group, out), (scale, bias)) in per {
+        let w = &mut wide[..g];
+        match input {
+            DType::BF16 => {
+                for (x, c) in w.iter_mut().zip(group.chunks_exact(2)) {
+                    *x = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+                }
+            }
+            DType::F16 => {
+                for (x, c) in w.iter_mut().zip(group.chunks_exact(2)) {
+                    *x = f32::from_bits(f16_to_f32(u16::from_le_bytes([c[0], c[1]])));
+                }
+            }
+            _ => {
+                for (x, c) in w.iter_mut().zip(group.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+        let codes = &mut codes[..g];
+        let (s, b) = affine_group_fast(w, q.bits, codes);
+        store(dtype, s, scale);
+        store(dtype, b, bias);
+        pack_fast(codes, q.bits, out);
     }
 }
 
@@ -314,7 +400,7 @@ fn affine_group_fast(w: &[f32], bits: u32, codes: &mut [u8]) -> (f32, f32) {
     const MAGIC: f32 = 12_582_912.0;
     for (c, &x) in codes.iter_mut().zip(w) {
         let v = cmin(cmax((x - bias) / scale, 0.0), n_bins);
-        *c = ((v + MAGIC) - MAGIC) as u8;
+        *c = (((v + MAGIC).to_bits() & 0xFF) * u32::from(v == v)) as u8;
     }
     (scale, bias)
 }
@@ -669,11 +755,11 @@ impl Quantize {
         }
     }
 
-    /// Quantizes `values` (whole groups, the dtype's values widened to f32) into `outs`,
+    /// Quantizes `values` (whole groups of little-endian `dtype` elements) into `outs`,
     /// one buffer per emitted output in order; the outputs not emitted go to scratch.
-    /// `fast` picks [`Quant::quantize_fast`], else the oracle.
-    pub fn run(&self, values: &[f32], outs: &mut [&mut [u8]], fast: bool) -> Result<()> {
-        let n = values.len();
+    /// `fast` picks [`Quant::quantize_fast_bytes`], else the oracle.
+    pub fn run_bytes(&self, values: &[u8], outs: &mut [&mut [u8]], fast: bool) -> Result<()> {
+        let n = values.len() / self.dtype.size();
         let mut scratch: [Vec<u8>; 3] = Default::default();
         let mut bufs: [&mut [u8]; 3] = [&mut [], &mut [], &mut []];
         let mut given = outs.iter_mut();
@@ -700,9 +786,11 @@ impl Quantize {
         }
         let [w, s, b] = bufs;
         if fast {
-            self.quant.quantize_fast(self.dtype, values, w, s, b)
+            self.quant.quantize_fast_bytes(self.dtype, values, w, s, b)
         } else {
-            self.quant.quantize(self.dtype, values, w, s, b)
+            let mut wide = Vec::with_capacity(n);
+            widen_to_f32(self.dtype, values, &mut wide)?;
+            self.quant.quantize(self.dtype, &wide, w, s, b)
         }
     }
 }
