@@ -10,7 +10,10 @@
    process, runs alternating, medians of --runs with peak RSS from wait4(); then the two
    folders are compared tensor by tensor (bytes) with mlx.
 
-usage: python3 benches/quantize_vs_mlx_lm.py [--dir DIR] [--big-gb 32] [--runs 3]
+Run it with a Python that has numpy and tokenizers (for the generated tokenizer), e.g.
+the one with mlx-lm.
+
+usage: PY benches/quantize_vs_mlx_lm.py [--dir DIR] [--big-gb 32] [--runs 3]
                                              [--python PY] [--skip-big] [--skip-small]
 """
 import argparse, json, os, shutil, statistics, struct, subprocess, sys, time
@@ -75,8 +78,14 @@ def write_safetensors(path, items, block):
 
 
 def make_model(folder, hidden, ff, vocab, layers):
-    """The checkpoint in shards of at most 5 GB with its index, config and a tokenizer."""
+    """The checkpoint in shards of at most 5 GB with its index, config and a tokenizer
+    (kept from an earlier run when complete)."""
+    sys.path.insert(0, str(ROOT / "tests" / "python"))
+    import hf_models  # a tiny byte-level BPE tokenizer, as the tests build it
+
     if (folder / "config.json").exists():
+        if not (folder / "tokenizer.json").exists():
+            hf_models.write_tokenizer(folder)
         return
     folder.mkdir(parents=True, exist_ok=True)
     # Random bf16 values in [-1, 1): sign, exponent 0x70..0x7E, any mantissa.
@@ -109,9 +118,6 @@ def make_model(folder, hidden, ff, vocab, layers):
         "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "max_position_embeddings": 8192,
     }))
-    sys.path.insert(0, str(ROOT / "tests" / "python"))
-    import hf_models  # a tiny byte-level BPE tokenizer, as the tests build it
-
     hf_models.write_tokenizer(folder)
 
 

@@ -400,7 +400,7 @@ fn affine_group_fast(w: &[f32], bits: u32, codes: &mut [u8]) -> (f32, f32) {
     const MAGIC: f32 = 12_582_912.0;
     for (c, &x) in codes.iter_mut().zip(w) {
         let v = cmin(cmax((x - bias) / scale, 0.0), n_bins);
-        *c = (((v + MAGIC).to_bits() & 0xFF) * u32::from(v == v)) as u8;
+        *c = (((v + MAGIC).to_bits() & 0xFF) * u32::from(!v.is_nan())) as u8;
     }
     (scale, bias)
 }
