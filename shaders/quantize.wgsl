@@ -304,11 +304,54 @@ fn main(
     let n_bins = (1u << bits) - 1u;
     let n_bins_f = bitcast<u32>(f32(n_bins));
     let sb = scale_bias(hi, lo, bits, n_bins_f);
-    var w = g * (n * bits / 32u);
+    // The fast way when every value and the scale's reciprocal are normal numbers (or
+    // zeros): (w - bias) and its product with 1 / scale in hardware, where WGSL rounds
+    // them correctly, the product then within 2 ulp of the quotient (1e-4 of it for any
+    // code that is not clamped), so it rounds to the quotient's code unless it lies that
+    // close to a half. Otherwise, or when one does, the group is redone exactly.
+    let r = f_div(0x3F800000u, sb.x);
+    var exact = !plain(r) || (r & 0x7FFFFFFFu) == 0u || !plain(hi) || !plain(lo);
+    if !exact {
+        exact = !pack_group(g, base, n, bits, sb, r, n_bins_f, true);
+    }
+    if exact {
+        pack_group(g, base, n, bits, sb, r, n_bins_f, false);
+    }
+    dst[params.scales_at + 2u * g] = sb.x;
+    dst[params.scales_at + 2u * g + 1u] = sb.y;
+}
+
+// A zero or a normal number: what WGSL's arithmetic handles as IEEE does.
+fn plain(a: u32) -> bool {
+    let e = (a >> 23u) & 0xFFu;
+    return (e != 0u && e != 255u) || (a & 0x7FFFFFFFu) == 0u;
+}
+
+// Codes of group g packed into its words. `fast`: by the hardware product with the
+// reciprocal `r`, giving up (false, words unwritten) at a value that is not plain or
+// whose product lies within 1e-4 of a half; else exactly, by emulated division.
+fn pack_group(g: u32, base: u32, n: u32, bits: u32, sb: vec2<u32>, r: u32, n_bins_f: u32, fast: bool) -> bool {
+    // The group's words are built in registers first: a fast pass that gives up must not
+    // have written any.
+    var words: array<u32, 32>;
     var acc = 0u;
     var filled = 0u;
+    var k = 0u;
     for (var i = 0u; i < n; i++) {
-        let v = f_rint(f_div(f_sub(value(base + i), sb.y), sb.x));
+        let x = value(base + i);
+        var v: u32;
+        if fast {
+            if !plain(x) {
+                return false;
+            }
+            let a = bitcast<u32>((bitcast<f32>(x) - bitcast<f32>(sb.y)) * bitcast<f32>(r));
+            if near_half(a) {
+                return false;
+            }
+            v = f_rint(a);
+        } else {
+            v = f_rint(f_div(f_sub(x, sb.y), sb.x));
+        }
         // Clamped to [0, n_bins]; NaN survives both clamps and packs as 0.
         let c = cmin(cmax(v, 0u), n_bins_f);
         var code = 0u;
@@ -318,12 +361,31 @@ fn main(
         acc = acc | (code << filled);
         filled += bits;
         if filled >= 32u {
-            dst[w] = acc;
-            w += 1u;
+            words[k] = acc;
+            k += 1u;
             filled -= 32u;
             acc = select(0u, code >> (bits - filled), filled > 0u);
         }
     }
-    dst[params.scales_at + 2u * g] = sb.x;
-    dst[params.scales_at + 2u * g + 1u] = sb.y;
+    let w = g * k;
+    for (var j = 0u; j < k; j++) {
+        dst[w + j] = words[j];
+    }
+    return true;
+}
+
+// Whether the magnitude of `a` lies within 1e-4 of k + 1/2 for |a| < 512 (beyond, a
+// code clamps whatever the rounding); on the bits, so no compiler can fold it away.
+fn near_half(a: u32) -> bool {
+    let e = (a >> 23u) & 0xFFu;
+    if e < 125u || e >= 136u {
+        // |a| < 0.25, or |a| >= 512 (inf and NaN too).
+        return false;
+    }
+    // 150 - e (15 to 25) bits of the mantissa lie below the binary point: the fraction,
+    // truncated to units of 2^-14 (1e-4 is about 1.64 of them).
+    let below = 150u - e;
+    let m = (a & 0x7FFFFFu) | 0x800000u;
+    let f = (m & ((1u << below) - 1u)) >> (below - 14u);
+    return f + 3u >= 8192u && f <= 8195u;
 }

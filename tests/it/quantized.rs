@@ -698,3 +698,46 @@ fn the_quantize_kernels_give_the_oracles_bytes_over_a_hostile_grid() {
     }
     assert_eq!(checked, 3 * 7 * 5 * 4);
 }
+
+/// Groups where multiplying by the scale's reciprocal rounds to another code than the
+/// division does (found by searching with NumPy's f32): the GPU's fast path must notice
+/// them and take the exact one.
+#[test]
+fn codes_where_the_reciprocal_rounds_otherwise_are_the_divisions() {
+    use relayout::layout::quant::{Quant, QuantMode, Quantize};
+    use relayout::Gather;
+    let pairs: [(u32, u32); 8] = [
+        (0x3f9e09e5, 0x3e9875f8),
+        (0x3dc6d0d6, 0x3d9ea9ac),
+        (0x3f8869c5, 0x3cde8a46),
+        (0x3f29d3a5, 0x3ef869c9),
+        (0x3c366d27, 0x3bc07123),
+        (0x3f7f93ab, 0x3e9153f7),
+        (0x3f8f1498, 0x3eef074c),
+        (0x3fbf320f, 0x3d89f5ea),
+    ];
+    // One group of 32 per pair: 0 and M set the scale (M / -255, bias M), then x.
+    let mut src = Vec::new();
+    for (m, x) in pairs {
+        src.extend_from_slice(&0u32.to_le_bytes());
+        src.extend_from_slice(&m.to_le_bytes());
+        for _ in 0..30 {
+            src.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    let q = Quant::new(QuantMode::Affine, Some(8), Some(32)).unwrap();
+    let op = Quantize::new(q, DType::F32).unwrap();
+    let g = Gather::from_parts(4, vec![pairs.len(), 32], vec![32, 1], 0);
+    let run = |b: &dyn relayout::Backend| {
+        let mut outs: Vec<Vec<u8>> = (0..3)
+            .map(|k| vec![0xA5; op.output_bytes(k, 32 * pairs.len()).unwrap()])
+            .collect();
+        let mut dsts: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        b.gather_quantize(&g, None, &op, &src, &mut dsts).unwrap();
+        outs
+    };
+    let want = run(&relayout::backend::reference::Reference);
+    for b in all_backends() {
+        assert_eq!(run(b.as_ref()), want, "{}", b.name());
+    }
+}
