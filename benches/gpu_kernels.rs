@@ -219,5 +219,66 @@ fn paired(_: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, kernels, round_trip, paired);
+/// quantize.wgsl over 32 MiB of resident bf16 weights against the copy kernel over the
+/// same bytes, paired as `paired` does (the ratio is the measure), after
+/// checking the packed words against the CPU backend's.
+fn quantize(_: &mut Criterion) {
+    use relayout::layout::quant::{Quant, QuantMode, Quantize};
+    const PAIRS: usize = 9;
+    let Some(gpu) = open() else { return };
+    let n = 16 << 20;
+    let mut values = pattern(2 * n);
+    for (i, b) in values.iter_mut().enumerate().skip(1).step_by(2) {
+        *b = (*b & 0x80) | (0x38 + (i as u8 ^ *b) % 7);
+    }
+    let copy = Gather::from_parts(2, vec![n], vec![1], 0);
+    let Ok(base) = gpu.resident(&copy, &values, KernelKind::Copy) else {
+        return;
+    };
+    for bits in [4, 8] {
+        let q = Quant::new(QuantMode::Affine, Some(bits), Some(64)).expect("params");
+        let op = Quantize::new(q, DType::BF16).expect("op");
+        let Ok(k) = gpu.resident_quantize(&values, &op) else {
+            eprintln!("quantize: does not fit one binding, skipped");
+            return;
+        };
+        k.run().map_err(|e| panic!("{e}")).ok();
+        let rows = Gather::from_parts(2, vec![n / 4096, 4096], vec![4096, 1], 0);
+        let mut want: Vec<Vec<u8>> = (0..3)
+            .map(|i| vec![0u8; op.output_bytes(i, n).expect("size")])
+            .collect();
+        let mut dsts: Vec<&mut [u8]> = want.iter_mut().map(|w| w.as_mut_slice()).collect();
+        relayout::backend::cpu::Cpu::new()
+            .gather_quantize(&rows, None, &op, &values, &mut dsts)
+            .map_err(|e| panic!("{e}"))
+            .ok();
+        let got = k.read().map_err(|e| panic!("{e}")).unwrap_or_default();
+        assert!(
+            got[..want[0].len()] == want[0][..],
+            "quantize.wgsl differs from the CPU"
+        );
+        let time = |r: &Resident| {
+            let t = std::time::Instant::now();
+            r.run().map_err(|e| panic!("{e}")).ok();
+            t.elapsed().as_secs_f64()
+        };
+        let (mut best_k, mut best_c, mut ratios) = (f64::MAX, f64::MAX, Vec::new());
+        for _ in 0..PAIRS {
+            let (tk, tc) = (time(&k), time(&base));
+            best_k = best_k.min(tk);
+            best_c = best_c.min(tc);
+            ratios.push(tc / tk);
+        }
+        ratios.sort_by(f64::total_cmp);
+        let mib = (2 * n) as f64 / f64::from(1 << 20);
+        eprintln!(
+            "quantize: affine {bits}-bit g64 bf16 | {:.0} MiB/s | copy {:.0} MiB/s | median ratio of {PAIRS}: {:.2}",
+            mib / best_k,
+            mib / best_c,
+            ratios[PAIRS / 2]
+        );
+    }
+}
+
+criterion_group!(benches, kernels, round_trip, paired, quantize);
 criterion_main!(benches);

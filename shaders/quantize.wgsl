@@ -339,24 +339,24 @@ fn pack_group(g: u32, base: u32, n: u32, bits: u32, sb: vec2<u32>, r: u32, n_bin
     var k = 0u;
     for (var i = 0u; i < n; i++) {
         let x = value(base + i);
-        var v: u32;
+        var code = 0u;
         if fast {
             if !plain(x) {
                 return false;
             }
-            let a = bitcast<u32>((bitcast<f32>(x) - bitcast<f32>(sb.y)) * bitcast<f32>(r));
-            if near_half(a) {
+            let a = (bitcast<f32>(x) - bitcast<f32>(sb.y)) * bitcast<f32>(r);
+            if near_half(bitcast<u32>(a)) {
                 return false;
             }
-            v = f_rint(a);
+            // A finite product: WGSL's round (ties to even) and clamp are exact on it.
+            code = u32(clamp(round(a), 0.0, bitcast<f32>(n_bins_f)));
         } else {
-            v = f_rint(f_div(f_sub(x, sb.y), sb.x));
-        }
-        // Clamped to [0, n_bins]; NaN survives both clamps and packs as 0.
-        let c = cmin(cmax(v, 0u), n_bins_f);
-        var code = 0u;
-        if !is_nan(c) {
-            code = u32(bitcast<f32>(c));
+            let v = f_rint(f_div(f_sub(x, sb.y), sb.x));
+            // Clamped to [0, n_bins]; NaN survives both clamps and packs as 0.
+            let c = cmin(cmax(v, 0u), n_bins_f);
+            if !is_nan(c) {
+                code = u32(bitcast<f32>(c));
+            }
         }
         acc = acc | (code << filled);
         filled += bits;
