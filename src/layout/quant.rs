@@ -339,7 +339,7 @@ fn affine_rows(
     let ss = dtype.size();
     let wb = q.words_per_group() * 4;
     let mut wide = [0f32; 128];
-    let mut codes = [0u8; 128];
+    let mut codes = [0u32; 128];
     let per = values
         .chunks_exact(g * es)
         .zip(packed.chunks_exact_mut(wb))
@@ -375,7 +375,7 @@ fn affine_rows(
 /// the order of the values except for the sign of a zero extreme, which only the 1-bit
 /// bias keeps: that one case takes the oracle's order.
 #[inline(always)]
-fn affine_group_fast(w: &[f32], bits: u32, codes: &mut [u8]) -> (f32, f32) {
+fn affine_group_fast(w: &[f32], bits: u32, codes: &mut [u32]) -> (f32, f32) {
     let mut max = [f32::NEG_INFINITY; LANES];
     let mut min = [f32::INFINITY; LANES];
     for chunk in w.chunks_exact(LANES) {
@@ -390,17 +390,23 @@ fn affine_group_fast(w: &[f32], bits: u32, codes: &mut [u8]) -> (f32, f32) {
         lo = cmin(lo, min[l]);
     }
     if bits == 1 && lo == 0.0 {
-        return affine_group(w, bits, codes);
+        let mut narrow = [0u8; 128];
+        let narrow = &mut narrow[..w.len()];
+        let params = affine_group(w, bits, narrow);
+        for (c, &n) in codes.iter_mut().zip(narrow.iter()) {
+            *c = u32::from(n);
+        }
+        return params;
     }
     let n_bins = ((1u32 << bits) - 1) as f32;
     let (scale, bias) = affine_params(hi, lo, bits);
     // Clamping before rounding gives the same code (the bounds are whole numbers), and
-    // inside [0, 255] adding and taking away 1.5 * 2^23 rounds to nearest even. NaN
-    // survives the clamp and casts to 0, as in the oracle.
+    // inside [0, 255] adding 1.5 * 2^23 rounds to nearest even, the code in the low bits.
+    // f32::max takes 0 for a NaN, whose code is 0 in the oracle too.
     const MAGIC: f32 = 12_582_912.0;
     for (c, &x) in codes.iter_mut().zip(w) {
-        let v = cmin(cmax((x - bias) / scale, 0.0), n_bins);
-        *c = (((v + MAGIC).to_bits() & 0xFF) * u32::from(!v.is_nan())) as u8;
+        let v = ((x - bias) / scale).max(0.0).min(n_bins);
+        *c = (v + MAGIC).to_bits() & 0xFF;
     }
     (scale, bias)
 }
@@ -408,21 +414,24 @@ fn affine_group_fast(w: &[f32], bits: u32, codes: &mut [u8]) -> (f32, f32) {
 /// [`pack`] a word at a time: 2, 4 and 8 bits fill words with whole codes; 3, 5 and 6
 /// run a 64-bit accumulator; 1 bit packs eight codes per byte.
 #[inline(always)]
-fn pack_fast(codes: &[u8], bits: u32, out: &mut [u8]) {
+fn pack_fast(codes: &[u32], bits: u32, out: &mut [u8]) {
     match bits {
         2 | 4 | 8 => {
             let per = 32 / bits as usize;
             for (word, c) in out.chunks_exact_mut(4).zip(codes.chunks_exact(per)) {
                 let mut v = 0u32;
                 for (k, &x) in c.iter().enumerate() {
-                    v |= u32::from(x) << (k * bits as usize);
+                    v |= x << (k * bits as usize);
                 }
                 word.copy_from_slice(&v.to_le_bytes());
             }
         }
         1 => {
             for (byte, c) in out.iter_mut().zip(codes.chunks_exact(8)) {
-                *byte = c.iter().enumerate().fold(0u8, |b, (k, &x)| b | (x << k));
+                *byte = c
+                    .iter()
+                    .enumerate()
+                    .fold(0u8, |b, (k, &x)| b | ((x as u8) << k));
             }
         }
         _ => {
