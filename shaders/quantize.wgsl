@@ -32,17 +32,6 @@ const DEFAULT_NAN: u32 = 0xFFC00000u;
 // 1e-7f32, mlx's smallest scale.
 const EPS: u32 = 0x33D6BF95u;
 
-fn value(i: u32) -> u32 {
-    if params.dtype == 1u {
-        return src[i];
-    }
-    let h = src_elem(i, 2u);
-    if params.dtype == 3u {
-        return h << 16u;
-    }
-    return f16_to_f32(h);
-}
-
 fn is_nan(a: u32) -> bool {
     return (a & 0x7FFFFFFFu) > INF;
 }
@@ -294,12 +283,32 @@ fn main(
     let n = params.group_size;
     let bits = params.bits;
     let base = g * n;
+    // The group, read once, a word at a time.
+    var vals: array<u32, 128>;
+    if params.dtype == 1u {
+        for (var i = 0u; i < n; i++) {
+            vals[i] = src[base + i];
+        }
+    } else {
+        for (var j = 0u; j < n / 2u; j++) {
+            let word = src[base / 2u + j];
+            if params.dtype == 3u {
+                vals[2u * j] = word << 16u;
+                vals[2u * j + 1u] = word & 0xFFFF0000u;
+            } else {
+                vals[2u * j] = f16_to_f32(word & 0xFFFFu);
+                vals[2u * j + 1u] = f16_to_f32(word >> 16u);
+            }
+        }
+    }
     var hi = INF | SIGN;
     var lo = INF;
+    var all_plain = true;
     for (var i = 0u; i < n; i++) {
-        let x = value(base + i);
+        let x = vals[i];
         hi = cmax(hi, x);
         lo = cmin(lo, x);
+        all_plain = all_plain && plain(x);
     }
     let n_bins = (1u << bits) - 1u;
     let n_bins_f = bitcast<u32>(f32(n_bins));
@@ -310,12 +319,12 @@ fn main(
     // code that is not clamped), so it rounds to the quotient's code unless it lies that
     // close to a half. Otherwise, or when one does, the group is redone exactly.
     let r = f_div(0x3F800000u, sb.x);
-    var exact = !plain(r) || (r & 0x7FFFFFFFu) == 0u || !plain(hi) || !plain(lo);
+    var exact = !plain(r) || (r & 0x7FFFFFFFu) == 0u || !all_plain;
     if !exact {
-        exact = !pack_group(g, base, n, bits, sb, r, n_bins_f, true);
+        exact = !pack_group(&vals, g, n, bits, sb, r, n_bins_f, true);
     }
     if exact {
-        pack_group(g, base, n, bits, sb, r, n_bins_f, false);
+        pack_group(&vals, g, n, bits, sb, r, n_bins_f, false);
     }
     dst[params.scales_at + 2u * g] = sb.x;
     dst[params.scales_at + 2u * g + 1u] = sb.y;
@@ -327,29 +336,27 @@ fn plain(a: u32) -> bool {
     return (e != 0u && e != 255u) || (a & 0x7FFFFFFFu) == 0u;
 }
 
-// Codes of group g packed into its words. `fast`: by the hardware product with the
-// reciprocal `r`, giving up (false, words unwritten) at a value that is not plain or
-// whose product lies within 1e-4 of a half; else exactly, by emulated division.
-fn pack_group(g: u32, base: u32, n: u32, bits: u32, sb: vec2<u32>, r: u32, n_bins_f: u32, fast: bool) -> bool {
-    // The group's words are built in registers first: a fast pass that gives up must not
-    // have written any.
-    var words: array<u32, 32>;
+// Codes of group g (its values `vals`) packed into its words. `fast`: by the hardware
+// product with the reciprocal `r`, giving up (false) at a value whose product lies within
+// 1e-4 of a half; else exactly, by emulated division.
+fn pack_group(vals: ptr<function, array<u32, 128>>, g: u32, n: u32, bits: u32, sb: vec2<u32>, r: u32, n_bins_f: u32, fast: bool) -> bool {
+    // Words go straight out: a fast pass that gives up leaves some, which the exact pass
+    // then writes over (this invocation alone writes the group's words).
     var acc = 0u;
     var filled = 0u;
-    var k = 0u;
+    var w = g * (n * bits / 32u);
     for (var i = 0u; i < n; i++) {
-        let x = value(base + i);
+        let x = (*vals)[i];
         var code = 0u;
         if fast {
-            if !plain(x) {
-                return false;
-            }
             let a = (bitcast<f32>(x) - bitcast<f32>(sb.y)) * bitcast<f32>(r);
-            if near_half(bitcast<u32>(a)) {
+            // A finite product: WGSL's round (ties to even) and clamp are exact on it,
+            // and so is a - round(a), its distance to the nearest integer.
+            let rounded = round(a);
+            if abs(a - rounded) >= 0.4999 {
                 return false;
             }
-            // A finite product: WGSL's round (ties to even) and clamp are exact on it.
-            code = u32(clamp(round(a), 0.0, bitcast<f32>(n_bins_f)));
+            code = u32(clamp(rounded, 0.0, bitcast<f32>(n_bins_f)));
         } else {
             let v = f_rint(f_div(f_sub(x, sb.y), sb.x));
             // Clamped to [0, n_bins]; NaN survives both clamps and packs as 0.
@@ -361,31 +368,12 @@ fn pack_group(g: u32, base: u32, n: u32, bits: u32, sb: vec2<u32>, r: u32, n_bin
         acc = acc | (code << filled);
         filled += bits;
         if filled >= 32u {
-            words[k] = acc;
-            k += 1u;
+            dst[w] = acc;
+            w += 1u;
             filled -= 32u;
             acc = select(0u, code >> (bits - filled), filled > 0u);
         }
     }
-    let w = g * k;
-    for (var j = 0u; j < k; j++) {
-        dst[w + j] = words[j];
-    }
     return true;
 }
 
-// Whether the magnitude of `a` lies within 1e-4 of k + 1/2 for |a| < 512 (beyond, a
-// code clamps whatever the rounding); on the bits, so no compiler can fold it away.
-fn near_half(a: u32) -> bool {
-    let e = (a >> 23u) & 0xFFu;
-    if e < 125u || e >= 136u {
-        // |a| < 0.25, or |a| >= 512 (inf and NaN too).
-        return false;
-    }
-    // 150 - e (15 to 25) bits of the mantissa lie below the binary point: the fraction,
-    // truncated to units of 2^-14 (1e-4 is about 1.64 of them).
-    let below = 150u - e;
-    let m = (a & 0x7FFFFFu) | 0x800000u;
-    let f = (m & ((1u << below) - 1u)) >> (below - 14u);
-    return f + 3u >= 8192u && f <= 8195u;
-}
