@@ -322,8 +322,14 @@ unsafe fn affine_rows_avx2(
     affine_rows(q, input, dtype, values, packed, scales, biases)
 }
 
+/// Groups per batch of the fast path: their scales and biases are computed together,
+/// one vector lane each.
+const BATCH: usize = 8;
+
 /// Affine groups of `input` elements (checked sizes), scales and biases stored as
-/// `dtype`.
+/// `dtype`: in batches of [`BATCH`] groups, each widened on the stack and reduced in
+/// [`LANES`] lanes, the batch's scales and biases computed side by side, then each
+/// group's codes and words.
 #[inline(always)]
 fn affine_rows(
     q: Quant,
@@ -338,44 +344,77 @@ fn affine_rows(
     let es = input.size();
     let ss = dtype.size();
     let wb = q.words_per_group() * 4;
-    let mut wide = [0f32; 128];
+    let bits = q.bits;
+    let n_bins = ((1u32 << bits) - 1) as f32;
+    let mut wide = [[0f32; 128]; BATCH];
     let mut codes = [0u32; 128];
     let per = values
-        .chunks_exact(g * es)
-        .zip(packed.chunks_exact_mut(wb))
-        .zip(scales.chunks_exact_mut(ss).zip(biases.chunks_exact_mut(ss)));
-    for ((group, out), (scale, bias)) in per {
-        let w = &mut wide[..g];
-        match input {
-            DType::BF16 => {
-                for (x, c) in w.iter_mut().zip(group.chunks_exact(2)) {
-                    *x = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
-                }
-            }
-            DType::F16 => {
-                for (x, c) in w.iter_mut().zip(group.chunks_exact(2)) {
-                    *x = f32::from_bits(f16_to_f32(u16::from_le_bytes([c[0], c[1]])));
-                }
-            }
-            _ => {
-                for (x, c) in w.iter_mut().zip(group.chunks_exact(4)) {
-                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
+        .chunks(g * es * BATCH)
+        .zip(packed.chunks_mut(wb * BATCH))
+        .zip(
+            scales
+                .chunks_mut(ss * BATCH)
+                .zip(biases.chunks_mut(ss * BATCH)),
+        );
+    for ((batch, out), (scale, bias)) in per {
+        let k = batch.len() / (g * es);
+        let (mut hi, mut lo) = ([0f32; BATCH], [0f32; BATCH]);
+        for (j, group) in batch.chunks_exact(g * es).enumerate() {
+            let w = &mut wide[j][..g];
+            widen_group(input, group, w);
+            (hi[j], lo[j]) = extremes(w);
         }
-        let codes = &mut codes[..g];
-        let (s, b) = affine_group_fast(w, q.bits, codes);
-        store(dtype, s, scale);
-        store(dtype, b, bias);
-        pack_fast(codes, q.bits, out);
+        let (sc, bi) = affine_params_batch(&hi, &lo, bits);
+        for j in 0..k {
+            let w = &wide[j][..g];
+            let codes = &mut codes[..g];
+            let (s, b) = if bits == 1 && lo[j] == 0.0 {
+                // A zero minimum is the 1-bit bias: the oracle's order gives its sign.
+                let mut narrow = [0u8; 128];
+                let narrow = &mut narrow[..g];
+                let params = affine_group(w, bits, narrow);
+                for (c, &n) in codes.iter_mut().zip(narrow.iter()) {
+                    *c = u32::from(n);
+                }
+                params
+            } else {
+                affine_codes(w, sc[j], bi[j], n_bins, codes);
+                (sc[j], bi[j])
+            };
+            store(dtype, s, &mut scale[j * ss..(j + 1) * ss]);
+            store(dtype, b, &mut bias[j * ss..(j + 1) * ss]);
+            pack_fast(codes, bits, &mut out[j * wb..(j + 1) * wb]);
+        }
     }
 }
 
-/// [`affine_group`] with the reductions in [`LANES`] lanes. Max and min do not depend on
-/// the order of the values except for the sign of a zero extreme, which only the 1-bit
-/// bias keeps: that one case takes the oracle's order.
+/// One group of little-endian `input` elements widened to f32, exactly.
 #[inline(always)]
-fn affine_group_fast(w: &[f32], bits: u32, codes: &mut [u32]) -> (f32, f32) {
+fn widen_group(input: DType, group: &[u8], w: &mut [f32]) {
+    match input {
+        DType::BF16 => {
+            for (x, c) in w.iter_mut().zip(group.chunks_exact(2)) {
+                *x = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+            }
+        }
+        DType::F16 => {
+            for (x, c) in w.iter_mut().zip(group.chunks_exact(2)) {
+                *x = f32::from_bits(f16_to_f32(u16::from_le_bytes([c[0], c[1]])));
+            }
+        }
+        _ => {
+            for (x, c) in w.iter_mut().zip(group.chunks_exact(4)) {
+                *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+}
+
+/// The group's max and min as [`affine_group`] finds them, reduced in [`LANES`] lanes:
+/// they do not depend on the order except for the sign of a zero extreme, which only the
+/// 1-bit bias keeps (and [`affine_rows`] takes the oracle's order for).
+#[inline(always)]
+fn extremes(w: &[f32]) -> (f32, f32) {
     let mut max = [f32::NEG_INFINITY; LANES];
     let mut min = [f32::INFINITY; LANES];
     for chunk in w.chunks_exact(LANES) {
@@ -389,26 +428,53 @@ fn affine_group_fast(w: &[f32], bits: u32, codes: &mut [u32]) -> (f32, f32) {
         hi = cmax(hi, max[l]);
         lo = cmin(lo, min[l]);
     }
-    if bits == 1 && lo == 0.0 {
-        let mut narrow = [0u8; 128];
-        let narrow = &mut narrow[..w.len()];
-        let params = affine_group(w, bits, narrow);
-        for (c, &n) in codes.iter_mut().zip(narrow.iter()) {
-            *c = u32::from(n);
+    (hi, lo)
+}
+
+/// [`affine_params`] for a batch of groups, branch-free so the groups share vector
+/// lanes (unused lanes compute on zeros and are dropped).
+#[inline(always)]
+fn affine_params_batch(
+    hi: &[f32; BATCH],
+    lo: &[f32; BATCH],
+    bits: u32,
+) -> ([f32; BATCH], [f32; BATCH]) {
+    let eps = 1e-7f32;
+    let (mut sc, mut bi) = ([0f32; BATCH], [0f32; BATCH]);
+    if bits == 1 {
+        for j in 0..BATCH {
+            sc[j] = cmax(hi[j] - lo[j], eps);
+            bi[j] = lo[j];
         }
-        return params;
+        return (sc, bi);
     }
     let n_bins = ((1u32 << bits) - 1) as f32;
-    let (scale, bias) = affine_params(hi, lo, bits);
-    // Clamping before rounding gives the same code (the bounds are whole numbers), and
-    // inside [0, 255] adding 1.5 * 2^23 rounds to nearest even, the code in the low bits.
-    // f32::max takes 0 for a NaN, whose code is 0 in the oracle too.
+    for j in 0..BATCH {
+        let s = cmax((hi[j] - lo[j]) / n_bins, eps);
+        let towards_min = lo[j].abs() > hi[j].abs();
+        let s = if towards_min { s } else { -s };
+        let edge = if towards_min { lo[j] } else { hi[j] };
+        let q0 = (edge / s).round_ties_even();
+        let nonzero = q0 != 0.0;
+        let snapped = edge / q0;
+        sc[j] = if nonzero { snapped } else { s };
+        bi[j] = if nonzero { edge } else { 0.0 };
+    }
+    (sc, bi)
+}
+
+/// The codes of one group with its scale and bias: clamping before rounding gives the
+/// same code (the bounds are whole numbers), and inside [0, 255] adding 1.5 * 2^23
+/// rounds to nearest even, the code in the low bits; `f32::max` takes 0 for a NaN, whose
+/// code is 0 in the oracle too. (Multiplying by the reciprocal, with a check for values
+/// near a half, was measured slower here than dividing.)
+#[inline(always)]
+fn affine_codes(w: &[f32], scale: f32, bias: f32, n_bins: f32, codes: &mut [u32]) {
     const MAGIC: f32 = 12_582_912.0;
     for (c, &x) in codes.iter_mut().zip(w) {
         let v = ((x - bias) / scale).max(0.0).min(n_bins);
         *c = (v + MAGIC).to_bits() & 0xFF;
     }
-    (scale, bias)
 }
 
 /// [`pack`] a word at a time: 2, 4 and 8 bits fill words with whole codes; 3, 5 and 6
