@@ -388,7 +388,7 @@ fn affine_rows(
     }
 }
 
-/// One group of little-endian `input` elements widened to f32, exactly.
+/// Little-endian `input` elements (a group, or any whole run) widened to f32, exactly.
 #[inline(always)]
 fn widen_group(input: DType, group: &[u8], w: &mut [f32]) {
     match input {
@@ -903,25 +903,12 @@ impl Quantize {
 
 /// Widens `bytes` (little-endian `dtype` elements, a float dtype) to f32, exactly.
 pub(crate) fn widen_to_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
-    out.clear();
-    match dtype {
-        DType::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        DType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| {
-            f32::from_bits(crate::layout::cast::bf16_to_f32(u16::from_le_bytes([
-                c[0], c[1],
-            ])))
-        })),
-        DType::F16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| f32::from_bits(f16_to_f32(u16::from_le_bytes([c[0], c[1]])))),
-        ),
-        other => return Err(quant_err(format!("cannot quantize {other} values"))),
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(quant_err(format!("cannot quantize {dtype} values")));
     }
+    out.clear();
+    out.resize(bytes.len() / dtype.size(), 0.0);
+    widen_group(dtype, bytes, out);
     Ok(())
 }
 

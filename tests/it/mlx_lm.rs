@@ -2,29 +2,12 @@
 //! and the `mlx-lm` preset's handling of config.json: the family by `model_type`, the
 //! config's dtype, ties, and hostile configs refused with nothing written.
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
-use relayout::writer::{HeaderEntry, SafetensorsWriter};
 use relayout::{open_and_plan, ConvertSpec, Converter, DType, Plan};
 use serde_json::Value;
-
-/// Writes `tensors` (name, dtype, shape) with random bytes (NaNs and infinities
-/// included), returning the bytes by name.
-fn checkpoint(path: &Path, tensors: &[(String, DType, Vec<usize>)], seed: u64) {
-    let entries: Vec<HeaderEntry> = tensors
-        .iter()
-        .map(|(n, d, s)| HeaderEntry::new(n.clone(), *d, s.clone()))
-        .collect();
-    let mut w = SafetensorsWriter::create(path, &entries, &BTreeMap::new(), true).unwrap();
-    let mut rng = Rng::new(seed);
-    for e in &entries {
-        w.write(&rng.bytes(e.bytes())).unwrap();
-    }
-    w.finish().unwrap();
-}
 
 /// A Mixtral-shaped folder: `layers` layers of `experts` experts, each expert's w1/w3
 /// (ff, hidden) and w2 (hidden, ff), plus attention and norms.
@@ -59,7 +42,7 @@ fn mixtral(dir: &Path, layers: usize, experts: usize, config: Value, dtype: DTyp
             t.push((format!("{x}.w3.weight"), dtype, vec![ff, hidden]));
         }
     }
-    checkpoint(&dir.join("model.safetensors"), &t, 7);
+    random_checkpoint(&dir.join("model.safetensors"), &t, 7);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     dir.to_path_buf()
 }
@@ -291,7 +274,7 @@ fn a_missing_repeated_or_differently_shaped_expert_is_a_plan_error_naming_it() {
         DType::F32,
         vec![40, 24],
     ));
-    checkpoint(&dir.join("model.safetensors"), &t, 3);
+    random_checkpoint(&dir.join("model.safetensors"), &t, 3);
     let err = plan_error(&dir, &preset);
     assert!(
         err.contains("index 3 is given twice") && err.contains("experts.03.w1"),
@@ -306,7 +289,7 @@ fn a_missing_repeated_or_differently_shaped_expert_is_a_plan_error_naming_it() {
         }
     }
     t.retain(|e| !e.0.contains("experts.03"));
-    checkpoint(&dir.join("model.safetensors"), &t, 3);
+    random_checkpoint(&dir.join("model.safetensors"), &t, 3);
     let err = plan_error(&dir, &preset);
     assert!(
         err.contains("experts.2.w2.weight") && err.contains("must be alike"),
@@ -319,7 +302,7 @@ fn a_missing_repeated_or_differently_shaped_expert_is_a_plan_error_naming_it() {
         DType::F32,
         vec![24, 40],
     ));
-    checkpoint(&dir.join("model.safetensors"), &t, 3);
+    random_checkpoint(&dir.join("model.safetensors"), &t, 3);
     let err = plan_error(&dir, &preset);
     assert!(
         err.contains("experts.x.w2") && err.contains("not an integer"),

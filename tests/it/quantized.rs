@@ -11,7 +11,6 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
-use relayout::writer::{HeaderEntry, SafetensorsWriter};
 use relayout::{
     open_and_plan, ConvertSpec, Converter, DType, Plan, QuantMode, QuantizeOptions, Recipe,
 };
@@ -97,17 +96,13 @@ fn mixtral(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// [`random_checkpoint`] of one dtype.
 fn write_checkpoint(path: &Path, tensors: &[(String, Vec<usize>)], dtype: DType, seed: u64) {
-    let entries: Vec<HeaderEntry> = tensors
+    let typed: Vec<(String, DType, Vec<usize>)> = tensors
         .iter()
-        .map(|(n, s)| HeaderEntry::new(n.clone(), dtype, s.clone()))
+        .map(|(n, s)| (n.clone(), dtype, s.clone()))
         .collect();
-    let mut w = SafetensorsWriter::create(path, &entries, &BTreeMap::new(), true).unwrap();
-    let mut rng = Rng::new(seed);
-    for e in &entries {
-        w.write(&rng.bytes(e.bytes())).unwrap();
-    }
-    w.finish().unwrap();
+    random_checkpoint(path, &typed, seed);
 }
 
 /// Every output tensor of the plan, converted by `backend` at `band` bytes per call.

@@ -963,9 +963,9 @@ impl Gpu {
                     let mut stage = Vec::new();
                     for band in part.bands() {
                         let mut dsts = sink.band(j, band.spans())?;
-                        if let Some(q) = quantize
-                            .filter(|q| q.quant().mode() == crate::layout::quant::QuantMode::Affine)
-                        {
+                        if let Some(q) = quantize {
+                            // On the device where quantize.wgsl takes it (affine, within
+                            // one binding); else gathered there and quantized here.
                             if !self.quantize_on_device(
                                 band.gather(),
                                 cast,
@@ -989,22 +989,6 @@ impl Gpu {
                                     &mut stage,
                                 )?;
                             }
-                        } else if let Some(q) = quantize {
-                            let device = DeviceGather {
-                                gpu: self,
-                                slots: Mutex::new(&mut *slots),
-                                held: held.as_ref(),
-                            };
-                            quantize_staged(
-                                &device,
-                                band.gather(),
-                                cast,
-                                q,
-                                part.src(),
-                                &mut dsts,
-                                true,
-                                &mut stage,
-                            )?;
                         } else {
                             self.gather_with(
                                 slots,
@@ -1482,7 +1466,6 @@ impl Gpu {
     internal! {
     /// Uploads `src` once and prepares `kind` over `g`, which must fit one binding.
     pub fn resident(&self, g: &Gather, src: &[u8], kind: KernelKind) -> Result<Resident<'_>> {
-        use wgpu::BufferUsages as U;
         let d = kernel::dispatch(g, kind, self.max_groups)?;
         let in_bytes = (src.len() as u64).next_multiple_of(4).max(4);
         let out_len = match kind {
@@ -1499,6 +1482,40 @@ impl Gpu {
                 self.binding
             )));
         }
+        Ok(self.upload_resident(src, in_bytes, out_bytes, kind, g.elem_size, d))
+    }
+    }
+
+    internal! {
+    /// Uploads `values` (contiguous values of `op.dtype()`, whole groups) once and
+    /// prepares quantize.wgsl over them (benchmarks); `read` gives the packed words, then
+    /// the (scale, bias) f32 pairs.
+    pub fn resident_quantize(&self, values: &[u8], op: &crate::layout::quant::Quantize) -> Result<Resident<'_>> {
+        let n = values.len() / op.dtype().size();
+        let (d, words) = kernel::quantize_dispatch(n, op, self.max_groups)?;
+        let in_bytes = (values.len() as u64).next_multiple_of(4).max(4);
+        let out_bytes = (words as u64 * 4).max(4);
+        if in_bytes.max(out_bytes) > self.binding as u64 {
+            return Err(gpu_err("resident quantization exceeds the binding limit"));
+        }
+        Ok(self.upload_resident(values, in_bytes, out_bytes, KernelKind::Quantize, 4, d))
+    }
+    }
+
+    /// `src` uploaded (zero-padded to `in_bytes`) with `d`'s uniforms and an output of
+    /// `out_bytes`, bound for `kind`: what [`Gpu::resident`] and
+    /// [`Gpu::resident_quantize`] hand out.
+    #[cfg_attr(not(any(feature = "bench", feature = "internals")), allow(dead_code))]
+    fn upload_resident(
+        &self,
+        src: &[u8],
+        in_bytes: u64,
+        out_bytes: u64,
+        kind: KernelKind,
+        elem_size: usize,
+        d: kernel::Dispatch,
+    ) -> Resident<'_> {
+        use wgpu::BufferUsages as U;
         let input = self.buffer("resident input", in_bytes, U::STORAGE | U::COPY_DST);
         let output = self.buffer("resident output", out_bytes, U::STORAGE | U::COPY_SRC);
         let params = self.buffer(
@@ -1512,54 +1529,15 @@ impl Gpu {
         self.queue
             .write_buffer(&params, 0, bytemuck::cast_slice(&d.params));
         let bind_group = self.bind_group(&params, &input, &output);
-        Ok(Resident {
+        Resident {
             gpu: self,
             output,
             bind_group,
             kind,
-            elem_size: g.elem_size,
+            elem_size,
             dispatch: d,
             out_bytes,
-        })
-    }
-    }
-
-    internal! {
-    /// Uploads `values` (contiguous values of `op.dtype()`, whole groups) once and
-    /// prepares quantize.wgsl over them (benchmarks); `read` gives the packed words, then
-    /// the (scale, bias) f32 pairs.
-    pub fn resident_quantize(&self, values: &[u8], op: &crate::layout::quant::Quantize) -> Result<Resident<'_>> {
-        use wgpu::BufferUsages as U;
-        let n = values.len() / op.dtype().size();
-        let (d, words) = kernel::quantize_dispatch(n, op, self.max_groups)?;
-        let in_bytes = (values.len() as u64).next_multiple_of(4).max(4);
-        let out_bytes = (words as u64 * 4).max(4);
-        if in_bytes.max(out_bytes) > self.binding as u64 {
-            return Err(gpu_err("resident quantization exceeds the binding limit"));
         }
-        let input = self.buffer("resident input", in_bytes, U::STORAGE | U::COPY_DST);
-        let output = self.buffer("resident output", out_bytes, U::STORAGE | U::COPY_SRC);
-        let params = self.buffer(
-            "resident params",
-            (kernel::PARAMS_WORDS * 4) as u64,
-            U::UNIFORM | U::COPY_DST,
-        );
-        let mut padded = values.to_vec();
-        padded.resize(in_bytes as usize, 0);
-        self.queue.write_buffer(&input, 0, &padded);
-        self.queue
-            .write_buffer(&params, 0, bytemuck::cast_slice(&d.params));
-        let bind_group = self.bind_group(&params, &input, &output);
-        Ok(Resident {
-            gpu: self,
-            output,
-            bind_group,
-            kind: KernelKind::Quantize,
-            elem_size: 4,
-            dispatch: d,
-            out_bytes,
-        })
-    }
     }
 
     internal! {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use relayout::backend::cpu::Cpu;
 use relayout::backend::reference::Reference;
 use relayout::backend::Backend;
+use relayout::writer::{HeaderEntry, SafetensorsWriter};
 use relayout::{Checkpoint, DType};
 
 /// A fixture shipped in tests/fixtures: of the checkout the tests were built in, or of
@@ -243,4 +244,19 @@ pub fn gpu_or_skip<T, E: std::fmt::Display>(opened: Result<T, E>) -> Option<T> {
             None
         }
     }
+}
+
+/// Writes `tensors` (name, dtype, shape) as a safetensors file of random bytes (NaNs,
+/// infinities and subnormals included).
+pub fn random_checkpoint(path: &Path, tensors: &[(String, DType, Vec<usize>)], seed: u64) {
+    let entries: Vec<HeaderEntry> = tensors
+        .iter()
+        .map(|(n, d, s)| HeaderEntry::new(n.clone(), *d, s.clone()))
+        .collect();
+    let mut w = SafetensorsWriter::create(path, &entries, &BTreeMap::new(), true).unwrap();
+    let mut rng = Rng::new(seed);
+    for e in &entries {
+        w.write(&rng.bytes(e.bytes())).unwrap();
+    }
+    w.finish().unwrap();
 }
